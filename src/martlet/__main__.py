@@ -1,0 +1,3 @@
+from martlet.cli import main
+
+raise SystemExit(main())

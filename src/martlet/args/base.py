@@ -1,0 +1,219 @@
+"""Arguments are flat dataclasses; each field's help is written once and becomes `--help`.
+
+`arg()` declares a field; `parse_cli()` turns a command line (and an optional --config file) into an
+instance, with an error and a "did you mean" for anything unknown. Nothing here rewrites fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from typing import Any, Literal, Sequence, TypeVar, get_args, get_origin
+
+from martlet.errors import MartletError, did_you_mean
+
+T = TypeVar("T")
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def arg(default: Any = None, help: str = "", *, aliases: Sequence[str] = (), choices: Sequence[Any] | None = None,
+        group: str | None = None) -> Any:
+    """A dataclass field with its help text, CLI aliases and allowed values."""
+    meta = {"help": help, "aliases": tuple(aliases), "choices": tuple(choices) if choices else None}
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        if len(inner) == 1:
+            return inner[0], True
+    return tp, False
+
+
+def field_kind(cls: type, name: str) -> tuple[Any, bool, bool]:
+    """(scalar type, optional?, list?) of a field, from the resolved type hints."""
+    hints = typing.get_type_hints(cls)
+    tp, optional = _unwrap_optional(hints[name])
+    if get_origin(tp) in (list, typing.List):
+        (inner,) = get_args(tp) or (str,)
+        inner, _ = _unwrap_optional(inner)
+        return inner, optional, True
+    return tp, optional, False
+
+
+def convert(value: Any, tp: Any, name: str, where: str = "command line") -> Any:
+    """Convert one CLI string (or config value) to the field's scalar type."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.lower() in ("none", "null") and tp is not str:
+        return None
+    try:
+        if get_origin(tp) is Literal:
+            allowed = get_args(tp)
+            if value not in allowed:
+                raise ValueError(f"must be one of {', '.join(map(str, allowed))}")
+            return value
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError("must be true or false")
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("must be an integer")
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str or tp is Any:
+            return str(value) if not isinstance(value, (dict, list)) else value
+        if tp is dict:
+            return json.loads(value) if isinstance(value, str) else dict(value)
+        return tp(value)
+    except (ValueError, TypeError, json.JSONDecodeError) as exc:
+        raise MartletError(f"invalid value {value!r}: {exc}", file=None if where == "command line" else where,
+                           field=name) from None
+
+
+def _check_choice(cls: type, name: str, value: Any) -> None:
+    choices = dataclasses.fields(cls)[[f.name for f in dataclasses.fields(cls)].index(name)].metadata.get("choices")
+    if choices and value is not None:
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if v not in choices:
+                raise MartletError(f"invalid value {v!r}: choose one of {', '.join(map(str, choices))}.",
+                                   field=name)
+
+
+def option_names(cls: type) -> dict[str, str]:
+    """Every accepted spelling (name and aliases, '-' or '_') mapped to the field name."""
+    names: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        for spelling in (f.name, *f.metadata.get("aliases", ())):
+            names[spelling] = f.name
+            names[spelling.replace("_", "-")] = f.name
+    return names
+
+
+def build(cls: type[T], values: dict[str, Any], where: str = "command line") -> T:
+    """An instance of `cls` from raw values keyed by any accepted spelling; unknown keys are errors."""
+    names = option_names(cls)
+    kwargs: dict[str, Any] = {}
+    for key, raw in values.items():
+        if key not in names:
+            raise MartletError(f"unknown argument '{key}'.{did_you_mean(key, sorted(set(names)))}",
+                               file=None if where == "command line" else where,
+                               hint="Run with --help to list the arguments.")
+        name = names[key]
+        tp, _, is_list = field_kind(cls, name)
+        if is_list:
+            items = raw if isinstance(raw, list) else [raw]
+            value = [convert(v, tp, name, where) for v in items]
+        else:
+            if isinstance(raw, list):
+                if len(raw) != 1:
+                    raise MartletError(f"expects one value, got {len(raw)}: {raw}", field=name)
+                raw = raw[0]
+            value = convert(raw, tp, name, where)
+        _check_choice(cls, name, value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise MartletError("config file not found.", file=path)
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml and json raise different classes
+        raise MartletError(f"cannot parse config: {exc}", file=path) from None
+    if not isinstance(data, dict):
+        raise MartletError("a config file must hold a mapping of argument names to values.", file=path)
+    return data
+
+
+def split_argv(argv: Sequence[str]) -> dict[str, Any]:
+    """`--name v1 v2 --flag=x` -> {'name': ['v1', 'v2'], 'flag': ['x']}; a bare `--flag` means true."""
+    values: dict[str, Any] = {}
+    key: str | None = None
+    for token in argv:
+        if token.startswith("--") and len(token) > 2:
+            name, eq, value = token[2:].partition("=")
+            key = name
+            values[key] = [value] if eq else []
+        elif key is None:
+            raise MartletError(f"unexpected value {token!r}: arguments are written --name value.")
+        else:
+            values[key].append(token)
+    return {k: (v if v else ["true"]) for k, v in values.items()}
+
+
+def parse_cli(cls: type[T], argv: Sequence[str] | None = None) -> T:
+    """Parse `argv` (default sys.argv[1:]); `--config file.(json|yaml)` supplies defaults first."""
+    raw = split_argv(list(sys.argv[1:] if argv is None else argv))
+    config = raw.pop("config", None)
+    values: dict[str, Any] = {}
+    if config:
+        path = config[0]
+        values.update(build_dict(cls, _read_config(path), where=path))
+    values.update(raw)
+    return build(cls, values)
+
+
+def build_dict(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check a config mapping's keys now, so an unknown key names the config file."""
+    names = option_names(cls)
+    for key in data:
+        if key not in names:
+            raise MartletError(f"unknown argument '{key}'.{did_you_mean(key, sorted(set(names)))}", file=where)
+    return {k: (v if isinstance(v, list) else [v]) if v is not None else ["none"] for k, v in data.items()}
+
+
+def format_help(cls: type, prog: str) -> str:
+    """`--help` text from the fields' metadata, grouped by the class that declares them."""
+    lines = [f"usage: {prog} [--config FILE] [--name value ...]", ""]
+    if cls.__doc__:
+        lines += [cls.__doc__.strip().splitlines()[0], ""]
+    seen: set[str] = set()
+    for base in [c for c in cls.__mro__ if dataclasses.is_dataclass(c)]:
+        declared = base.__dict__.get("__annotations__", {})
+        own = [f for f in dataclasses.fields(base) if f.name in declared and f.name not in seen]
+        if not own:
+            continue
+        lines.append(f"{base.__name__}:")
+        for f in own:
+            seen.add(f.name)
+            tp, _, is_list = field_kind(cls, f.name)
+            aliases = "".join(f", --{a}" for a in f.metadata.get("aliases", ()))
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            kind = getattr(tp, "__name__", str(tp)) + (" ..." if is_list else "")
+            lines.append(f"  --{f.name}{aliases} ({kind}, default {default!r})")
+            if f.metadata.get("help"):
+                lines.append(f"      {f.metadata['help']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_dict(args: Any) -> dict[str, Any]:
+    """A JSON-able dict of the arguments (what `sft_args.json` holds)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}

@@ -1,0 +1,66 @@
+"""The arguments of `martlet sft` and `martlet pt`: the concerns above, side by side."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from martlet.args.data import DataArguments, TemplateArguments
+from martlet.args.lora import TunerArguments
+from martlet.args.model import ModelArguments
+from martlet.args.train import TrainArguments
+from martlet.errors import MartletError
+
+
+@dataclass
+class SftArguments(ModelArguments, DataArguments, TemplateArguments, TunerArguments, TrainArguments):
+    """Supervised fine-tuning (LoRA or full) of a causal language model on conversations."""
+
+    def validate(self) -> "SftArguments":
+        """Check the arguments together; raises MartletError naming the field. Changes nothing."""
+        if not self.dataset:
+            raise MartletError("no training data.", field="dataset",
+                               hint="Pass --dataset NAME or FILE (`martlet list-datasets` lists built-in names).")
+        checks = [
+            ("learning_rate", self.learning_rate is None or self.learning_rate > 0, "must be greater than 0"),
+            ("max_length", self.max_length > 0, "must be greater than 0"),
+            ("batch_size", self.batch_size >= 1, "must be at least 1"),
+            ("lora_rank", self.lora_rank >= 1, "must be at least 1"),
+            ("dataset_test_ratio", 0 <= self.dataset_test_ratio < 1, "must be in [0, 1)"),
+            ("num_train_epochs", self.num_train_epochs > 0 or self.max_steps > 0, "must be greater than 0"),
+            ("eval_steps", self.eval_steps >= 1, "must be at least 1"),
+            ("logging_steps", self.logging_steps >= 1, "must be at least 1"),
+            ("gradient_accumulation_steps",
+             self.gradient_accumulation_steps is None or self.gradient_accumulation_steps >= 1, "must be at least 1"),
+            ("quantization_bit", not (self.quantization_bit and self.sft_type == "full"),
+             "quantized weights cannot be trained in full; use --sft_type lora (QLoRA)"),
+            ("model_name", len(self.model_name) <= 2, "takes one name, or a Chinese and an English one"),
+            ("model_author", len(self.model_author) <= 2, "takes one author, or a Chinese and an English one"),
+        ]
+        for field, ok, message in checks:
+            if not ok:
+                raise MartletError(f"{message} (got {getattr(self, field)!r}).", field=field)
+        if self.resume_from_checkpoint and not os.path.isdir(self.resume_from_checkpoint):
+            raise MartletError("checkpoint folder not found.", file=self.resume_from_checkpoint,
+                               field="resume_from_checkpoint")
+        return self
+
+    # values derived from the arguments (never written back into them)
+    def effective_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-4 if self.sft_type == "lora" else 1e-5
+
+    def effective_save_steps(self) -> int:
+        return self.save_steps or self.eval_steps
+
+    def effective_grad_accum(self, world_size: int = 1) -> int:
+        if self.gradient_accumulation_steps is not None:
+            return self.gradient_accumulation_steps
+        return max(1, math.ceil(16 / self.batch_size / world_size))
+
+
+@dataclass
+class PtArguments(SftArguments):
+    """Continued pre-training on plain text: every token carries loss."""

@@ -1,0 +1,43 @@
+"""How training runs and where it writes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from martlet.args.base import arg
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = arg("output", "Runs go to <output_dir>/<model_type>/v<N>-<time>/.")
+    add_output_dir_suffix: bool = arg(True, "Add <model_type>/v<N>-<time>/ to --output_dir.")
+    num_train_epochs: float = arg(1.0, "Passes over the training set.", aliases=("epochs",))
+    max_steps: int = arg(-1, "Stop after this many optimizer steps (-1: use the epochs).")
+    learning_rate: Optional[float] = arg(None, "Peak learning rate. Default: 1e-4 for LoRA, 1e-5 for full.",
+                                         aliases=("lr",))
+    batch_size: int = arg(1, "Samples per device per step.", aliases=("per_device_train_batch_size",))
+    eval_batch_size: Optional[int] = arg(None, "Samples per device per evaluation step (default: batch_size).",
+                                         aliases=("per_device_eval_batch_size",))
+    gradient_accumulation_steps: Optional[int] = arg(None, "Steps accumulated per update. Default: "
+                                                           "ceil(16 / batch_size / processes).")
+    weight_decay: float = arg(0.1, "AdamW weight decay.")
+    max_grad_norm: float = arg(1.0, "Gradient clipping norm.")
+    lr_scheduler_type: str = arg("cosine", "Learning rate schedule (transformers' names).")
+    warmup_ratio: float = arg(0.05, "Share of steps spent warming up.")
+    eval_steps: int = arg(50, "Evaluate every N steps (and at the end).")
+    save_steps: Optional[int] = arg(None, "Save a checkpoint every N steps (default: eval_steps) and at the end.")
+    logging_steps: int = arg(5, "Log every N steps.")
+    save_total_limit: Optional[int] = arg(2, "Keep at most N checkpoints (the best is always kept).")
+    save_only_model: bool = arg(False, "Save weights only, without optimizer state (smaller, not resumable).")
+    gradient_checkpointing: bool = arg(True, "Recompute activations in the backward pass to save memory.")
+    resume_from_checkpoint: Optional[str] = arg(None, "A checkpoint folder to resume from.")
+    seed: int = arg(42, "Seed of model initialisation and data order.")
+    report_to: List[str] = arg(["tensorboard"], "Where metrics go besides logging.jsonl: tensorboard, wandb, none.")
+    dataloader_num_workers: int = arg(0, "Data loader worker processes.")
+    disable_tqdm: bool = arg(False, "Hide the progress bar.")
+    push_to_hub: bool = arg(False, "Upload checkpoints to the hub while training.")
+    hub_model_id: Optional[str] = arg(None, "Hub repository for --push_to_hub.")
+    hub_private_repo: bool = arg(False, "Create the hub repository as private.")
+    deepspeed: Optional[str] = arg(None, "DeepSpeed config: default-zero2, default-zero3, zero2-offload, "
+                                         "zero3-offload or a JSON file.")

@@ -1,0 +1,70 @@
+"""`martlet <command> [--name value ...]`: each command is "module:function", imported only when run."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Sequence
+
+# command -> (entry point, arguments class for --help, one-line description)
+COMMANDS: dict[str, tuple[str, str | None, str]] = {
+    "sft": ("martlet.train.sft:main", "martlet.args.sft:SftArguments", "Supervised fine-tuning (LoRA or full)."),
+    "pt": ("martlet.train.sft:pt_cli", "martlet.args.sft:PtArguments", "Continued pre-training on plain text."),
+    "list-models": ("martlet.commands:list_models", None, "List the registered model types."),
+    "list-datasets": ("martlet.commands:list_datasets", None, "List the registered datasets."),
+    "list-templates": ("martlet.commands:list_templates", None, "List the named chat templates."),
+}
+
+
+def _load(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def usage() -> str:
+    lines = ["usage: martlet <command> [--name value ...]", "", "commands:"]
+    lines += [f"  {name:<15} {desc}" for name, (_, _, desc) in COMMANDS.items()]
+    lines += ["", "`martlet <command> --help` lists a command's arguments."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from martlet import __version__
+
+        print(__version__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        from martlet.errors import did_you_mean
+
+        print(f"martlet: error: unknown command '{command}'.{did_you_mean(command, COMMANDS)}", file=sys.stderr)
+        print(usage(), file=sys.stderr)
+        return 2
+    entry, args_cls, _ = COMMANDS[command]
+    if args_cls and any(a in ("-h", "--help") for a in rest):
+        from martlet.args.base import format_help
+
+        print(format_help(_load(args_cls), f"martlet {command}"))
+        return 0
+    from martlet.errors import MartletError
+
+    try:
+        return int(_load(entry)(rest) or 0)
+    except MartletError as exc:
+        print(f"martlet: error: {exc}", file=sys.stderr)
+        if os.environ.get("MARTLET_TRACEBACK") == "1":
+            raise
+        return 2
+    except KeyboardInterrupt:
+        print("martlet: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""Dataset row formats -> one canonical form: {"messages": [{"role", "content"}, ...]} or {"text": ...}.
+
+Detected per row: OpenAI messages, sharegpt conversations, alpaca (instruction/input/output),
+query/response (with history), and plain text (for `martlet pt`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from martlet.errors import MartletError
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "system": "system"}
+_ROLES = ("system", "user", "assistant")
+
+
+class RowError(MartletError):
+    """A bad row; the loader fills in file and line."""
+
+
+def _text(row: dict[str, Any], key: str, *, required: bool = True) -> str | None:
+    value = row.get(key)
+    if value is None or (isinstance(value, str) and not value.strip() and required):
+        if required:
+            raise RowError("is missing or empty.", field=key)
+        return None
+    if not isinstance(value, str):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise RowError(f"must be a string, got {type(value).__name__}.", field=key)
+    return value
+
+
+def _history(row: dict[str, Any], key: str = "history") -> list[dict[str, str]]:
+    history = row.get(key) or []
+    if not isinstance(history, list):
+        raise RowError("must be a list of [query, response] pairs.", field=key)
+    messages: list[dict[str, str]] = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise RowError(f"item {i} must be a [query, response] pair of strings.", field=key)
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return messages
+
+
+def _with_system(row: dict[str, Any], messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    system = _text(row, "system", required=False)
+    return ([{"role": "system", "content": system}] if system else []) + messages
+
+
+def from_messages(row: dict[str, Any]) -> dict[str, Any]:
+    raw = row["messages"]
+    if not isinstance(raw, list) or not raw:
+        raise RowError("must be a non-empty list of {role, content} objects.", field="messages")
+    messages = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise RowError(f"item {i} must be an object with role and content.", field="messages")
+        role, content = m.get("role"), m.get("content")
+        if role not in _ROLES:
+            raise RowError(f"item {i} has role {role!r}; expected one of {', '.join(_ROLES)}.", field="messages")
+        if not isinstance(content, str):
+            raise RowError(f"item {i} needs a string content.", field="messages")
+        messages.append({"role": role, "content": content})
+    return {"messages": _with_system(row, messages) if messages[0]["role"] != "system" else messages}
+
+
+def from_sharegpt(row: dict[str, Any]) -> dict[str, Any]:
+    raw = row["conversations"]
+    if not isinstance(raw, list) or not raw:
+        raise RowError("must be a non-empty list of {from, value} objects.", field="conversations")
+    messages = []
+    for i, turn in enumerate(raw):
+        if not isinstance(turn, dict):
+            raise RowError(f"item {i} must be an object with from and value.", field="conversations")
+        speaker = turn.get("from", turn.get("role"))
+        value = turn.get("value", turn.get("content"))
+        role = _SHAREGPT_ROLES.get(str(speaker).lower())
+        if role is None:
+            raise RowError(f"item {i} has from={speaker!r}; expected human, gpt or system.", field="conversations")
+        if not isinstance(value, str):
+            raise RowError(f"item {i} needs a string value.", field="conversations")
+        messages.append({"role": role, "content": value})
+    return {"messages": _with_system(row, messages) if messages[0]["role"] != "system" else messages}
+
+
+def from_alpaca(row: dict[str, Any]) -> dict[str, Any]:
+    instruction = _text(row, "instruction")
+    extra = _text(row, "input", required=False)
+    query = f"{instruction}\n{extra}" if extra and extra.strip() else instruction
+    output = _text(row, "output")
+    return {"messages": _with_system(row, _history(row) + [{"role": "user", "content": query},
+                                                            {"role": "assistant", "content": output}])}
+
+
+def from_query_response(row: dict[str, Any]) -> dict[str, Any]:
+    query = _text(row, "query")
+    response = _text(row, "response")
+    return {"messages": _with_system(row, _history(row) + [{"role": "user", "content": query},
+                                                            {"role": "assistant", "content": response}])}
+
+
+def from_text(row: dict[str, Any]) -> dict[str, Any]:
+    return {"text": _text(row, "text")}
+
+
+# (keys that identify the format, converter), first match wins
+FORMATS: list[tuple[str, tuple[str, ...], Callable[[dict[str, Any]], dict[str, Any]]]] = [
+    ("messages", ("messages",), from_messages),
+    ("sharegpt", ("conversations",), from_sharegpt),
+    ("alpaca", ("instruction",), from_alpaca),
+    ("query-response", ("query",), from_query_response),
+    ("query-response", ("response",), from_query_response),
+    ("text", ("text",), from_text),
+]
+
+
+def to_canonical(row: Any) -> dict[str, Any]:
+    """The canonical form of one row, or RowError naming the field."""
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be a JSON object, got {type(row).__name__}.")
+    for _, keys, convert in FORMATS:
+        if all(k in row for k in keys):
+            return convert(row)
+    keys = ", ".join(sorted(map(str, row))) or "none"
+    raise RowError(f"unknown row format (keys: {keys}); expected messages, conversations (sharegpt), "
+                   "instruction/output (alpaca), query/response, or text.")

@@ -1,0 +1,36 @@
+"""The public Python API, as the spec uses it: `from martlet.llm import SftArguments, sft_main, ...`.
+
+Names are imported on first use, so `import martlet.llm` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    # arguments and commands
+    "SftArguments": "martlet.args.sft", "PtArguments": "martlet.args.sft",
+    "sft_main": "martlet.train.sft", "pt_main": "martlet.train.sft",
+    # models, templates, data
+    "ModelType": "martlet.models.registry", "register_model": "martlet.models.registry",
+    "get_model_info": "martlet.models.registry",
+    "get_model_tokenizer": "martlet.models.api", "get_default_template_type": "martlet.models.api",
+    "get_template": "martlet.templates", "register_template": "martlet.templates", "Template": "martlet.templates",
+    "DatasetName": "martlet.data.names", "register_dataset": "martlet.data.sources",
+    "MartletError": "martlet.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'martlet.llm' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,53 @@
+"""`--dtype AUTO|bf16|fp16|fp32` and what the hardware computes natively."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from martlet.errors import MartletError
+
+DTYPES = ("AUTO", "bf16", "fp16", "fp32")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    override = os.environ.get("MARTLET_CPU_BF16")
+    if override is not None:
+        return override.lower() in ("1", "true", "yes")
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_dtype(name: str, device: str | None = None) -> str:
+    """The compute dtype ('bf16', 'fp16' or 'fp32') for `--dtype name` on `device` ('cuda' or 'cpu').
+
+    AUTO: bf16 on a GPU that computes it (Ampere and newer), fp16 on older GPUs (V100), bf16 on a CPU
+    with AVX512-BF16/AMX, else fp32.
+    """
+    if name not in DTYPES:
+        raise MartletError(f"unknown dtype '{name}': choose one of {', '.join(DTYPES)}.", field="dtype")
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "AUTO":
+        if device == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_bf16() else "fp32"
+    if device == "cpu" and name == "fp16":
+        raise MartletError("fp16 training needs a GPU.", field="dtype", hint="Use --dtype AUTO, bf16 or fp32 on a CPU.")
+    return name
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]

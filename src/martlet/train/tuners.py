@@ -1,0 +1,48 @@
+"""LoRA (and full) preparation of a loaded model, with peft doing the work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from martlet.errors import MartletError
+
+
+def lora_targets(requested: list[str], default: tuple[str, ...] | None) -> str | list[str]:
+    """DEFAULT -> the model type's usual targets; ALL -> every linear layer (peft's 'all-linear')."""
+    upper = [t.upper() for t in requested]
+    if upper == ["ALL"] or (upper == ["DEFAULT"] and not default):
+        return "all-linear"
+    if upper == ["DEFAULT"]:
+        return list(default or ())
+    if "ALL" in upper or "DEFAULT" in upper:
+        raise MartletError("ALL and DEFAULT cannot be mixed with module names.", field="lora_target_modules")
+    return list(requested)
+
+
+def apply_lora(model: Any, args: Any, default_targets: tuple[str, ...] | None):
+    """Wrap `model` in a peft LoRA model as the arguments say; trainable weights stay in fp32."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_targets(args.lora_target_modules, default_targets)
+    if isinstance(targets, list):
+        names = {name.split(".")[-1] for name, _ in model.named_modules()}
+        missing = [t for t in targets if t not in names]
+        if missing:
+            raise MartletError(f"the model has no modules named {', '.join(missing)}.", field="lora_target_modules",
+                               hint="Use ALL for every linear layer, or names such as q_proj, v_proj.")
+    config = LoraConfig(task_type="CAUSAL_LM", r=args.lora_rank, lora_alpha=args.lora_alpha,
+                        lora_dropout=args.lora_dropout, target_modules=targets,
+                        modules_to_save=args.lora_modules_to_save or None, use_rslora=args.use_rslora,
+                        use_dora=args.use_dora)
+    model = get_peft_model(model, config)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+    return model
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
