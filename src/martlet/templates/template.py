@@ -105,12 +105,16 @@ class Template:
         return next((tok for tok in specials if tok and tail.startswith(tok)), None)
 
     # encoding ----------------------------------------------------------------------------------------
-    def segments(self, messages: Sequence[dict[str, str]]) -> list[tuple[str, bool]]:
-        """The rendered conversation as (text, carries_loss) pieces, in order."""
+    def segments(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False
+                 ) -> list[tuple[str, bool]]:
+        """The rendered conversation as (text, carries_loss) pieces, in order.
+
+        Training encodes a conversation ending with an assistant turn; generation encodes one ending with
+        a user turn plus the generation prompt. Both cut the history at the same places, so the prompt
+        tokens of a multi-turn chat equal the tokens the model was trained on.
+        """
         messages = self.with_system(messages)
-        if not any(m["role"] == "assistant" for m in messages):
-            raise MartletError("the conversation has no assistant turn to learn from.")
-        full = self.render(messages)
+        full = self.render(messages, add_generation_prompt=add_generation_prompt)
         pieces: list[tuple[str, bool]] = []
         done = 0
         for i, message in enumerate(messages):
@@ -134,6 +138,8 @@ class Template:
 
     def encode(self, messages: Sequence[dict[str, str]]) -> Encoded | None:
         """Token ids and labels (-100 where no loss); None when too long and the strategy is 'delete'."""
+        if not any(m["role"] == "assistant" for m in messages):
+            raise MartletError("the conversation has no assistant turn to learn from.")
         input_ids: list[int] = []
         labels: list[int] = []
         for text, loss in self.segments(messages):
@@ -160,7 +166,7 @@ class Template:
 
     def encode_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of a conversation ending with a user turn, followed by the generation prompt."""
-        return self._tokenize(self.render(self.with_system(messages), add_generation_prompt=True))
+        return [t for text, _ in self.segments(messages, add_generation_prompt=True) for t in self._tokenize(text)]
 
 
 def get_template(template_type: str | None, tokenizer: Any, default_system: str | None = None,
@@ -175,6 +181,7 @@ def get_template(template_type: str | None, tokenizer: Any, default_system: str 
                             truncation_strategy=truncation_strategy)
         template_type = fallback
     entry = template_entry(template_type)
-    return Template(tokenizer, entry["jinja"], name=template_type, eot=entry.get("eot"), system=default_system,
+    eot = tokenizer.eos_token if entry.get("eot_is_eos") else entry.get("eot")
+    return Template(tokenizer, entry["jinja"], name=template_type, eot=eot, system=default_system,
                     stop_words=entry.get("stop_words") or (), max_length=max_length,
                     truncation_strategy=truncation_strategy)

@@ -419,8 +419,11 @@ def _fraction_of(rng: random.Random, lang: str) -> Built:
             q = (f"{name} has a ribbon {total} cm long and uses {p}/{q_} of it to wrap a gift. "
                  f"How many centimeters of ribbon does {subj} use?")
             unit = "cm"
-        steps = [f"First find 1/{q_} of {total}: {total} ÷ {q_} = {part}",
-                 f"Then take {p} of those parts: {part} × {p} = {ans} {unit}"]
+        if p == 1:
+            steps = [f"1/{q_} of {total} = {total} ÷ {q_} = {ans} {unit}"]
+        else:
+            steps = [f"First find 1/{q_} of {total}: {total} ÷ {q_} = {part}",
+                     f"Then take {p} of those parts: {part} × {p} = {ans} {unit}"]
     else:
         name, pron = _zh_person(rng)
         if variant == 0:
@@ -429,8 +432,11 @@ def _fraction_of(rng: random.Random, lang: str) -> Built:
         else:
             q = f"{name}有一根长{total}厘米的丝带，用去了它的{p}/{q_}来包礼物。用去了多少厘米？"
             unit = "厘米"
-        steps = [f"先求{total}的1/{q_}：{total} ÷ {q_} = {part}",
-                 f"再乘{p}：{part} × {p} = {ans}（{unit}）"]
+        if p == 1:
+            steps = [f"{total}的1/{q_}：{total} ÷ {q_} = {ans}（{unit}）"]
+        else:
+            steps = [f"先求{total}的1/{q_}：{total} ÷ {q_} = {part}",
+                     f"再乘{p}：{part} × {p} = {ans}（{unit}）"]
     return q, steps, ans, {"kind": "fraction_of", "total": total, "p": p, "q": q_}
 
 

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny models built from a config (random weights, the SmolLM2 tokenizer), no network."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(__file__))
+
+from helpers import ARCH_TEMPLATES, build_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> str:
+    from martlet.models.embedded import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_dir):
+    from martlet.models.loader import load_tokenizer
+
+    return load_tokenizer(embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, embedded_dir) -> dict[str, str]:
+    """arch -> folder of a tiny random model of that architecture."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: build_tiny_model(arch, str(root / arch), embedded_dir) for arch in ARCH_TEMPLATES}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> str:
+    return tiny_models["llama"]

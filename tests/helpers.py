@@ -1,0 +1,58 @@
+"""Test helpers: tiny models of several architectures and sample conversations."""
+
+from __future__ import annotations
+
+import json
+import os
+
+# architecture -> the named template its tiny model carries (the SmolLM2 tokenizer has ChatML)
+ARCH_TEMPLATES = {"llama": "tokenizer", "qwen2": "qwen", "mistral": "mistral", "gemma": "gemma"}
+EXTRA_SPECIAL = ["<start_of_turn>", "<end_of_turn>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+CONVERSATION = [
+    {"role": "system", "content": "You are a careful assistant."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "2 + 3 = 5."},
+    {"role": "user", "content": "And times 4?"},
+    {"role": "assistant", "content": "5 × 4 = 20. 二十。"},
+]
+
+
+def build_tiny_model(arch: str, folder: str, tokenizer_dir: str) -> str:
+    """A 2-layer random model of `arch` with the SmolLM2 tokenizer (+ a few special tokens)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from martlet.templates import template_entry
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": EXTRA_SPECIAL})
+    if ARCH_TEMPLATES[arch] != "tokenizer":
+        tokenizer.chat_template = template_entry(ARCH_TEMPLATES[arch])["jinja"]
+    kwargs = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    if arch == "gemma":
+        kwargs["head_dim"] = 16
+    config = AutoConfig.for_model(arch, **kwargs)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def run_dirs(output_dir: str) -> list[str]:
+    found = []
+    for model_type in sorted(os.listdir(output_dir)):
+        for run in sorted(os.listdir(os.path.join(output_dir, model_type))):
+            found.append(os.path.join(output_dir, model_type, run))
+    return found

@@ -1,0 +1,133 @@
+"""Every dataset format parses to the same canonical conversation; bad rows name file, line and field."""
+
+import json
+
+import pytest
+
+from martlet.data.sources import load_dataset_rows, parse_spec, read_file, sample_rows
+from martlet.errors import MartletError
+
+EXPECTED = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Capital of France?\nAnswer in one word."},
+    {"role": "assistant", "content": "Paris"},
+]
+
+ROWS = {
+    "messages": {"messages": EXPECTED},
+    "sharegpt": {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                                   {"from": "gpt", "value": "Hello!"},
+                                   {"from": "human", "value": "Capital of France?\nAnswer in one word."},
+                                   {"from": "gpt", "value": "Paris"}]},
+    "alpaca": {"system": "Be brief.", "instruction": "Capital of France?", "input": "Answer in one word.",
+               "output": "Paris", "history": [["Hi", "Hello!"]]},
+    "query-response": {"system": "Be brief.", "query": "Capital of France?\nAnswer in one word.",
+                       "response": "Paris", "history": [["Hi", "Hello!"]]},
+}
+
+
+CASES = [(fmt, ext) for fmt in sorted(ROWS) for ext in (".jsonl", ".json")] + [("alpaca-flat", ".csv"),
+                                                                             ("query-response-flat", ".csv")]
+ROWS["alpaca-flat"] = {k: v for k, v in ROWS["alpaca"].items() if k != "history"}
+ROWS["query-response-flat"] = {k: v for k, v in ROWS["query-response"].items() if k != "history"}
+
+
+@pytest.mark.parametrize("fmt, ext", CASES)
+def test_every_format_gives_the_same_conversation(tmp_path, fmt, ext):
+    row = ROWS[fmt]
+    path = tmp_path / f"data{ext}"
+    if ext == ".jsonl":
+        path.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n", encoding="utf-8")
+    elif ext == ".json":
+        path.write_text(json.dumps([row, row], indent=2), encoding="utf-8")
+    else:  # CSV cells are strings: only flat formats
+        import csv
+
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(row))
+            writer.writeheader()
+            writer.writerow(row)
+    rows = read_file(str(path))
+    expected = EXPECTED if "history" in row or fmt in ("messages", "sharegpt") else [EXPECTED[0], *EXPECTED[3:]]
+    assert [r["messages"] for r in rows] == [expected] * len(rows)
+    assert rows[0]["where"].startswith(str(path))
+
+
+def test_csv_alpaca_without_history(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("instruction,input,output\nSay hi,,Hi!\nAdd,1 and 2,3\n", encoding="utf-8")
+    rows = read_file(str(path))
+    assert rows[0]["messages"] == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi!"}]
+    assert rows[1]["messages"][0]["content"] == "Add\n1 and 2"
+    assert rows[1]["where"] == f"{path}:3"
+
+
+def test_plain_text_rows(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"text": "Once upon a time."}\n', encoding="utf-8")
+    assert read_file(str(path))[0]["text"] == "Once upon a time."
+
+
+def test_json_rows_know_their_lines(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[\n  {"query": "a", "response": "b"},\n\n  {"query": "c"}\n]\n', encoding="utf-8")
+    with pytest.raises(MartletError) as err:
+        read_file(str(path))
+    assert (err.value.file, err.value.line, err.value.field) == (str(path), 4, "response")
+
+
+@pytest.mark.parametrize("content, line, field, words", [
+    ('{"query": "a", "response": "b"}\n{"query": "a", "respons": "b"}\n', 2, "response", "missing"),
+    ('{"query": "a", "response": "b"}\n{"query": "a", "response": "b"\n', 2, None, "malformed JSON"),
+    ('{"instruction": "a", "output": 3.5}\n{"instruction": "a", "output": ["x"]}\n', 2, "output", "string"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}\n', 1, "messages", "role"),
+    ('{"foo": 1}\n', 1, None, "unknown row format"),
+    ('[1, 2]\n', 1, None, "JSON object"),
+])
+def test_bad_rows_name_file_line_and_field(tmp_path, content, line, field, words):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(MartletError) as err:
+        read_file(str(path))
+    assert err.value.file == str(path) and err.value.line == line and err.value.field == field
+    assert words in str(err.value)
+    assert f"{path}:{line}:" in str(err.value)
+
+
+def test_empty_and_missing_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(MartletError, match="empty"):
+        read_file(str(empty))
+    with pytest.raises(MartletError, match="not found"):
+        load_dataset_rows(str(tmp_path / "nope.jsonl"))
+
+
+def test_unknown_dataset_name_suggests_close_ones():
+    with pytest.raises(MartletError, match="Did you mean: self-cognition"):
+        load_dataset_rows("self-cognitoin")
+
+
+def test_sampling_spec():
+    assert parse_spec("self-cognition#20") == ("self-cognition", 20)
+    assert parse_spec("data/x.jsonl") == ("data/x.jsonl", None)
+    with pytest.raises(MartletError):
+        parse_spec("x#zero")
+    rows = [{"i": i} for i in range(10)]
+    assert len(sample_rows(rows, 4, 1)) == 4 and sample_rows(rows, 4, 1) == sample_rows(rows, 4, 1)
+    more = sample_rows(rows, 25, 1)  # more than the set: two whole copies plus 5 sampled rows
+    assert len(more) == 25 and more[:20] == rows + rows
+
+
+def test_builtin_sets():
+    rows = load_dataset_rows("self-cognition#30", model_name=["小鹦", "Martlet"], model_author=["鸟社", "Birdhouse"])
+    assert len(rows) == 30
+    text = json.dumps([r["messages"] for r in rows], ensure_ascii=False)
+    assert "{{NAME}}" not in text and ("Martlet" in text or "小鹦" in text)
+    with pytest.raises(MartletError, match="model_name"):
+        load_dataset_rows("self-cognition")
+    math = load_dataset_rows("math-word-problems#12")
+    assert len(math) == 12 and all(m["messages"][-1]["role"] == "assistant" for m in math)
+    assert len(load_dataset_rows("general-instruct")) >= 150
