@@ -11,6 +11,10 @@ from typing import Sequence
 COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "sft": ("martlet.train.sft:main", "martlet.args.sft:SftArguments", "Supervised fine-tuning (LoRA or full)."),
     "pt": ("martlet.train.sft:pt_cli", "martlet.args.sft:PtArguments", "Continued pre-training on plain text."),
+    "infer": ("martlet.infer.main:main", "martlet.args.infer:InferArguments",
+              "Chat with a model or checkpoint, or evaluate it on a dataset."),
+    "merge-lora": ("martlet.infer.main:merge_cli", "martlet.args.infer:InferArguments",
+                   "Merge a LoRA checkpoint into its base model (<ckpt_dir>-merged)."),
     "list-models": ("martlet.commands:list_models", None, "List the registered model types."),
     "list-datasets": ("martlet.commands:list_datasets", None, "List the registered datasets."),
     "list-templates": ("martlet.commands:list_templates", None, "List the named chat templates."),

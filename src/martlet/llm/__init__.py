@@ -19,6 +19,10 @@ _EXPORTS = {
     "get_template": "martlet.templates", "register_template": "martlet.templates", "Template": "martlet.templates",
     "DatasetName": "martlet.data.names", "register_dataset": "martlet.data.sources",
     "MartletError": "martlet.errors",
+    # inference
+    "InferArguments": "martlet.args.infer", "infer_main": "martlet.infer.main", "merge_lora": "martlet.infer.merge",
+    "inference": "martlet.infer.api", "inference_stream": "martlet.infer.api",
+    "TransformersEngine": "martlet.infer.engine",
 }
 
 __all__ = sorted(_EXPORTS)

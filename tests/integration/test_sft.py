@@ -1,0 +1,83 @@
+"""`martlet sft` end to end on tiny models of several architectures: the run layout and that it learns."""
+
+import json
+import os
+import re
+
+import pytest
+from safetensors.torch import load_file
+
+from helpers import ARCH_TEMPLATES, run_dirs, write_jsonl
+from martlet.llm import SftArguments, sft_main
+
+ROWS = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                      {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
+        for a in range(1, 7) for b in range(1, 4)]
+
+
+def small_args(model_dir, data, out, **kw):
+    base = dict(model_id_or_path=model_dir, dataset=[data], output_dir=str(out), max_steps=5, batch_size=2,
+                gradient_accumulation_steps=1, eval_steps=2, logging_steps=1, dataset_test_ratio=0.2,
+                learning_rate=5e-3, save_total_limit=None, lora_target_modules=["ALL"])
+    base.update(kw)
+    return SftArguments(**base)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_TEMPLATES))
+def test_lora_sft_writes_the_run_layout(tmp_path, tiny_models, arch):
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    result = sft_main(small_args(tiny_models[arch], data, tmp_path / "output"))
+
+    (run,) = run_dirs(str(tmp_path / "output"))
+    assert re.fullmatch(r"v0-\d{8}-\d{6}", os.path.basename(run))
+    assert os.path.basename(os.path.dirname(run)) == arch  # model type of a local folder: its config's
+    assert result["output_dir"] == run
+    for name in ("sft_args.json", "martlet_run.json", "logging.jsonl", "images/train_loss.png",
+                 "images/eval_loss.png"):
+        assert os.path.isfile(os.path.join(run, name)), name
+    assert any(f.startswith("events.out.tfevents") for _, _, files in os.walk(os.path.join(run, "runs")) for f in files)
+
+    checkpoints = sorted(d for d in os.listdir(run) if d.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+    last = os.path.join(run, "checkpoint-5")
+    assert result["last_model_checkpoint"] == last
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja", "sft_args.json", "martlet_run.json", "optimizer.pt"):
+        assert os.path.isfile(os.path.join(last, name)), name
+    with open(os.path.join(last, "sft_args.json")) as fh:
+        assert json.load(fh)["model_id_or_path"] == tiny_models[arch]
+
+    # LoRA B matrices start at zero: non-zero ones prove training changed the adapter
+    weights = load_file(os.path.join(last, "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())
+
+    logs = [json.loads(line) for line in open(os.path.join(run, "logging.jsonl"))]
+    losses = [r["loss"] for r in logs if "loss" in r]
+    evals = {r["step"]: r["eval_loss"] for r in logs if "eval_loss" in r}
+    assert len(losses) == 5 and sorted(evals) == [2, 4, 5]
+    assert losses[-1] < losses[0]
+    best_step = min(evals, key=evals.get)
+    assert result["best_model_checkpoint"] == os.path.join(run, f"checkpoint-{best_step}")
+
+
+def test_full_sft_changes_the_weights(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    result = sft_main(small_args(tiny_llama, data, tmp_path / "out", sft_type="full", max_steps=2,
+                                 learning_rate=1e-3, dataset_test_ratio=0.0))
+    last = result["last_model_checkpoint"]
+    assert result["best_model_checkpoint"] == last  # no validation set: the last one is the best
+    after = load_file(os.path.join(last, "model.safetensors"))
+    before = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    changed = [k for k in before if k in after and not before[k].equal(after[k])]
+    assert "model.layers.0.mlp.down_proj.weight" in changed
+
+
+def test_pt_trains_on_plain_text(tmp_path, tiny_llama):
+    from martlet.llm import PtArguments, pt_main
+
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": f"Line {i}: the quick brown fox."} for i in range(12)])
+    result = pt_main(PtArguments(model_id_or_path=tiny_llama, dataset=[data], output_dir=str(tmp_path / "o"),
+                                 max_steps=2, batch_size=2, gradient_accumulation_steps=1, dataset_test_ratio=0,
+                                 report_to=["none"]))
+    assert result["global_step"] == 2
+    assert os.path.isfile(os.path.join(result["last_model_checkpoint"], "adapter_model.safetensors"))
