@@ -81,3 +81,18 @@ def test_pt_trains_on_plain_text(tmp_path, tiny_llama):
                                  report_to=["none"]))
     assert result["global_step"] == 2
     assert os.path.isfile(os.path.join(result["last_model_checkpoint"], "adapter_model.safetensors"))
+
+
+def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    first = sft_main(small_args(tiny_llama, data, tmp_path / "out", max_steps=4, eval_steps=2,
+                                dataset_test_ratio=0.0, report_to=["none"]))
+    checkpoint = os.path.join(first["output_dir"], "checkpoint-2")
+    resumed = sft_main(small_args(tiny_llama, data, tmp_path / "out", max_steps=4, eval_steps=2,
+                                  dataset_test_ratio=0.0, report_to=["none"], resume_from_checkpoint=checkpoint))
+    assert resumed["global_step"] == 4
+    logs = [json.loads(line) for line in open(os.path.join(resumed["output_dir"], "logging.jsonl"))]
+    assert [r["step"] for r in logs if "loss" in r] == [3, 4]  # steps 1-2 were not done again
+    a = load_file(os.path.join(first["last_model_checkpoint"], "adapter_model.safetensors"))
+    b = load_file(os.path.join(resumed["last_model_checkpoint"], "adapter_model.safetensors"))
+    assert all(a[k].allclose(b[k], atol=1e-5) for k in a)  # same weights as the uninterrupted run

@@ -159,3 +159,15 @@ def test_stream_text_stops_at_a_stop_token_and_keeps_chinese_whole(tokenizer):
     deltas = [stream.add([t]) for t in ids] + [stream.finish()]
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
+
+
+def test_vllm_engine_says_what_it_needs():
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    from martlet.infer.vllm_engine import VllmEngine
+
+    with pytest.raises(MartletError, match="needs the vllm package") as info:
+        VllmEngine("/some/model", template=None)
+    assert info.value.field == "infer_backend"
