@@ -11,6 +11,11 @@ from typing import Sequence
 COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "sft": ("martlet.train.sft:main", "martlet.args.sft:SftArguments", "Supervised fine-tuning (LoRA or full)."),
     "pt": ("martlet.train.sft:pt_cli", "martlet.args.sft:PtArguments", "Continued pre-training on plain text."),
+    "rlhf": ("martlet.train.rlhf:main", "martlet.args.rlhf:RLHFArguments",
+             "Preference training: --rlhf_type dpo, orpo, simpo, cpo or kto."),
+    "dpo": ("martlet.train.rlhf:dpo_cli", "martlet.args.rlhf:DPOArguments", "Direct Preference Optimization."),
+    "orpo": ("martlet.train.rlhf:orpo_cli", "martlet.args.rlhf:ORPOArguments",
+             "Odds Ratio Preference Optimization (no reference model)."),
     "infer": ("martlet.infer.main:main", "martlet.args.infer:InferArguments",
               "Chat with a model or checkpoint, or evaluate it on a dataset."),
     "merge-lora": ("martlet.infer.main:merge_cli", "martlet.args.infer:InferArguments",

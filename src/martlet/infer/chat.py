@@ -63,7 +63,8 @@ def chat_loop(engine: Any, config: Any = None, *, system: Optional[str] = None, 
         head = [{"role": "system", "content": system}] if system is not None else []
         messages = head + history + [{"role": "user", "content": text}]
         reply = _reply(engine, messages, config, stream, out)
-        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        if reply:  # a reply stopped before its first word leaves no turn behind
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
     return history
 
 

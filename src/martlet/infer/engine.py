@@ -103,6 +103,8 @@ class TransformersEngine:
     def generate(self, conversations: Sequence[Conversation], config: Optional[GenConfig] = None) -> list[str]:
         import torch
 
+        if not conversations:
+            return []
         config = config or GenConfig()
         kwargs, words, stop_ids = self._generate_kwargs(config)
         prompts = [self.prompt_ids(c) for c in conversations]

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from typing import Any, Optional
 
+from martlet.errors import MartletError
 from martlet.infer.checkpoint import plan_inference, read_checkpoint, registered
 from martlet.train.outputs import ARGS_FILE, RUN_INFO_FILE
 
@@ -32,7 +33,12 @@ def merge_lora(args: Any, replace_if_exists: bool = False, device_map: Optional[
     A full checkpoint needs no merge: its own folder is returned. An existing `-merged` folder is reused
     unless `replace_if_exists` (or --replace_if_exists).
     """
+    if not getattr(args, "ckpt_dir", None):
+        raise MartletError("needs the LoRA checkpoint to merge.", field="ckpt_dir")
     ckpt = read_checkpoint(args.ckpt_dir)
+    if ckpt.sft_args.get("quantization_bit"):
+        logger.warning("this adapter was trained on a %s-bit quantized model: merging it into the full-precision "
+                       "weights changes its outputs a little.", ckpt.sft_args["quantization_bit"])
     if not ckpt.is_adapter:
         logger.info("%s holds full weights: nothing to merge.", ckpt.path)
         return ckpt.path

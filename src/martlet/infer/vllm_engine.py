@@ -16,7 +16,7 @@ from martlet.templates.template import Template
 class VllmEngine:
     def __init__(self, model_dir: str, template: Template, *, dtype: str = "bf16", adapter_dir: Optional[str] = None,
                  gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1,
-                 max_model_len: Optional[int] = None, lora_rank: int = 64):
+                 max_model_len: Optional[int] = None):
         try:
             import vllm
         except ImportError:
@@ -33,7 +33,7 @@ class VllmEngine:
         self.llm = vllm.LLM(model=model_dir, dtype={"bf16": "bfloat16", "fp16": "float16"}.get(dtype, "float32"),
                             gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
                             max_model_len=max_model_len, enable_lora=adapter_dir is not None,
-                            max_lora_rank=lora_rank)
+                            max_lora_rank=_lora_rank(adapter_dir))
         self.lora = None
         if adapter_dir is not None:
             from vllm.lora.request import LoRARequest
@@ -61,3 +61,17 @@ class VllmEngine:
     def stream(self, conversation: Sequence[dict], config: Optional[GenConfig] = None) -> Iterator[str]:
         yield self.generate([conversation], config)[0]
 
+
+def _lora_rank(adapter_dir: Optional[str]) -> int:
+    """vLLM's max_lora_rank: the adapter's r rounded up to a size vLLM accepts (8, 16, 32, ...)."""
+    if adapter_dir is None:
+        return 16
+    import json
+    import os
+
+    with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as fh:
+        rank = int(json.load(fh).get("r", 8))
+    size = 8
+    while size < rank:
+        size *= 2
+    return size

@@ -12,6 +12,8 @@ _EXPORTS = {
     # arguments and commands
     "SftArguments": "martlet.args.sft", "PtArguments": "martlet.args.sft",
     "sft_main": "martlet.train.sft", "pt_main": "martlet.train.sft",
+    "RLHFArguments": "martlet.args.rlhf", "DPOArguments": "martlet.args.rlhf", "ORPOArguments": "martlet.args.rlhf",
+    "rlhf_main": "martlet.train.rlhf", "dpo_main": "martlet.train.rlhf", "orpo_main": "martlet.train.rlhf",
     # models, templates, data
     "ModelType": "martlet.models.registry", "register_model": "martlet.models.registry",
     "get_model_info": "martlet.models.registry",

@@ -45,6 +45,9 @@ def embedded_model_dir() -> str:
     src = gguf_path()
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_TYPE}-", dir=os.path.dirname(target))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache is for every user
     try:
         _convert(src, tmp)
         if os.path.isdir(target):  # a leftover without the marker: not a whole model

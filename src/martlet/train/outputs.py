@@ -52,8 +52,21 @@ def run_info(args: Any, spec: Any, template: Any, *, command: str) -> dict[str, 
             "versions": library_versions()}
 
 
+def _absolute_files(specs: list[str]) -> list[str]:
+    """Dataset entries that are files, with absolute paths, so the saved arguments work from any folder."""
+    out = []
+    for spec in specs:
+        path, sep, count = spec.rpartition("#") if "#" in spec else (spec, "", "")
+        out.append(os.path.abspath(path) + sep + count if os.path.isfile(path) else spec)
+    return out
+
+
 def save_run_files(folder: str, args: Any, info: dict[str, Any]) -> None:
-    write_json(os.path.join(folder, ARGS_FILE), to_dict(args))
+    saved = to_dict(args)
+    for key in ("dataset", "val_dataset"):
+        if isinstance(saved.get(key), list):
+            saved[key] = _absolute_files(saved[key])
+    write_json(os.path.join(folder, ARGS_FILE), saved)
     write_json(os.path.join(folder, RUN_INFO_FILE), info)
 
 
