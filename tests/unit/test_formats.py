@@ -131,3 +131,21 @@ def test_builtin_sets():
     math = load_dataset_rows("math-word-problems#12")
     assert len(math) == 12 and all(m["messages"][-1]["role"] == "assistant" for m in math)
     assert len(load_dataset_rows("general-instruct")) >= 150
+
+
+def test_custom_dataset_info_with_column_mapping(tmp_path):
+    from martlet.data.sources import register_dataset_info
+
+    (tmp_path / "qa.jsonl").write_text('{"question": "2+2?", "answer": "4"}\n', encoding="utf-8")
+    info = tmp_path / "my_datasets.json"
+    info.write_text(json.dumps({"my-qa": {"dataset_path": "qa.jsonl",
+                                          "columns": {"question": "query", "answer": "response"}}}))
+    assert register_dataset_info(str(info)) == ["my-qa"]
+    rows = load_dataset_rows("my-qa#3")
+    assert rows[0]["messages"] == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    assert len(rows) == 3
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"broken": {"dataset_pth": "qa.jsonl"}}))
+    with pytest.raises(MartletError) as err:
+        register_dataset_info(str(bad))
+    assert err.value.field == "broken" and "Did you mean: dataset_path" in str(err.value)

@@ -45,6 +45,49 @@ def register_dataset(name: str, *, path: str | None = None, hf_id: str | None = 
                     "rows": list(rows) if rows is not None else None, "description": description}
 
 
+_INFO_KEYS = {"dataset_path": "path", "file": "path", "path": "path", "hf_dataset_id": "hf_id", "hf_id": "hf_id",
+              "ms_dataset_id": "ms_id", "ms_id": "ms_id", "columns": "columns", "description": "description"}
+
+
+def register_dataset_info(path: str) -> list[str]:
+    """Register every entry of a `--custom_dataset_info` JSON file; returns the names.
+
+    {"name": {"dataset_path": "rel/or/abs.jsonl" | "hf_dataset_id": ... | "ms_dataset_id": ...,
+              "columns": {"question": "query", "answer": "response"}}}; relative paths are relative to the file.
+    """
+    if not os.path.isfile(path):
+        raise MartletError("custom dataset info file not found.", file=path, field="custom_dataset_info")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        line = getattr(exc, "lineno", None)
+        raise MartletError(f"malformed JSON: {getattr(exc, 'msg', exc)}.", file=path, line=line) from None
+    if not isinstance(data, dict):
+        raise MartletError("must map dataset names to entries.", file=path)
+    for name, entry in data.items():
+        if not isinstance(entry, dict):
+            raise MartletError("each entry must be an object.", file=path, field=name)
+        unknown = [k for k in entry if k not in _INFO_KEYS]
+        if unknown:
+            raise MartletError(f"unknown key '{unknown[0]}'.{did_you_mean(unknown[0], _INFO_KEYS)}", file=path,
+                               field=name)
+        kwargs = {_INFO_KEYS[k]: v for k, v in entry.items()}
+        columns = kwargs.get("columns", {})
+        if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
+            raise MartletError("'columns' must map source column names to names such as query, response.",
+                               file=path, field=name)
+        if kwargs.get("path") and not os.path.isabs(kwargs["path"]):
+            kwargs["path"] = os.path.join(os.path.dirname(os.path.abspath(path)), kwargs["path"])
+        if kwargs.get("path") and not os.path.isfile(kwargs["path"]):
+            raise MartletError(f"dataset file not found: {kwargs['path']}", file=path, field=name)
+        try:
+            register_dataset(name, exist_ok=True, **kwargs)
+        except MartletError as exc:
+            raise MartletError(exc.message, file=path, field=name) from None
+    return list(data)
+
+
 def parse_spec(spec: str) -> tuple[str, int | None]:
     """'name#200' -> ('name', 200)."""
     name, sep, count = spec.rpartition("#") if "#" in spec else (spec, "", "")
