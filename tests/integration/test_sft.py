@@ -85,14 +85,26 @@ def test_pt_trains_on_plain_text(tmp_path, tiny_llama):
 
 def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_llama):
     data = write_jsonl(tmp_path / "data.jsonl", ROWS)
-    first = sft_main(small_args(tiny_llama, data, tmp_path / "out", max_steps=4, eval_steps=2,
-                                dataset_test_ratio=0.0, report_to=["none"]))
+    kw = dict(max_steps=4, eval_steps=2, dataset_test_ratio=0.0, report_to=["none"], save_total_limit=None)
+    first = sft_main(small_args(tiny_llama, data, tmp_path / "out", **kw))
+    uninterrupted = load_file(os.path.join(first["last_model_checkpoint"], "adapter_model.safetensors"))
     checkpoint = os.path.join(first["output_dir"], "checkpoint-2")
-    resumed = sft_main(small_args(tiny_llama, data, tmp_path / "out", max_steps=4, eval_steps=2,
-                                  dataset_test_ratio=0.0, report_to=["none"], resume_from_checkpoint=checkpoint))
-    assert resumed["global_step"] == 4
+    resumed = sft_main(small_args(tiny_llama, data, tmp_path / "out", resume_from_checkpoint=checkpoint, **kw))
+    assert resumed["global_step"] == 4 and resumed["output_dir"] == first["output_dir"]  # the same run goes on
     logs = [json.loads(line) for line in open(os.path.join(resumed["output_dir"], "logging.jsonl"))]
-    assert [r["step"] for r in logs if "loss" in r] == [3, 4]  # steps 1-2 were not done again
-    a = load_file(os.path.join(first["last_model_checkpoint"], "adapter_model.safetensors"))
-    b = load_file(os.path.join(resumed["last_model_checkpoint"], "adapter_model.safetensors"))
-    assert all(a[k].allclose(b[k], atol=1e-5) for k in a)  # same weights as the uninterrupted run
+    assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3, 4]  # no step logged twice or missed
+    again = load_file(os.path.join(resumed["last_model_checkpoint"], "adapter_model.safetensors"))
+    assert all(uninterrupted[k].allclose(again[k], atol=1e-5) for k in uninterrupted)
+
+
+def test_resume_true_finds_the_newest_whole_checkpoint(tmp_path, tiny_llama):
+    from martlet.train.run import resume_checkpoint
+
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    first = sft_main(small_args(tiny_llama, data, tmp_path / "out", max_steps=2, eval_steps=1,
+                                dataset_test_ratio=0.0, report_to=["none"], save_total_limit=None))
+    run = first["output_dir"]
+    assert sorted(d for d in os.listdir(run) if "checkpoint" in d) == ["checkpoint-1", "checkpoint-2"]
+    os.makedirs(os.path.join(run, ".tmp-checkpoint-3", "checkpoint-3"))  # a save killed half-way
+    args = small_args(tiny_llama, data, tmp_path / "out", resume_from_checkpoint="true")
+    assert resume_checkpoint(args) == os.path.join(run, "checkpoint-2")

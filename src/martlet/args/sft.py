@@ -41,7 +41,8 @@ class SftArguments(ModelArguments, DataArguments, TemplateArguments, TunerArgume
         for field, ok, message in checks:
             if not ok:
                 raise MartletError(f"{message} (got {getattr(self, field)!r}).", field=field)
-        if self.resume_from_checkpoint and not os.path.isdir(self.resume_from_checkpoint):
+        resume = self.resume_from_checkpoint
+        if resume and resume.lower() != "true" and not os.path.isdir(resume):
             raise MartletError("checkpoint folder not found.", file=self.resume_from_checkpoint,
                                field="resume_from_checkpoint")
         return self

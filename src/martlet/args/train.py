@@ -31,7 +31,9 @@ class TrainArguments:
     save_total_limit: Optional[int] = arg(2, "Keep at most N checkpoints (the best is always kept).")
     save_only_model: bool = arg(False, "Save weights only, without optimizer state (smaller, not resumable).")
     gradient_checkpointing: bool = arg(True, "Recompute activations in the backward pass to save memory.")
-    resume_from_checkpoint: Optional[str] = arg(None, "A checkpoint folder to resume from.")
+    resume_from_checkpoint: Optional[str] = arg(None, "A checkpoint folder to resume from, or true for the newest "
+                                                      "whole one under --output_dir. The run continues in that "
+                                                      "checkpoint's folder.")
     seed: int = arg(42, "Seed of model initialisation and data order.")
     report_to: List[str] = arg(["tensorboard"], "Where metrics go besides logging.jsonl: tensorboard, wandb, none.")
     dataloader_num_workers: int = arg(0, "Data loader worker processes.")

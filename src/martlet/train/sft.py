@@ -45,27 +45,15 @@ def sft_main(args: SftArguments | Sequence[str] | None = None, *, mode: str = "s
                           if val_rows else (None, None))
 
     model = _load_for_training(args, spec, dtype, device)
-    from martlet.train.outputs import new_run_dir, plot_history, run_info, save_run_files
+    from martlet.train.outputs import run_info
+    from martlet.train.run import open_run_dir, resume_checkpoint, train_and_report
 
-    run_dir = new_run_dir(args.output_dir, spec.model_type, args.add_output_dir_suffix)
-    os.makedirs(run_dir, exist_ok=True)
+    checkpoint = resume_checkpoint(args)
     info = run_info(args, spec, template, command=mode)
     info.update(dtype=dtype, data={"train": train_stats, "val": val_stats})
-    save_run_files(run_dir, args, info)
-    logger.info("run folder: %s", run_dir)
-
+    run_dir = open_run_dir(args, spec.model_type, info, checkpoint)
     trainer = _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, dtype, device, info)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-
-    state = trainer.state
-    last = os.path.join(run_dir, f"checkpoint-{state.global_step}")
-    best = state.best_model_checkpoint or last
-    images = plot_history(state.log_history, os.path.join(run_dir, "images"))
-    result = {"best_model_checkpoint": best, "last_model_checkpoint": last, "best_metric": state.best_metric,
-              "global_step": state.global_step, "log_history": state.log_history, "output_dir": run_dir,
-              "images": images, "dataset_info": info["data"]}
-    logger.info("best_model_checkpoint: %s", best)
-    logger.info("last_model_checkpoint: %s", last)
+    result = train_and_report(trainer, args, run_dir, info, checkpoint)
     return result
 
 
@@ -76,7 +64,11 @@ def pt_main(args: PtArguments | Sequence[str] | None = None) -> dict[str, Any]:
 
 def _load_for_training(args: SftArguments, spec: Any, dtype: str, device: str):
     """The model in its training precision: fp32 master weights on a CPU (bf16 runs under autocast)."""
+    from transformers import set_seed
+
     from martlet.train.tuners import apply_lora, count_parameters
+
+    set_seed(args.seed)  # LoRA initialisation is random too
 
     quant = None
     if args.quantization_bit:
@@ -111,13 +103,24 @@ def _attn(args: SftArguments) -> str | None:
 
 def _build_trainer(args: SftArguments, model: Any, tokenizer: Any, train_set: Any, val_set: Any, run_dir: str,
                    dtype: str, device: str, info: dict[str, Any]):
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
-    from martlet.train.callbacks import FinalStep, JsonlLogger, RunFilesInCheckpoint
+    from martlet.train.trainer import MartletTrainer
 
+    training_args = TrainingArguments(**_training_kwargs(args, run_dir, dtype, device, val_set is not None))
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    train_set = train_set.remove_columns(["length"])
+    val_set = val_set.remove_columns(["length"]) if val_set is not None else None
+    return MartletTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=val_set,
+                   data_collator=collator, processing_class=tokenizer,
+                   callbacks=_callbacks(args, info, run_dir, val_set is not None))
+
+
+def _training_kwargs(args: SftArguments, run_dir: str, dtype: str, device: str, has_eval: bool) -> dict[str, Any]:
+    """TrainingArguments keywords shared by every training command (also fed to trl's DPOConfig/KTOConfig)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     report_to = [r for r in args.report_to if r != "none"] or "none"
-    training_args = TrainingArguments(
+    return dict(
         output_dir=run_dir,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.eval_batch_size or args.batch_size,
@@ -130,14 +133,14 @@ def _build_trainer(args: SftArguments, model: Any, tokenizer: Any, train_set: An
         lr_scheduler_type=args.lr_scheduler_type,
         warmup_steps=args.warmup_ratio,
         logging_steps=args.logging_steps,
-        eval_strategy="steps" if val_set is not None else "no",
+        eval_strategy="steps" if has_eval else "no",
         eval_steps=args.eval_steps,
         save_strategy="steps",
         save_steps=args.effective_save_steps(),
         save_total_limit=args.save_total_limit,
         save_only_model=args.save_only_model,
-        metric_for_best_model="loss" if val_set is not None else None,
-        greater_is_better=False if val_set is not None else None,
+        metric_for_best_model="loss" if has_eval else None,
+        greater_is_better=False if has_eval else None,
         activation_checkpointing=args.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
         bf16=dtype == "bf16",
@@ -155,13 +158,12 @@ def _build_trainer(args: SftArguments, model: Any, tokenizer: Any, train_set: An
         hub_private_repo=args.hub_private_repo,
         deepspeed=_deepspeed_config(args.deepspeed),
     )
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
-    train_set = train_set.remove_columns(["length"])
-    val_set = val_set.remove_columns(["length"]) if val_set is not None else None
-    return Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=val_set,
-                   data_collator=collator, processing_class=tokenizer,
-                   callbacks=[JsonlLogger(os.path.join(run_dir, "logging.jsonl")),
-                              RunFilesInCheckpoint(args, info), FinalStep(val_set is not None)])
+
+
+def _callbacks(args: SftArguments, info: dict[str, Any], run_dir: str, has_eval: bool) -> list[Any]:
+    from martlet.train.callbacks import FinalStep, JsonlLogger, RunFilesInCheckpoint
+
+    return [JsonlLogger(os.path.join(run_dir, "logging.jsonl")), RunFilesInCheckpoint(args, info), FinalStep(has_eval)]
 
 
 def _deepspeed_config(name: str | None):
@@ -173,10 +175,8 @@ def _deepspeed_config(name: str | None):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    sft_main(argv)
-    return 0
+    return 130 if sft_main(argv)["interrupted"] else 0
 
 
 def pt_cli(argv: Sequence[str] | None = None) -> int:
-    pt_main(argv)
-    return 0
+    return 130 if pt_main(argv)["interrupted"] else 0

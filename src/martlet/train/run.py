@@ -1,0 +1,72 @@
+"""The part every training command shares: the run folder (new, or the one being resumed), training
+under signal handling, and the result (best/last checkpoint, curves)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from martlet.errors import MartletError
+from martlet.train.outputs import new_run_dir, plot_history, save_run_files
+
+logger = logging.getLogger("martlet")
+
+
+def resume_checkpoint(args: Any) -> str | None:
+    """The checkpoint to resume from: a folder, or `true` for the newest whole one under --output_dir."""
+    value = args.resume_from_checkpoint
+    if not value:
+        return None
+    from martlet.train.trainer import newest_checkpoint
+
+    if str(value).lower() == "true":
+        found = newest_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if found is None:
+            raise MartletError("no whole checkpoint to resume from.", file=args.output_dir,
+                               field="resume_from_checkpoint", hint="Start without --resume_from_checkpoint.")
+        return found
+    if not os.path.isfile(os.path.join(value, "trainer_state.json")):
+        raise MartletError("not a whole checkpoint (no trainer_state.json).", file=value,
+                           field="resume_from_checkpoint")
+    return os.path.abspath(value)
+
+
+def open_run_dir(args: Any, model_type: str, info: dict[str, Any], checkpoint: str | None) -> str:
+    """A new run folder, or the resumed checkpoint's own (its log cut back to the checkpoint's step)."""
+    if checkpoint:
+        from martlet.train.trainer import trim_log
+
+        run_dir = os.path.dirname(checkpoint)
+        trim_log(os.path.join(run_dir, "logging.jsonl"), int(os.path.basename(checkpoint).split("-")[1]))
+        logger.info("resuming %s from %s", run_dir, checkpoint)
+    else:
+        run_dir = new_run_dir(args.output_dir, model_type, args.add_output_dir_suffix)
+        os.makedirs(run_dir, exist_ok=True)
+    save_run_files(run_dir, args, info)
+    logger.info("run folder: %s", run_dir)
+    return run_dir
+
+
+def train_and_report(trainer: Any, args: Any, run_dir: str, info: dict[str, Any],
+                     checkpoint: str | None) -> dict[str, Any]:
+    """Train (a signal saves and stops), plot the curves and return the result dict."""
+    from martlet.train.trainer import StopOnSignal
+
+    trainer.martlet_run_args, trainer.martlet_run_info = args, info
+    stopper = StopOnSignal()
+    trainer.add_callback(stopper)
+    with stopper.installed():
+        trainer.train(resume_from_checkpoint=checkpoint)
+    state = trainer.state
+    last = os.path.join(run_dir, f"checkpoint-{state.global_step}")
+    best = state.best_model_checkpoint or last
+    images = plot_history(state.log_history, os.path.join(run_dir, "images"))
+    result = {"best_model_checkpoint": best, "last_model_checkpoint": last, "best_metric": state.best_metric,
+              "global_step": state.global_step, "log_history": state.log_history, "output_dir": run_dir,
+              "images": images, "dataset_info": info.get("data"), "interrupted": stopper.received is not None}
+    if stopper.received is not None:
+        logger.warning("stopped at step %d; resume with: --resume_from_checkpoint %s", state.global_step, last)
+    logger.info("best_model_checkpoint: %s", best)
+    logger.info("last_model_checkpoint: %s", last)
+    return result

@@ -1,0 +1,98 @@
+"""A run killed at any moment resumes from its last whole checkpoint and ends where an uninterrupted run
+ends; SIGTERM saves and stops cleanly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from helpers import run_dirs, write_jsonl
+from martlet.llm import SftArguments, sft_main
+
+ROWS = [{"query": f"Spell {w}", "response": " ".join(w)} for w in
+        ("cat", "dog", "bird", "fish", "lion", "mouse", "horse", "sheep", "goat", "camel", "zebra", "panda")]
+
+
+def argv(model, data, out, **extra):
+    base = {"model_id_or_path": model, "dataset": data, "output_dir": out, "max_steps": "6", "batch_size": "2",
+            "gradient_accumulation_steps": "1", "save_steps": "2", "eval_steps": "2", "dataset_test_ratio": "0",
+            "report_to": "none", "learning_rate": "5e-3", "save_total_limit": "10", "logging_steps": "1"}
+    base.update(extra)
+    return [item for key, value in base.items() for item in (f"--{key}", value)]
+
+
+def start(args, env_extra=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "martlet", "sft", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(out, step, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-2000:]
+        for run in run_dirs(out) if os.path.isdir(out) else []:
+            log = os.path.join(run, "logging.jsonl")
+            if os.path.isfile(log) and any(json.loads(line).get("step", 0) >= step for line in open(log)):
+                return run
+        time.sleep(0.2)
+    raise AssertionError("training did not get there in time")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_models):
+    """The uninterrupted run's final adapter."""
+    tmp = tmp_path_factory.mktemp("reference")
+    data = write_jsonl(tmp / "data.jsonl", ROWS)
+    result = sft_main(argv(tiny_models["llama"], data, str(tmp / "out")))
+    return data, load_file(os.path.join(result["last_model_checkpoint"], "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("where", ["during_step", "during_save"])
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_llama, reference, where):
+    data, expected = reference
+    out = str(tmp_path / "out")
+    if where == "during_step":
+        proc = start(argv(tiny_llama, data, out))
+        wait_for_step(out, 3, proc)  # checkpoint-2 exists, step 3 or 4 is running
+        proc.send_signal(signal.SIGKILL)
+    else:
+        proc = start(argv(tiny_llama, data, out), {"MARTLET_FAULT_KILL_IN_SAVE": "4"})
+    proc.wait(timeout=240)
+    assert proc.returncode == -signal.SIGKILL
+    (run,) = run_dirs(out)
+    whole = sorted(d for d in os.listdir(run) if d.startswith("checkpoint-"))
+    assert whole and all(os.path.isfile(os.path.join(run, d, "trainer_state.json")) for d in whole)
+    if where == "during_save":
+        assert whole == ["checkpoint-2"] and os.path.isdir(os.path.join(run, ".tmp-checkpoint-4"))
+
+    resumed = subprocess.run([sys.executable, "-m", "martlet", "sft",
+                              *argv(tiny_llama, data, out, resume_from_checkpoint="true")],
+                             env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = load_file(os.path.join(run, "checkpoint-6", "adapter_model.safetensors"))
+    assert set(got) == set(expected)
+    for key in expected:
+        assert got[key].allclose(expected[key], atol=1e-5), key
+    steps = [json.loads(line)["step"] for line in open(os.path.join(run, "logging.jsonl"))
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # no step done twice or missed
+    assert not any(d.startswith(".tmp-checkpoint") for d in os.listdir(run))
+
+
+def test_sigterm_saves_and_says_how_to_resume(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    out = str(tmp_path / "out")
+    proc = start(argv(tiny_llama, data, out, max_steps="500", save_steps="1000"))
+    run = wait_for_step(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output[-2000:]
+    saved = [d for d in os.listdir(run) if d.startswith("checkpoint-")]
+    assert len(saved) == 1 and os.path.isfile(os.path.join(run, saved[0], "adapter_model.safetensors"))
+    assert f"--resume_from_checkpoint {os.path.join(run, saved[0])}" in output
