@@ -162,7 +162,8 @@ def split_argv(argv: Sequence[str]) -> dict[str, Any]:
             key = name
             values[key] = [value] if eq else []
         elif key is None:
-            raise MartletError(f"unexpected value {token!r}: arguments are written --name value.")
+            hint = " To read arguments from a file, write --config FILE." if token.endswith((".yaml", ".yml", ".json")) else ""
+            raise MartletError(f"unexpected value {token!r}: arguments are written --name value.{hint}")
         else:
             values[key].append(token)
     return {k: (v if v else ["true"]) for k, v in values.items()}

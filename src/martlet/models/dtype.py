@@ -33,6 +33,7 @@ def resolve_dtype(name: str, device: str | None = None) -> str:
     AUTO: bf16 on a GPU that computes it (Ampere and newer), fp16 on older GPUs (V100), bf16 on a CPU
     with AVX512-BF16/AMX, else fp32.
     """
+    name = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "auto": "AUTO"}.get(name, name)
     if name not in DTYPES:
         raise MartletError(f"unknown dtype '{name}': choose one of {', '.join(DTYPES)}.", field="dtype")
     import torch

@@ -77,7 +77,9 @@ def resolve_model(model_type: str | None = None, model_id_or_path: str | None = 
             info = _lookup(model_id_or_path)
         if info is not None and info.model_type == EMBEDDED_MODEL_TYPE and model_id_or_path == EMBEDDED_MODEL_TYPE:
             return ModelSpec(info.model_type, embedded_model_dir(), info)
-        hub_id = model_id_or_path if "/" in model_id_or_path else (info.hf_id if info else None)
+        hub_id = model_id_or_path if "/" in model_id_or_path else None
+        if info is not None and os.environ.get("USE_MODELSCOPE_HUB") != "1" and info.hf_id:
+            hub_id = info.hf_id  # a ModelScope id or a model type: download the Hugging Face copy
         if hub_id is None:
             raise MartletError(f"'{model_id_or_path}' is neither a local folder, a hub id nor a model type.",
                                field="model_id_or_path")

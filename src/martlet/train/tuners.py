@@ -9,7 +9,7 @@ from martlet.errors import MartletError
 
 def lora_targets(requested: list[str], default: tuple[str, ...] | None) -> str | list[str]:
     """DEFAULT -> the model type's usual targets; ALL -> every linear layer (peft's 'all-linear')."""
-    upper = [t.upper() for t in requested]
+    upper = [t.upper().replace("ALL-LINEAR", "ALL") for t in requested]  # ms-swift 3 / peft spelling
     if upper == ["ALL"] or (upper == ["DEFAULT"] and not default):
         return "all-linear"
     if upper == ["DEFAULT"]:
