@@ -108,13 +108,19 @@ def option_names(cls: type) -> dict[str, str]:
     return names
 
 
+def _spellings(names: dict[str, str]) -> list[str]:
+    """Suggestions: field names first, then aliases, each once (no '-' variants)."""
+    fields = sorted(set(names.values()))
+    return fields + sorted(n for n in names if "-" not in n and n not in fields)
+
+
 def build(cls: type[T], values: dict[str, Any], where: str = "command line") -> T:
     """An instance of `cls` from raw values keyed by any accepted spelling; unknown keys are errors."""
     names = option_names(cls)
     kwargs: dict[str, Any] = {}
     for key, raw in values.items():
         if key not in names:
-            raise MartletError(f"unknown argument '{key}'.{did_you_mean(key, sorted(set(names)))}",
+            raise MartletError(f"unknown argument '{key}'.{did_you_mean(key.replace('-', '_'), _spellings(names))}",
                                file=None if where == "command line" else where,
                                hint="Run with --help to list the arguments.")
         name = names[key]
@@ -186,7 +192,8 @@ def build_dict(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
     names = option_names(cls)
     for key in data:
         if key not in names:
-            raise MartletError(f"unknown argument '{key}'.{did_you_mean(key, sorted(set(names)))}", file=where)
+            raise MartletError(f"unknown argument '{key}'.{did_you_mean(key.replace('-', '_'), _spellings(names))}",
+                               file=where)
     return {k: (v if isinstance(v, list) else [v]) if v is not None else ["none"] for k, v in data.items()}
 
 
