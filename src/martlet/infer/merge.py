@@ -27,7 +27,8 @@ def merged_dir(ckpt_dir: str) -> str:
     return os.path.abspath(os.path.expanduser(ckpt_dir)).rstrip(os.sep) + "-merged"
 
 
-def merge_lora(args: Any, replace_if_exists: bool = False, device_map: Optional[str] = None, **_: Any) -> str:
+def merge_lora(args: Any, replace_if_exists: bool = False, device_map: Optional[str] = None,
+               max_shard_size: str = "5GB", **_: Any) -> str:
     """Merge the LoRA checkpoint `args.ckpt_dir` (InferArguments) and return the merged folder.
 
     A full checkpoint needs no merge: its own folder is returned. An existing `-merged` folder is reused
@@ -80,7 +81,7 @@ def _write_merged(args: Any, ckpt: Any, out_dir: str, device_map: str):
                        trust_remote_code=args.trust_remote_code)
     model = Swift.from_pretrained(model, ckpt.path, inference_mode=True).merge_and_unload()
     model = model.to(torch_dtype(save_dtype))
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer = load_tokenizer(plan.tokenizer_dir or spec.model_dir, trust_remote_code=args.trust_remote_code)
     tokenizer.save_pretrained(out_dir)
     return spec
