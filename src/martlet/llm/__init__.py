@@ -25,6 +25,11 @@ _EXPORTS = {
     "InferArguments": "martlet.args.infer", "infer_main": "martlet.infer.main", "merge_lora": "martlet.infer.merge",
     "inference": "martlet.infer.api", "inference_stream": "martlet.infer.api",
     "TransformersEngine": "martlet.infer.engine",
+    # export
+    "ExportArguments": "martlet.args.export", "export_main": "martlet.export.main",
+    # serving
+    "DeployArguments": "martlet.args.serve", "AppUIArguments": "martlet.args.serve",
+    "deploy_main": "martlet.serve.main", "app_ui_main": "martlet.ui.app", "create_app": "martlet.serve.app",
 }
 
 __all__ = sorted(_EXPORTS)
