@@ -52,7 +52,7 @@ def test_bad_input(capsys, tmp_path, out, tiny_llama, case):
             ["no config.json"]
     elif case == "offline_hub_id":
         argv, expect = ["sft", "--model_id_or_path", "qwen/Qwen-7B-Chat", "--dataset", good, "--output_dir",
-                        str(out), "--check_model_is_latest", "false"], ["qwen/Qwen-7B-Chat", "not in the local cache"]
+                        str(out), "--check_model_is_latest", "false"], ["Qwen-7B-Chat", "not in the local cache"]
     elif case == "bad_value":
         argv, expect = base + [good, "--lora_rank", "eight"], ["field 'lora_rank'", "invalid value 'eight'"]
     else:

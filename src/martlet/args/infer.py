@@ -49,7 +49,7 @@ class InferArguments(ModelArguments, DataArguments, TemplateArguments, Generatio
     dataset_test_ratio: float = arg(0.01, "Share of --dataset held out and evaluated, as training splits it (by "
                                           "--dataset_seed); 0 evaluates every row.",
                                     aliases=("split_dataset_ratio",))
-    max_batch_size: int = arg(16, "Rows generated together when evaluating a dataset (left padded).",
+    max_batch_size: int = arg(16, "Rows generated together (dataset evaluation; deploy's dynamic batches).",
                               aliases=("batch_size",))
     infer_backend: str = arg("AUTO", "Inference engine: pt (transformers), vllm (GPU, needs the vllm package) or "
                                      "AUTO (pt).", choices=("AUTO", "pt", "vllm"))

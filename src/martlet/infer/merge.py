@@ -52,7 +52,7 @@ def merge_lora(args: Any, replace_if_exists: bool = False, device_map: Optional[
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the merged model is an ordinary folder
     try:
-        spec = _write_merged(args, ckpt, tmp, device_map or getattr(args, "merge_device_map", "cpu"))
+        spec = _write_merged(args, ckpt, tmp, device_map or getattr(args, "merge_device_map", "cpu"), max_shard_size)
         for name in (ARGS_FILE, RUN_INFO_FILE):
             if os.path.isfile(os.path.join(ckpt.path, name)):
                 shutil.copy2(os.path.join(ckpt.path, name), os.path.join(tmp, name))
@@ -67,7 +67,7 @@ def merge_lora(args: Any, replace_if_exists: bool = False, device_map: Optional[
     return target
 
 
-def _write_merged(args: Any, ckpt: Any, out_dir: str, device_map: str):
+def _write_merged(args: Any, ckpt: Any, out_dir: str, device_map: str, max_shard_size: str = "5GB"):
     """Load the base in fp32, add the adapter in, save in the base's own dtype (or --dtype) to `out_dir`."""
     from martlet.models.dtype import torch_dtype
     from martlet.models.loader import load_model, load_tokenizer, resolve_model
