@@ -16,7 +16,7 @@ marker) count.
 from __future__ import annotations
 
 import importlib.util
-import json
+import itertools
 import logging
 import os
 import random
@@ -53,7 +53,8 @@ def _prompt(row: dict[str, Any]) -> list[dict[str, str]] | None:
     """The conversation before the reply (system and history included), or None when the row gives none."""
     base = {k: v for k, v in row.items() if k not in _PREF_KEYS}
     if "prompt" in base:
-        base["messages" if isinstance(base["prompt"], list) else "query"] = base.pop("prompt")
+        prompt = base.pop("prompt")
+        base["messages" if isinstance(prompt, list) else "query"] = prompt
     if not any(k in base for k in ("messages", "conversations", "query", "instruction")):
         return None
     reply_key = "output" if "instruction" in base else "response"
@@ -144,31 +145,21 @@ def _convert(raw: Any, kind: str, file: str, line: int | None, columns: dict[str
 
 def _builtin(name: str, entry: dict[str, Any], count: int | None, seed: int, names: Sequence[str],
              authors: Sequence[str]) -> list[dict[str, Any]]:
-    if entry["builtin"] == "pref_math":
-        spec = importlib.util.spec_from_file_location("martlet_pref_math", os.path.join(_BUILTIN_DIR, "pref_math.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-        return module.generate(count or entry.get("count", 2000), seed=seed, lang=entry.get("lang", "mixed"))
-    if entry["builtin"] != "pref_identity":
+    """Rows of the generated sets in builtin/pref_*.py."""
+    kind = entry["builtin"]
+    if kind not in ("pref_math", "pref_identity"):
         raise MartletError(f"dataset '{name}' is not a preference dataset.", field="dataset",
                            hint="Preference training needs chosen/rejected pairs (`martlet list-datasets`: pref-*).")
+    spec = importlib.util.spec_from_file_location(f"martlet_{kind}", os.path.join(_BUILTIN_DIR, f"{kind}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    if kind == "pref_math":
+        return module.generate(count or entry.get("count", 2000), seed=seed, lang=entry.get("lang", "mixed"))
     if not names or not authors:
         field = "model_name" if not names else "model_author"
         raise MartletError(f"dataset '{name}' needs --{field}.", field=field,
                            hint=f"For example: --{field} 小鹦 Martlet (a Chinese and an English one).")
-    with open(os.path.join(_BUILTIN_DIR, "pref_identities.json"), encoding="utf-8") as fh:
-        others = json.load(fh)
-    rng = random.Random(seed)
-    rows = []
-    with open(os.path.join(_BUILTIN_DIR, "self_cognition.jsonl"), encoding="utf-8") as fh:
-        for raw in map(json.loads, fh):
-            lang = "zh" if raw.get("lang") == "zh" else "en"
-            mine = (names[0], authors[0]) if lang == "zh" else (names[-1], authors[-1])
-            other = rng.choice([o for o in others[lang] if o[0] != mine[0]])
-            fill = lambda who: raw["response"].replace("{{NAME}}", who[0]).replace("{{AUTHOR}}", who[1])  # noqa: E731
-            query = raw["query"].replace("{{NAME}}", mine[0]).replace("{{AUTHOR}}", mine[1])
-            rows.append({"query": query, "chosen": fill(mine), "rejected": fill(other)})
-    return rows
+    return module.generate(names, authors, seed=seed)
 
 
 def _registered(name: str) -> tuple[str, dict[str, Any]] | None:
@@ -218,11 +209,12 @@ def load_preference_rows(spec: str, *, kind: str = "pair", seed: int = 42, model
             count = None  # generated to size
     else:
         raws = _raw_rows(found[0] if found else name, found[1] if found else None)
-    columns = found[1].get("columns") if found else None
-    rows = [row for file, line, raw in raws for row in _convert(raw, kind, file, line, columns)]
-    if not rows:
+    if not raws:
         raise MartletError("the dataset is empty.", file=name, field="dataset")
-    return sample_rows(rows, count, seed)
+    columns = found[1].get("columns") if found else None
+    # N rows of the dataset (a pair gives two KTO rows)
+    return [row for file, line, raw in sample_rows(raws, count, seed)
+            for row in _convert(raw, kind, file, line, columns)]
 
 
 def preference_train_val_rows(args: Any) -> tuple[list[dict], list[dict]]:
@@ -233,8 +225,10 @@ def preference_train_val_rows(args: Any) -> tuple[list[dict], list[dict]]:
     rows = load(args.dataset)
     if args.val_dataset:
         train, val = rows, load(args.val_dataset)
-    else:
-        train, val = split_train_val(rows, args.dataset_test_ratio, args.dataset_seed)
+    else:  # split by source row, so the two KTO rows of a pair stay on one side
+        units = [list(group) for _, group in itertools.groupby(rows, key=lambda row: row["where"])]
+        train_units, val_units = split_train_val(units, args.dataset_test_ratio, args.dataset_seed)
+        train, val = [r for u in train_units for r in u], [r for u in val_units for r in u]
     if 0 <= args.train_dataset_sample < len(train):
         train = train[: args.train_dataset_sample]
     if args.val_dataset_sample is not None:
@@ -280,8 +274,10 @@ def encode_preference(row: dict[str, Any], template: Template, max_length: int |
 
 
 def encode_preference_rows(rows: list[dict[str, Any]], template: Template, *, max_length: int | None,
-                           truncation_strategy: str = "delete", what: str = "train", shuffle_seed: int | None = None):
-    """A `datasets.Dataset` of encoded rows and its length statistics; rows longer than max_length are dropped."""
+                           truncation_strategy: str = "delete", what: str = "train",
+                           interleave_seed: int | None = None):
+    """A `datasets.Dataset` of encoded rows and its length statistics; rows longer than max_length are dropped.
+    `interleave_seed` (KTO) orders the rows as shuffled desirable and undesirable ones in turn."""
     import datasets
 
     encoded = []
@@ -292,8 +288,12 @@ def encode_preference_rows(rows: list[dict[str, Any]], template: Template, *, ma
             raise MartletError(f"{row.get('where')}: {exc}") from None
         if enc is not None:
             encoded.append(enc)
-    if shuffle_seed is not None:  # KTO reads its data in order (its KL term pairs neighbours)
-        random.Random(shuffle_seed).shuffle(encoded)
+    if interleave_seed is not None:  # KTO reads its data in order: its KL term pairs neighbours in a batch
+        rng = random.Random(interleave_seed)
+        good, bad = [e for e in encoded if e["label"]], [e for e in encoded if not e["label"]]
+        rng.shuffle(good)
+        rng.shuffle(bad)
+        encoded = [e for pair in itertools.zip_longest(good, bad) for e in pair if e is not None]
     replies = [k for k in ("chosen_ids", "rejected_ids", "completion_ids") if encoded and k in encoded[0]]
     stats = length_stats([len(e["prompt_ids"]) + max(len(e[k]) for k in replies) for e in encoded])
     stats.update(rows=len(rows), kept=len(encoded), dropped=len(rows) - len(encoded))

@@ -195,6 +195,13 @@ def _names(values: Sequence[str], what: str, dataset: str) -> tuple[str, str]:
 def _builtin_rows(name: str, entry: dict[str, Any], count: int | None, seed: int,
                   model_name: Sequence[str], model_author: Sequence[str]) -> list[dict[str, Any]]:
     kind = entry["builtin"]
+    if kind.startswith("pref_"):  # preference pairs (martlet dpo/orpo/rlhf): SFT learns the chosen replies
+        from martlet.data.preference import load_preference_rows
+
+        pairs = load_preference_rows(f"{name}#{count}" if count else name, seed=seed, model_name=model_name,
+                                     model_author=model_author)
+        return [{"messages": p["prompt"] + [{"role": "assistant", "content": p["chosen"]}], "where": p["where"]}
+                for p in pairs]
     if kind == "math":
         spec = importlib.util.spec_from_file_location("martlet_math_gen", os.path.join(_BUILTIN_DIR, "math_gen.py"))
         module = importlib.util.module_from_spec(spec)

@@ -1,0 +1,147 @@
+"""The trainers behind `martlet rlhf`: trl's stable DPO and KTO trainers fed Martlet's tokenized data, and a
+small Trainer for the reference-free losses (ORPO, SimPO, CPO; trl keeps those in `trl.experimental`).
+
+All three log the same metrics (rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
+logps/chosen, logps/rejected; logps are summed over the reply's tokens) and save whole checkpoints like SFT
+(AtomicCheckpointMixin).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections import defaultdict
+from typing import Any
+
+import torch
+import trl
+from transformers import Trainer, TrainingArguments
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from martlet.train import rlhf_losses
+from martlet.train.trainer import AtomicCheckpointMixin
+
+
+def _drop_ref_adapter(model: Any) -> None:
+    """trl copies a PEFT model's adapter into a 'ref' adapter and uses that as the reference. Martlet's adapter
+    is fresh, so the reference is simply the base model with the adapter switched off: no copy in memory, the
+    same reference when a run resumes, and no extra 'ref/' adapter folder in every checkpoint."""
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
+
+
+class DPOTrainer(AtomicCheckpointMixin, trl.DPOTrainer):
+    """trl's DPOTrainer on rows already tokenized by `martlet.data.preference` (prompt_ids, chosen_ids,
+    rejected_ids), so the prompt is the SFT Template's and only the reply tokens count."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        _drop_ref_adapter(self.model)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # trl 1.16's tokenizing step
+        return dataset
+
+
+class KTOTrainer(AtomicCheckpointMixin, trl.KTOTrainer):
+    """trl's KTOTrainer on rows tokenized by `martlet.data.preference` (prompt_ids, completion_ids, label)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        _drop_ref_adapter(self.model)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # trl 1.16's tokenizing step
+        if not self.calculate_KL:
+            return dataset
+
+        def add_kl(batch):  # trl's rule: each row's KL reply is its neighbour's, within a training batch
+            batch["KL_completion_ids"] = batch["completion_ids"][-1:] + batch["completion_ids"][:-1]
+            return batch
+
+        return dataset.map(add_kl, batched=True, batch_size=args.per_device_train_batch_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each sequence's completion tokens, and how many there are."""
+    ids, mask = batch["input_ids"], batch["completion_mask"].bool()
+    start = max(1, int(mask.float().argmax(dim=1).min()))  # the earliest reply token in the batch
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    extra = {"logits_to_keep": ids.shape[1] - start + 1} if _takes_logits_to_keep(type(base)) else {}
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False, **extra).logits
+    logits = logits[:, -(ids.shape[1] - start + 1):-1].float()  # the positions that predict tokens start..end
+    labels, mask = ids[:, start:], mask[:, start:]
+    token_logps = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+class RefFreeTrainer(AtomicCheckpointMixin, Trainer):
+    """ORPO, SimPO and CPO: a loss of the policy's own log-probs of the chosen and rejected replies."""
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+
+    def __init__(self, *args: Any, loss_fn: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        for module in self.model.modules():  # as trl's trainers do: the loss compares deterministic log-probs
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        self.loss_fn = loss_fn
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logps, tokens = sequence_logps(model, inputs)
+        (chosen, rejected), (n_chosen, n_rejected) = logps.chunk(2), tokens.chunk(2)  # the batch is [chosen, rejected]
+        loss, chosen_rewards, rejected_rewards, extras = self.loss_fn(chosen, rejected, n_chosen, n_rejected)
+        metrics = {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+                   "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+                   "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+                   "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean(), **extras}
+        mode = "train" if model.training else "eval"
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value.detach()).mean().item())
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({prefix + k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v})
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+
+def build_trainer(args: Any, model: Any, ref_model: Any, tokenizer: Any, train_set: Any, val_set: Any,
+                  training_kwargs: dict[str, Any], callbacks: list[Any]):
+    """The trainer for `args.rlhf_type`, configured from the SFT training keywords plus the preference ones."""
+    common = dict(model=model, train_dataset=train_set, eval_dataset=val_set, processing_class=tokenizer,
+                  callbacks=callbacks)
+    kind, beta, loss_type = args.rlhf_type, args.effective_beta(), args.effective_loss_type()
+    reference = dict(beta=beta, max_length=None, precompute_ref_log_probs=args.precompute_ref_log_probs)
+    if kind == "dpo":
+        losses, weights = [loss_type], [1.0]
+        if args.rpo_alpha:  # RPO: DPO plus rpo_alpha times the NLL of the chosen replies (trl's "sft" loss)
+            losses, weights = losses + ["sft"], weights + [args.rpo_alpha]
+        config = trl.DPOConfig(**training_kwargs, loss_type=losses, loss_weights=weights, **reference)
+        return DPOTrainer(ref_model=ref_model, args=config, **common)
+    if kind == "kto":
+        config = trl.KTOConfig(**training_kwargs, loss_type=loss_type, desirable_weight=args.desirable_weight,
+                               undesirable_weight=args.undesirable_weight, **reference)
+        return KTOTrainer(ref_model=ref_model, args=config, **common)
+    loss_fn = {
+        "orpo": functools.partial(rlhf_losses.orpo_loss, beta=beta),
+        "simpo": functools.partial(rlhf_losses.simpo_loss, beta=beta, gamma=args.simpo_gamma,
+                                   alpha=args.effective_cpo_alpha()),
+        "cpo": functools.partial(rlhf_losses.cpo_loss, beta=beta, alpha=args.effective_cpo_alpha(),
+                                 loss_type=loss_type),
+    }[kind]
+    collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
+    return RefFreeTrainer(args=TrainingArguments(**training_kwargs), data_collator=collator, loss_fn=loss_fn,
+                          **common)

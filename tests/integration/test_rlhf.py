@@ -1,0 +1,134 @@
+"""`martlet rlhf` end to end on a tiny llama: each method runs a few steps and writes SFT's run layout, the
+preference metrics and curves, and checkpoints that `martlet infer` and merging read as they are."""
+
+import json
+import os
+
+import pytest
+from safetensors.torch import load_file
+
+from helpers import run_dirs, write_jsonl
+from martlet.llm import RLHFArguments, rlhf_main
+
+PAIRS = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                       {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}],
+          "rejected_response": f"{a} plus {b} is {a + b + 1}."} for a in range(1, 5) for b in range(1, 4)]
+METRICS = ["rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"]
+
+
+def small_args(model_dir, data, out, **kw):
+    base = dict(model_id_or_path=model_dir, dataset=[data], output_dir=str(out), max_steps=3, batch_size=2,
+                gradient_accumulation_steps=1, eval_steps=2, logging_steps=1, dataset_test_ratio=0.25,
+                learning_rate=5e-3, save_total_limit=None, lora_target_modules=["ALL"], report_to=["none"],
+                disable_tqdm=True, gradient_checkpointing=False)
+    base.update(kw)
+    return RLHFArguments(**base)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("pref") / "pairs.jsonl", PAIRS)
+
+
+@pytest.mark.parametrize("kind", ["dpo", "orpo", "simpo", "cpo", "kto"])
+def test_each_method_writes_the_run_layout_and_metrics(tmp_path, tiny_llama, data, kind):
+    result = rlhf_main(small_args(tiny_llama, data, tmp_path / "out", rlhf_type=kind))
+
+    (run,) = run_dirs(str(tmp_path / "out"))
+    assert result["output_dir"] == run and result["global_step"] == 3
+    with open(os.path.join(run, "martlet_run.json")) as fh:
+        info = json.load(fh)
+    rows_per_pair = 2 if kind == "kto" else 1  # a pair gives a desirable and an undesirable KTO row
+    assert info["command"] == kind
+    assert (info["data"]["train"]["kept"], info["data"]["val"]["kept"]) == (9 * rows_per_pair, 3 * rows_per_pair)
+    if kind in ("dpo", "kto"):
+        assert info["reference"] == "the model with its LoRA adapter switched off"
+    with open(os.path.join(run, "sft_args.json")) as fh:
+        assert json.load(fh)["rlhf_type"] == kind
+
+    checkpoints = sorted(d for d in os.listdir(run) if d.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-2", "checkpoint-3"] and result["last_model_checkpoint"].endswith("-3")
+    last = result["last_model_checkpoint"]
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja", "sft_args.json", "martlet_run.json"):
+        assert os.path.isfile(os.path.join(last, name)), name
+    assert not os.path.exists(os.path.join(last, "ref"))  # no reference adapter copy
+    weights = load_file(os.path.join(last, "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())
+
+    logs = [json.loads(line) for line in open(os.path.join(run, "logging.jsonl"))]
+    train = [r for r in logs if "loss" in r]
+    evals = [r for r in logs if "eval_loss" in r]
+    assert len(train) == 3 and [r["step"] for r in evals] == [2, 3]
+    metrics = METRICS + (["rewards/accuracies"] if kind != "kto" else [])  # KTO's rows are unpaired
+    for key in metrics:
+        assert all(key in r for r in train) and all(f"eval_{key}" in r for r in evals), key
+        assert os.path.isfile(os.path.join(run, "images", key.replace("/", "_") + ".png")), key
+    assert os.path.isfile(os.path.join(run, "images", "train_loss.png"))
+    if kind != "kto":
+        # logps are summed over the reply tokens: negative, and rewards follow the method's definition
+        assert all(r["logps/chosen"] < 0 and r["logps/rejected"] < 0 for r in train)
+        margins = [r["rewards/margins"] for r in train]
+        assert all(abs(m - (r["rewards/chosen"] - r["rewards/rejected"])) < 1e-4 for m, r in zip(margins, train))
+
+
+def test_dpo_checkpoint_works_with_infer_and_merge(tmp_path, tiny_llama, data):
+    from martlet.args.infer import InferArguments
+    from martlet.llm import infer_main, merge_lora
+
+    result = rlhf_main(small_args(tiny_llama, data, tmp_path / "out", max_steps=2, dataset_test_ratio=0,
+                                  rpo_alpha=0.5))
+    ckpt = result["last_model_checkpoint"]
+    common = dict(ckpt_dir=ckpt, max_new_tokens=4, dtype="fp32", verbose=False, do_sample=False, dataset=[data],
+                  dataset_test_ratio=0.5, val_dataset_sample=2)  # evaluates the chosen replies as labels
+    adapter = infer_main(InferArguments(result_dir=str(tmp_path / "a"), **common))
+    assert len(adapter["result"]) == 2
+    merged = merge_lora(InferArguments(ckpt_dir=ckpt), device_map="cpu")
+    assert {"model.safetensors", "sft_args.json", "martlet_run.json"} <= set(os.listdir(merged))
+    again = infer_main(InferArguments(result_dir=str(tmp_path / "m"), merge_lora=True, **common))
+    assert [r["response"] for r in again["result"]] == [r["response"] for r in adapter["result"]]
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_full_dpo_trains_all_weights_against_a_frozen_reference(tmp_path, tiny_llama, data, precompute):
+    result = rlhf_main(small_args(tiny_llama, data, tmp_path / "out", sft_type="full", max_steps=2,
+                                  learning_rate=1e-3, dataset_test_ratio=0, precompute_ref_log_probs=precompute))
+    last = result["last_model_checkpoint"]
+    with open(os.path.join(last, "martlet_run.json")) as fh:
+        reference = json.load(fh)["reference"]
+    assert reference == ("log-probs of the initial model, precomputed before training" if precompute
+                         else "frozen model: a copy of the model being trained")
+    after = load_file(os.path.join(last, "model.safetensors"))
+    before = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    assert not before["model.layers.0.mlp.down_proj.weight"].equal(after["model.layers.0.mlp.down_proj.weight"])
+    logs = [json.loads(line) for line in open(os.path.join(result["output_dir"], "logging.jsonl"))]
+    first = next(r for r in logs if "loss" in r)
+    # at step 1 the policy is the reference: rewards are zero and the loss is log 2 (whatever the reference is)
+    assert abs(first["rewards/margins"]) < 1e-4 and abs(first["loss"] - 0.6931) < 1e-3
+
+
+def test_cli_runs_dpo_and_reports_bad_data(tmp_path, tiny_llama, data, capsys):
+    from martlet import cli
+
+    common = ["--model_id_or_path", tiny_llama, "--output_dir", str(tmp_path / "o"), "--max_steps", "1",
+              "--dataset_test_ratio", "0", "--report_to", "none", "--disable_tqdm", "true"]
+    assert cli.main(["dpo", "--dataset", data, *common]) == 0
+    bad = write_jsonl(tmp_path / "bad.jsonl", [PAIRS[0], {"query": "x", "response": "y"}])
+    assert cli.main(["orpo", "--dataset", bad, *common]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: field 'chosen'" in err and "Traceback" not in err
+
+
+def test_resumed_dpo_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_llama, data):
+    """The same reference (the adapter switched off) and data order after a resume: the same adapter."""
+    kw = dict(max_steps=4, eval_steps=2, dataset_test_ratio=0.0)
+    first = rlhf_main(small_args(tiny_llama, data, tmp_path / "out", **kw))
+    uninterrupted = load_file(os.path.join(first["last_model_checkpoint"], "adapter_model.safetensors"))
+    resumed = rlhf_main(small_args(tiny_llama, data, tmp_path / "out", resume_from_checkpoint="true", **kw))
+    assert resumed["output_dir"] == first["output_dir"] and resumed["global_step"] == 4
+    checkpoint = os.path.join(first["output_dir"], "checkpoint-2")
+    resumed = rlhf_main(small_args(tiny_llama, data, tmp_path / "out", resume_from_checkpoint=checkpoint, **kw))
+    logs = [json.loads(line) for line in open(os.path.join(resumed["output_dir"], "logging.jsonl"))]
+    assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3, 4]
+    again = load_file(os.path.join(resumed["last_model_checkpoint"], "adapter_model.safetensors"))
+    assert all(uninterrupted[k].allclose(again[k], atol=1e-5) for k in uninterrupted)
