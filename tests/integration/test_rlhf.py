@@ -53,6 +53,7 @@ def test_each_method_writes_the_run_layout_and_metrics(tmp_path, tiny_llama, dat
                  "chat_template.jinja", "sft_args.json", "martlet_run.json"):
         assert os.path.isfile(os.path.join(last, name)), name
     assert not os.path.exists(os.path.join(last, "ref"))  # no reference adapter copy
+    assert not [d for d in os.listdir(run) if d.startswith(".")]  # whole checkpoints only, no staging left
     weights = load_file(os.path.join(last, "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())
 
@@ -72,21 +73,34 @@ def test_each_method_writes_the_run_layout_and_metrics(tmp_path, tiny_llama, dat
         assert all(abs(m - (r["rewards/chosen"] - r["rewards/rejected"])) < 1e-4 for m, r in zip(margins, train))
 
 
-def test_dpo_checkpoint_works_with_infer_and_merge(tmp_path, tiny_llama, data):
+def test_dpo_checkpoint_works_with_infer_export_and_deploy(tmp_path, tiny_llama, data):
+    from fastapi.testclient import TestClient
+
+    from martlet.args.export import ExportArguments
     from martlet.args.infer import InferArguments
-    from martlet.llm import infer_main, merge_lora
+    from martlet.args.serve import DeployArguments
+    from martlet.llm import export_main, infer_main
+    from martlet.serve.main import create_deploy_app
 
     result = rlhf_main(small_args(tiny_llama, data, tmp_path / "out", max_steps=2, dataset_test_ratio=0,
                                   rpo_alpha=0.5))
     ckpt = result["last_model_checkpoint"]
-    common = dict(ckpt_dir=ckpt, max_new_tokens=4, dtype="fp32", verbose=False, do_sample=False, dataset=[data],
+    common = dict(max_new_tokens=4, dtype="fp32", verbose=False, do_sample=False, dataset=[data],
                   dataset_test_ratio=0.5, val_dataset_sample=2)  # evaluates the chosen replies as labels
-    adapter = infer_main(InferArguments(result_dir=str(tmp_path / "a"), **common))
-    assert len(adapter["result"]) == 2
-    merged = merge_lora(InferArguments(ckpt_dir=ckpt), device_map="cpu")
+    adapter = infer_main(InferArguments(ckpt_dir=ckpt, result_dir=str(tmp_path / "a"), **common))["result"]
+    assert len(adapter) == 2
+    merged = export_main(ExportArguments(ckpt_dir=ckpt, merge_lora=True))["merged"]
     assert {"model.safetensors", "sft_args.json", "martlet_run.json"} <= set(os.listdir(merged))
-    again = infer_main(InferArguments(result_dir=str(tmp_path / "m"), merge_lora=True, **common))
-    assert [r["response"] for r in again["result"]] == [r["response"] for r in adapter["result"]]
+    plain = infer_main(InferArguments(ckpt_dir=merged, result_dir=str(tmp_path / "m"), **common))["result"]
+    assert [r["response"] for r in plain] == [r["response"] for r in adapter]
+
+    app = create_deploy_app(DeployArguments(ckpt_dir=ckpt, dtype="fp32", served_model_name="dpo").validate())
+    with TestClient(app) as client:
+        reply = client.post("/v1/chat/completions", json={
+            "model": "dpo", "messages": [{"role": "user", "content": adapter[0]["query"]}], "max_tokens": 4,
+            "temperature": 0})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == adapter[0]["response"]
 
 
 @pytest.mark.parametrize("precompute", [False, True])
@@ -124,10 +138,9 @@ def test_resumed_dpo_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_lla
     kw = dict(max_steps=4, eval_steps=2, dataset_test_ratio=0.0)
     first = rlhf_main(small_args(tiny_llama, data, tmp_path / "out", **kw))
     uninterrupted = load_file(os.path.join(first["last_model_checkpoint"], "adapter_model.safetensors"))
-    resumed = rlhf_main(small_args(tiny_llama, data, tmp_path / "out", resume_from_checkpoint="true", **kw))
-    assert resumed["output_dir"] == first["output_dir"] and resumed["global_step"] == 4
     checkpoint = os.path.join(first["output_dir"], "checkpoint-2")
     resumed = rlhf_main(small_args(tiny_llama, data, tmp_path / "out", resume_from_checkpoint=checkpoint, **kw))
+    assert resumed["output_dir"] == first["output_dir"] and resumed["global_step"] == 4  # the same run goes on
     logs = [json.loads(line) for line in open(os.path.join(resumed["output_dir"], "logging.jsonl"))]
     assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3, 4]
     again = load_file(os.path.join(resumed["last_model_checkpoint"], "adapter_model.safetensors"))
