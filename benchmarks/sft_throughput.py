@@ -1,0 +1,234 @@
+"""Training throughput and memory: a plain transformers Trainer + peft baseline against Martlet's defaults,
+side by side in one invocation, on the embedded SmolLM2 and the built-in data.
+
+    HF_HUB_OFFLINE=1 python benchmarks/sft_throughput.py [--steps 16] [--what sft|dpo|both]
+
+Settings shared by both sides: LoRA r8 / alpha 32 on all linear layers, 4 samples a step (no gradient
+accumulation), max length 512, learning rate 1e-4, seed 42, the same samples in the same order.
+- SFT data: self-cognition + general-instruct + 400 math word problems (tokenized once by Martlet's template; the baseline trains
+  on the very same token ids and labels).
+- DPO data: pref-identity + pref-math-en.
+Baseline: `transformers.Trainer` (`trl.DPOTrainer` for DPO) + peft, fp32, padding to the longest sample
+of the batch, nothing else. Martlet: `sft_main` / `rlhf_main` with its defaults (dtype AUTO, padding-free
+rows, the lean loss, gradient checkpointing on).
+
+MARTLET_BENCH_ARGS="--name value ..." adds arguments to Martlet's side (for ablations).
+
+Each side runs in its own process (peak RSS is per process). Both are timed by the same hook around
+`Trainer.training_step`: seconds per step after 2 warm-up steps, and real tokens (attention-mask ones, or
+every token of a padding-free row). It prints one table with the ratios, and writes JSON with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WARMUP = 2
+EXTRA = os.environ.get("MARTLET_BENCH_ARGS", "").split()  # e.g. "--gradient_checkpointing false" (ablations)
+SFT_DATA = ["self-cognition", "general-instruct", "math-word-problems#400"]
+DPO_DATA = ["pref-identity", "pref-math-en"]
+COMMON = ["--max_length", "512", "--batch_size", "4", "--gradient_accumulation_steps", "1",
+          "--learning_rate", "1e-4", "--lora_rank", "8", "--lora_alpha", "32", "--lora_dropout", "0",
+          "--lora_target_modules", "ALL", "--dataset_test_ratio", "0", "--logging_steps", "1",
+          "--warmup_ratio", "0", "--lr_scheduler_type", "constant", "--seed", "42", "--report_to", "none",
+          "--disable_tqdm", "true", "--model_name", "Martlet", "--model_author", "Birdhouse"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# the instrument: identical for both sides
+def instrument(record: dict) -> None:
+    """Wrap Trainer.training_step to time each step and count its real tokens."""
+    import torch
+    from transformers import Trainer
+
+    original = Trainer.training_step
+
+    def timed(self, model, inputs, *args, **kwargs):
+        tokens = 0
+        masks = [v for k, v in inputs.items() if k.endswith("attention_mask") and torch.is_tensor(v)]
+        if masks:
+            tokens = int(sum(m.sum() for m in masks))
+        else:
+            tokens = int(sum(v.numel() for k, v in inputs.items() if k.endswith("input_ids") and torch.is_tensor(v)))
+        start = time.perf_counter()
+        loss = original(self, model, inputs, *args, **kwargs)
+        record["steps"].append({"seconds": time.perf_counter() - start, "tokens": tokens})
+        return loss
+
+    Trainer.training_step = timed
+
+
+def summary(record: dict, log_history: list[dict]) -> dict:
+    timed = record["steps"][WARMUP:]
+    seconds = sum(s["seconds"] for s in timed)
+    losses = [h["loss"] for h in log_history if "loss" in h]
+    return {"steps": len(record["steps"]), "s_per_step": seconds / max(1, len(timed)),
+            "tokens_per_s": sum(s["tokens"] for s in timed) / max(seconds, 1e-9),
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "losses": losses, "final_loss": sum(losses[-4:]) / max(1, len(losses[-4:]))}
+
+
+# --------------------------------------------------------------------------------------------------------
+# the sides (each runs in a child process)
+def baseline_sft(steps: int, out_dir: str) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from martlet.args import SftArguments, parse_cli
+    from martlet.data.preprocess import encode_rows, train_val_rows
+    from martlet.models.loader import load_tokenizer, resolve_model
+    from martlet.templates import get_template
+
+    args = parse_cli(SftArguments, ["--dataset", *SFT_DATA, *COMMON])
+    spec = resolve_model(None, None)
+    tokenizer = load_tokenizer(spec.model_dir)
+    template = get_template(None, tokenizer, None, 512, "delete", fallback=spec.template_type)
+    train_rows, _ = train_val_rows(args)
+    data, _ = encode_rows(train_rows, template)
+    data = data.remove_columns(["length"])
+
+    record = {"steps": []}
+    instrument(record)
+    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    targs = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                              max_steps=steps, learning_rate=1e-4, weight_decay=0.1, lr_scheduler_type="constant",
+                              logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=42,
+                              data_seed=42, remove_unused_columns=False, disable_tqdm=True)
+    trainer = Trainer(model=model, args=targs, train_dataset=data, processing_class=tokenizer,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    trainer.train()
+    return summary(record, trainer.state.log_history)
+
+
+def martlet_sft(steps: int, out_dir: str) -> dict:
+    from martlet.train.sft import sft_main
+
+    record = {"steps": []}
+    instrument(record)
+    result = sft_main(["--dataset", *SFT_DATA, *COMMON, "--max_steps", str(steps), "--output_dir", out_dir,
+                       "--save_steps", str(10 * steps), "--save_only_model", "true", *EXTRA])
+    return summary(record, result["log_history"])
+
+
+def baseline_dpo(steps: int, out_dir: str) -> dict:
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from martlet.args import DPOArguments, parse_cli
+    from martlet.data.preference import preference_train_val_rows
+    from martlet.models.loader import load_tokenizer, resolve_model
+
+    args = parse_cli(DPOArguments, ["--dataset", *DPO_DATA, *COMMON])
+    spec = resolve_model(None, None)
+    tokenizer = load_tokenizer(spec.model_dir)
+    data = _trl_pairs(preference_train_val_rows(args)[0])
+
+    record = {"steps": []}
+    instrument(record)
+    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32)
+    config = DPOConfig(output_dir=out_dir, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                       max_steps=steps, learning_rate=1e-4, weight_decay=0.1, lr_scheduler_type="constant",
+                       logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=42, data_seed=42,
+                       max_length=512, beta=0.1, disable_tqdm=True)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                         peft_config=LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                                task_type="CAUSAL_LM"))
+    trainer.train()
+    return summary(record, trainer.state.log_history)
+
+
+def martlet_dpo(steps: int, out_dir: str) -> dict:
+    from martlet.train.rlhf import rlhf_main
+
+    record = {"steps": []}
+    instrument(record)
+    result = rlhf_main(["--rlhf_type", "dpo", "--dataset", *DPO_DATA, *COMMON, "--max_steps", str(steps),
+                        "--output_dir", out_dir, "--save_steps", str(10 * steps), "--save_only_model", "true",
+                        *EXTRA])
+    return summary(record, result["log_history"])
+
+
+def _trl_pairs(rows: list[dict]):
+    """Martlet's preference rows as trl's conversational prompt/chosen/rejected."""
+    import datasets
+
+    reply = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    return datasets.Dataset.from_list([{"prompt": r["prompt"], "chosen": reply(r["chosen"]),
+                                        "rejected": reply(r["rejected"])} for r in rows])
+
+
+SIDES = {"baseline-sft": baseline_sft, "martlet-sft": martlet_sft,
+         "baseline-dpo": baseline_dpo, "martlet-dpo": martlet_dpo}
+
+
+# --------------------------------------------------------------------------------------------------------
+def run_side(side: str, steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, __file__, "--side", side, "--steps", str(steps), "--result", result_file,
+               "--out", os.path.join(tmp, "out")]
+        print(f"running {side} ...", flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if not os.environ.get("BENCH_VERBOSE") else None)
+        with open(result_file, encoding="utf-8") as fh:
+            return json.load(fh)
+
+
+def table(what: str, base: dict, ours: dict) -> str:
+    rows = [("real tokens/s", "tokens_per_s", "{:.1f}"), ("s/step", "s_per_step", "{:.2f}"),
+            ("peak RSS (GiB)", "peak_rss_gib", "{:.2f}"), ("loss (mean of last 4 steps)", "final_loss", "{:.4f}")]
+    lines = [f"{what}: {base['steps']} steps of 4 samples ({WARMUP} warm-up steps not timed)",
+             f"| {'':28} | {'baseline':>10} | {'martlet':>10} | {'ratio':>7} |", f"|{'-' * 30}|{'-' * 12}|{'-' * 12}|{'-' * 9}|"]
+    for label, key, fmt in rows:
+        ratio = ours[key] / base[key] if base[key] else float("nan")
+        lines.append(f"| {label:28} | {fmt.format(base[key]):>10} | {fmt.format(ours[key]):>10} | {ratio:>6.2f}x |")
+    diffs = [abs(a - b) for a, b in zip(base["losses"], ours["losses"])]
+    lines.append(f"per-step loss: largest difference {max(diffs, default=0):.4f} over {len(diffs)} steps")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--what", choices=("sft", "dpo", "both"), default="both")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:  # a child process: one side, its numbers to --result
+        result = SIDES[args.side](args.steps, args.out)
+        with open(args.result, "w", encoding="utf-8") as fh:
+            json.dump(result, fh)
+        return
+
+    import platform
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
+    results = {}
+    for what in (("sft", "dpo") if args.what == "both" else (args.what,)):
+        base = run_side(f"baseline-{what}", args.steps)
+        ours = run_side(f"martlet-{what}", args.steps)
+        results[what] = {"baseline": base, "martlet": ours}
+        print(table(what.upper(), base, ours), flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""How samples become batches: padding-free rows and packing.
+
+Padding-free: the samples of a batch are laid end to end in one row, with position ids that restart at 0
+for each sample and no attention mask. transformers then builds a block-diagonal causal mask from the
+position ids (sdpa and eager, `masking_utils.find_packed_sequence_indices`) or runs flash-attn's varlen
+kernel, so no token attends across a sample boundary and no compute is spent on padding. The first label
+of every sample is ignored, so the last token of one sample is never trained to predict the next sample:
+the loss is the same as on a padded batch.
+
+Packing (`--packing true`): samples are grouped once, before training, into rows of at most `max_length`
+tokens (first fit, longest first); each packed row is one item of the data set and a step sees
+`batch_size` such rows. Steps then carry a steady number of tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+IGNORE_INDEX = -100
+
+
+class PaddingFreeCollator:
+    """Lays a batch end to end in one row: input_ids, labels and position_ids of shape (1, total)."""
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        input_ids: list[int] = []
+        labels: list[int] = []
+        position_ids: list[int] = []
+        for f in features:
+            ids = list(f["input_ids"])
+            if not ids:
+                continue
+            input_ids += ids
+            positions = list(f["position_ids"]) if f.get("position_ids") is not None else list(range(len(ids)))
+            position_ids += positions
+            row_labels = list(f["labels"]) if f.get("labels") is not None else list(ids)
+            labels += [IGNORE_INDEX if p == 0 else t for p, t in zip(positions, row_labels)]
+        as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
+        return {"input_ids": as_row(input_ids), "labels": as_row(labels), "position_ids": as_row(position_ids)}
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into bins of at most `capacity` tokens: first fit over the rows, longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - n)
+    return [sorted(b) for b in bins]
+
+
+def pack_dataset(dataset: Any, capacity: int, seed: int = 0) -> Any:
+    """A `datasets.Dataset` of packed rows (input_ids, labels, position_ids, length) from an encoded one."""
+    import random
+
+    import datasets
+
+    lengths = list(dataset["length"])
+    bins = pack_rows(lengths, capacity)
+    random.Random(seed).shuffle(bins)  # longest-first packing would otherwise order the steps by length
+    ids, labels = dataset["input_ids"], dataset["labels"]
+    packed: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "length": []}
+    for members in bins:
+        row_ids: list[int] = []
+        row_labels: list[int] = []
+        row_positions: list[int] = []
+        for i in members:
+            row_ids += ids[i]
+            row_labels += labels[i]
+            row_positions += range(len(ids[i]))
+        packed["input_ids"].append(row_ids)
+        packed["labels"].append(row_labels)
+        packed["position_ids"].append(row_positions)
+        packed["length"].append(len(row_ids))
+    return datasets.Dataset.from_dict(packed)

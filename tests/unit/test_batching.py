@@ -1,0 +1,147 @@
+"""Padding-free batches, packing and the lean loss give the same loss and gradients as padded batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from martlet.train.batching import PaddingFreeCollator, pack_rows
+from martlet.train.loss import causal_lm_loss, lean_loss_supported
+
+IGNORE = -100
+
+
+def _samples(vocab: int, lengths=(7, 19, 3, 12), seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(5, vocab, (n,), generator=g).tolist()
+        prompt = max(1, n // 3)
+        out.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+    return out
+
+
+def _padded(samples, pad_id: int = 0):
+    width = max(len(s["input_ids"]) for s in samples)
+    ids = torch.full((len(samples), width), pad_id)
+    labels = torch.full((len(samples), width), IGNORE)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma"])
+def model(request, tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_models[request.param], dtype=torch.float32,
+                                             attn_implementation="sdpa")
+    m.config.use_cache = False
+    return m.train()
+
+
+def test_padding_free_row_matches_padded_batch(model):
+    samples = _samples(model.config.vocab_size)
+    padded = _padded(samples)
+    flat = PaddingFreeCollator()(samples)
+    assert flat["input_ids"].shape == (1, sum(len(s["input_ids"]) for s in samples))
+    assert flat["position_ids"][0].tolist() == [p for s in samples for p in range(len(s["input_ids"]))]
+    ref = model(**padded).loss
+    got = model(**flat).loss
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    ref_grads, got_grads = _grads(model, model(**padded).loss), _grads(model, model(**flat).loss)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_no_attention_across_samples(model):
+    """Changing one sample leaves the logits of the others untouched."""
+    samples = _samples(model.config.vocab_size)
+    other = [dict(s) for s in samples]
+    other[1] = {"input_ids": [7] * len(samples[1]["input_ids"]), "labels": samples[1]["labels"]}
+    with torch.no_grad():
+        a = model(**PaddingFreeCollator()(samples)).logits[0]
+        b = model(**PaddingFreeCollator()(other)).logits[0]
+    n0 = len(samples[0]["input_ids"])
+    start2 = n0 + len(samples[1]["input_ids"])
+    torch.testing.assert_close(a[:n0], b[:n0])
+    torch.testing.assert_close(a[start2:], b[start2:])
+    assert not torch.allclose(a[n0:start2], b[n0:start2])
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_lean_loss_equals_library_loss(model, padding_free, monkeypatch):
+    import martlet.train.loss as lean
+
+    monkeypatch.setattr(lean, "CHUNK", 8)  # several chunks even on tiny batches
+    assert lean_loss_supported(model)
+    samples = _samples(model.config.vocab_size)
+    batch = PaddingFreeCollator()(samples) if padding_free else _padded(samples)
+    ref = model(**batch).loss
+    got = causal_lm_loss(model, batch)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    ref_grads = _grads(model, model(**batch).loss)
+    got_grads = _grads(model, causal_lm_loss(model, batch))
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    n = int((batch["labels"][:, 1:] != IGNORE).sum())
+    torch.testing.assert_close(causal_lm_loss(model, batch, num_items_in_batch=torch.tensor(2 * n)), ref / 2,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_lean_loss_through_a_wrapper_matches(model):
+    """A wrapped model (DDP, DeepSpeed) is asked for the labelled positions' logits through its forward."""
+    samples = _samples(model.config.vocab_size)
+    batch = _padded(samples)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **kw):
+            return self.module(**kw)
+
+    torch.testing.assert_close(causal_lm_loss(Wrapper(model), batch), model(**batch).loss, rtol=1e-5, atol=1e-5)
+
+
+def test_lean_loss_refuses_softcapped_models():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=30.0)
+    assert not lean_loss_supported(Gemma2ForCausalLM(cfg))
+
+
+def test_pack_rows_fits_capacity_and_keeps_every_sample():
+    lengths = [5, 9, 3, 8, 2, 10, 1, 7]
+    bins = pack_rows(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    assert len(bins) == 5  # 10 | 9+1 | 8+2 | 7+3 | 5
+
+
+def test_packed_rows_give_the_same_loss_as_unpacked_samples(model):
+    """--packing: samples packed into rows of at most 24 tokens, then collated, train on the same token losses."""
+    import datasets
+
+    from martlet.train.batching import pack_dataset
+
+    samples = _samples(model.config.vocab_size, lengths=(7, 19, 3, 12, 5, 9, 16, 2))
+    encoded = datasets.Dataset.from_list([{**s, "length": len(s["input_ids"])} for s in samples])
+    packed = pack_dataset(encoded, 24, seed=1)
+    assert len(packed) < len(samples) and max(packed["length"]) <= 24
+    assert sorted(packed["input_ids"][0] + [t for row in packed["input_ids"][1:] for t in row]) == \
+        sorted(t for s in samples for t in s["input_ids"])
+    batch = PaddingFreeCollator()(list(packed))
+    ref = model(**_padded(samples)).loss
+    torch.testing.assert_close(model(**batch).loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(causal_lm_loss(model, batch), ref, rtol=1e-5, atol=1e-5)
