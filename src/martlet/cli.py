@@ -70,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from martlet.errors import MartletError
 
     try:
+        from martlet.launch import launch, wants_launch
+
+        if wants_launch(command):  # NPROC_PER_NODE / NNODES: the same command under torchrun
+            return launch(command, rest)
         return int(_load(entry)(rest) or 0)
     except MartletError as exc:
         print(f"martlet: error: {exc}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 
@@ -13,7 +14,8 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("[martlet %(levelname)s] %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(level)
+        # under torchrun the other ranks only speak up for warnings
+        logger.setLevel(level if os.environ.get("RANK", "0") == "0" else max(level, logging.WARNING))
         logger.propagate = False
     try:
         import transformers

@@ -1,0 +1,97 @@
+"""Distributed launch: the spec's NPROC_PER_NODE / NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT.
+
+`NPROC_PER_NODE=2 martlet sft ...` re-runs the same command under `torch.distributed.run` (torchrun), which
+starts the processes and sets RANK / LOCAL_RANK / WORLD_SIZE for each; transformers' Trainer then trains
+with DDP (NCCL on GPUs, gloo on CPUs), or with DeepSpeed / FSDP when asked. Nothing here is home-made
+beyond building the torchrun command line.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Sequence
+
+from martlet.errors import MartletError
+
+TRAINING_COMMANDS = ("sft", "pt", "rlhf", "dpo", "orpo")
+
+
+def _int_env(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise MartletError(f"must be a whole number, got {value!r}.", field=name) from None
+    if number < (0 if name == "NODE_RANK" else 1):
+        raise MartletError(f"out of range: {number}.", field=name)
+    return number
+
+
+def wants_launch(command: str) -> bool:
+    """True for a training command asked to run on several processes, when not already inside torchrun."""
+    if command not in TRAINING_COMMANDS or "LOCAL_RANK" in os.environ:
+        return False
+    return _int_env("NPROC_PER_NODE", 1) > 1 or _int_env("NNODES", 1) > 1
+
+
+def torchrun_command(command: str, argv: Sequence[str]) -> list[str]:
+    nproc = _int_env("NPROC_PER_NODE", 1)
+    nnodes = _int_env("NNODES", 1)
+    node_rank = _int_env("NODE_RANK", 0)
+    if node_rank >= nnodes:
+        raise MartletError(f"must be below NNODES={nnodes}, got {node_rank}.", field="NODE_RANK")
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = _int_env("MASTER_PORT", 29500)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
+           f"--node_rank={node_rank}", f"--master_addr={addr}", f"--master_port={port}"]
+    return cmd + ["-m", "martlet.cli", command, *argv]
+
+
+def launch(command: str, argv: Sequence[str]) -> int:
+    """Run `martlet <command> argv` under torchrun; the exit status is torchrun's."""
+    import torch
+
+    cmd = torchrun_command(command, argv)
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        # the processes share the cores: one thread each unless told otherwise
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _int_env("NPROC_PER_NODE", 1))))
+    print("martlet: launching " + " ".join(cmd[2:]), file=sys.stderr, flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def is_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def main_process_first():
+    """A context: rank 0 runs the body first (tokenizing, caching, creating folders), then the others."""
+    import contextlib
+
+    if not is_distributed():
+        return contextlib.nullcontext()
+    from accelerate import PartialState
+
+    return PartialState().main_process_first()
+
+
+def broadcast(value):
+    """Rank 0's value on every rank (a run folder name, say)."""
+    if not is_distributed():
+        return value
+    import torch.distributed as dist
+
+    from accelerate import PartialState
+
+    PartialState()  # initialises the process group from torchrun's environment
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
