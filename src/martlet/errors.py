@@ -34,3 +34,23 @@ def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:
     """A ' Did you mean: a, b?' suffix, or '' when nothing is close."""
     close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.6)
     return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+class DatasetErrors(MartletError):
+    """Every problem found in a data set: the first in full (file, line, field), then the next few, then a count."""
+
+    SHOWN = 5
+
+    def __init__(self, errors: list[MartletError]):
+        first = errors[0]
+        self.errors = list(errors)
+        extra = ""
+        if len(errors) > 1:
+            lines = "".join(f"\n  {e}" for e in errors[1:self.SHOWN])
+            rest = f"\n  ... and {len(errors) - self.SHOWN} more" if len(errors) > self.SHOWN else ""
+            extra = f" [{len(errors)} problems in all]{lines}{rest}"
+        super().__init__(first.message, file=first.file, line=first.line, field=first.field, hint=first.hint)
+        self.extra = extra
+
+    def __str__(self) -> str:
+        return super().__str__() + getattr(self, "extra", "")

@@ -96,3 +96,28 @@ def test_sigterm_saves_and_says_how_to_resume(tmp_path, tiny_llama):
     saved = [d for d in os.listdir(run) if d.startswith("checkpoint-")]
     assert len(saved) == 1 and os.path.isfile(os.path.join(run, saved[0], "adapter_model.safetensors"))
     assert f"--resume_from_checkpoint {os.path.join(run, saved[0])}" in output
+
+
+def test_output_dir_that_cannot_be_written_stops_before_any_work(tmp_path, tiny_llama):
+    from martlet.errors import MartletError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"query": "q", "response": "r"}] * 4)
+    with pytest.raises(MartletError, match=r"a-file: field 'output_dir': is a file, not a folder"):
+        sft_main(["--model_id_or_path", tiny_llama, "--dataset", data, "--output_dir", str(blocker / "out")])
+
+
+def test_output_dir_without_room_for_a_checkpoint_stops_before_any_work(tmp_path, tiny_llama, monkeypatch):
+    import collections
+    import shutil
+
+    from martlet.errors import MartletError
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"query": "q", "response": "r"}] * 4)
+    out = tmp_path / "out"
+    with pytest.raises(MartletError, match=r"field 'output_dir': only 0.00 GiB free, a checkpoint needs about"):
+        sft_main(["--model_id_or_path", tiny_llama, "--dataset", data, "--output_dir", str(out), "--sft_type", "full"])
+    assert not out.exists()

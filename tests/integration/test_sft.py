@@ -108,3 +108,46 @@ def test_resume_true_finds_the_newest_whole_checkpoint(tmp_path, tiny_llama):
     os.makedirs(os.path.join(run, ".tmp-checkpoint-3", "checkpoint-3"))  # a save killed half-way
     args = small_args(tiny_llama, data, tmp_path / "out", resume_from_checkpoint="true")
     assert resume_checkpoint(args) == os.path.join(run, "checkpoint-2")
+
+
+@pytest.mark.parametrize("batching", [["--padding_free", "false"], ["--packing", "true"], []])
+def test_batching_modes_train_to_the_same_first_loss(tmp_path, tiny_llama, batching, caplog):
+    """Padded, packed and padding-free (default) batches: the first step sees the same tokens, so the same
+    loss; packing logs how full its rows are."""
+    import logging
+
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    argv = ["--model_id_or_path", tiny_llama, "--dataset", data, "--output_dir", str(tmp_path / "out"),
+            "--max_steps", "2", "--batch_size", "18", "--gradient_accumulation_steps", "1", "--logging_steps", "1",
+            "--dataset_test_ratio", "0", "--max_length", "512", "--lora_dropout", "0", *batching]
+    with caplog.at_level(logging.INFO, logger="martlet"):
+        result = sft_main(argv)
+    first = [h["loss"] for h in result["log_history"] if "loss" in h][0]
+    # all 18 rows in the first step (packing: 2 rows of 10 and 8 samples, both in the batch)
+    assert first == pytest.approx(test_batching_modes_train_to_the_same_first_loss.first.setdefault("loss", first),
+                                  rel=1e-4)
+    if "--packing" in batching:
+        assert re.search(r"packing: 18 samples -> 2 rows of up to 512 tokens", caplog.text)
+
+
+test_batching_modes_train_to_the_same_first_loss.first = {}
+
+
+def test_tokenized_rows_are_cached_between_runs(tmp_path, tiny_llama, caplog):
+    import logging
+
+    rows = [{**r, "messages": r["messages"] + []} for r in ROWS]
+    rows[0] = {"messages": [{"role": "user", "content": f"cache probe {tmp_path}"},
+                            {"role": "assistant", "content": "ok"}]}  # unique data: a fresh cache entry
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    argv = ["--model_id_or_path", tiny_llama, "--dataset", data, "--output_dir", str(tmp_path / "out"),
+            "--max_steps", "1", "--batch_size", "2", "--dataset_test_ratio", "0"]
+    with caplog.at_level(logging.INFO, logger="martlet"):
+        sft_main(argv)
+        assert "from the cache" not in caplog.text
+        caplog.clear()
+        sft_main(argv)
+        assert "train: tokenized rows from the cache" in caplog.text
+        caplog.clear()
+        sft_main(argv + ["--max_length", "100"])  # anything that shapes the tokens makes a new entry
+        assert "from the cache" not in caplog.text

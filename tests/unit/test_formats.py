@@ -149,3 +149,22 @@ def test_custom_dataset_info_with_column_mapping(tmp_path):
     with pytest.raises(MartletError) as err:
         register_dataset_info(str(bad))
     assert err.value.field == "broken" and "Did you mean: dataset_path" in str(err.value)
+
+
+def test_every_bad_row_is_reported_first_few_then_a_count(tmp_path):
+    from martlet.data.sources import read_file
+    from martlet.errors import DatasetErrors
+
+    good = json.dumps({"query": "hi", "response": "hello"})
+    lines = [good, '{"query": "no response"}', "{not json", good, '{"query": 3, "response": []}',
+             '{"instruction": ""}', "[1, 2]", '{"conversations": "x"}', '{"messages": []}', good]
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"query": "\xff\xfe", "response": "x"}\n')
+    with pytest.raises(DatasetErrors) as info:
+        read_file(str(path))
+    err = info.value
+    assert [e.line for e in err.errors] == [2, 3, 5, 6, 7, 8, 9, 11]
+    text = str(err)
+    assert text.startswith(f"{path}:2: field 'response': ")
+    assert "[8 problems in all]" in text and "... and 3 more" in text
+    assert f"{path}:3: malformed JSON" in text and f"{path}:11:" not in text  # only the first five in full

@@ -20,6 +20,8 @@ class DataArguments:
     train_dataset_sample: int = arg(-1, "Keep at most this many training rows (-1: all).")
     val_dataset_sample: Optional[int] = arg(None, "Keep at most this many validation rows.")
     preprocess_num_proc: int = arg(1, "Processes for tokenization.", aliases=("num_proc", "dataset_num_proc"))
+    load_from_cache_file: bool = arg(True, "Reuse rows tokenized by an earlier run on the same data and template "
+                                           "(kept in Martlet's cache, ~/.cache/martlet/tokenized).")
     model_name: List[str] = arg([], "The model's name in self-cognition data: one name, or a Chinese and an "
                                     "English name.")
     model_author: List[str] = arg([], "The model's author in self-cognition data: one, or Chinese and English.")

@@ -41,6 +41,22 @@ class SftArguments(ModelArguments, DataArguments, TemplateArguments, TunerArgume
         for field, ok, message in checks:
             if not ok:
                 raise MartletError(f"{message} (got {getattr(self, field)!r}).", field=field)
+        if self.use_liger_kernel:
+            import importlib.util
+
+            if importlib.util.find_spec("liger_kernel") is None:
+                raise MartletError("the Liger kernels are not installed.", field="use_liger_kernel",
+                                   hint="pip install liger-kernel (GPU with Triton), or drop --use_liger_kernel.")
+        if self.fsdp:
+            from martlet.train.fsdp import resolve_fsdp
+
+            if self.deepspeed:
+                raise MartletError("choose one of --deepspeed and --fsdp.", field="fsdp")
+            resolve_fsdp(self.fsdp, self.fsdp_config)
+        if self.deepspeed:
+            from martlet.train.deepspeed import resolve_deepspeed
+
+            resolve_deepspeed(self.deepspeed)
         resume = self.resume_from_checkpoint
         if resume and resume.lower() != "true" and not os.path.isdir(resume):
             raise MartletError("checkpoint folder not found.", file=self.resume_from_checkpoint,
@@ -55,6 +71,11 @@ class SftArguments(ModelArguments, DataArguments, TemplateArguments, TunerArgume
 
     def effective_save_steps(self) -> int:
         return self.save_steps or self.eval_steps
+
+    def effective_padding_free(self) -> bool:
+        if self.packing:
+            return True  # packed rows carry their own position ids
+        return self.padding_free if self.padding_free is not None else not self.trust_remote_code
 
     def effective_grad_accum(self, world_size: int = 1) -> int:
         if self.gradient_accumulation_steps is not None:

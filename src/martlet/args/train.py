@@ -30,7 +30,9 @@ class TrainArguments:
     logging_steps: int = arg(5, "Log every N steps.")
     save_total_limit: Optional[int] = arg(2, "Keep at most N checkpoints (the best is always kept).")
     save_only_model: bool = arg(False, "Save weights only, without optimizer state (smaller, not resumable).")
-    gradient_checkpointing: bool = arg(True, "Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing: Optional[bool] = arg(None, "Recompute activations in the backward pass to save memory. "
+                                                       "Default: on, except on a CPU when a step's activations "
+                                                       "take under an eighth of the memory.")
     resume_from_checkpoint: Optional[str] = arg(None, "A checkpoint folder to resume from, or true for the newest "
                                                       "whole one under --output_dir. The run continues in that "
                                                       "checkpoint's folder.")
@@ -41,5 +43,20 @@ class TrainArguments:
     push_to_hub: bool = arg(False, "Upload checkpoints to the hub while training.")
     hub_model_id: Optional[str] = arg(None, "Hub repository for --push_to_hub.")
     hub_private_repo: bool = arg(False, "Create the hub repository as private.")
+    # speed and memory (docs/en/performance.md)
+    padding_free: Optional[bool] = arg(None, "Lay each batch end to end in one row, with no padding and no attention "
+                                             "across samples. Default: on, except for remote-code models.")
+    packing: bool = arg(False, "Pack samples into rows of up to max_length tokens before training; a step then "
+                               "sees batch_size packed rows.")
+    lean_loss: bool = arg(True, "Compute logits and loss only at labelled positions, a chunk at a time (same "
+                                "loss, far less memory).")
+    group_by_length: bool = arg(False, "Batch samples of similar length together (less padding when "
+                                       "padding_free is off).")
+    torch_compile: bool = arg(False, "Compile the model with torch.compile (slow to start; helps long runs).")
+    use_liger_kernel: bool = arg(False, "Liger's fused Triton kernels (GPU only; needs `pip install liger-kernel`).")
+    fsdp: Optional[str] = arg(None, "Fully sharded data parallel (FSDP2, through accelerate) instead of DDP: "
+                                    "options among full_shard, shard_grad_op, offload, auto_wrap "
+                                    "('true' means 'full_shard auto_wrap').")
+    fsdp_config: Optional[str] = arg(None, "A JSON file of FSDP settings (transformers' fsdp_config keys).")
     deepspeed: Optional[str] = arg(None, "DeepSpeed config: default-zero2, default-zero3, zero2-offload, "
                                          "zero3-offload or a JSON file.")

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from martlet.data.formats import RowError, to_canonical
 from martlet.data.preprocess import length_stats, split_train_val
 from martlet.data.sources import READERS, dataset_registry, parse_spec, sample_rows
-from martlet.errors import MartletError, did_you_mean
+from martlet.errors import DatasetErrors, MartletError, did_you_mean
 from martlet.templates.template import IGNORE_INDEX, Template
 
 logger = logging.getLogger("martlet")
@@ -212,9 +212,17 @@ def load_preference_rows(spec: str, *, kind: str = "pair", seed: int = 42, model
     if not raws:
         raise MartletError("the dataset is empty.", file=name, field="dataset")
     columns = found[1].get("columns") if found else None
-    # N rows of the dataset (a pair gives two KTO rows)
-    return [row for file, line, raw in sample_rows(raws, count, seed)
-            for row in _convert(raw, kind, file, line, columns)]
+    units, errors = [], []  # every row is checked, then N of them are taken (a pair gives two KTO rows)
+    for file, line, raw in raws:
+        try:
+            if isinstance(raw, MartletError):  # a line the reader could not parse
+                raise raw
+            units.append(_convert(raw, kind, file, line, columns))
+        except MartletError as exc:
+            errors.append(exc)
+    if errors:
+        raise DatasetErrors(errors)
+    return [row for unit in sample_rows(units, count, seed) for row in unit]
 
 
 def preference_train_val_rows(args: Any) -> tuple[list[dict], list[dict]]:

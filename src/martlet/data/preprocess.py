@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import random
 from typing import Any, Sequence
 
 from martlet.data.sources import load_dataset_rows
-from martlet.errors import MartletError
+from martlet.errors import DatasetErrors, MartletError
+from martlet.models.embedded import cache_dir
 from martlet.templates.template import IGNORE_INDEX, Template
 
 logger = logging.getLogger("martlet")
@@ -69,34 +73,99 @@ def _encode(row: dict[str, Any], template: Template, mode: str) -> dict[str, Any
 
 
 def encode_rows(rows: list[dict[str, Any]], template: Template, *, mode: str = "sft", num_proc: int = 1,
-                what: str = "train"):
-    """A `datasets.Dataset` of input_ids/labels; logs length statistics and how many rows were dropped."""
+                what: str = "train", cache: bool = True):
+    """A `datasets.Dataset` of input_ids/labels/length; logs length statistics and how many rows were dropped.
+
+    The result is cached in Martlet's cache under a hash of the rows and of everything that shapes their
+    tokens (tokenizer, chat template, system, max length, truncation), so a second run on the same data
+    starts at once. A set with bad rows is never cached.
+    """
     import datasets
 
     if mode == "sft" and any(row.get("text") is not None for row in rows):
         bad = next(row for row in rows if row.get("text") is not None)
         raise MartletError("plain-text rows are for `martlet pt`; `martlet sft` needs conversations.",
                            file=str(bad.get("where")), field="text")
+    folder = os.path.join(cache_dir(), "tokenized", _fingerprint(rows, template, mode)) if cache else None
+    if folder and os.path.isfile(os.path.join(folder, "stats.json")):
+        with open(os.path.join(folder, "stats.json"), encoding="utf-8") as fh:
+            stats = json.load(fh)
+        logger.info("%s: tokenized rows from the cache (%s)", what, folder)
+        _report(stats, what, template)
+        return datasets.load_from_disk(os.path.join(folder, "data")), stats
+
     table = datasets.Dataset.from_list(rows)
     encoded = table.map(_encode, fn_kwargs={"template": template, "mode": mode},
                         remove_columns=table.column_names, num_proc=num_proc if num_proc > 1 else None,
                         desc=f"Tokenizing {what}")
-    errors = [e for e in encoded["error"] if e]
+    errors = [MartletError(e) for e in encoded["error"] if e]
     if errors:
-        more = f" (and {len(errors) - 1} more rows)" if len(errors) > 1 else ""
-        raise MartletError(f"{errors[0]}{more}")
+        raise DatasetErrors(errors)
     kept = encoded.filter(lambda n: n > 0, input_columns="length").remove_columns(["error"])
     stats = length_stats(kept["length"])
     stats.update(rows=len(rows), kept=len(kept), dropped=len(rows) - len(kept))
-    if len(rows) and stats["dropped"]:
+    _report(stats, what, template)
+    if folder:
+        _save(kept, stats, folder)
+    return kept, stats
+
+
+def _report(stats: dict[str, Any], what: str, template: Template) -> None:
+    if stats["rows"] and stats["dropped"]:
         logger.warning("%s: %d of %d rows are longer than max_length=%s and were dropped "
                        "(use --truncation_strategy truncation_left to keep them).",
-                       what, stats["dropped"], len(rows), template.max_length)
+                       what, stats["dropped"], stats["rows"], template.max_length)
     logger.info("%s: %s", what, ", ".join(f"{k}={v}" for k, v in stats.items()))
-    if len(kept) == 0:
-        raise MartletError(f"no {what} rows left: all {len(rows)} are longer than max_length={template.max_length}.",
-                           field="max_length", hint="Raise --max_length or use --truncation_strategy truncation_left.")
-    return kept, stats
+    if stats["kept"] == 0:
+        raise MartletError(f"no {what} rows left: all {stats['rows']} are longer than max_length="
+                           f"{template.max_length}.", field="max_length",
+                           hint="Raise --max_length or use --truncation_strategy truncation_left.")
+
+
+CACHE_FORMAT = 1  # bump when encoding changes what it produces for the same inputs
+
+
+def _code_hash() -> str:
+    """The encoding code itself is part of the key, so an edited template module never reads stale rows."""
+    from martlet.templates import template as template_module
+
+    h = hashlib.sha256()
+    for path in (__file__, template_module.__file__):
+        with open(path, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()
+
+
+def _fingerprint(rows: list[dict[str, Any]], template: Template, mode: str) -> str:
+    import martlet
+
+    tok = template.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    h = hashlib.sha256(json.dumps([CACHE_FORMAT, martlet.__version__, _code_hash(), mode, template.template_type,
+                                   template.chat_template, template.eot, template.system, template.max_length,
+                                   template.truncation_strategy, type(tok).__name__, len(tok)]).encode())
+    h.update(backend.to_str().encode() if backend is not None else str(sorted(tok.get_vocab().items())).encode())
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def _save(dataset: Any, stats: dict[str, Any], folder: str) -> None:
+    """Written beside the target and renamed into place, so a killed run never leaves half a cache entry."""
+    import shutil
+    import tempfile
+
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(folder))
+    try:
+        dataset.save_to_disk(os.path.join(tmp, "data"))
+        with open(os.path.join(tmp, "stats.json"), "w", encoding="utf-8") as fh:
+            json.dump(stats, fh)
+        os.replace(tmp, folder)
+    except OSError as exc:  # a full or read-only cache only costs the next run some time
+        logger.warning("could not cache the tokenized rows in %s: %s", folder, exc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def length_stats(lengths: Sequence[int]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import random
 from typing import Any, Iterator, Sequence
 
 from martlet.data.formats import RowError, to_canonical
-from martlet.errors import MartletError, did_you_mean
+from martlet.errors import DatasetErrors, MartletError, did_you_mean
 
 _DIR = os.path.dirname(__file__)
 _BUILTIN_DIR = os.path.join(_DIR, "builtin")
@@ -105,13 +105,15 @@ def _read_jsonl(path: str) -> Iterator[tuple[int, Any]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise MartletError(f"not valid UTF-8 ({exc.reason} at byte {exc.start}).", file=path, line=number) from None
+                yield number, MartletError(f"not valid UTF-8 ({exc.reason} at byte {exc.start}).", file=path,
+                                           line=number)
+                continue
             if not line.strip():
                 continue
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise MartletError(f"malformed JSON: {exc.msg} (column {exc.colno}).", file=path, line=number) from None
+                yield number, MartletError(f"malformed JSON: {exc.msg} (column {exc.colno}).", file=path, line=number)
 
 
 def _read_json(path: str) -> Iterator[tuple[int, Any]]:
@@ -153,7 +155,9 @@ def _read_csv(path: str) -> Iterator[tuple[int, Any]]:
     try:
         for row in reader:
             if None in row:
-                raise MartletError("a row has more cells than the header.", file=path, line=reader.line_num)
+                yield reader.line_num, MartletError("a row has more cells than the header.", file=path,
+                                                    line=reader.line_num)
+                continue
             yield reader.line_num, {k: v for k, v in row.items() if v not in (None, "") or k in ("input", "system")}
     except csv.Error as exc:
         raise MartletError(f"malformed CSV: {exc}", file=path, line=reader.line_num) from None
@@ -163,11 +167,22 @@ READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
 
 
 def read_file(path: str, columns: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Canonical rows of a dataset file, every bad row reported as file:line: field."""
+    """Canonical rows of a dataset file. The whole file is checked: every bad row is reported as
+    file:line: field (the first few in full, then a count), and nothing is returned if any row is bad."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in READERS:
         raise MartletError(f"unsupported file type '{ext}': use .jsonl, .json or .csv.", file=path)
-    rows = [_canonical(raw, path, line, columns) for line, raw in READERS[ext](path)]
+    rows, errors = [], []
+    for line, raw in READERS[ext](path):
+        if isinstance(raw, MartletError):  # a line the reader could not parse
+            errors.append(raw)
+            continue
+        try:
+            rows.append(_canonical(raw, path, line, columns))
+        except MartletError as exc:
+            errors.append(exc)
+    if errors:
+        raise DatasetErrors(errors)
     if not rows:
         raise MartletError("the dataset is empty.", file=path)
     return rows

@@ -37,6 +37,9 @@ def rlhf_main(args: RLHFArguments | Sequence[str] | None = None, *, cls: type = 
     dtype = resolve_dtype(args.dtype, device)
     spec = resolve_model(args.model_type, args.model_id_or_path, check_model_is_latest=args.check_model_is_latest,
                          revision=args.model_revision, hub_token=args.hub_token)
+    from martlet.train.run import check_output_dir
+
+    check_output_dir(args, spec.model_dir)  # writable, with room for a checkpoint: before any work
     tokenizer = load_tokenizer(spec.model_dir, trust_remote_code=args.trust_remote_code)
     # lengths are checked per pair (prompt + longer reply), so the template itself does not cut
     template = get_template(args.template_type, tokenizer, args.system, None, fallback=spec.template_type)
@@ -61,7 +64,7 @@ def rlhf_main(args: RLHFArguments | Sequence[str] | None = None, *, cls: type = 
     run_dir = open_run_dir(args, spec.model_type, info, checkpoint)
     has_eval = val_set is not None
     trainer = build_trainer(args, model, ref_model, tokenizer, train_set, val_set,
-                            _training_kwargs(args, run_dir, dtype, device, has_eval),
+                            _training_kwargs(args, run_dir, dtype, device, has_eval, model),
                             _callbacks(args, info, run_dir, has_eval))
     if args.precompute_ref_log_probs:
         trainer.ref_model = None  # its log-probs are in the data now

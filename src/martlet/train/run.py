@@ -34,6 +34,10 @@ def resume_checkpoint(args: Any) -> str | None:
 
 def open_run_dir(args: Any, model_type: str, info: dict[str, Any], checkpoint: str | None) -> str:
     """A new run folder, or the resumed checkpoint's own (its log cut back to the checkpoint's step)."""
+    from martlet.launch import broadcast, is_main_process
+
+    if not is_main_process():  # under torchrun only rank 0 writes; the others learn its folder
+        return broadcast(None)
     if checkpoint:
         from martlet.train.trainer import trim_log
 
@@ -45,7 +49,7 @@ def open_run_dir(args: Any, model_type: str, info: dict[str, Any], checkpoint: s
         os.makedirs(run_dir, exist_ok=True)
     save_run_files(run_dir, args, info)
     logger.info("run folder: %s", run_dir)
-    return run_dir
+    return broadcast(run_dir)
 
 
 def train_and_report(trainer: Any, args: Any, run_dir: str, info: dict[str, Any],
@@ -61,7 +65,7 @@ def train_and_report(trainer: Any, args: Any, run_dir: str, info: dict[str, Any]
     state = trainer.state
     last = os.path.join(run_dir, f"checkpoint-{state.global_step}")
     best = state.best_model_checkpoint or last
-    images = plot_history(state.log_history, os.path.join(run_dir, "images"))
+    images = plot_history(state.log_history, os.path.join(run_dir, "images")) if trainer.is_world_process_zero() else []
     result = {"best_model_checkpoint": best, "last_model_checkpoint": last, "best_metric": state.best_metric,
               "global_step": state.global_step, "log_history": state.log_history, "output_dir": run_dir,
               "images": images, "dataset_info": info.get("data"), "interrupted": stopper.received is not None}
@@ -70,3 +74,36 @@ def train_and_report(trainer: Any, args: Any, run_dir: str, info: dict[str, Any]
     logger.info("best_model_checkpoint: %s", best)
     logger.info("last_model_checkpoint: %s", last)
     return result
+
+
+def check_output_dir(args: Any, model_dir: str) -> None:
+    """Before any work: the output folder can be created and written, and has room for a checkpoint
+    (full training: about 4x the model files, for weights and optimizer state; LoRA: a tenth)."""
+    import shutil
+    import tempfile
+
+    from martlet.launch import is_main_process
+
+    if not is_main_process():
+        return
+    target = os.path.abspath(args.output_dir)
+    probe_dir = target
+    while not os.path.isdir(probe_dir):  # the nearest existing folder decides
+        parent = os.path.dirname(probe_dir)
+        if parent == probe_dir:
+            break
+        if os.path.exists(probe_dir):
+            raise MartletError("is a file, not a folder.", file=probe_dir, field="output_dir")
+        probe_dir = parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".martlet-write-test-"):
+            pass
+    except OSError as exc:
+        raise MartletError(f"cannot write there ({exc.strerror or exc}).", file=target, field="output_dir") from None
+    model_bytes = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(model_dir)
+                      for f in files if f.endswith((".safetensors", ".bin")))
+    needed = int(model_bytes * (4 if getattr(args, "sft_type", "lora") == "full" else 0.1)) + 50 * 2**20
+    free = shutil.disk_usage(probe_dir).free
+    if free < needed:
+        raise MartletError(f"only {free / 2**30:.2f} GiB free, a checkpoint needs about {needed / 2**30:.2f} GiB.",
+                           file=target, field="output_dir", hint="Free some space or choose another --output_dir.")

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from martlet.args import PtArguments, SftArguments, parse_cli
 from martlet.data.preprocess import encode_rows, train_val_rows
+from martlet.launch import main_process_first
 from martlet.models.dtype import resolve_dtype
 from martlet.models.loader import load_model, load_tokenizer, resolve_model
 from martlet.templates import get_template
@@ -34,15 +35,19 @@ def sft_main(args: SftArguments | Sequence[str] | None = None, *, mode: str = "s
     dtype = resolve_dtype(args.dtype, device)
     spec = resolve_model(args.model_type, args.model_id_or_path, check_model_is_latest=args.check_model_is_latest,
                          revision=args.model_revision, hub_token=args.hub_token)
+    from martlet.train.run import check_output_dir
+
+    check_output_dir(args, spec.model_dir)  # writable, with room for a checkpoint: before any work
     tokenizer = load_tokenizer(spec.model_dir, trust_remote_code=args.trust_remote_code)
     template = get_template(args.template_type, tokenizer, args.system, args.max_length, args.truncation_strategy,
                             fallback=spec.template_type)
     tokenizer.chat_template = template.chat_template  # saved with every checkpoint
 
     train_rows, val_rows = train_val_rows(args)
-    train_set, train_stats = encode_rows(train_rows, template, mode=mode, num_proc=args.preprocess_num_proc)
-    val_set, val_stats = (encode_rows(val_rows, template, mode=mode, num_proc=args.preprocess_num_proc, what="val")
-                          if val_rows else (None, None))
+    encode = dict(mode=mode, num_proc=args.preprocess_num_proc, cache=args.load_from_cache_file)
+    with main_process_first():  # under torchrun, rank 0 tokenizes and caches; the others read the cache
+        train_set, train_stats = encode_rows(train_rows, template, **encode)
+        val_set, val_stats = encode_rows(val_rows, template, what="val", **encode) if val_rows else (None, None)
 
     model = _load_for_training(args, spec, dtype, device)
     from martlet.train.outputs import run_info
@@ -75,21 +80,47 @@ def _load_for_training(args: SftArguments, spec: Any, dtype: str, device: str):
         from martlet.models.quant import bnb_config
 
         quant = bnb_config(args, dtype)
-    load_dtype = dtype if device == "cuda" and (args.sft_type == "lora" or dtype == "bf16") else "fp32"
+    # LoRA: the frozen base weights in the compute dtype (half the memory, no casting at every step; the
+    # adapters stay fp32); full training on a CPU keeps fp32 master weights under bf16 autocast.
+    lora_half = args.sft_type == "lora" and (dtype == "bf16" or device == "cuda")
+    load_dtype = dtype if lora_half or (device == "cuda" and dtype == "bf16") else "fp32"
     model = load_model(spec, dtype=load_dtype, trust_remote_code=args.trust_remote_code, attn_impl=_attn(args),
                        quantization_config=quant, device_map="auto" if quant else None)
     model.config.use_cache = False
+    checkpointing = uses_gradient_checkpointing(args, device, model.config)
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     if args.sft_type == "lora":
-        if args.gradient_checkpointing:
+        if checkpointing:
             model.enable_input_require_grads()
         model = apply_lora(model, args, spec.info.lora_target_modules if spec.info else None)
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
+
+
+def uses_gradient_checkpointing(args: SftArguments, device: str, config: Any) -> bool:
+    """--gradient_checkpointing, or when not given: on, except on a CPU where a step's activations take under an
+    eighth of the memory (recomputing them there costs a quarter of the step time and saves nothing needed)."""
+    if args.gradient_checkpointing is not None:
+        return args.gradient_checkpointing
+    if device != "cpu":
+        return True
+    hidden = getattr(config, "hidden_size", None) or 4096
+    inter = getattr(config, "intermediate_size", None) or 4 * hidden
+    layers = getattr(config, "num_hidden_layers", None) or 32
+    tokens = args.batch_size * args.max_length
+    activations = tokens * layers * (34 * hidden + 6 * inter)  # bytes kept for backward, roughly, in 16-bit
+    return activations > _memory_bytes() / 8
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 16 * 2**30
 
 
 def _attn(args: SftArguments) -> str | None:
@@ -107,18 +138,37 @@ def _build_trainer(args: SftArguments, model: Any, tokenizer: Any, train_set: An
 
     from martlet.train.trainer import MartletTrainer
 
-    training_args = TrainingArguments(**_training_kwargs(args, run_dir, dtype, device, val_set is not None))
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
-    train_set = train_set.remove_columns(["length"])
+    from martlet.train.batching import PaddingFreeCollator, pack_dataset
+    from martlet.train.loss import lean_loss_supported
+
+    kwargs = _training_kwargs(args, run_dir, dtype, device, val_set is not None, model)
+    kwargs.update(prediction_loss_only=True, torch_compile=args.torch_compile, use_liger_kernel=args.use_liger_kernel)
+    if args.group_by_length and not args.packing:
+        kwargs["train_sampling_strategy"] = "group_by_length"
+    training_args = TrainingArguments(**kwargs)
+    if args.effective_padding_free():
+        collator = PaddingFreeCollator()
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    if args.packing:
+        before = len(train_set)
+        train_set = pack_dataset(train_set, args.max_length, seed=args.seed)
+        logger.info("packing: %d samples -> %d rows of up to %d tokens (%.1f%% full)", before, len(train_set),
+                    args.max_length, 100 * sum(train_set["length"]) / max(1, len(train_set) * args.max_length))
+    train_set = train_set.remove_columns(["length"])  # (length grouping measures input_ids itself)
     val_set = val_set.remove_columns(["length"]) if val_set is not None else None
-    return MartletTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=val_set,
-                   data_collator=collator, processing_class=tokenizer,
-                   callbacks=_callbacks(args, info, run_dir, val_set is not None))
+    trainer = MartletTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=val_set,
+                             data_collator=collator, processing_class=tokenizer,
+                             callbacks=_callbacks(args, info, run_dir, val_set is not None))
+    trainer.lean_loss = args.lean_loss and not args.use_liger_kernel and lean_loss_supported(model)
+    return trainer
 
 
-def _training_kwargs(args: SftArguments, run_dir: str, dtype: str, device: str, has_eval: bool) -> dict[str, Any]:
+def _training_kwargs(args: SftArguments, run_dir: str, dtype: str, device: str, has_eval: bool,
+                     model: Any) -> dict[str, Any]:
     """TrainingArguments keywords shared by every training command (also fed to trl's DPOConfig/KTOConfig)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    checkpointing = uses_gradient_checkpointing(args, device, model.config)
     report_to = [r for r in args.report_to if r != "none"] or "none"
     return dict(
         output_dir=run_dir,
@@ -141,8 +191,8 @@ def _training_kwargs(args: SftArguments, run_dir: str, dtype: str, device: str, 
         save_only_model=args.save_only_model,
         metric_for_best_model="loss" if has_eval else None,
         greater_is_better=False if has_eval else None,
-        activation_checkpointing=args.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",
         use_cpu=device == "cpu",
@@ -157,6 +207,8 @@ def _training_kwargs(args: SftArguments, run_dir: str, dtype: str, device: str, 
         hub_token=args.hub_token,
         hub_private_repo=args.hub_private_repo,
         deepspeed=_deepspeed_config(args.deepspeed),
+        ddp_find_unused_parameters=False,  # LoRA and full training use every trainable weight
+        **_fsdp_kwargs(args),
     )
 
 
@@ -164,6 +216,14 @@ def _callbacks(args: SftArguments, info: dict[str, Any], run_dir: str, has_eval:
     from martlet.train.callbacks import FinalStep, JsonlLogger, RunFilesInCheckpoint
 
     return [JsonlLogger(os.path.join(run_dir, "logging.jsonl")), RunFilesInCheckpoint(args, info), FinalStep(has_eval)]
+
+
+def _fsdp_kwargs(args: SftArguments) -> dict[str, Any]:
+    if not args.fsdp:
+        return {}
+    from martlet.train.fsdp import resolve_fsdp
+
+    return {"fsdp": True, "fsdp_config": resolve_fsdp(args.fsdp, args.fsdp_config)}
 
 
 def _deepspeed_config(name: str | None):

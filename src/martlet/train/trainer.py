@@ -37,12 +37,15 @@ class AtomicCheckpointMixin:
         step = self.state.global_step
         final = os.path.join(run_dir, f"checkpoint-{step}")
         staging_root = os.path.join(run_dir, f"{TMP_PREFIX}{step}")
-        shutil.rmtree(staging_root, ignore_errors=True)
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         self.args.output_dir = staging_root
         try:
-            super()._save_checkpoint(model, trial)
+            super()._save_checkpoint(model, trial)  # every rank writes its part (RNG state, sharded optimizer)
         finally:
             self.args.output_dir = run_dir
+        self.accelerator.wait_for_everyone()
         staged = os.path.join(staging_root, f"checkpoint-{step}")
         if self.state.best_global_step:
             best = os.path.join(run_dir, f"checkpoint-{self.state.best_global_step}")
@@ -65,7 +68,24 @@ class AtomicCheckpointMixin:
 
 
 class MartletTrainer(AtomicCheckpointMixin, Trainer):
-    """transformers' Trainer with whole-or-nothing checkpoints."""
+    """transformers' Trainer with whole-or-nothing checkpoints and, when `lean_loss` is on, the memory-lean
+    causal LM loss of `martlet.train.loss` (same value as the library's, without full logits)."""
+
+    lean_loss: bool = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.lean_loss or "labels" not in inputs or self.label_smoother is not None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        from martlet.train.loss import causal_lm_loss
+
+        with self.accelerator.autocast():  # the mixed precision accelerate gives a model's own forward
+            loss = causal_lm_loss(model, inputs, num_items_in_batch)
+        # normalised over the whole accumulated batch when the Trainer counted its tokens (as the library's loss)
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return (loss, {"loss": loss}) if return_outputs else loss
 
 
 class StopOnSignal(TrainerCallback):
