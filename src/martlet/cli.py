@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
                "Serve a model or checkpoint over an OpenAI-compatible HTTP API."),
     "app-ui": ("martlet.ui.app:main", "martlet.args.serve:AppUIArguments",
                "Chat with a model or checkpoint in the browser (gradio)."),
+    "web-ui": ("martlet.ui.webui:main", "martlet.args.serve:WebUIArguments",
+               "Train, watch, chat and export in the browser (gradio)."),
     "list-models": ("martlet.commands:list_models", None, "List the registered model types."),
     "list-datasets": ("martlet.commands:list_datasets", None, "List the registered datasets."),
     "list-templates": ("martlet.commands:list_templates", None, "List the named chat templates."),
@@ -70,8 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from martlet.errors import MartletError
 
     try:
+        from martlet.dryrun import dry_run, wants_dry_run
         from martlet.launch import launch, wants_launch
 
+        if args_cls and wants_dry_run(rest):  # check a command (a script for other hardware) without running it
+            return dry_run(command, _load(args_cls), rest)
         if wants_launch(command):  # NPROC_PER_NODE / NNODES: the same command under torchrun
             return launch(command, rest)
         return int(_load(entry)(rest) or 0)

@@ -54,3 +54,34 @@ class DatasetErrors(MartletError):
 
     def __str__(self) -> str:
         return super().__str__() + getattr(self, "extra", "")
+
+
+_missing_packages: list[str] | None = None
+
+
+def require_package(module: str, message: str, *, field: str, hint: str | None = None) -> None:
+    """A clear error when an optional package is absent (noted instead, inside `noting_missing_packages`)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is not None:
+        return
+    if _missing_packages is not None:
+        _missing_packages.append(module)
+        return
+    raise MartletError(message, field=field, hint=hint)
+
+
+def noting_missing_packages():
+    """A context in which `require_package` lists what is missing rather than failing (dry runs)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def noting():
+        global _missing_packages
+        saved, _missing_packages = _missing_packages, []
+        try:
+            yield _missing_packages
+        finally:
+            _missing_packages = saved
+
+    return noting()

@@ -26,6 +26,9 @@ class DataArguments:
                                     "English name.")
     model_author: List[str] = arg([], "The model's author in self-cognition data: one, or Chinese and English.")
     custom_dataset_info: Optional[str] = arg(None, "A JSON file registering more datasets by name.")
+    custom_register_path: List[str] = arg([], "Python files run before the command that register datasets, models or "
+                                              "templates (martlet.llm.register_dataset / register_model / "
+                                              "register_template).")
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""The arguments of `martlet deploy` (an OpenAI-compatible server) and `martlet app-ui` (a chat page):
-the inference arguments (model, checkpoint, template, generation defaults) plus where to listen."""
+"""The arguments of `martlet deploy` (an OpenAI-compatible server) and `martlet app-ui` (a chat page): the
+inference arguments (model, checkpoint, template, generation defaults) plus where to listen; and those of
+`martlet web-ui` (the training page): where runs go and where to listen."""
 
 from __future__ import annotations
 
@@ -89,4 +90,23 @@ class AppUIArguments(InferArguments):
     def validate(self) -> "AppUIArguments":
         super().validate()
         _check_port("server_port", self.server_port)
+        return self
+
+
+@dataclass
+class WebUIArguments:
+    """Train, watch, chat and export in the browser (a gradio page that starts the CLI)."""
+
+    output_dir: str = arg("output", "Where runs go (<output_dir>/<model_type>/v<N>-<time>/, as for `martlet sft`) "
+                                    "and where past runs are found. The page keeps its job logs and uploaded "
+                                    "files in <output_dir>/web-ui/.")
+    server_name: str = arg("127.0.0.1", "Address the page listens on. 0.0.0.0 opens it to other machines (anyone "
+                                        "who reaches it can start runs).", aliases=("host",))
+    server_port: Optional[int] = arg(None, "Port of the page. Default: 7860, or the next free one.",
+                                     aliases=("port",))
+
+    def validate(self) -> "WebUIArguments":
+        _check_port("server_port", self.server_port)
+        if os.path.isfile(self.output_dir):
+            raise MartletError("is a file; it must be a folder.", file=self.output_dir, field="output_dir")
         return self

@@ -10,7 +10,7 @@ from martlet.args.data import DataArguments, TemplateArguments
 from martlet.args.lora import TunerArguments
 from martlet.args.model import ModelArguments
 from martlet.args.train import TrainArguments
-from martlet.errors import MartletError
+from martlet.errors import MartletError, require_package
 
 
 @dataclass
@@ -42,11 +42,11 @@ class SftArguments(ModelArguments, DataArguments, TemplateArguments, TunerArgume
             if not ok:
                 raise MartletError(f"{message} (got {getattr(self, field)!r}).", field=field)
         if self.use_liger_kernel:
-            import importlib.util
-
-            if importlib.util.find_spec("liger_kernel") is None:
-                raise MartletError("the Liger kernels are not installed.", field="use_liger_kernel",
-                                   hint="pip install liger-kernel (GPU with Triton), or drop --use_liger_kernel.")
+            require_package("liger_kernel", "the Liger kernels are not installed.", field="use_liger_kernel",
+                            hint="pip install liger-kernel (GPU with Triton), or drop --use_liger_kernel.")
+        if self.quantization_bit:
+            require_package("bitsandbytes", "--quantization_bit needs the bitsandbytes package.",
+                            field="quantization_bit", hint="pip install 'martlet[bnb]' (4-bit training wants a GPU).")
         if self.fsdp:
             from martlet.train.fsdp import resolve_fsdp
 

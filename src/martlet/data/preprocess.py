@@ -40,10 +40,9 @@ def split_train_val(rows: list[dict[str, Any]], ratio: float, seed: int) -> tupl
 
 def train_val_rows(args: Any) -> tuple[list[dict], list[dict]]:
     """The training and validation rows that the arguments describe (the same for the same seed)."""
-    if getattr(args, "custom_dataset_info", None):
-        from martlet.data.sources import register_dataset_info
+    from martlet.custom import apply_custom_registrations
 
-        register_dataset_info(args.custom_dataset_info)
+    apply_custom_registrations(args)
     names = dict(model_name=args.model_name, model_author=args.model_author)
     rows = load_rows(args.dataset, seed=args.dataset_seed, **names)
     if args.val_dataset:

@@ -25,6 +25,9 @@ def infer_main(args: InferArguments | Sequence[str] | None = None) -> dict[str, 
     if not isinstance(args, InferArguments):
         args = parse_cli(InferArguments, args)
     args.validate()
+    from martlet.custom import apply_custom_registrations
+
+    apply_custom_registrations(args)  # before any model, template or dataset name is resolved
     from transformers import set_seed
 
     set_seed(args.seed)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from typing import Any
 
 from martlet.errors import MartletError
+from martlet.errors import require_package as needs_package
 
 _CONFIGS = {
     "default-zero2": {"zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True}},
@@ -37,7 +37,7 @@ def resolve_deepspeed(name: str, *, require_package: bool = True) -> dict[str, A
     else:
         raise MartletError(f"unknown DeepSpeed config '{name}': use one of {', '.join(_CONFIGS)} or a JSON file.",
                            field="deepspeed")
-    if require_package and importlib.util.find_spec("deepspeed") is None:
-        raise MartletError("--deepspeed needs the deepspeed package.", field="deepspeed",
-                           hint="pip install 'martlet[deepspeed]'")
+    if require_package:
+        needs_package("deepspeed", "--deepspeed needs the deepspeed package.", field="deepspeed",
+                      hint="pip install 'martlet[deepspeed]'")
     return config

@@ -30,6 +30,9 @@ def rlhf_main(args: RLHFArguments | Sequence[str] | None = None, *, cls: type = 
     if not isinstance(args, RLHFArguments):
         args = parse_cli(cls, args)
     args.validate()
+    from martlet.custom import apply_custom_registrations
+
+    apply_custom_registrations(args)  # before any model, template or dataset name is resolved
 
     import torch
 

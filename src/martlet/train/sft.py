@@ -28,6 +28,9 @@ def sft_main(args: SftArguments | Sequence[str] | None = None, *, mode: str = "s
     if not isinstance(args, SftArguments):
         args = parse_cli(cls, args)
     args.validate()
+    from martlet.custom import apply_custom_registrations
+
+    apply_custom_registrations(args)  # before any model, template or dataset name is resolved
 
     import torch
 
@@ -85,7 +88,7 @@ def _load_for_training(args: SftArguments, spec: Any, dtype: str, device: str):
     lora_half = args.sft_type == "lora" and (dtype == "bf16" or device == "cuda")
     load_dtype = dtype if lora_half or (device == "cuda" and dtype == "bf16") else "fp32"
     model = load_model(spec, dtype=load_dtype, trust_remote_code=args.trust_remote_code, attn_impl=_attn(args),
-                       quantization_config=quant, device_map="auto" if quant else None)
+                       quantization_config=quant, device_map=_device_map(device, quant is not None))
     model.config.use_cache = False
     checkpointing = uses_gradient_checkpointing(args, device, model.config)
     if quant is not None:
@@ -99,6 +102,23 @@ def _load_for_training(args: SftArguments, spec: Any, dtype: str, device: str):
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
+
+
+def _device_map(device: str, quantized: bool) -> str | None:
+    """Model parallel: one process that sees several GPUs spreads the layers over them (the spec's *_mp
+    scripts); under torchrun each process keeps its whole model on its own GPU."""
+    import torch
+
+    from martlet.launch import is_distributed
+
+    if device != "cuda":
+        return None
+    if is_distributed():  # quantized weights load straight onto the process's own GPU
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))} if quantized else None
+    if torch.cuda.device_count() > 1:
+        logger.info("model parallel: layers spread over %d GPUs (device_map=auto)", torch.cuda.device_count())
+        return "auto"
+    return "auto" if quantized else None
 
 
 def uses_gradient_checkpointing(args: SftArguments, device: str, config: Any) -> bool:
