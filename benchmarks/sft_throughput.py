@@ -129,7 +129,8 @@ def baseline_dpo(steps: int, out_dir: str) -> dict:
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from martlet.args import DPOArguments, parse_cli
+    from martlet.args import parse_cli
+    from martlet.args.rlhf import DPOArguments
     from martlet.data.preference import preference_train_val_rows
     from martlet.models.loader import load_tokenizer, resolve_model
 
@@ -144,7 +145,7 @@ def baseline_dpo(steps: int, out_dir: str) -> dict:
     config = DPOConfig(output_dir=out_dir, per_device_train_batch_size=4, gradient_accumulation_steps=1,
                        max_steps=steps, learning_rate=1e-4, weight_decay=0.1, lr_scheduler_type="constant",
                        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=42, data_seed=42,
-                       max_length=512, beta=0.1, disable_tqdm=True)
+                       max_length=512, beta=0.1, disable_tqdm=True, bf16=False)  # fp32, as the SFT baseline
     trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                          peft_config=LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                                 task_type="CAUSAL_LM"))

@@ -34,6 +34,14 @@ else skip qlora "bitsandbytes not installed"; fi
 if has flash_attn; then check flash_attn $PY "${SFT[@]}" --use_flash_attn true --output_dir "$WORK/fa2"
 else skip flash_attn "flash-attn not installed"; fi
 check sdpa_attn $PY "${SFT[@]}" --attn_impl sdpa --output_dir "$WORK/sdpa"
+check packing $PY "${SFT[@]}" --packing true --output_dir "$WORK/packing"
+check padded_batches $PY "${SFT[@]}" --padding_free false --lean_loss false --output_dir "$WORK/padded"
+if has liger_kernel; then check liger $PY "${SFT[@]}" --use_liger_kernel true --output_dir "$WORK/liger"
+else skip liger "liger-kernel not installed"; fi
+if [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  check ddp_2gpu env NPROC_PER_NODE=2 $PY "${SFT[@]}" --batch_size 2 --output_dir "$WORK/ddp"
+  check fsdp_2gpu env NPROC_PER_NODE=2 $PY "${SFT[@]}" --sft_type full --fsdp true --output_dir "$WORK/fsdp"
+else skip ddp_fsdp "one GPU visible (the CPU tests run DDP and FSDP over gloo)"; fi
 if has deepspeed; then
   check deepspeed_zero2 $PY "${SFT[@]}" --deepspeed default-zero2 --output_dir "$WORK/z2"
   check deepspeed_zero3 $PY "${SFT[@]}" --deepspeed default-zero3 --output_dir "$WORK/z3"

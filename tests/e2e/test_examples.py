@@ -1,6 +1,8 @@
 """examples/: every script passes its dry run (arguments parse and validate, the full configuration builds),
-and the CPU-sized ones run for real on the embedded SmolLM2 (a few steps each), chained as a user would:
-train -> infer -> merge -> export GGUF -> deploy, plus DPO, ORPO and two-process DDP."""
+and the CPU-sized ones run for real on the embedded SmolLM2 (two steps each), chained as a user would:
+train -> infer -> merge -> export GGUF -> deploy, then DPO. (cpu/orpo.sh and cpu/sft_lora_ddp.sh get their dry
+run only: the same code runs for real in test_rlhf.py and test_distributed.py, on tiny models, to keep the
+suite short.)"""
 
 from __future__ import annotations
 
@@ -100,6 +102,5 @@ def test_cpu_examples_run_for_real(tmp_path):
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
 
-    for script in ("dpo.sh", "orpo.sh", "sft_lora_ddp.sh"):
-        _bash(os.path.join(cpu, script), **steps)
-    assert len(run_dirs(str(tmp_path / "output"))) == 4
+    _bash(os.path.join(cpu, "dpo.sh"), **steps)
+    assert len(run_dirs(str(tmp_path / "output"))) == 2

@@ -31,7 +31,7 @@ def make_trainer(model_dir, tmp_path, **kw):
     data, _ = encode_preference_rows(pairs, template, max_length=None)
     torch.manual_seed(0)
     model = _load_for_training(args, spec, "fp32", "cpu")
-    kwargs = _training_kwargs(args, str(tmp_path), "fp32", "cpu", False)
+    kwargs = _training_kwargs(args, str(tmp_path), "fp32", "cpu", False, model)
     trainer = build_trainer(args, model, None, tokenizer, data, None, kwargs, [])
     with torch.no_grad():  # a trained-looking adapter: LoRA B starts at zero, which would hide a wrong reference
         for name, param in trainer.model.named_parameters():

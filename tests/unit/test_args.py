@@ -16,8 +16,20 @@ def test_names_aliases_and_types():
 
 
 def test_defaults_follow_the_spec():
+    from types import SimpleNamespace
+
+    from martlet.train.sft import uses_gradient_checkpointing
+
     args = SftArguments(dataset=["x"])
-    assert args.gradient_checkpointing is True and args.sft_type == "lora" and args.dtype == "AUTO"
+    assert args.sft_type == "lora" and args.dtype == "AUTO"
+    # gradient checkpointing: on by default as in the spec, except on a CPU when the activations are small
+    smollm2 = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30)
+    qwen_7b = SimpleNamespace(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32)
+    assert args.gradient_checkpointing is None
+    assert uses_gradient_checkpointing(args, "cuda", smollm2) is True
+    assert uses_gradient_checkpointing(args, "cpu", qwen_7b) is True
+    assert uses_gradient_checkpointing(args, "cpu", smollm2) is False
+    assert uses_gradient_checkpointing(SftArguments(dataset=["x"], gradient_checkpointing=True), "cpu", smollm2)
     assert args.effective_learning_rate() == 1e-4 and args.effective_grad_accum() == 16
     assert SftArguments(dataset=["x"], sft_type="full").effective_learning_rate() == 1e-5
 

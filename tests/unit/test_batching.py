@@ -145,3 +145,4 @@ def test_packed_rows_give_the_same_loss_as_unpacked_samples(model):
     ref = model(**_padded(samples)).loss
     torch.testing.assert_close(model(**batch).loss, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(causal_lm_loss(model, batch), ref, rtol=1e-5, atol=1e-5)
+

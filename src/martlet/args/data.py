@@ -19,7 +19,9 @@ class DataArguments:
     dataset_seed: int = arg(42, "Seed of the validation split and of `name#N` sampling.")
     train_dataset_sample: int = arg(-1, "Keep at most this many training rows (-1: all).")
     val_dataset_sample: Optional[int] = arg(None, "Keep at most this many validation rows.")
-    preprocess_num_proc: int = arg(1, "Processes for tokenization.", aliases=("num_proc", "dataset_num_proc"))
+    preprocess_num_proc: Optional[int] = arg(None, "Processes for tokenization. Default: one per 10,000 rows, up to "
+                                                   "the CPU count (small sets are quicker in one).",
+                                             aliases=("num_proc", "dataset_num_proc"))
     load_from_cache_file: bool = arg(True, "Reuse rows tokenized by an earlier run on the same data and template "
                                            "(kept in Martlet's cache, ~/.cache/martlet/tokenized).")
     model_name: List[str] = arg([], "The model's name in self-cognition data: one name, or a Chinese and an "

@@ -71,7 +71,7 @@ def _encode(row: dict[str, Any], template: Template, mode: str) -> dict[str, Any
     return {"input_ids": enc.input_ids, "labels": enc.labels, "length": len(enc.input_ids), "error": None}
 
 
-def encode_rows(rows: list[dict[str, Any]], template: Template, *, mode: str = "sft", num_proc: int = 1,
+def encode_rows(rows: list[dict[str, Any]], template: Template, *, mode: str = "sft", num_proc: int | None = 1,
                 what: str = "train", cache: bool = True):
     """A `datasets.Dataset` of input_ids/labels/length; logs length statistics and how many rows were dropped.
 
@@ -93,6 +93,8 @@ def encode_rows(rows: list[dict[str, Any]], template: Template, *, mode: str = "
         _report(stats, what, template)
         return datasets.load_from_disk(os.path.join(folder, "data")), stats
 
+    if num_proc is None:
+        num_proc = max(1, min(os.cpu_count() or 1, len(rows) // 10_000))
     table = datasets.Dataset.from_list(rows)
     encoded = table.map(_encode, fn_kwargs={"template": template, "mode": mode},
                         remove_columns=table.column_names, num_proc=num_proc if num_proc > 1 else None,

@@ -55,13 +55,20 @@ def launch_app_ui(args: Any, *, block: bool = True):
     engine = load_engine(args, plan)
     demo = build_chat_ui(engine, GenConfig.from_args(args), title=args.title or served_name(plan))
     demo.queue(default_concurrency_limit=1)  # one reply at a time: they would share the CPU/GPU anyway
+    return serve_page(demo, args.server_name, args.server_port, block=block, share=args.share,
+                      message="chat page at %s (Ctrl-C stops it)")
+
+
+def serve_page(demo: Any, server_name: str, server_port: int, *, block: bool, share: bool = False,
+               message: str = "page at %s") -> Any:
+    """Launch a gradio page; a port in use is a one-line error. `block` serves until Ctrl-C."""
     try:
-        demo.launch(server_name=args.server_name, server_port=args.server_port, share=args.share,
-                    prevent_thread_lock=True, inbrowser=False, quiet=True)
+        demo.launch(server_name=server_name, server_port=server_port, share=share, prevent_thread_lock=True,
+                    inbrowser=False, quiet=True)
     except OSError as exc:  # gradio says "Cannot find empty port" / the port is in use
         raise MartletError(f"cannot serve the page: {exc}", field="server_port",
                            hint="Pick another --server_port.") from None
-    logger.info("chat page at %s (Ctrl-C stops it)", demo.local_url)
+    logger.info(message, demo.local_url)
     if block:
         try:
             demo.block_thread()

@@ -1,0 +1,168 @@
+"""The training form of `martlet web-ui` as plain data (no gradio): the CLI's defaults, the argv and
+command line a form stands for, the same validation as the CLI, and a preview of the data as Martlet reads it.
+
+A form is a dict of argument names to values. Only values that differ from the command's defaults go into
+the argv, so the command line shown on the page is the short one a person would type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+from typing import Any
+
+from martlet.args.base import parse_cli
+from martlet.args.rlhf import DPOArguments, ORPOArguments, RLHFArguments
+from martlet.args.sft import PtArguments, SftArguments
+from martlet.errors import MartletError
+
+# the commands the page starts, and those a run found on disk may have been started with
+METHODS = {"sft": SftArguments, "dpo": DPOArguments, "orpo": ORPOArguments}
+COMMANDS = {**METHODS, "pt": PtArguments, "rlhf": RLHFArguments}
+# the hyperparameters on the page, in the order of the command line
+HYPERPARAMETERS = ("learning_rate", "num_train_epochs", "max_steps", "batch_size", "max_length", "lora_rank",
+                   "lora_alpha", "eval_steps", "save_steps", "logging_steps")
+NOT_REPEATED = ("resume_from_checkpoint", "hub_token")  # left out when a saved run is turned back into a command
+
+
+def defaults(command: str) -> dict[str, Any]:
+    """Every argument of `martlet <command>` with its default, read from the argument dataclass."""
+    values = {}
+    for f in dataclasses.fields(COMMANDS[command]):
+        missing = f.default is dataclasses.MISSING
+        values[f.name] = f.default_factory() if missing else f.default  # type: ignore[misc]
+    return values
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, (str, list, tuple)) and not value)
+
+
+def _token(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+    return str(value)
+
+
+def build_argv(command: str, form: dict[str, Any], extra: str = "") -> list[str]:
+    """`--name value ...` for the form's values that differ from the defaults, then the extra arguments."""
+    base = defaults(command)
+    argv: list[str] = []
+    for name, value in form.items():
+        if name not in base:
+            raise MartletError(f"`martlet {command}` has no argument '{name}'.")
+        if _blank(value) or value == base[name]:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        argv += [f"--{name}", *(_token(v) for v in values)]
+    try:
+        argv += shlex.split(extra or "")
+    except ValueError as exc:
+        raise MartletError(f"cannot read the extra arguments: {exc}.", field="extra arguments") from None
+    return argv
+
+
+def command_line(command: str, argv: list[str]) -> str:
+    """The shell command a person would type for the same run."""
+    return shlex.join(["martlet", command, *argv])
+
+
+def saved_command(saved: dict[str, Any], run_command: str | None) -> tuple[str, list[str]]:
+    """(command, argv) that repeats a run from its `sft_args.json` and the command in `martlet_run.json`."""
+    command = run_command if run_command in COMMANDS else "rlhf" if saved.get("rlhf_type") else "sft"
+    known = defaults(command)
+    first = [k for k in ("rlhf_type", "model_type", "model_id_or_path", "sft_type", "dataset", "val_dataset",
+                         *HYPERPARAMETERS) if k in saved]  # in the order of the page's command
+    names = first + [k for k in saved if k not in first]
+    return command, build_argv(command, {k: saved[k] for k in names if k in known and k not in NOT_REPEATED})
+
+
+def check(command: str, argv: list[str]) -> Any:
+    """The validated arguments of `martlet <command> argv`; MartletError for anything the run would refuse
+    at once: a bad value, a model folder that is not there, a dataset that does not resolve or parse."""
+    if command not in COMMANDS:
+        raise MartletError(f"unknown method '{command}'.", hint=f"Choose one of {', '.join(METHODS)}.")
+    args = parse_cli(COMMANDS[command], argv).validate()
+    check_model(args.model_id_or_path)
+    for spec in [*args.dataset, *args.val_dataset]:
+        preview_rows(command, spec, args)
+    return args
+
+
+def check_model(name: str | None) -> None:
+    """A local folder must exist and hold a model; a name must be a registered type (a hub id is downloaded
+    by the run)."""
+    if not name:
+        return  # the embedded SmolLM2
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise MartletError("this folder has no config.json: it is not a model folder.", file=path,
+                               field="model_id_or_path")
+        return
+    if _looks_like_hub_id(name):
+        return
+    if os.sep in name or name.startswith((".", "~")):
+        raise MartletError("model folder not found.", file=path, field="model_id_or_path",
+                           hint="Type a folder that exists, or pick a registered model type.")
+    from martlet.models.registry import get_model_info
+
+    try:
+        get_model_info(name)
+    except MartletError as exc:
+        raise MartletError(exc.message, field="model_id_or_path", hint=exc.hint) from None
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return (len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+            and not os.path.exists(parts[0]))
+
+
+def on_hub(spec: str) -> bool:
+    """True for a dataset that the run downloads (a registered hub set or a hub id): it is not read here."""
+    from martlet.data.sources import dataset_registry, parse_spec
+
+    name, _ = parse_spec(spec)
+    registry = dataset_registry()
+    entry = registry.get(name) or registry.get(name.replace("_", "-"))
+    if entry is not None:
+        return not (entry.get("builtin") or entry.get("path") or entry.get("rows") is not None)
+    return not os.path.exists(os.path.expanduser(name)) and _looks_like_hub_id(name)
+
+
+def preview_rows(command: str, spec: str, args: Any = None) -> list[dict[str, Any]]:
+    """The rows of one --dataset entry as training reads them ([] for a hub set): conversations for sft,
+    prompt/chosen/rejected pairs for the preference methods."""
+    if on_hub(spec):
+        return []
+    seed = getattr(args, "dataset_seed", 42)
+    names = dict(model_name=getattr(args, "model_name", ()), model_author=getattr(args, "model_author", ()))
+    if command in ("sft", "pt"):
+        from martlet.data.sources import load_dataset_rows
+
+        return load_dataset_rows(spec, seed=seed, **names)
+    from martlet.data.preference import load_preference_rows
+
+    return load_preference_rows(spec, kind="kto" if getattr(args, "rlhf_type", "") == "kto" else "pair", seed=seed,
+                                **names)
+
+
+def _turns(messages: list[dict[str, str]]) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def preview_table(rows: list[dict[str, Any]], limit: int = 5) -> tuple[list[str], list[list[str]]]:
+    """(header, cells) of the first `limit` rows, one column per part of the row; `where` as file name:line."""
+    rows = [{**r, "where": os.path.basename(r["where"])} for r in rows[:limit]]
+    if rows and "chosen" in rows[0]:
+        return (["where", "prompt", "chosen", "rejected"],
+                [[r["where"], _turns(r["prompt"]), r["chosen"], r["rejected"]] for r in rows])
+    if rows and "completion" in rows[0]:
+        return (["where", "prompt", "completion", "label"],
+                [[r["where"], _turns(r["prompt"]), r["completion"], str(r["label"])] for r in rows])
+    return ["where", "conversation"], [[r["where"], _turns(r["messages"]) if "messages" in r else r["text"]]
+                                       for r in rows]

@@ -1,0 +1,234 @@
+"""The logic of `martlet web-ui` without a browser: the command a form stands for, the CLI's validation with
+its messages, the data preview, runs found in an output folder, and what logs and logging.jsonl say."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import time
+
+import pytest
+
+from helpers import write_jsonl
+from martlet.args.base import parse_cli, to_dict
+from martlet.args.rlhf import DPOArguments, RLHFArguments
+from martlet.args.sft import SftArguments
+from martlet.errors import MartletError
+from martlet.ui import webui_form as form
+from martlet.ui import webui_runs as runs
+
+
+# the form -> the command ----------------------------------------------------------------------------------
+def test_defaults_are_the_clis():
+    sft = form.defaults("sft")
+    assert (sft["learning_rate"], sft["max_steps"], sft["lora_rank"], sft["lora_alpha"], sft["dataset"]) == \
+        (None, -1, 8, 32, [])
+    assert form.defaults("dpo")["rlhf_type"] == "dpo" and form.defaults("orpo")["rlhf_type"] == "orpo"
+    assert set(form.HYPERPARAMETERS) <= set(sft)
+
+
+def test_argv_holds_only_what_differs_from_the_defaults():
+    values = {"model_id_or_path": "/models/tiny", "sft_type": "lora", "dataset": ["a b.jsonl", "general-instruct#20"],
+              "learning_rate": 2e-5, "num_train_epochs": 1.0, "max_steps": 6, "batch_size": 1, "lora_rank": 8,
+              "save_steps": None, "use_dora": True}
+    argv = form.build_argv("sft", values, "--system 'Be brief.'")
+    assert argv == ["--model_id_or_path", "/models/tiny", "--dataset", "a b.jsonl", "general-instruct#20",
+                    "--learning_rate", "2e-05", "--max_steps", "6", "--use_dora", "true", "--system", "Be brief."]
+    line = form.command_line("sft", argv)
+    assert line.startswith("martlet sft --model_id_or_path /models/tiny --dataset 'a b.jsonl' 'general-instruct#20'")
+    assert shlex.split(line)[2:] == argv  # what is shown is what runs
+    args = parse_cli(SftArguments, argv)
+    assert (args.learning_rate, args.max_steps, args.dataset, args.system) == \
+        (2e-5, 6, ["a b.jsonl", "general-instruct#20"], "Be brief.")
+    assert form.build_argv("sft", {"num_train_epochs": 3.0, "learning_rate": 1e-4}) == \
+        ["--num_train_epochs", "3", "--learning_rate", "0.0001"]
+
+
+def test_argv_errors_name_the_problem():
+    with pytest.raises(MartletError, match="has no argument 'lora_rnak'"):
+        form.build_argv("sft", {"lora_rnak": 4})
+    with pytest.raises(MartletError, match="extra arguments"):
+        form.build_argv("sft", {}, "--system 'unclosed")
+
+
+def test_a_saved_run_gives_its_command_back():
+    args = parse_cli(DPOArguments, ["--dataset", "/data/pairs.jsonl", "--beta", "0.2", "--max_steps", "5",
+                                    "--lora_target_modules", "ALL", "--resume_from_checkpoint", "true"])
+    saved = json.loads(json.dumps(to_dict(args)))  # as sft_args.json holds it
+    command, argv = form.saved_command(saved, "dpo")
+    assert command == "dpo" and "--resume_from_checkpoint" not in argv
+    assert parse_cli(DPOArguments, argv) == dataclasses.replace(args, resume_from_checkpoint=None)
+    simpo = to_dict(parse_cli(RLHFArguments, ["--rlhf_type", "simpo", "--dataset", "x.jsonl"]))
+    assert form.saved_command(simpo, "simpo") == ("rlhf", ["--rlhf_type", "simpo", "--dataset", "x.jsonl"])
+
+
+# validation, as the CLI does it -----------------------------------------------------------------------------
+def test_check_reports_what_the_cli_would_refuse(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"query": "2 + 2?", "response": "4"}])
+    assert isinstance(form.check("sft", ["--dataset", data, "--max_steps", "3"]), SftArguments)
+    cases = [
+        (["--dataset", data, "--learning_rate", "0"], r"field 'learning_rate': must be greater than 0 \(got 0.0\)"),
+        (["--dataset", "general-instrukt"], r"unknown dataset 'general-instrukt'.*Did you mean: general-instruct"),
+        (["--dataset", str(tmp_path / "missing.jsonl")], "dataset file not found"),
+        (["--model_id_or_path", "/no/such/model", "--dataset", data], r"/no/such/model: field 'model_id_or_path': "
+                                                                      "model folder not found"),
+        (["--model_id_or_path", str(tmp_path), "--dataset", data], "not a model folder"),
+        (["--model_id_or_path", "qwen-7b-chatt", "--dataset", data], "unknown model type 'qwen-7b-chatt'"),
+        ([], "no training data"),
+        (["--dataset", data, "--lora_rnak", "4"], "unknown argument 'lora_rnak'. Did you mean: lora_rank"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(MartletError, match=message):
+            form.check("sft", argv)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"query": "q", "response": "r"}, {"foo": 1}])
+    with pytest.raises(MartletError, match=r"bad.jsonl:2: .*unknown row format"):
+        form.check("sft", ["--dataset", bad])
+    with pytest.raises(MartletError, match="chosen and rejected"):
+        form.check("dpo", ["--dataset", data])  # conversations are not preference pairs
+
+
+def test_hub_data_and_models_are_left_to_the_run():
+    assert form.on_hub("alpaca-en") and form.on_hub("someone/some-set#100")
+    assert not form.on_hub("general-instruct") and not form.on_hub("./someone/file.jsonl")
+    form.check("sft", ["--dataset", "alpaca-en", "--model_id_or_path", "Qwen/Qwen2-0.5B"])  # no download here
+
+
+# the preview ----------------------------------------------------------------------------------------------
+def test_preview_shows_rows_as_martlet_reads_them(tmp_path):
+    alpaca = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add", "input": "2 and 3", "output": "5"}] * 7)
+    header, cells = form.preview_table(form.preview_rows("sft", alpaca))
+    assert header == ["where", "conversation"] and len(cells) == 5
+    assert cells[0] == ["a.jsonl:1", "user: Add\n2 and 3\nassistant: 5"]
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}])
+    header, cells = form.preview_table(form.preview_rows("dpo", pairs))
+    assert header == ["where", "prompt", "chosen", "rejected"] and cells == [["p.jsonl:1", "user: Hi", "Hello!",
+                                                                                "Go away."]]
+    assert form.preview_rows("sft", "alpaca-en") == []
+    csv = tmp_path / "c.csv"
+    csv.write_text("query,response\nHow are you?,Fine.\n", encoding="utf-8")
+    assert form.preview_table(form.preview_rows("sft", str(csv)))[1] == [["c.csv:2", "user: How are you?\n"
+                                                                                     "assistant: Fine."]]
+
+
+# runs on disk ---------------------------------------------------------------------------------------------
+def fake_run(output_dir, name: str, records: list[dict], checkpoints=(), command="sft", model_type="llama"):
+    run_dir = os.path.join(output_dir, model_type, name)
+    os.makedirs(run_dir)
+    args = parse_cli(SftArguments, ["--dataset", "/data/x.jsonl", "--max_steps", "6"])
+    with open(os.path.join(run_dir, "sft_args.json"), "w") as fh:
+        json.dump(to_dict(args), fh)
+    with open(os.path.join(run_dir, "martlet_run.json"), "w") as fh:
+        json.dump({"command": command, "model_type": model_type}, fh)
+    with open(os.path.join(run_dir, "logging.jsonl"), "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in records)
+    for step in checkpoints:
+        os.makedirs(os.path.join(run_dir, f"checkpoint-{step}"))
+        open(os.path.join(run_dir, f"checkpoint-{step}", "trainer_state.json"), "w").close()
+    return run_dir
+
+
+def test_runs_are_found_in_the_output_folder(tmp_path):
+    out = str(tmp_path / "out")
+    old = fake_run(out, "v0-20250101-100000", [{"step": 6, "max_steps": 6, "loss": 1.0}], checkpoints=(3, 6))
+    new = fake_run(out, "v1-20250101-110000", [{"step": 2, "max_steps": 9, "loss": 2.0}], checkpoints=(2,))
+    os.makedirs(os.path.join(old, "checkpoint-6-merged"))  # an export, not a checkpoint
+    os.makedirs(os.path.join(old, "checkpoint-9"))  # no trainer_state.json: not whole
+    os.makedirs(os.path.join(out, "llama", "images"))
+    os.makedirs(os.path.join(out, runs.WEBUI_DIR, "jobs"))
+    assert runs.find_runs(out) == [new, old]
+    assert runs.checkpoints(old) == [os.path.join(old, "checkpoint-6"), os.path.join(old, "checkpoint-3")]
+    saved, command = runs.run_arguments(old)
+    assert saved["max_steps"] == 6 and command == "sft"
+    assert form.saved_command(saved, command) == ("sft", ["--dataset", "/data/x.jsonl", "--max_steps", "6"])
+    # a job of an earlier server that ran `old`: its log and exit status come with the run
+    job_dir = os.path.join(out, runs.WEBUI_DIR, "jobs", "20250101-100000-000000")
+    os.makedirs(job_dir)
+    with open(os.path.join(job_dir, "job.json"), "w") as fh:
+        json.dump({"command": "sft", "argv": ["--max_steps", "6"], "returncode": 130, "run_dir": old}, fh)
+    found = runs.entries(out)
+    assert [e.key for e in found] == [new, old]
+    assert found[0].job is None and found[0].label(out) == "llama/v1-20250101-110000"
+    assert found[1].job.status() == "stopped" and found[1].job.log == os.path.join(job_dir, "run.log")
+    assert found[1].label(out) == "llama/v0-20250101-100000 · stopped"
+    assert runs.entries(str(tmp_path / "nothing")) == []
+
+
+def test_logging_jsonl_gives_progress_and_curve(tmp_path):
+    records = [{"step": 1, "max_steps": 4, "loss": 3.5, "learning_rate": 1e-4},
+               {"step": 2, "max_steps": 4, "loss": 3.0},
+               {"step": 2, "max_steps": 4, "eval_loss": 3.2},
+               {"step": 3, "max_steps": 4, "loss": "nan?"}]
+    run_dir = fake_run(str(tmp_path), "v0-1", records)
+    with open(os.path.join(run_dir, "logging.jsonl"), "a") as fh:
+        fh.write('{"step": 4, "max_st')  # a line being written
+    read = runs.read_records(run_dir)
+    assert read == records
+    assert runs.progress(read) == (3, 4) and runs.progress([]) == (0, None)
+    assert runs.curve(read) == [(1, "loss", 3.5), (2, "loss", 3.0), (2, "eval_loss", 3.2)]
+    assert runs.read_records(None) == [] and runs.read_records(str(tmp_path / "none")) == []
+
+
+def test_logs_give_the_run_folder_and_their_tail(tmp_path):
+    text = "[martlet INFO] model: llama\n[martlet INFO] run folder: /out/llama/v3-20250101-120000\n"
+    assert runs.parse_run_dir(text) == "/out/llama/v3-20250101-120000"
+    assert runs.parse_run_dir("loading...\n") is None
+    log = tmp_path / "run.log"
+    bar = " 10%|█ | 1/10\r 50%|█████ | 5/10\r\x1b[A"  # tqdm redraws its bar; \x1b[A moves the cursor up
+    log.write_text("".join(f"line {i}\n" for i in range(100)) + bar, encoding="utf-8")
+    shown = runs.tail(str(log), lines=3).splitlines()
+    assert shown == ["line 98", "line 99", " 50%|█████ | 5/10"]
+    assert runs.tail(None) == "" and runs.tail(str(tmp_path / "none")) == ""
+
+
+def test_resume_adds_the_checkpoint_once():
+    argv = ["--dataset", "x", "--resume_from_checkpoint", "/r/checkpoint-2", "--max_steps", "9"]
+    assert runs.resume_argv(argv, "/r/checkpoint-5") == ["--dataset", "x", "--max_steps", "9",
+                                                          "--resume_from_checkpoint", "/r/checkpoint-5"]
+    assert runs.resume_argv(["--resume_from_checkpoint=true"], "/c") == ["--resume_from_checkpoint", "/c"]
+
+
+def test_uploads_are_kept_once_under_the_output_folder(tmp_path):
+    first = write_jsonl(tmp_path / "d.jsonl", [{"query": "q", "response": "r"}])
+    kept = runs.keep_upload(str(tmp_path / "out"), first)
+    assert kept.startswith(str(tmp_path / "out" / runs.WEBUI_DIR / "uploads")) and kept.endswith("/d.jsonl")
+    assert open(kept).read() == open(first).read()
+    assert runs.keep_upload(str(tmp_path / "out"), first) == kept
+    other = write_jsonl(tmp_path / "d2.jsonl", [{"query": "q2", "response": "r"}])
+    assert runs.keep_upload(str(tmp_path / "out"), other) != kept
+
+
+# jobs: the CLI in a subprocess -------------------------------------------------------------------------------
+def test_jobs_run_the_cli_and_record_their_exit(tmp_path):
+    out = str(tmp_path / "out")
+    ok = runs.start_job(out, "list-datasets", [])
+    bad = runs.start_job(out, "web-ui", ["--server_port", "70000"])  # refused by validation: exit 2
+    try:
+        assert {ok.id, bad.id} <= set(runs.JOBS)
+        for job in (ok, bad):
+            job.process.wait(timeout=60)
+        assert ok.status() == "finished" and "general-instruct" in open(ok.log).read()
+        assert bad.status() == "failed (exit 2)"
+        assert "field 'server_port': must be a port number" in runs.tail(bad.log)
+        assert [e.key for e in runs.entries(out)] == [bad.id, ok.id]  # newest first
+        assert runs.entries(out)[0].label(out) == f"job {bad.id} (starting) · failed (exit 2)"
+        deadline = time.time() + 10
+        while json.load(open(os.path.join(bad.folder, "job.json"))).get("returncode") is None:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        info = json.load(open(os.path.join(bad.folder, "job.json")))
+        assert info["returncode"] == 2 and info["command_line"] == "martlet web-ui --server_port 70000"
+        assert not bad.stop()  # it is not running
+    finally:
+        for job in (ok, bad):
+            runs.JOBS.pop(job.id, None)
+
+
+def test_web_ui_arguments():
+    from martlet.args.serve import WebUIArguments
+
+    args = parse_cli(WebUIArguments, ["--port", "7999", "--output_dir", "runs"]).validate()
+    assert (args.server_name, args.server_port, args.output_dir) == ("127.0.0.1", 7999, "runs")
+    with pytest.raises(MartletError, match="server_port"):
+        parse_cli(WebUIArguments, ["--server_port", "-1"]).validate()
