@@ -95,6 +95,18 @@ def test_hub_data_and_models_are_left_to_the_run():
     form.check("sft", ["--dataset", "alpaca-en", "--model_id_or_path", "Qwen/Qwen2-0.5B"])  # no download here
 
 
+def test_a_dataset_registered_in_the_extra_arguments_works_in_the_page(tmp_path):
+    (tmp_path / "qa.jsonl").write_text('{"question": "2+2?", "answer": "4"}\n', encoding="utf-8")
+    info = tmp_path / "my_datasets.json"
+    info.write_text(json.dumps({"page-qa": {"dataset_path": str(tmp_path / "qa.jsonl"),
+                                            "columns": {"question": "query", "answer": "response"}}}))
+    argv = form.build_argv("sft", {"dataset": ["page-qa"]}, extra=f"--custom_dataset_info {info}")
+    assert argv == ["--dataset", "page-qa", "--custom_dataset_info", str(info)]  # the run gets it too
+    assert form.check("sft", argv).dataset == ["page-qa"]
+    header, cells = form.preview_table(form.preview_rows("sft", "page-qa"))
+    assert cells[0][1] == "user: 2+2?\nassistant: 4"
+
+
 # the preview ----------------------------------------------------------------------------------------------
 def test_preview_shows_rows_as_martlet_reads_them(tmp_path):
     alpaca = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add", "input": "2 and 3", "output": "5"}] * 7)

@@ -86,6 +86,9 @@ def check(command: str, argv: list[str]) -> Any:
     if command not in COMMANDS:
         raise MartletError(f"unknown method '{command}'.", hint=f"Choose one of {', '.join(METHODS)}.")
     args = parse_cli(COMMANDS[command], argv).validate()
+    from martlet.custom import apply_custom_registrations
+
+    apply_custom_registrations(args)  # --custom_dataset_info / --custom_register_path in the extra arguments
     check_model(args.model_id_or_path)
     for spec in [*args.dataset, *args.val_dataset]:
         preview_rows(command, spec, args)
