@@ -82,8 +82,9 @@ def _model_info(args: Any) -> dict[str, Any] | None:
     from martlet.models.registry import get_model_info
 
     info = get_model_info(model_type)
+    requires = [r for r in info.requires if not r.startswith("transformers")]
     return {"model_type": model_type, "hf_id": info.hf_id, "ms_id": info.ms_id, "template": info.template,
-            "quantization": info.quantization, "requires": [r for r in info.requires if not r.startswith("transformers")],
+            "quantization": info.quantization, "requires": requires,
             "needs_gpu": bool(info.quantization and info.quantization.startswith(("gptq", "awq")))}
 
 

@@ -38,7 +38,8 @@ def test_qlora_trains_and_its_checkpoint_says_so(tiny_llama, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"query": f"q{i}", "response": f"answer {i}"}) for i in range(8)) + "\n")
     result = sft_main(SftArguments(model_id_or_path=tiny_llama, dataset=[str(data)], quantization_bit=4,
-                                   max_steps=3, batch_size=2, gradient_accumulation_steps=1, learning_rate=5e-3, logging_steps=1,
+                                   max_steps=3, batch_size=2, gradient_accumulation_steps=1, learning_rate=5e-3,
+                                   logging_steps=1,
                                    output_dir=str(tmp_path / "out"), dataset_test_ratio=0, report_to=["none"]))
     ckpt = result["last_model_checkpoint"]
     weights = load_file(os.path.join(ckpt, "adapter_model.safetensors"))
