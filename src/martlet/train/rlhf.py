@@ -14,8 +14,7 @@ from typing import Any, Sequence
 from martlet.args import parse_cli
 from martlet.args.rlhf import DPOArguments, ORPOArguments, RLHFArguments
 from martlet.data.preference import encode_preference_rows, preference_train_val_rows
-from martlet.models.dtype import resolve_dtype
-from martlet.models.loader import load_model, load_tokenizer, resolve_model
+from martlet.models.loader import load_model, resolve_model
 from martlet.templates import get_template
 from martlet.train.sft import _attn, _callbacks, _load_for_training, _training_kwargs
 from martlet.utils import setup_logging
@@ -30,20 +29,9 @@ def rlhf_main(args: RLHFArguments | Sequence[str] | None = None, *, cls: type = 
     if not isinstance(args, RLHFArguments):
         args = parse_cli(cls, args)
     args.validate()
-    from martlet.custom import apply_custom_registrations
+    from martlet.train.run import prepare_run
 
-    apply_custom_registrations(args)  # before any model, template or dataset name is resolved
-
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = resolve_dtype(args.dtype, device)
-    spec = resolve_model(args.model_type, args.model_id_or_path, check_model_is_latest=args.check_model_is_latest,
-                         revision=args.model_revision, hub_token=args.hub_token)
-    from martlet.train.run import check_output_dir
-
-    check_output_dir(args, spec.model_dir)  # writable, with room for a checkpoint: before any work
-    tokenizer = load_tokenizer(spec.model_dir, trust_remote_code=args.trust_remote_code)
+    device, dtype, spec, tokenizer = prepare_run(args)
     # lengths are checked per pair (prompt + longer reply), so the template itself does not cut
     template = get_template(args.template_type, tokenizer, args.system, None, fallback=spec.template_type)
     tokenizer.chat_template = template.chat_template  # saved with every checkpoint

@@ -13,6 +13,24 @@ from martlet.train.outputs import new_run_dir, plot_history, save_run_files
 logger = logging.getLogger("martlet")
 
 
+def prepare_run(args: Any) -> tuple[str, str, Any, Any]:
+    """(device, dtype, model spec, tokenizer) of validated training arguments: registrations applied first,
+    then the model resolved and the output folder checked before any work."""
+    import torch
+
+    from martlet.custom import apply_custom_registrations
+    from martlet.models.dtype import resolve_dtype
+    from martlet.models.loader import load_tokenizer, resolve_model
+
+    apply_custom_registrations(args)  # before any model, template or dataset name is resolved
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = resolve_dtype(args.dtype, device)
+    spec = resolve_model(args.model_type, args.model_id_or_path, check_model_is_latest=args.check_model_is_latest,
+                         revision=args.model_revision, hub_token=args.hub_token)
+    check_output_dir(args, spec.model_dir)  # writable, with room for a checkpoint
+    return device, dtype, spec, load_tokenizer(spec.model_dir, trust_remote_code=args.trust_remote_code)
+
+
 def resume_checkpoint(args: Any) -> str | None:
     """The checkpoint to resume from: a folder, or `true` for the newest whole one under --output_dir."""
     value = args.resume_from_checkpoint
