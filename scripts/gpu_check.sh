@@ -41,7 +41,11 @@ else skip liger "liger-kernel not installed"; fi
 if [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
   check ddp_2gpu env NPROC_PER_NODE=2 $PY "${SFT[@]}" --batch_size 2 --output_dir "$WORK/ddp"
   check fsdp_2gpu env NPROC_PER_NODE=2 $PY "${SFT[@]}" --sft_type full --fsdp true --output_dir "$WORK/fsdp"
+  check model_parallel_2gpu $PY "${SFT[@]}" --output_dir "$WORK/mp"
 else skip ddp_fsdp "one GPU visible (the CPU tests run DDP and FSDP over gloo)"; fi
+if [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 4 ]; then  # two groups of two GPUs
+  check model_parallel_x_ddp env NPROC_PER_NODE=2 $PY "${SFT[@]}" --batch_size 2 --output_dir "$WORK/mpddp"
+else skip model_parallel_x_ddp "fewer than 4 GPUs (tests/unit/test_placement.py checks the grouping)"; fi
 if has deepspeed; then
   check deepspeed_zero2 $PY "${SFT[@]}" --deepspeed default-zero2 --output_dir "$WORK/z2"
   check deepspeed_zero3 $PY "${SFT[@]}" --deepspeed default-zero3 --output_dir "$WORK/z3"

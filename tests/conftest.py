@@ -18,6 +18,18 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import ARCH_TEMPLATES, build_tiny_model  # noqa: E402
 
 
+@pytest.fixture
+def caplog(caplog):
+    """Martlet's logger does not propagate to the root (its lines go to stdout, once): give it caplog's handler,
+    so a test sees them whatever ran before it."""
+    import logging
+
+    logger = logging.getLogger("martlet")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
 @pytest.fixture(scope="session")
 def embedded_dir() -> str:
     from martlet.models.embedded import embedded_model_dir

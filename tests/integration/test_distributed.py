@@ -28,17 +28,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _martlet(args, env=None, **kwargs):
+def _martlet(args, env=None, command="sft", **kwargs):
     full_env = {**os.environ, "MARTLET_CPU_BF16": "0", **(env or {})}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NPROC_PER_NODE", "NNODES", "NODE_RANK"):
         if key not in (env or {}):
             full_env.pop(key, None)
-    return subprocess.Popen([sys.executable, "-m", "martlet.cli", "sft", *args], env=full_env,
+    return subprocess.Popen([sys.executable, "-m", "martlet.cli", command, *args], env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def _run(args, env=None):
-    proc = _martlet(args, env)
+def _run(args, env=None, command="sft"):
+    proc = _martlet(args, env, command)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     return out
@@ -83,6 +83,26 @@ def test_two_nodes_on_one_machine(tiny_llama, tmp_path, single):
         assert node.returncode == 0, log[-3000:]
     assert "--nnodes=2 --node_rank=1" in outputs[1]
     assert _losses(out) == pytest.approx(single, rel=1e-4)
+
+
+def test_dpo_on_two_processes_encodes_its_data_once(tiny_llama, tmp_path):
+    """Rank 0 encodes the pairs and caches them while the other rank waits, then reads them back: with an empty
+    cache, one entry and no clash between two writers (the second's rename would fail and say so)."""
+    cache = tmp_path / "cache"
+    out = str(tmp_path / "dpo")
+    log = _run(["--model_id_or_path", tiny_llama, "--dataset", "pref-identity#16", "--model_name", "小A", "Ace",
+                "--model_author", "B社", "Bee", "--max_steps", "2", "--batch_size", "2", "--logging_steps", "1",
+                "--dataset_test_ratio", "0", "--report_to", "none", "--max_length", "256", "--output_dir", out],
+               env={"NPROC_PER_NODE": "2", "MASTER_PORT": str(_free_port()), "MARTLET_CACHE": str(cache)},
+               command="dpo")
+    assert "launching torch.distributed.run --nproc_per_node=2" in log
+    assert "could not cache" not in log
+    entries = os.listdir(cache / "tokenized")
+    assert len(entries) == 1 and not entries[0].startswith(".tmp"), entries
+    (run,) = run_dirs(out)
+    with open(os.path.join(run, "logging.jsonl"), encoding="utf-8") as fh:
+        steps = [json.loads(line)["step"] for line in fh if '"loss"' in line]
+    assert steps == [1, 2]
 
 
 def test_fsdp_full_training_matches_one_process(tiny_llama, tmp_path):

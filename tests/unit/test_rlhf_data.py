@@ -189,3 +189,24 @@ def test_sft_on_a_preference_set_learns_the_chosen_replies():
     pairs = load_preference_rows("pref-math#6", seed=3)
     assert [r["messages"] for r in rows] == [p["prompt"] + [{"role": "assistant", "content": p["chosen"]}]
                                              for p in pairs]
+
+
+def test_encoded_pairs_are_cached(template, tmp_path, monkeypatch):
+    """A second run (or a second rank under torchrun) reads the encoded pairs back instead of re-encoding."""
+    import martlet.data.preference as preference
+    from martlet.data.preference import encode_preference_rows
+
+    pairs = [to_pair({**FORMATS["messages + rejected_response"], "rejected_response": f"{BAD} {tmp_path} {i}"})
+             for i in range(3)]  # unique rows: a fresh cache entry
+    first, stats = encode_preference_rows(pairs, template, max_length=None)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("encoded again instead of read from the cache")
+
+    monkeypatch.setattr(preference, "encode_preference", must_not_run)
+    again, stats_again = encode_preference_rows(pairs, template, max_length=None)
+    assert again.to_list() == first.to_list() and stats_again == stats
+    with pytest.raises(AssertionError, match="encoded again"):  # what shapes the tokens is part of the key
+        encode_preference_rows(pairs, template, max_length=500)
+    with pytest.raises(AssertionError, match="encoded again"):
+        encode_preference_rows(pairs, template, max_length=None, cache=False)

@@ -23,7 +23,7 @@ import random
 from typing import Any, Sequence
 
 from martlet.data.formats import RowError, to_canonical
-from martlet.data.preprocess import length_stats, split_train_val
+from martlet.data.preprocess import cached_encoding, length_stats, split_train_val
 from martlet.data.sources import READERS, dataset_registry, parse_spec, sample_rows
 from martlet.errors import DatasetErrors, MartletError, did_you_mean
 from martlet.templates.template import IGNORE_INDEX, Template
@@ -283,33 +283,41 @@ def encode_preference(row: dict[str, Any], template: Template, max_length: int |
 
 def encode_preference_rows(rows: list[dict[str, Any]], template: Template, *, max_length: int | None,
                            truncation_strategy: str = "delete", what: str = "train",
-                           interleave_seed: int | None = None):
+                           interleave_seed: int | None = None, cache: bool = True):
     """A `datasets.Dataset` of encoded rows and its length statistics; rows longer than max_length are dropped.
-    `interleave_seed` (KTO) orders the rows as shuffled desirable and undesirable ones in turn."""
+    `interleave_seed` (KTO) orders the rows as shuffled desirable and undesirable ones in turn. Cached like SFT
+    rows (see `cached_encoding`): a second run, or a second rank, reads them back."""
     import datasets
 
-    encoded = []
-    for row in rows:
-        try:
-            enc = encode_preference(row, template, max_length, truncation_strategy)
-        except MartletError as exc:
-            raise MartletError(f"{row.get('where')}: {exc}") from None
-        if enc is not None:
-            encoded.append(enc)
-    if interleave_seed is not None:  # KTO reads its data in order: its KL term pairs neighbours in a batch
-        rng = random.Random(interleave_seed)
-        good, bad = [e for e in encoded if e["label"]], [e for e in encoded if not e["label"]]
-        rng.shuffle(good)
-        rng.shuffle(bad)
-        encoded = [e for pair in itertools.zip_longest(good, bad) for e in pair if e is not None]
-    replies = [k for k in ("chosen_ids", "rejected_ids", "completion_ids") if encoded and k in encoded[0]]
-    stats = length_stats([len(e["prompt_ids"]) + max(len(e[k]) for k in replies) for e in encoded])
-    stats.update(rows=len(rows), kept=len(encoded), dropped=len(rows) - len(encoded))
-    if stats["dropped"]:
-        logger.warning("%s: %d of %d rows are longer than max_length=%s and were dropped.", what, stats["dropped"],
-                       len(rows), max_length)
-    logger.info("%s: %s", what, ", ".join(f"{k}={v}" for k, v in stats.items()))
-    if not encoded:
-        raise MartletError(f"no {what} rows left: all {len(rows)} are longer than max_length={max_length}.",
-                           field="max_length", hint="Raise --max_length or use --truncation_strategy truncation_left.")
-    return datasets.Dataset.from_list(encoded), stats
+    def build():
+        encoded = []
+        for row in rows:
+            try:
+                enc = encode_preference(row, template, max_length, truncation_strategy)
+            except MartletError as exc:
+                raise MartletError(f"{row.get('where')}: {exc}") from None
+            if enc is not None:
+                encoded.append(enc)
+        if interleave_seed is not None:  # KTO reads its data in order: its KL term pairs neighbours in a batch
+            rng = random.Random(interleave_seed)
+            good, bad = [e for e in encoded if e["label"]], [e for e in encoded if not e["label"]]
+            rng.shuffle(good)
+            rng.shuffle(bad)
+            encoded = [e for pair in itertools.zip_longest(good, bad) for e in pair if e is not None]
+        replies = [k for k in ("chosen_ids", "rejected_ids", "completion_ids") if encoded and k in encoded[0]]
+        stats = length_stats([len(e["prompt_ids"]) + max(len(e[k]) for k in replies) for e in encoded])
+        stats.update(rows=len(rows), kept=len(encoded), dropped=len(rows) - len(encoded))
+        return datasets.Dataset.from_list(encoded), stats
+
+    def report(stats: dict[str, Any]) -> None:
+        if stats["dropped"]:
+            logger.warning("%s: %d of %d rows are longer than max_length=%s and were dropped.", what,
+                           stats["dropped"], len(rows), max_length)
+        logger.info("%s: %s", what, ", ".join(f"{k}={v}" for k, v in stats.items()))
+        if not stats["kept"]:
+            raise MartletError(f"no {what} rows left: all {len(rows)} are longer than max_length={max_length}.",
+                               field="max_length",
+                               hint="Raise --max_length or use --truncation_strategy truncation_left.")
+
+    key = ["preference", max_length, truncation_strategy, interleave_seed]
+    return cached_encoding(rows, template, key, build, report, what=what, cache=cache, code=[__file__])

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import random
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from martlet.data.sources import load_dataset_rows
 from martlet.errors import DatasetErrors, MartletError
@@ -85,30 +85,45 @@ def encode_rows(rows: list[dict[str, Any]], template: Template, *, mode: str = "
         bad = next(row for row in rows if row.get("text") is not None)
         raise MartletError("plain-text rows are for `martlet pt`; `martlet sft` needs conversations.",
                            file=str(bad.get("where")), field="text")
-    folder = os.path.join(cache_dir(), "tokenized", _fingerprint(rows, template, mode)) if cache else None
+
+    def build():
+        procs = num_proc if num_proc is not None else max(1, min(os.cpu_count() or 1, len(rows) // 10_000))
+        table = datasets.Dataset.from_list(rows)
+        encoded = table.map(_encode, fn_kwargs={"template": template, "mode": mode},
+                            remove_columns=table.column_names, num_proc=procs if procs > 1 else None,
+                            desc=f"Tokenizing {what}")
+        errors = [MartletError(e) for e in encoded["error"] if e]
+        if errors:
+            raise DatasetErrors(errors)
+        kept = encoded.filter(lambda n: n > 0, input_columns="length").remove_columns(["error"])
+        stats = length_stats(kept["length"])
+        stats.update(rows=len(rows), kept=len(kept), dropped=len(rows) - len(kept))
+        return kept, stats
+
+    return cached_encoding(rows, template, [mode], build, lambda stats: _report(stats, what, template),
+                           what=what, cache=cache)
+
+
+def cached_encoding(rows: list[dict[str, Any]], template: Template, key: list[Any], build: Callable[[], tuple],
+                    report: Callable[[dict], None], *, what: str, cache: bool = True, code: Sequence[str] = ()):
+    """`build()` -> (dataset, stats), kept in Martlet's cache under a hash of the rows, the template, `key` and
+    the encoding code (this module, the template module and the files in `code`). `report(stats)` logs the
+    statistics (and raises when nothing is left) before anything is written. Under torchrun, call it inside
+    `main_process_first()`: rank 0 encodes and writes, the other ranks read."""
+    import datasets
+
+    folder = os.path.join(cache_dir(), "tokenized", _fingerprint(rows, template, key, code)) if cache else None
     if folder and os.path.isfile(os.path.join(folder, "stats.json")):
         with open(os.path.join(folder, "stats.json"), encoding="utf-8") as fh:
             stats = json.load(fh)
         logger.info("%s: tokenized rows from the cache (%s)", what, folder)
-        _report(stats, what, template)
+        report(stats)
         return datasets.load_from_disk(os.path.join(folder, "data")), stats
-
-    if num_proc is None:
-        num_proc = max(1, min(os.cpu_count() or 1, len(rows) // 10_000))
-    table = datasets.Dataset.from_list(rows)
-    encoded = table.map(_encode, fn_kwargs={"template": template, "mode": mode},
-                        remove_columns=table.column_names, num_proc=num_proc if num_proc > 1 else None,
-                        desc=f"Tokenizing {what}")
-    errors = [MartletError(e) for e in encoded["error"] if e]
-    if errors:
-        raise DatasetErrors(errors)
-    kept = encoded.filter(lambda n: n > 0, input_columns="length").remove_columns(["error"])
-    stats = length_stats(kept["length"])
-    stats.update(rows=len(rows), kept=len(kept), dropped=len(rows) - len(kept))
-    _report(stats, what, template)
+    dataset, stats = build()
+    report(stats)
     if folder:
-        _save(kept, stats, folder)
-    return kept, stats
+        _save(dataset, stats, folder)
+    return dataset, stats
 
 
 def _report(stats: dict[str, Any], what: str, template: Template) -> None:
@@ -126,23 +141,23 @@ def _report(stats: dict[str, Any], what: str, template: Template) -> None:
 CACHE_FORMAT = 1  # bump when encoding changes what it produces for the same inputs
 
 
-def _code_hash() -> str:
+def _code_hash(code: Sequence[str] = ()) -> str:
     """The encoding code itself is part of the key, so an edited template module never reads stale rows."""
     from martlet.templates import template as template_module
 
     h = hashlib.sha256()
-    for path in (__file__, template_module.__file__):
+    for path in (__file__, template_module.__file__, *code):
         with open(path, "rb") as fh:
             h.update(fh.read())
     return h.hexdigest()
 
 
-def _fingerprint(rows: list[dict[str, Any]], template: Template, mode: str) -> str:
+def _fingerprint(rows: list[dict[str, Any]], template: Template, key: list[Any], code: Sequence[str] = ()) -> str:
     import martlet
 
     tok = template.tokenizer
     backend = getattr(tok, "backend_tokenizer", None)
-    h = hashlib.sha256(json.dumps([CACHE_FORMAT, martlet.__version__, _code_hash(), mode, template.template_type,
+    h = hashlib.sha256(json.dumps([CACHE_FORMAT, martlet.__version__, _code_hash(code), key, template.template_type,
                                    template.chat_template, template.eot, template.system, template.max_length,
                                    template.truncation_strategy, type(tok).__name__, len(tok)]).encode())
     h.update(backend.to_str().encode() if backend is not None else str(sorted(tok.get_vocab().items())).encode())

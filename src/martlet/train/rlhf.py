@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from martlet.args import parse_cli
 from martlet.args.rlhf import DPOArguments, ORPOArguments, RLHFArguments
 from martlet.data.preference import encode_preference_rows, preference_train_val_rows
+from martlet.launch import main_process_first
 from martlet.models.loader import load_model, resolve_model
 from martlet.templates import get_template
 from martlet.train.sft import _attn, _callbacks, _load_for_training, _training_kwargs
@@ -38,9 +39,11 @@ def rlhf_main(args: RLHFArguments | Sequence[str] | None = None, *, cls: type = 
 
     train_rows, val_rows = preference_train_val_rows(args)
     encode = dict(max_length=args.max_length, truncation_strategy=args.truncation_strategy,
-                  interleave_seed=args.seed if args.rlhf_type == "kto" else None)
-    train_set, train_stats = encode_preference_rows(train_rows, template, **encode)
-    val_set, val_stats = encode_preference_rows(val_rows, template, what="val", **encode) if val_rows else (None, None)
+                  interleave_seed=args.seed if args.rlhf_type == "kto" else None, cache=args.load_from_cache_file)
+    with main_process_first():  # under torchrun, rank 0 tokenizes and caches; the others read the cache
+        train_set, train_stats = encode_preference_rows(train_rows, template, **encode)
+        val_set, val_stats = (encode_preference_rows(val_rows, template, what="val", **encode) if val_rows
+                              else (None, None))
 
     model = _load_for_training(args, spec, dtype, device)
     ref_model = _reference_model(args, spec, dtype, device)

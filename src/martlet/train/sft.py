@@ -76,7 +76,7 @@ def _load_for_training(args: SftArguments, spec: Any, dtype: str, device: str):
     lora_half = args.sft_type == "lora" and (dtype == "bf16" or device == "cuda")
     load_dtype = dtype if lora_half or (device == "cuda" and dtype == "bf16") else "fp32"
     model = load_model(spec, dtype=load_dtype, trust_remote_code=args.trust_remote_code, attn_impl=_attn(args),
-                       quantization_config=quant, device_map=_device_map(device, quant is not None))
+                       quantization_config=quant, **_placement(args, device, quant is not None))
     model.config.use_cache = False
     checkpointing = uses_gradient_checkpointing(args, device, model.config)
     if quant is not None:
@@ -98,21 +98,50 @@ def _load_for_training(args: SftArguments, spec: Any, dtype: str, device: str):
     return model
 
 
-def _device_map(device: str, quantized: bool) -> str | None:
-    """Model parallel: one process that sees several GPUs spreads the layers over them (the spec's *_mp
-    scripts); under torchrun each process keeps its whole model on its own GPU."""
+def _placement(args: SftArguments, device: str, quantized: bool) -> dict[str, Any]:
+    """Where the weights go: `device_map` (and `max_memory`) for `load_model`.
+
+    One process that sees several GPUs spreads the layers over them (the spec's *_mp scripts). Under torchrun
+    with more GPUs than processes on the node (and a multiple of them), each process gets its own group of GPUs
+    (model parallel inside the group, DDP across groups): see `model_parallel_gpus`. Otherwise each process
+    keeps its whole model on its own GPU."""
     import torch
 
     from martlet.launch import is_distributed
 
     if device != "cuda":
-        return None
-    if is_distributed():  # quantized weights load straight onto the process's own GPU
-        return {"": int(os.environ.get("LOCAL_RANK", "0"))} if quantized else None
-    if torch.cuda.device_count() > 1:
-        logger.info("model parallel: layers spread over %d GPUs (device_map=auto)", torch.cuda.device_count())
-        return "auto"
-    return "auto" if quantized else None
+        return {}
+    count = torch.cuda.device_count()
+    if not is_distributed():
+        if count > 1:
+            logger.info("model parallel: layers spread over %d GPUs (device_map=auto)", count)
+            return {"device_map": "auto"}
+        return {"device_map": "auto"} if quantized else {}
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    gpus = model_parallel_gpus(count, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if len(gpus) > 1 and (quantized or getattr(args, "deepspeed", None) or getattr(args, "fsdp", None)):
+        logger.warning("%d GPUs per process, but %s keeps one GPU per process: using GPU %d only.", len(gpus),
+                       "a quantized model" if quantized else "DeepSpeed/FSDP", local_rank)
+        gpus = [local_rank]
+    if len(gpus) == 1:  # quantized weights load straight onto the process's own GPU
+        return {"device_map": {"": local_rank}} if quantized else {}
+    # accelerate refuses a multi-GPU model under DDP unless told; DDP then runs with device_ids=None
+    os.environ["ACCELERATE_BYPASS_DEVICE_MAP"] = "true"
+    logger.info("model parallel x DDP: local rank %d spreads its layers over GPUs %s", local_rank, gpus)
+    memory = {i: torch.cuda.mem_get_info(i)[1] for i in gpus}
+    return {"device_map": "auto", "max_memory": memory}
+
+
+def model_parallel_gpus(count: int, local_rank: int, local_world_size: int) -> list[int]:
+    """The GPUs of one process when a node's `count` GPUs are shared by `local_world_size` processes: local rank r
+    gets r, r + n, r + 2n, ... (n processes), so its first GPU is cuda:r, the device DDP and the Trainer give it.
+    One GPU each unless the GPUs divide evenly into groups of two or more."""
+    if count <= local_world_size or count % local_world_size:
+        if count > local_world_size:
+            logger.warning("%d GPUs do not divide among %d processes: one GPU per process.", count,
+                           local_world_size)
+        return [local_rank]
+    return list(range(local_rank, count, local_world_size))
 
 
 def uses_gradient_checkpointing(args: SftArguments, device: str, config: Any) -> bool:
