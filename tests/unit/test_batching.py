@@ -38,12 +38,17 @@ def _grads(model, loss):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma"])
+# sdpa: transformers' block mask; martlet_varlen: each sample alone (what CPU training uses, train/attention.py)
+@pytest.fixture(scope="module", params=[(arch, attn) for attn in ("sdpa", "martlet_varlen")
+                                        for arch in ("llama", "qwen2", "gemma")], ids="-".join)
 def model(request, tiny_models):
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(tiny_models[request.param], dtype=torch.float32,
-                                             attn_implementation="sdpa")
+    from martlet.train.attention import register
+
+    arch, attn = request.param
+    m = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32,
+                                             attn_implementation=register() if attn != "sdpa" else attn)
     m.config.use_cache = False
     return m.train()
 
@@ -60,6 +65,24 @@ def test_padding_free_row_matches_padded_batch(model):
     ref_grads, got_grads = _grads(model, model(**padded).loss), _grads(model, model(**flat).loss)
     for name, g in ref_grads.items():
         torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_varlen_attention_equals_the_block_mask_on_long_and_short_samples(model):
+    """Samples above EAGER_MAX_LEN go through sdpa's causal kernel, shorter ones through plain matmuls: both give
+    sdpa-with-the-block-mask's logits and gradients; a padded batch (several rows, a mask) falls back to sdpa."""
+    from transformers import AutoModelForCausalLM
+
+    from martlet.train.attention import EAGER_MAX_LEN
+
+    reference = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=torch.float32,
+                                                     attn_implementation="sdpa", use_cache=False).train()
+    samples = _samples(model.config.vocab_size, lengths=(EAGER_MAX_LEN + 40, 5, EAGER_MAX_LEN, 1, 30))
+    for batch in (PaddingFreeCollator()(samples), _padded(samples)):
+        out, ref = model(**batch), reference(**batch)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+        got, want = _grads(model, out.loss), _grads(reference, ref.loss)
+        for name, g in want.items():
+            torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_no_attention_across_samples(model):
@@ -146,3 +169,27 @@ def test_packed_rows_give_the_same_loss_as_unpacked_samples(model):
     torch.testing.assert_close(model(**batch).loss, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(causal_lm_loss(model, batch), ref, rtol=1e-5, atol=1e-5)
 
+
+
+def test_varlen_attention_cuts_rows_at_position_restarts(tiny_llama, monkeypatch, tmp_path):
+    """The per-sample path really runs for a padding-free row (and sdpa only for what it does not handle)."""
+    import transformers.integrations.sdpa_attention as sdpa_module
+    from transformers import AutoModelForCausalLM
+
+    from martlet.train.attention import register, sample_lengths
+
+    assert sample_lengths(torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3]])) == [3, 2, 1, 4]
+    assert sample_lengths(torch.tensor([[5, 6, 7]])) == [3]  # one sample that starts later still is one sample
+    assert sample_lengths(torch.tensor([[0, 1], [0, 1]])) is None and sample_lengths(None) is None
+    fallbacks = []
+    real = sdpa_module.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_module, "sdpa_attention_forward", lambda *a, **k: fallbacks.append(1) or real(*a, **k))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation=register(),
+                                                 use_cache=False)
+    samples = _samples(model.config.vocab_size)
+    model(**PaddingFreeCollator()(samples))
+    assert fallbacks == []
+    model(**_padded(samples))
+    assert len(fallbacks) == model.config.num_hidden_layers
+    model.config.save_pretrained(str(tmp_path))  # a checkpoint loads anywhere: the name is never saved
+    assert "martlet_varlen" not in (tmp_path / "config.json").read_text()

@@ -87,7 +87,7 @@ def _reference_model(args: RLHFArguments, spec: Any, dtype: str, device: str):
         ref_spec = resolve_model(args.ref_model_type, args.ref_model_id_or_path, revision=None,
                                  check_model_is_latest=args.check_model_is_latest, hub_token=args.hub_token)
     model = load_model(ref_spec, dtype="fp32" if device == "cpu" else dtype, trust_remote_code=args.trust_remote_code,
-                       attn_impl=_attn(args))
+                       attn_impl=_attn(args, device))
     model.config.use_cache = False
     return model.eval().requires_grad_(False)
 

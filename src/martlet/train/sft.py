@@ -75,7 +75,7 @@ def _load_for_training(args: SftArguments, spec: Any, dtype: str, device: str):
     # adapters stay fp32); full training on a CPU keeps fp32 master weights under bf16 autocast.
     lora_half = args.sft_type == "lora" and (dtype == "bf16" or device == "cuda")
     load_dtype = dtype if lora_half or (device == "cuda" and dtype == "bf16") else "fp32"
-    model = load_model(spec, dtype=load_dtype, trust_remote_code=args.trust_remote_code, attn_impl=_attn(args),
+    model = load_model(spec, dtype=load_dtype, trust_remote_code=args.trust_remote_code, attn_impl=_attn(args, device),
                        quantization_config=quant, **_placement(args, device, quant is not None))
     model.config.use_cache = False
     checkpointing = uses_gradient_checkpointing(args, device, model.config)
@@ -166,12 +166,16 @@ def _memory_bytes() -> int:
         return 16 * 2**30
 
 
-def _attn(args: SftArguments) -> str | None:
+def _attn(args: SftArguments, device: str) -> str | None:
     if args.use_flash_attn:
         from martlet.models.attention import check_flash_attn
 
         check_flash_attn()
         return "flash_attention_2"
+    if args.attn_impl is None and device == "cpu":
+        from martlet.train.attention import register
+
+        return register()  # padding-free rows: each sample attends on its own
     return args.attn_impl
 
 
