@@ -1,7 +1,7 @@
 """Training throughput and memory: a plain transformers Trainer + peft baseline against Martlet's defaults,
 side by side in one invocation, on the embedded SmolLM2 and the built-in data.
 
-    HF_HUB_OFFLINE=1 python benchmarks/sft_throughput.py [--steps 16] [--what sft|dpo|both]
+    HF_HUB_OFFLINE=1 python benchmarks/sft_throughput.py [--steps 16] [--what sft|dpo|both] [--rounds 3]
 
 Settings shared by both sides: LoRA r8 / alpha 32 on all linear layers, 4 samples a step (no gradient
 accumulation), max length 512, learning rate 1e-4, seed 42, the same samples in the same order.
@@ -189,6 +189,12 @@ def run_side(side: str, steps: int) -> dict:
             return json.load(fh)
 
 
+def median_round(results: list[dict]) -> dict:
+    """The round with the median tokens/s (its own s/step, loss; the peak RSS is the largest of all rounds)."""
+    ordered = sorted(results, key=lambda r: r["tokens_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "peak_rss_gib": max(r["peak_rss_gib"] for r in results)}
+
+
 def table(what: str, base: dict, ours: dict) -> str:
     rows = [("real tokens/s", "tokens_per_s", "{:.1f}"), ("s/step", "s_per_step", "{:.2f}"),
             ("peak RSS (GiB)", "peak_rss_gib", "{:.2f}"), ("loss (mean of last 4 steps)", "final_loss", "{:.4f}")]
@@ -206,6 +212,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--what", choices=("sft", "dpo", "both"), default="both")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the sides in turn this many times (baseline, martlet, baseline, ...) and report each "
+                             "side's median round: the host's speed drifts by ~20%% over minutes")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -222,10 +231,14 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
     results = {}
     for what in (("sft", "dpo") if args.what == "both" else (args.what,)):
-        base = run_side(f"baseline-{what}", args.steps)
-        ours = run_side(f"martlet-{what}", args.steps)
-        results[what] = {"baseline": base, "martlet": ours}
+        rounds = [(run_side(f"baseline-{what}", args.steps), run_side(f"martlet-{what}", args.steps))
+                  for _ in range(args.rounds)]
+        base, ours = median_round([r[0] for r in rounds]), median_round([r[1] for r in rounds])
+        results[what] = {"baseline": base, "martlet": ours, "rounds": rounds}
         print(table(what.upper(), base, ours), flush=True)
+        if args.rounds > 1:
+            print("tokens/s ratio of each round: " + ", ".join(f"{o['tokens_per_s'] / b['tokens_per_s']:.2f}x"
+                                                              for b, o in rounds), flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=1)

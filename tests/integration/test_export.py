@@ -116,28 +116,32 @@ def simulated(model_dir, gguf_type):
     return model
 
 
-def test_quantized_gguf_is_exactly_the_rounded_model(tmp_path, tiny_llama):
+@pytest.fixture(scope="module")
+def gguf_exports(tmp_path_factory, tiny_llama) -> dict[str, str]:
+    """gguf_type -> the tiny llama exported in that type (each written once for the tests below)."""
+    out = str(tmp_path_factory.mktemp("gguf-exports"))
+    return {gguf_type: export_main(ExportArguments(model_id_or_path=tiny_llama, gguf_type=gguf_type,
+                                                   output_dir=out))["gguf"] for gguf_type in ("f16", "q8_0", "q4_0")}
+
+
+def test_quantized_gguf_is_exactly_the_rounded_model(gguf_exports, tiny_llama):
     """Nothing but the chosen rounding separates the GGUF from the float model; it stays close to it."""
     from transformers import AutoModelForCausalLM
 
     reference = logits(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
     for gguf_type, atol in {"f16": 2e-3, "q8_0": 5e-2, "q4_0": 0.5}.items():
-        path = export_main(ExportArguments(model_id_or_path=tiny_llama, gguf_type=gguf_type,
-                                           output_dir=str(tmp_path)))["gguf"]
-        got = logits(load_gguf(path))
+        got = logits(load_gguf(gguf_exports[gguf_type]))
         assert (got - logits(simulated(tiny_llama, gguf_type))).abs().max() < 1e-5, gguf_type
         diff = (got - reference).abs().max().item()
         agree = (got.argmax(-1) == reference.argmax(-1)).float().mean().item()
         assert diff <= atol and agree >= (0.9 if gguf_type == "q4_0" else 1.0), (gguf_type, diff, agree)
 
 
-def test_gguf_metadata_and_sizes(tmp_path, tiny_llama):
+def test_gguf_metadata_and_sizes(gguf_exports):
     import gguf
 
     sizes = {}
-    for gguf_type in ("f16", "q8_0", "q4_0"):
-        path = export_main(ExportArguments(model_id_or_path=tiny_llama, gguf_type=gguf_type,
-                                           output_dir=str(tmp_path)))["gguf"]
+    for gguf_type, path in gguf_exports.items():
         sizes[gguf_type] = os.path.getsize(path)
         reader = gguf.GGUFReader(path)
         fields = {name: field.contents() for name, field in reader.fields.items()

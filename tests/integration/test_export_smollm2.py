@@ -1,5 +1,6 @@
-"""GGUF exports of a tuned SmolLM2-135M-Instruct, read back through transformers' GGUF loader: f16 and q8_0
-answer a training question exactly as the merged model does; q4_0 stays close (agreement printed)."""
+"""GGUF exports of a tuned SmolLM2-135M-Instruct, read back through transformers' GGUF loader: q8_0 answers a
+training question exactly as the merged model does; q4_0 stays close (agreement printed). (f16 is q8_0's path
+with a plain cast: test_export.py checks it equals the rounded model exactly.)"""
 
 import os
 
@@ -74,8 +75,8 @@ def export_and_load(ckpt, gguf_type):
     return result, model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
-@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
-def test_gguf_answers_a_training_question_like_the_merged_model(tuned, gguf_type):
+def test_gguf_answers_a_training_question_like_the_merged_model(tuned):
+    gguf_type = "q8_0"
     ckpt, merged, model, tokenizer = tuned
     expected = answer(model, tokenizer, QUESTION)
     assert "Martlet" in expected  # the tuned model learned its name
@@ -88,7 +89,7 @@ def test_gguf_answers_a_training_question_like_the_merged_model(tuned, gguf_type
     print(f"\n{gguf_type}: {result['gguf_bytes'] / 1e6:.1f} MB, top-1 agreement {top1:.4f}, "
           f"max |logit diff| {worst:.4f}")
     # over every position of five prompts and answers; near-ties in the prompts flip with q8_0 rounding
-    assert top1 >= {"f16": 0.98, "q8_0": 0.85}[gguf_type]
+    assert top1 >= 0.85
     modelfile = open(result["modelfile"]).read()
     assert f"FROM ./smollm2-135m-instruct-{gguf_type}.gguf" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and "<|im_start|>assistant\n" in modelfile
