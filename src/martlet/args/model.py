@@ -26,7 +26,8 @@ class ModelArguments:
                                          "first.")
     use_flash_attn: Optional[bool] = arg(None, "Use flash-attention 2 (GPU, needs the flash-attn package).")
     attn_impl: Optional[str] = arg(None, "Attention implementation: sdpa, eager or flash_attention_2. "
-                                         "Default: the library's choice.",
+                                         "Default: sdpa; training on a CPU runs each sample of a padding-free "
+                                         "row on its own (martlet_varlen).",
                                    choices=("sdpa", "eager", "flash_attention_2", "flex_attention"))
     quantization_bit: int = arg(0, "Load the base model quantized with bitsandbytes (QLoRA): 0 (off), 4 or 8.",
                                 choices=(0, 4, 8))
