@@ -96,6 +96,16 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_llama):
     again = load_file(os.path.join(resumed["last_model_checkpoint"], "adapter_model.safetensors"))
     assert all(uninterrupted[k].allclose(again[k], atol=1e-5) for k in uninterrupted)
 
+    # resuming a finished run trains nothing (the Trainer alone would take a fifth step); a longer one goes on
+    finished = sft_main(small_args(tiny_llama, data, tmp_path / "out", resume_from_checkpoint="true", **kw))
+    assert finished["global_step"] == 4 and finished["last_model_checkpoint"] == resumed["last_model_checkpoint"]
+    assert not os.path.exists(os.path.join(first["output_dir"], "checkpoint-5"))
+    logs = [json.loads(line) for line in open(os.path.join(resumed["output_dir"], "logging.jsonl"))]
+    assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3, 4]
+    longer = sft_main(small_args(tiny_llama, data, tmp_path / "out", resume_from_checkpoint="true",
+                                 **{**kw, "max_steps": 6}))
+    assert longer["global_step"] == 6 and os.path.isdir(os.path.join(first["output_dir"], "checkpoint-6"))
+
 
 def test_resume_true_finds_the_newest_whole_checkpoint(tmp_path, tiny_llama):
     from martlet.train.run import resume_checkpoint

@@ -7,6 +7,7 @@ Template, left padded into batches and generated together; stop words end each r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -124,46 +125,59 @@ class TransformersEngine:
         if (config.num_beams or getattr(self.model.generation_config, "num_beams", 1) or 1) > 1:
             yield self.generate([conversation], config)[0]  # beam search cannot stream: the reply at once
             return
-        import torch
-
         kwargs, words, stop_ids = self._generate_kwargs(config)
         input_ids, mask = self._left_pad([self.prompt_ids(conversation)])
-        tokens: queue.Queue = queue.Queue()
-        stop = threading.Event()
-        failure: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                with torch.inference_mode():
-                    self.model.generate(input_ids=input_ids, attention_mask=mask, streamer=_QueueStreamer(tokens),
-                                        stopping_criteria=[_StopWhenSet(stop)], **kwargs)
-            except BaseException as exc:  # handed to the reading thread
-                failure.append(exc)
-            finally:
-                tokens.put(None)
-
-        thread = threading.Thread(target=work, name="martlet-generate", daemon=True)
-        thread.start()
         text = StreamText(self.tokenizer, words, stop_ids)
-        try:
-            while not text.stopped:
-                try:
-                    ids = tokens.get(timeout=0.05)  # a short wait keeps Ctrl-C responsive
-                except queue.Empty:
-                    continue
-                if ids is None:
-                    break
+        with contextlib.closing(generate_steps(self.model, input_ids, mask, kwargs)) as steps:
+            for ids in steps:
                 delta = text.add(ids)
                 if delta:
                     yield delta
-            if failure:
-                raise failure[0]
-            tail = text.finish()
-            if tail:
-                yield tail
+                if text.stopped:
+                    break
+        tail = text.finish()
+        if tail:
+            yield tail
+
+
+def generate_steps(model: Any, input_ids: Any, mask: Any, kwargs: dict[str, Any], *,
+                   halt: Optional[threading.Event] = None,
+                   context: Any = contextlib.nullcontext) -> Iterator[list[int]]:
+    """`model.generate` in a thread, as each step's new token ids (one per row). An error there is raised here;
+    closing the iterator (or setting `halt`) ends generation at the next step. `context()` wraps the call (an
+    adapter switch, for the server)."""
+    import torch
+
+    tokens: queue.Queue = queue.Queue()
+    halt = halt or threading.Event()
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with context(), torch.inference_mode():
+                model.generate(input_ids=input_ids, attention_mask=mask, streamer=_StepStreamer(tokens),
+                               stopping_criteria=[_HaltWhenSet(halt)], **kwargs)
+        except BaseException as exc:  # handed to the reading side
+            failure.append(exc)
         finally:
-            stop.set()
-            thread.join()
+            tokens.put(None)
+
+    thread = threading.Thread(target=work, name="martlet-generate", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                step = tokens.get(timeout=0.05)  # a short wait keeps Ctrl-C responsive
+            except queue.Empty:
+                continue
+            if step is None:
+                break
+            yield step
+        if failure:
+            raise failure[0]
+    finally:
+        halt.set()
+        thread.join()
 
 
 def _device_of(model: Any):
@@ -175,8 +189,9 @@ def _device_of(model: Any):
         return torch.device("cpu")
 
 
-class _QueueStreamer:
-    """A transformers streamer that hands each new token's id to a queue (the prompt is skipped)."""
+class _StepStreamer:
+    """A transformers streamer that hands each step's new token ids (one per row) to a queue; the first call,
+    the prompt, is skipped."""
 
     def __init__(self, tokens: queue.Queue):
         self.tokens = tokens
@@ -186,16 +201,14 @@ class _QueueStreamer:
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        if value.dim() > 1:
-            value = value[0]
-        self.tokens.put(value.tolist())
+        self.tokens.put(value.reshape(-1).tolist())
 
     def end(self) -> None:
         pass
 
 
-class _StopWhenSet:
-    """A stopping criterion that ends generation once `event` is set (Ctrl-C, a closed stream)."""
+class _HaltWhenSet:
+    """A stopping criterion that ends generation once `event` is set (Ctrl-C, a closed stream, all rows done)."""
 
     def __init__(self, event: threading.Event):
         self.event = event

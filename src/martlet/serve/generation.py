@@ -9,11 +9,12 @@ ran into max_tokens, else "stop". Prompts arrive as token ids (chat prompts rend
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import queue
 import threading
 from typing import Any, Iterator, Optional, Sequence
 
+from martlet.infer.engine import generate_steps
 from martlet.infer.generation import GenConfig, StreamText, cut_at_stop
 from martlet.serve.adapters import AdapterGate
 
@@ -106,8 +107,6 @@ class TransformersBackend:
                cancel: Optional[threading.Event] = None) -> Iterator[Delta]:
         """Deltas of every row's reply as they are generated (all rows in one batch); each row ends with a
         Delta carrying its Output. Setting `cancel` stops generation."""
-        import torch
-
         if (config.num_beams or getattr(self.engine.model.generation_config, "num_beams", 1) or 1) > 1:
             for index, output in enumerate(self.generate(prompts, config, adapter)):  # beams cannot stream
                 yield Delta(index, output.text, output)
@@ -117,27 +116,11 @@ class TransformersBackend:
         texts = [StreamText(self.tokenizer, words, stop_ids) for _ in prompts]
         counts = [0] * len(prompts)
         done = [False] * len(prompts)
-        tokens: queue.Queue = queue.Queue()
         halt = cancel or threading.Event()
-        failure: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                with self.gate.use(adapter), torch.inference_mode():
-                    self.engine.model.generate(input_ids=input_ids, attention_mask=mask, streamer=_RowsStreamer(tokens),
-                                               stopping_criteria=[_HaltWhenSet(halt)], **kwargs)
-            except BaseException as exc:  # handed to the reading side
-                failure.append(exc)
-            finally:
-                tokens.put(None)
-
-        thread = threading.Thread(target=work, name="martlet-serve-stream", daemon=True)
-        thread.start()
-        try:
-            while not all(done):
-                step = tokens.get()
-                if step is None:
-                    break
+        steps = generate_steps(self.engine.model, input_ids, mask, kwargs, halt=halt,
+                               context=lambda: self.gate.use(adapter))
+        with contextlib.closing(steps):
+            for step in steps:
                 for row, token in enumerate(step):
                     if done[row]:
                         continue
@@ -151,42 +134,8 @@ class TransformersBackend:
                     elif delta:
                         yield Delta(row, delta)
                 if all(done):
-                    halt.set()  # stop strings were matched in the text: no need to go on
-            if failure:
-                raise failure[0]
-            for row, text in enumerate(texts):
-                if not done[row]:
-                    reason = "length" if counts[row] >= max_new else "stop"
-                    yield Delta(row, text.finish(), Output(text.sent, counts[row], reason))
-        finally:
-            halt.set()
-            thread.join()
-
-
-class _RowsStreamer:
-    """A transformers streamer that hands each step's new token ids (one per row) to a queue."""
-
-    def __init__(self, tokens: queue.Queue):
-        self.tokens = tokens
-        self.prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:  # the first call carries the prompt
-            self.prompt_seen = True
-            return
-        self.tokens.put(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        pass
-
-
-class _HaltWhenSet:
-    """A stopping criterion that ends generation once `event` is set (a closed stream, all rows done)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any):
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+                    break  # stop strings were matched in the text: closing ends generation
+        for row, text in enumerate(texts):
+            if not done[row]:
+                reason = "length" if counts[row] >= max_new else "stop"
+                yield Delta(row, text.finish(), Output(text.sent, counts[row], reason))

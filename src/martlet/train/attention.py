@@ -10,8 +10,8 @@ at a fraction of the work: about half the attention time of a step of four ~100-
 Registered with transformers as the attention implementation "martlet_varlen" (the mask function is sdpa's,
 so a padded batch or generation simply runs sdpa). Anything it does not handle (a batch of several rows,
 attention dropout, soft-capping, sinks, a sliding window shorter than a sample, non-causal modules) goes to
-sdpa unchanged, and so does a single sample with a mask (padding). Martlet picks it for training on a CPU when no --attn_impl is given; it is never saved in a
-checkpoint's config.
+sdpa unchanged, and so does a single sample with a mask (padding). Martlet picks it for training on a CPU
+when no --attn_impl is given; it is never saved in a checkpoint's config.
 """
 
 from __future__ import annotations
@@ -54,10 +54,11 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
 
     lengths = sample_lengths(kwargs.get("position_ids"))
     window = kwargs.get("sliding_window")
-    if (lengths is None or (len(lengths) == 1 and attention_mask is not None) or query.shape[0] != 1 or sum(lengths) != query.shape[2] or key.shape[2] != query.shape[2]
-            or (dropout and module.training) or not getattr(module, "is_causal", True)
-            or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
-            or kwargs.get("output_attentions") or (window and max(lengths) > window)):
+    unsupported = (dropout and module.training) or not getattr(module, "is_causal", True) or any(
+        kwargs.get(k) is not None for k in ("softcap", "s_aux")) or kwargs.get("output_attentions")
+    if (unsupported or lengths is None or (len(lengths) == 1 and attention_mask is not None) or query.shape[0] != 1
+            or sum(lengths) != query.shape[2] or key.shape[2] != query.shape[2]
+            or (window and max(lengths) > window)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]

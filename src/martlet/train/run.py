@@ -78,8 +78,16 @@ def train_and_report(trainer: Any, args: Any, run_dir: str, info: dict[str, Any]
     trainer.martlet_run_args, trainer.martlet_run_info = args, info
     stopper = StopOnSignal()
     trainer.add_callback(stopper)
-    with stopper.installed():
-        trainer.train(resume_from_checkpoint=checkpoint)
+    done, total = _steps(trainer, checkpoint) if checkpoint else (0, 1)
+    if done >= total:  # the Trainer would still take one more step
+        from transformers import TrainerState
+
+        trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        logger.info("%s is already at step %d of %d: nothing left to train (raise --max_steps or "
+                    "--num_train_epochs to train on).", checkpoint, done, total)
+    else:
+        with stopper.installed():
+            trainer.train(resume_from_checkpoint=checkpoint)
     state = trainer.state
     last = os.path.join(run_dir, f"checkpoint-{state.global_step}")
     best = state.best_model_checkpoint or last
@@ -92,6 +100,15 @@ def train_and_report(trainer: Any, args: Any, run_dir: str, info: dict[str, Any]
     logger.info("best_model_checkpoint: %s", best)
     logger.info("last_model_checkpoint: %s", last)
     return result
+
+
+def _steps(trainer: Any, checkpoint: str) -> tuple[int, int]:
+    """(steps the checkpoint holds, steps this run asks for), the latter as the Trainer computes it."""
+    import json
+
+    with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as fh:
+        done = json.load(fh)["global_step"]
+    return done, trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
 
 
 def check_output_dir(args: Any, model_dir: str) -> None:
