@@ -25,7 +25,7 @@ def test_lora_sft_teaches_a_new_name(tmp_path, embedded_dir):
     result = sft_main(SftArguments(
         dataset=[f"{DatasetName.self_cognition}#240", f"{DatasetName.general_instruct}#120"],
         model_name=["泽菲琳", NAME], model_author=["袋鼬工坊", AUTHOR], lora_target_modules=["ALL"],
-        learning_rate=3e-4, batch_size=4, gradient_accumulation_steps=1, max_steps=80, eval_steps=1000,
+        learning_rate=3e-4, batch_size=4, gradient_accumulation_steps=1, max_steps=60, eval_steps=1000,
         max_length=512, gradient_checkpointing=False, dtype="bf16", report_to=["none"], dataset_test_ratio=0.02,
         output_dir=str(tmp_path)))
     checkpoint = result["last_model_checkpoint"]

@@ -33,7 +33,7 @@ def reply_logps(model, template, rows, disable_adapter=False):
 
 @pytest.mark.slow
 # ORPO's preference term is weaker (per-token log odds), and its steps are cheaper (no reference pass)
-@pytest.mark.parametrize("kind,lr,batch_size,steps", [("dpo", 3e-4, 2, 16), ("orpo", 5e-4, 4, 20)])
+@pytest.mark.parametrize("kind,lr,batch_size,steps", [("dpo", 3e-4, 2, 16), ("orpo", 5e-4, 2, 20)])
 def test_preference_training_prefers_the_chosen_replies(tmp_path, embedded_dir, kind, lr, batch_size, steps):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
