@@ -237,6 +237,38 @@ def test_jobs_run_the_cli_and_record_their_exit(tmp_path):
             runs.JOBS.pop(job.id, None)
 
 
+def test_a_run_started_by_an_earlier_server_can_be_stopped(tmp_path):
+    """After a restart the page finds the job on disk; while its process lives (and is still a Martlet run) Stop
+    sends it SIGINT by pid; an ended or reused pid is never signalled."""
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "out")
+    folder = os.path.join(out, "web-ui", "jobs", "20261129-120000-000000")
+    os.makedirs(folder)
+    waits = "import signal, sys, time; signal.signal(signal.SIGINT, lambda *a: sys.exit(130)); time.sleep(60)"
+    run = subprocess.Popen([sys.executable, "-c", waits, "martlet.cli", "sft"])  # stands in for `martlet sft`
+    other = subprocess.Popen([sys.executable, "-c", waits])  # a process that is not a Martlet run
+    try:
+        for pid in (run.pid, other.pid):
+            info = {"command": "sft", "argv": [], "pid": pid}
+            with open(os.path.join(folder, "job.json"), "w") as fh:
+                json.dump(info, fh)
+            (job,) = runs.jobs_on_disk(out)
+            if pid == other.pid:
+                assert job.status() == "exit status unknown" and not job.stop()
+                continue
+            time.sleep(0.5)  # the child installs its handler
+            assert job.status() == "running" and job.stop()
+            assert run.wait(timeout=30) == 130
+            (job,) = runs.jobs_on_disk(out)
+            assert job.status() == "exit status unknown" and not job.stop()  # gone: nothing to signal
+    finally:
+        for proc in (run, other):
+            proc.kill()
+            proc.wait()
+
+
 def test_web_ui_arguments():
     from martlet.args.serve import WebUIArguments
 

@@ -185,7 +185,7 @@ def _select(output_dir: str, key: str):
 def stop(output_dir: str, key: str | None) -> str:
     entry = next((e for e in runs.entries(output_dir) if e.key == key), None)
     if entry is None or entry.job is None or not entry.job.stop():
-        return "⚠️ This run is not running in this server."
+        return "⚠️ This run is not running."
     return "Sent SIGINT: the run finishes its step, saves a checkpoint and stops."
 
 

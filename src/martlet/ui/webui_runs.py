@@ -40,6 +40,7 @@ class Job:
     folder: str
     process: Optional[subprocess.Popen] = None
     run_dir: Optional[str] = None
+    pid: Optional[int] = None  # a job an earlier server started, while its process still runs
 
     @property
     def log(self) -> str:
@@ -51,7 +52,7 @@ class Job:
     def status(self) -> str:
         code = self.returncode()
         if code is None:
-            return "running" if self.process is not None else "exit status unknown"
+            return "running" if self.process is not None or self.pid is not None else "exit status unknown"
         return {0: "finished", 130: "stopped"}.get(code, f"failed (exit {code})")
 
     def find_run_dir(self) -> Optional[str]:
@@ -61,8 +62,14 @@ class Job:
         return self.run_dir
 
     def stop(self) -> bool:
-        """SIGINT: the run finishes its step, saves a checkpoint and exits with status 130."""
-        if self.process is None or self.process.poll() is not None:
+        """SIGINT: the run finishes its step, saves a checkpoint and exits with status 130. A run that an earlier
+        server started is signalled by its pid, if that process is still the run's."""
+        if self.process is None:
+            if self.pid is None or not _runs_martlet(self.pid):
+                return False
+            os.kill(self.pid, signal.SIGINT)
+            return True
+        if self.process.poll() is not None:
             return False
         self.process.send_signal(signal.SIGINT)
         return True
@@ -122,9 +129,20 @@ def jobs_on_disk(output_dir: str) -> list[Job]:
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         info = _read_json(os.path.join(root, name, "job.json"))
         if info and name not in JOBS:
+            pid = info.get("pid") if "returncode" not in info else None
             found.append(Job(name, os.path.abspath(output_dir), info.get("command", "sft"), info.get("argv", []),
-                             os.path.join(root, name), run_dir=info.get("run_dir")))
+                             os.path.join(root, name), run_dir=info.get("run_dir"),
+                             pid=pid if pid and _runs_martlet(pid) else None))
     return found
+
+
+def _runs_martlet(pid: int) -> bool:
+    """Whether process `pid` is alive and is a Martlet CLI run (not another process that got the pid since)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"martlet.cli" in fh.read()
+    except OSError:  # gone, or no /proc: never signal a process we cannot identify
+        return False
 
 
 @dataclasses.dataclass
