@@ -116,10 +116,13 @@ def test_chat_page_streams_answers_keeps_turns_and_clears(chat_page, tmp_path):
             sync_api.expect(page.locator('#martlet-chatbot [data-testid="bot"]')).to_have_count(0)
             page.locator("#martlet-settings").get_by_text("Settings", exact=True).click()
             system = page.locator("#martlet-system textarea")
-            system.fill("You are a pirate.")
-            system.press("Tab")  # leave the box, so the page has taken the value before the next send
+            for _ in range(5):  # the opening accordion mounts the box and can reset a value typed meanwhile
+                system.fill("You are a pirate.")
+                system.press("Tab")  # leave the box, so the page has taken the value before the next send
+                page.wait_for_timeout(700)
+                if system.input_value() == "You are a pirate.":
+                    break
             sync_api.expect(system).to_have_value("You are a pirate.")
-            page.wait_for_timeout(500)
             send(page, "Hello there", pirate_reply)  # a fresh history, with the system prompt
             assert page.locator('#martlet-chatbot [data-testid="user"]').count() == 1
             page.screenshot(path=str(tmp_path / "app-ui-system.png"), full_page=True)
