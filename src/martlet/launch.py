@@ -78,9 +78,16 @@ def main_process_first():
 
     if not is_distributed():
         return contextlib.nullcontext()
+    return _state().main_process_first()
+
+
+def _state():
+    """accelerate's process state. On a machine without CUDA it must be asked for `cpu=True`: otherwise it
+    reports a single process under torchrun, and its barriers (main_process_first) do nothing."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState().main_process_first()
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def broadcast(value):
@@ -89,9 +96,7 @@ def broadcast(value):
         return value
     import torch.distributed as dist
 
-    from accelerate import PartialState
-
-    PartialState()  # initialises the process group from torchrun's environment
+    _state()  # initialises the process group from torchrun's environment
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]

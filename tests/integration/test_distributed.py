@@ -85,6 +85,28 @@ def test_two_nodes_on_one_machine(tiny_llama, tmp_path, single):
     assert _losses(out) == pytest.approx(single, rel=1e-4)
 
 
+def test_main_process_first_makes_the_others_wait_on_cpu(tmp_path):
+    """Rank 0's body finishes before rank 1's starts (gloo; accelerate's state has to be asked for cpu=True, or
+    each rank believes it is alone and nothing waits)."""
+    script = tmp_path / "first.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from martlet.launch import broadcast, main_process_first\n"
+        "flag = sys.argv[1]\n"
+        "with main_process_first():\n"
+        "    if os.environ['RANK'] == '0':\n"
+        "        time.sleep(2)\n"
+        "        open(flag, 'w').close()\n"
+        "    else:\n"
+        "        assert os.path.exists(flag), 'rank 1 did not wait for rank 0'\n"
+        "assert broadcast(os.environ['RANK']) == '0'\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={_free_port()}", str(script), str(tmp_path / "flag")],
+                          env={**env, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_dpo_on_two_processes_encodes_its_data_once(tiny_llama, tmp_path):
     """Rank 0 encodes the pairs and caches them while the other rank waits, then reads them back: with an empty
     cache, one entry and no clash between two writers (the second's rename would fail and say so)."""
