@@ -99,7 +99,10 @@ def test_main_process_first_makes_the_others_wait_on_cpu(tmp_path):
         "        open(flag, 'w').close()\n"
         "    else:\n"
         "        assert os.path.exists(flag), 'rank 1 did not wait for rank 0'\n"
-        "assert broadcast(os.environ['RANK']) == '0'\n")
+        "assert broadcast(os.environ['RANK']) == '0'\n"
+        "import torch.distributed as dist\n"
+        "dist.barrier()\n"
+        "dist.destroy_process_group()  # a gloo group left up can abort the interpreter at exit\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            f"--master_port={_free_port()}", str(script), str(tmp_path / "flag")],
