@@ -78,13 +78,11 @@ def train_and_report(trainer: Any, args: Any, run_dir: str, info: dict[str, Any]
     trainer.martlet_run_args, trainer.martlet_run_info = args, info
     stopper = StopOnSignal()
     trainer.add_callback(stopper)
-    done, total = _steps(trainer, checkpoint) if checkpoint else (0, 1)
-    if done >= total:  # the Trainer would still take one more step
-        from transformers import TrainerState
-
-        trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
-        logger.info("%s is already at step %d of %d: nothing left to train (raise --max_steps or "
-                    "--num_train_epochs to train on).", checkpoint, done, total)
+    finished = _finished_state(trainer, checkpoint) if checkpoint else None
+    if finished is not None:  # the Trainer would still take one more step
+        trainer.state = finished
+        logger.info("%s is already at step %d: nothing left to train (raise --max_steps or "
+                    "--num_train_epochs to train on).", checkpoint, finished.global_step)
     else:
         with stopper.installed():
             trainer.train(resume_from_checkpoint=checkpoint)
@@ -102,13 +100,14 @@ def train_and_report(trainer: Any, args: Any, run_dir: str, info: dict[str, Any]
     return result
 
 
-def _steps(trainer: Any, checkpoint: str) -> tuple[int, int]:
-    """(steps the checkpoint holds, steps this run asks for), the latter as the Trainer computes it."""
-    import json
+def _finished_state(trainer: Any, checkpoint: str) -> Any:
+    """The checkpoint's TrainerState when it already holds every step this run asks for (as the Trainer counts
+    them), else None."""
+    from transformers import TrainerState
 
-    with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as fh:
-        done = json.load(fh)["global_step"]
-    return done, trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+    state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    total = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+    return state if state.global_step >= total else None
 
 
 def check_output_dir(args: Any, model_dir: str) -> None:
