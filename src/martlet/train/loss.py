@@ -3,9 +3,10 @@
 A causal LM computes logits for every position (batch x length x vocabulary; 4 x 512 x 49,152 is ~400 MB in
 fp32, and the loss keeps more copies for the backward pass). Only positions whose next token carries a label
 need them. This loss runs the decoder, keeps the hidden states of those positions, and computes the output
-projection and cross-entropy a chunk of positions at a time under activation checkpointing, so at most one
-chunk of logits exists at once and none is kept for the backward pass. On SFT data, where prompts carry no
-loss, it also skips the output projection for most positions.
+projection and cross-entropy a chunk of positions at a time, with their gradients in the same pass (softmax
+minus one-hot, projected back), so at most one chunk of logits exists at once, none is kept for the backward
+pass and nothing is recomputed. On SFT data, where prompts carry no loss, it also skips the output projection
+for most positions.
 
 The value is the same as transformers' `ForCausalLMLoss` (sum of token losses / number of labelled tokens, or
 / `num_items_in_batch` under gradient accumulation). Models that transform their logits (soft-capping,
@@ -65,23 +66,26 @@ def causal_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any =
 
 
 def _chunked_sum(hidden: Any, target: Any, head: Any):
-    """Sum of cross-entropies, CHUNK positions at a time; each chunk's logits are recomputed for backward."""
+    """Sum of the cross-entropies of `head(hidden)` against `target`, CHUNK positions at a time."""
     import torch
-    import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
 
-    def chunk_loss(h, y, weight, bias):
-        logits = F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
-        return F.cross_entropy(logits.float(), y, reduction="sum")
+    weight, bias = head.weight, head.bias
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        from martlet.train.kernels import LinearCrossEntropy
 
+        return LinearCrossEntropy.apply(hidden, weight, bias, target, CHUNK)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], CHUNK):
-        h, y = hidden[start:start + CHUNK], target[start:start + CHUNK]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(chunk_loss, h, y, head.weight, head.bias, use_reentrant=False)
-        else:
-            total = total + chunk_loss(h, y, head.weight, head.bias)
+        logits = logits_fp32(hidden[start:start + CHUNK], weight, bias)
+        total = total + torch.nn.functional.cross_entropy(logits, target[start:start + CHUNK], reduction="sum")
     return total
+
+
+def logits_fp32(h: Any, weight: Any, bias: Any):
+    """fp32 logits of a chunk, the projection in the activations' dtype (bf16 under autocast)."""
+    import torch.nn.functional as F
+
+    return F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype)).float()
 
 
 def _is_wrapped(model: Any) -> bool:
