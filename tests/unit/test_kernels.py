@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from martlet.train.kernels import LinearCrossEntropy
+from martlet.train.kernels import LinearCrossEntropy, keep_mask
 
 
 def _reference_ce(hidden, weight, bias, target):
@@ -62,3 +62,111 @@ def test_lean_loss_without_gradients_needs_no_autograd_function(monkeypatch):
     with torch.no_grad():
         got = loss._chunked_sum(hidden, target, head)
     torch.testing.assert_close(got, _reference_ce(hidden, head.weight, None, target))
+
+
+def _lora_model(tiny_dir, dtype=torch.float32, dropout=0.0, **extra):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=dtype, use_cache=False)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
+                                             task_type="CAUSAL_LM", **extra))
+    for name, param in model.named_parameters():
+        if "lora_" in name:  # B starts at zero: give both factors values, so every gradient path is exercised
+            param.data = torch.randn_like(param, dtype=torch.float32) * 0.1
+    return model.train()
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biases on q, k, v
+def test_fused_lora_gives_peft_values_and_gradients(tiny_models, arch):
+    from martlet.train.kernels import fuse_lora
+
+    ids = torch.randint(5, 200, (2, 12))
+    batch = {"input_ids": ids, "labels": ids}
+    peft_model, fused = _lora_model(tiny_models[arch]), _lora_model(tiny_models[arch])
+    assert fuse_lora(fused) == sum(1 for n, _ in fused.named_modules() if n.endswith(".lora_A"))
+    want_loss, want = _loss_and_grads(peft_model, batch)
+    got_loss, got = _loss_and_grads(fused, batch)
+    torch.testing.assert_close(got_loss, want_loss)
+    assert got.keys() == want.keys() and len(got) > 0
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad(), fused.disable_adapter():  # the adapter switched off: peft's path, the base model
+        base_logits = fused(input_ids=ids).logits
+    with torch.no_grad():
+        assert not torch.allclose(fused(input_ids=ids).logits, base_logits)
+        fused.merge_adapter()  # merged: the base layer alone, same logits as the fused adapter gave
+        merged_logits = fused(input_ids=ids).logits
+        fused.unmerge_adapter()
+        torch.testing.assert_close(merged_logits, peft_model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_lora_under_bf16_autocast_matches_peft(tiny_models):
+    """As `martlet sft` trains LoRA on a CPU: bf16 base weights, fp32 adapters, bf16 autocast."""
+    from martlet.train.kernels import fuse_lora
+
+    ids = torch.randint(5, 200, (2, 12))
+    batch = {"input_ids": ids, "labels": ids}
+    models = [_lora_model(tiny_models["llama"], dtype=torch.bfloat16) for _ in range(2)]
+    fuse_lora(models[1])
+    results = []
+    for model in models:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_loss_and_grads(model, batch))
+    (want_loss, want), (got_loss, got) = results
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-2, atol=1e-2)
+    for name, grad in want.items():
+        assert got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name], grad, rtol=5e-2, atol=5e-3, msg=name)
+
+
+def test_fused_lora_dropout_gradients_and_eval():
+    """With dropout the forward pass draws a mask; for a fixed draw the hand-written gradients are exact
+    (gradcheck in float64), and in eval mode there is no dropout."""
+    from martlet.train.kernels import LoraLinear
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.randn(7, 6, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)
+    a = torch.randn(3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def fused(x, a, b, p=0.4):
+        torch.manual_seed(11)  # the same mask at every call gradcheck makes
+        return LoraLinear.apply(x, weight, bias, a, b, 2.0, p)
+
+    assert torch.autograd.gradcheck(fused, (x, a, b))
+    plain = x @ weight.t() + bias + 2.0 * (x @ a.t()) @ b.t()
+    torch.testing.assert_close(fused(x, a, b, 0.0), plain)
+    dropped = fused(x, a, b)
+    assert not torch.allclose(dropped, plain)
+    torch.manual_seed(11)
+    keep, kept = keep_mask(torch.Size((10, 6)), 0.4, x.device)
+    torch.testing.assert_close(dropped - (x @ weight.t() + bias), 2.0 * (x * keep.view(x.shape) / kept) @ a.t() @ b.t())
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_keep_mask_keeps_each_element_with_probability_one_minus_p(p):
+    torch.manual_seed(0)
+    keep, kept = keep_mask(torch.Size((1000, 1001)), p, torch.device("cpu"))  # an odd count: a partial last word
+    assert keep.shape == (1000, 1001) and keep.dtype == torch.bool
+    assert abs(kept - (1 - p)) < 1 / 65536
+    assert abs(keep.float().mean().item() - kept) < 5e-3  # ~5 standard deviations at 1e6 draws
+    for lane in range(4):  # each 16-bit lane of the random words is as likely to keep as the others
+        assert abs(keep.flatten()[lane::4].float().mean().item() - kept) < 1e-2
+    flat = keep.flatten()
+    assert abs((flat[1:] & flat[:-1]).float().mean().item() - kept ** 2) < 5e-3  # neighbours drawn independently
+
+
+def test_fuse_lora_leaves_dora_to_peft(tiny_models):
+    from martlet.train.kernels import fuse_lora
+
+    assert fuse_lora(_lora_model(tiny_models["llama"], use_dora=True)) == 0

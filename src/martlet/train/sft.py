@@ -93,6 +93,10 @@ def _load_for_training(args: SftArguments, spec: Any, dtype: str, device: str):
             for module in model.modules():
                 if hasattr(module, "lora_A"):
                     module.cast_input_dtype_enabled = False
+        if not (getattr(args, "deepspeed", None) or getattr(args, "fsdp", None)):  # (sharded weights: peft's path)
+            from martlet.train.kernels import fuse_lora
+
+            logger.debug("LoRA layers fused: %d", fuse_lora(model))
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
