@@ -2,9 +2,11 @@
 side by side in one invocation, on the embedded SmolLM2 and the built-in data.
 
     HF_HUB_OFFLINE=1 python benchmarks/sft_throughput.py [--steps 16] [--what sft|dpo|both] [--rounds 3]
+                                                         [--lora_dropout 0.05]
 
-Settings shared by both sides: LoRA r8 / alpha 32 on all linear layers, 4 samples a step (no gradient
-accumulation), max length 512, learning rate 1e-4, seed 42, the same samples in the same order.
+Settings shared by both sides: LoRA r8 / alpha 32 on all linear layers, LoRA dropout 0 (--lora_dropout: 0.05 is
+the default of ms-swift and Martlet), 4 samples a step (no gradient accumulation), max length 512, learning
+rate 1e-4, seed 42, the same samples in the same order.
 - SFT data: self-cognition + general-instruct + 400 math word problems (tokenized once by Martlet's template; the baseline trains
   on the very same token ids and labels).
 - DPO data: pref-identity + pref-math-en.
@@ -37,8 +39,9 @@ WARMUP = 2
 EXTRA = os.environ.get("MARTLET_BENCH_ARGS", "").split()  # e.g. "--gradient_checkpointing false" (ablations)
 SFT_DATA = ["self-cognition", "general-instruct", "math-word-problems#400"]
 DPO_DATA = ["pref-identity", "pref-math-en"]
+DROPOUT = [0.0]  # set from --lora_dropout in each process
 COMMON = ["--max_length", "512", "--batch_size", "4", "--gradient_accumulation_steps", "1",
-          "--learning_rate", "1e-4", "--lora_rank", "8", "--lora_alpha", "32", "--lora_dropout", "0",
+          "--learning_rate", "1e-4", "--lora_rank", "8", "--lora_alpha", "32",
           "--lora_target_modules", "ALL", "--dataset_test_ratio", "0", "--logging_steps", "1",
           "--warmup_ratio", "0", "--lr_scheduler_type", "constant", "--seed", "42", "--report_to", "none",
           "--disable_tqdm", "true", "--model_name", "Martlet", "--model_author", "Birdhouse"]
@@ -101,7 +104,7 @@ def baseline_sft(steps: int, out_dir: str) -> dict:
     record = {"steps": []}
     instrument(record)
     model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=DROPOUT[0], target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     targs = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=4, gradient_accumulation_steps=1,
                               max_steps=steps, learning_rate=1e-4, weight_decay=0.1, lr_scheduler_type="constant",
@@ -118,8 +121,8 @@ def martlet_sft(steps: int, out_dir: str) -> dict:
 
     record = {"steps": []}
     instrument(record)
-    result = sft_main(["--dataset", *SFT_DATA, *COMMON, "--max_steps", str(steps), "--output_dir", out_dir,
-                       "--save_steps", str(10 * steps), "--save_only_model", "true", *EXTRA])
+    result = sft_main(["--dataset", *SFT_DATA, *COMMON, "--lora_dropout", str(DROPOUT[0]), "--max_steps", str(steps),
+                       "--output_dir", out_dir, "--save_steps", str(10 * steps), "--save_only_model", "true", *EXTRA])
     return summary(record, result["log_history"])
 
 
@@ -147,7 +150,7 @@ def baseline_dpo(steps: int, out_dir: str) -> dict:
                        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=42, data_seed=42,
                        max_length=512, beta=0.1, disable_tqdm=True, bf16=False)  # fp32, as the SFT baseline
     trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                         peft_config=LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                         peft_config=LoraConfig(r=8, lora_alpha=32, lora_dropout=DROPOUT[0], target_modules="all-linear",
                                                 task_type="CAUSAL_LM"))
     trainer.train()
     return summary(record, trainer.state.log_history)
@@ -158,7 +161,8 @@ def martlet_dpo(steps: int, out_dir: str) -> dict:
 
     record = {"steps": []}
     instrument(record)
-    result = rlhf_main(["--rlhf_type", "dpo", "--dataset", *DPO_DATA, *COMMON, "--max_steps", str(steps),
+    result = rlhf_main(["--rlhf_type", "dpo", "--dataset", *DPO_DATA, *COMMON, "--lora_dropout", str(DROPOUT[0]),
+                        "--max_steps", str(steps),
                         "--output_dir", out_dir, "--save_steps", str(10 * steps), "--save_only_model", "true",
                         *EXTRA])
     return summary(record, result["log_history"])
@@ -182,7 +186,7 @@ def run_side(side: str, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result_file = os.path.join(tmp, "result.json")
         cmd = [sys.executable, __file__, "--side", side, "--steps", str(steps), "--result", result_file,
-               "--out", os.path.join(tmp, "out")]
+               "--out", os.path.join(tmp, "out"), "--lora_dropout", str(DROPOUT[0])]
         print(f"running {side} ...", flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if not os.environ.get("BENCH_VERBOSE") else None)
         with open(result_file, encoding="utf-8") as fh:
@@ -215,11 +219,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the sides in turn this many times (baseline, martlet, baseline, ...) and report each "
                              "side's median round: the host's speed drifts by ~20%% over minutes")
+    parser.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout of both sides")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    DROPOUT[0] = args.lora_dropout
     if args.side:  # a child process: one side, its numbers to --result
         result = SIDES[args.side](args.steps, args.out)
         with open(args.result, "w", encoding="utf-8") as fh:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from martlet.train.kernels import LinearCrossEntropy, keep_mask
+from martlet.train.kernels import LinearCrossEntropy, keep_factor
 
 
 def _reference_ce(hidden, weight, bias, target):
@@ -149,21 +149,24 @@ def test_fused_lora_dropout_gradients_and_eval():
     dropped = fused(x, a, b)
     assert not torch.allclose(dropped, plain)
     torch.manual_seed(11)
-    keep, kept = keep_mask(torch.Size((10, 6)), 0.4, x.device)
-    torch.testing.assert_close(dropped - (x @ weight.t() + bias), 2.0 * (x * keep.view(x.shape) / kept) @ a.t() @ b.t())
+    keep, kept = keep_factor(torch.Size((10, 6)), 0.4, x.dtype, x.device)
+    kept_x = x * keep.view(x.shape) / kept
+    torch.testing.assert_close(dropped - (x @ weight.t() + bias), 2.0 * kept_x @ a.t() @ b.t())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
-def test_keep_mask_keeps_each_element_with_probability_one_minus_p(p):
+def test_keep_factor_keeps_each_element_with_probability_one_minus_p(p, dtype):
     torch.manual_seed(0)
-    keep, kept = keep_mask(torch.Size((1000, 1001)), p, torch.device("cpu"))  # an odd count: a partial last word
-    assert keep.shape == (1000, 1001) and keep.dtype == torch.bool
-    assert abs(kept - (1 - p)) < 1 / 65536
-    assert abs(keep.float().mean().item() - kept) < 5e-3  # ~5 standard deviations at 1e6 draws
-    for lane in range(4):  # each 16-bit lane of the random words is as likely to keep as the others
-        assert abs(keep.flatten()[lane::4].float().mean().item() - kept) < 1e-2
-    flat = keep.flatten()
-    assert abs((flat[1:] & flat[:-1]).float().mean().item() - kept ** 2) < 5e-3  # neighbours drawn independently
+    keep, kept = keep_factor(torch.Size((1000, 1001)), p, dtype, torch.device("cpu"))  # odd: a partial last word
+    assert keep.shape == (1000, 1001) and keep.dtype == dtype
+    assert set(keep.unique().tolist()) == {0.0, 1.0}
+    assert abs(kept - (1 - p)) < 2 ** -14
+    flat = keep.flatten().double()
+    assert abs(flat.mean().item() - kept) < 5e-3  # ~5 standard deviations at 1e6 draws
+    for lane in range(4):  # every lane cut from the random words keeps as often as the others
+        assert abs(flat[lane::4].mean().item() - kept) < 1e-2
+    assert abs((flat[1:] * flat[:-1]).mean().item() - kept ** 2) < 5e-3  # neighbours drawn independently
 
 
 def test_fuse_lora_leaves_dora_to_peft(tiny_models):

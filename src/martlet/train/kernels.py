@@ -72,14 +72,10 @@ class LoraLinear(torch.autograd.Function):
         dtype = weight.dtype
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        a = lora_a.to(dtype)
+        keep, kept = keep_factor(x2.shape, dropout, x2.dtype, x2.device) if dropout > 0 else (None, 1.0)
+        xd = x2 if keep is None else x2 * keep  # the dropout's 1 / kept goes on the small factors
+        a = (lora_a / kept).to(dtype)
         b = (lora_b * scaling).to(dtype)
-        keep, kept = None, 1.0
-        if dropout > 0:
-            keep, kept = keep_mask(x2.shape, dropout, x2.device)
-            xd = (x2 * keep).mul_(1 / kept)
-        else:
-            xd = x2
         xa = xd @ a.t()
         out = torch.nn.functional.linear(x2, weight, bias)
         out.addmm_(xa, b.t())
@@ -94,31 +90,43 @@ class LoraLinear(torch.autograd.Function):
         dyb = dy @ b  # (tokens, r), the scaling included
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = dy @ weight
-            through_adapter = dyb @ a
-            if keep is not None:
-                through_adapter = (through_adapter * keep).mul_(1 / ctx.kept)
-            grad_x = grad_x.add_(through_adapter).view(ctx.shape)
+            if keep is None:
+                grad_x = (dy @ weight).addmm_(dyb, a)
+            else:
+                grad_x = (dy @ weight).add_((dyb @ a).mul_(keep))
+            grad_x = grad_x.view(ctx.shape)
         if ctx.needs_input_grad[3]:
-            grad_a = (dyb.t() @ xd).float()
+            grad_a = (dyb.t() @ xd).float().div_(ctx.kept)
         if ctx.needs_input_grad[4]:
             grad_b = (dy.t() @ xa).float().mul_(ctx.scaling)
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """A dropout keep-mask (True with probability 1 - p) and that probability.
+def keep_factor(shape: torch.Size, p: float, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Dropout as a factor: a tensor of `dtype` holding 1 (kept, probability 1 - p) or 0, and that probability.
 
-    On a CPU, `bernoulli_` draws one random number per element and takes a fifth of a LoRA step at dropout 0.05;
-    here each 64-bit random word gives four 16-bit draws, compared with p rounded to 1/65536 (the scale uses the
-    rounded value, so the dropout stays unbiased): about 4x faster. Other devices use `bernoulli_`.
+    On a CPU, `bernoulli_` draws one random number per element and takes a fifth of a LoRA step at dropout 0.05,
+    and boolean masks are slow to apply. Here random 64-bit words are cut into lanes as wide as `dtype`, and
+    integer operations turn each lane into the bits of 1.0 or 0.0 of that dtype: p is rounded to 2^-(bits - 1)
+    (the caller scales by the rounded keep probability, so the dropout stays unbiased). Other devices use
+    `bernoulli_`.
     """
-    if device.type != "cpu":
-        return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p), 1 - p
-    threshold = round(p * 65536)
-    count = shape.numel()
-    words = torch.randint(-2**63, 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=device)
-    return words.view(torch.int16)[:count].view(shape) >= threshold - 32768, 1 - threshold / 65536
+    if device.type != "cpu" or dtype not in _LANES:
+        return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p), 1 - p
+    lanes = _LANES[dtype]
+    bits = torch.iinfo(lanes).bits
+    half = 1 << (bits - 2)  # lanes >> 1 lie in [-half, half): their difference with a threshold cannot overflow
+    threshold = round(p * 2 * half) - half
+    count, per_word = shape.numel(), 64 // bits
+    words = torch.randint(-2**63, 2**63 - 1, ((count + per_word - 1) // per_word,), dtype=torch.int64, device=device)
+    lane = words.view(lanes)[:count] >> 1
+    one = torch.ones((), dtype=dtype).view(lanes).item()
+    # (lane - threshold) >> (bits - 1) is -1 where lane < threshold (dropped), else 0; inverted, it masks 1.0's bits
+    factor = lane.sub_(threshold).bitwise_right_shift_(bits - 1).bitwise_not_().bitwise_and_(one)
+    return factor.view(dtype).view(shape), 1 - (threshold + half) / (2 * half)
+
+
+_LANES = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 
 def fuse_lora(model: torch.nn.Module) -> int:
