@@ -32,10 +32,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(hidden.dtype)
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], target[start:start + chunk]
-            logits = logits_fp32(h, weight, bias)
-            lse = logits.logsumexp(-1)
-            total += (lse - logits.gather(1, y[:, None])[:, 0]).sum()
-            grad = logits.sub_(lse[:, None]).exp_()  # the softmax, in place of the logits
+            logp = torch.log_softmax(logits_fp32(h, weight, bias), -1)
+            total -= logp.gather(1, y[:, None]).sum()
+            grad = logp.exp_()  # the softmax, in place
             grad[torch.arange(len(y), device=y.device), y] -= 1
             if grad_b is not None:
                 grad_b += grad.sum(0)
