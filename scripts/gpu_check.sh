@@ -34,6 +34,7 @@ else skip qlora "bitsandbytes not installed"; fi
 if has flash_attn; then check flash_attn $PY "${SFT[@]}" --use_flash_attn true --output_dir "$WORK/fa2"
 else skip flash_attn "flash-attn not installed"; fi
 check sdpa_attn $PY "${SFT[@]}" --attn_impl sdpa --output_dir "$WORK/sdpa"
+check fused_kernels_cuda $PY -m pytest -q tests/unit/test_kernels.py -k cuda  # fused LoRA + loss vs peft on CUDA
 check packing $PY "${SFT[@]}" --packing true --output_dir "$WORK/packing"
 check padded_batches $PY "${SFT[@]}" --padding_free false --lean_loss false --output_dir "$WORK/padded"
 if has liger_kernel; then check liger $PY "${SFT[@]}" --use_liger_kernel true --output_dir "$WORK/liger"

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 
 from martlet.train.kernels import LinearCrossEntropy, keep_factor
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="needs a CUDA GPU (scripts/gpu_check.sh runs it)"))]
+
 
 def _reference_ce(hidden, weight, bias, target):
     logits = F.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
@@ -34,13 +37,14 @@ def test_linear_cross_entropy_matches_the_library_in_fp32(with_bias, chunk):
         torch.testing.assert_close(g_got, g_want)
 
 
-def test_linear_cross_entropy_under_bf16_autocast_matches_and_keeps_the_dtypes():
-    """As Martlet trains with LoRA on a CPU: bf16 hidden states, a frozen bf16 head, fp32 softmax."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_under_bf16_autocast_matches_and_keeps_the_dtypes(device):
+    """As Martlet trains with LoRA: bf16 hidden states, a frozen bf16 head, fp32 softmax."""
     g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(40, 32, generator=g).to(torch.bfloat16).requires_grad_()
-    weight = torch.randn(300, 32, generator=g).to(torch.bfloat16)  # frozen: no gradient asked for
-    target = torch.randint(0, 300, (40,), generator=g)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    hidden = torch.randn(40, 32, generator=g).to(device, torch.bfloat16).requires_grad_()
+    weight = torch.randn(300, 32, generator=g).to(device, torch.bfloat16)  # frozen: no gradient asked for
+    target = torch.randint(0, 300, (40,), generator=g).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         want = _reference_ce(hidden, weight, None, target)
         got = LinearCrossEntropy.apply(hidden, weight, None, target, 16)
     (want_grad,) = torch.autograd.grad(want, hidden)
@@ -109,17 +113,18 @@ def test_fused_lora_gives_peft_values_and_gradients(tiny_models, arch):
         torch.testing.assert_close(merged_logits, peft_model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_lora_under_bf16_autocast_matches_peft(tiny_models):
-    """As `martlet sft` trains LoRA on a CPU: bf16 base weights, fp32 adapters, bf16 autocast."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_lora_under_bf16_autocast_matches_peft(tiny_models, device):
+    """As `martlet sft` trains LoRA: bf16 base weights, fp32 adapters, bf16 autocast."""
     from martlet.train.kernels import fuse_lora
 
-    ids = torch.randint(5, 200, (2, 12))
+    ids = torch.randint(5, 200, (2, 12)).to(device)
     batch = {"input_ids": ids, "labels": ids}
-    models = [_lora_model(tiny_models["llama"], dtype=torch.bfloat16) for _ in range(2)]
+    models = [_lora_model(tiny_models["llama"], dtype=torch.bfloat16).to(device) for _ in range(2)]
     fuse_lora(models[1])
     results = []
     for model in models:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             results.append(_loss_and_grads(model, batch))
     (want_loss, want), (got_loss, got) = results
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-2, atol=1e-2)
@@ -173,3 +178,21 @@ def test_fuse_lora_leaves_dora_to_peft(tiny_models):
     from martlet.train.kernels import fuse_lora
 
     assert fuse_lora(_lora_model(tiny_models["llama"], use_dora=True)) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_lora_dropout_trains_on_the_device(tiny_models, device):
+    """Dropout on: each call draws a new mask (two passes differ), eval mode has none (two passes agree)."""
+    from martlet.train.kernels import fuse_lora
+
+    model = _lora_model(tiny_models["llama"], dropout=0.3).to(device)
+    assert fuse_lora(model) > 0
+    ids = torch.randint(5, 200, (2, 12)).to(device)
+    with torch.no_grad():
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+        assert not torch.allclose(first, second)
+        model.eval()
+        torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    model.train()
+    _, grads = _loss_and_grads(model, {"input_ids": ids, "labels": ids})
+    assert all(torch.isfinite(g).all() for g in grads.values()) and any(g.abs().sum() > 0 for g in grads.values())
