@@ -32,14 +32,66 @@ def _drop_ref_adapter(model: Any) -> None:
 
 class DPOTrainer(AtomicCheckpointMixin, trl.DPOTrainer):
     """trl's DPOTrainer on rows already tokenized by `martlet.data.preference` (prompt_ids, chosen_ids,
-    rejected_ids), so the prompt is the SFT Template's and only the reply tokens count."""
+    rejected_ids), so the prompt is the SFT Template's and only the reply tokens count. With `padding_free`, the
+    padded [chosen, rejected] batch runs as one padding-free row (`padding_free_fused_forward`)."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, padding_free: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         _drop_ref_adapter(self.model)
+        if padding_free:
+            for model in (self.model, self.ref_model):
+                if model is not None:
+                    padding_free_fused_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # trl 1.16's tokenizing step
         return dataset
+
+
+def padding_free_fused_forward(model: Any) -> None:
+    """Make trl's fused-LM-head forward (`model(..., labels=, fused_lm_head=True)`, trl 1.16) run a padded batch as
+    one padding-free row, and hand its per-token fields back in the padded layout.
+
+    trl pads each pair's chosen and rejected sequences to the longest of the batch, and on devices without Triton
+    scores every position through the LM head, padding and prompts included. Here the real tokens are laid end to
+    end with position ids restarting per sequence (the attention never crosses sequences: transformers' packed
+    sequence masks, or `martlet_varlen` on a CPU), each sequence's first token is never a target, and only the
+    labelled positions are scored. The log-probs, entropies and other per-token fields come back where trl expects
+    them, zero elsewhere, so its DPO losses and metrics are unchanged (tested against the padded forward).
+    """
+    import types
+
+    import trl.trainer.utils as trl_utils
+
+    fused = model.forward
+    if not hasattr(trl_utils, "_use_triton"):  # another trl: leave its forward alone
+        return
+
+    def forward(self, *args: Any, fused_lm_head: bool = False, labels: Any = None, input_ids: Any = None,
+                attention_mask: Any = None, **kwargs: Any):
+        if (args or not fused_lm_head or labels is None or input_ids is None or attention_mask is None
+                or input_ids.shape[0] < 2 or any(torch.is_tensor(v) for v in kwargs.values())):
+            return fused(*args, fused_lm_head=fused_lm_head, labels=labels, input_ids=input_ids,
+                         attention_mask=attention_mask, **kwargs)
+        keep = attention_mask.bool()
+        positions = (keep.long().cumsum(1) - 1)[keep]
+        row_labels = labels[keep].masked_fill(positions == 0, -100)  # never predicted from the sequence before
+        use_triton = trl_utils._use_triton
+        trl_utils._use_triton = lambda device: True  # score only the labelled positions (trl: Triton devices only)
+        try:
+            out = fused(input_ids=input_ids[keep][None], position_ids=positions[None], labels=row_labels[None],
+                        fused_lm_head=True, **kwargs)
+        finally:
+            trl_utils._use_triton = use_triton
+        # padded position (b, t) predicts token (b, t + 1), whose prediction in the row sits just before it
+        row_index = keep.flatten().cumsum(0).view(keep.shape) - 1
+        source, valid = (row_index[:, 1:] - 1).clamp(min=0), keep[:, 1:]
+        for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask"):
+            value = getattr(out, name, None)
+            if value is not None:
+                out[name] = value[0][source].masked_fill(~valid, 0)
+        return out
+
+    model.forward = types.MethodType(forward, model)
 
 
 class KTOTrainer(AtomicCheckpointMixin, trl.KTOTrainer):
@@ -130,7 +182,7 @@ def build_trainer(args: Any, model: Any, ref_model: Any, tokenizer: Any, train_s
         if args.rpo_alpha:  # RPO: DPO plus rpo_alpha times the NLL of the chosen replies (trl's "sft" loss)
             losses, weights = losses + ["sft"], weights + [args.rpo_alpha]
         config = trl.DPOConfig(**training_kwargs, loss_type=losses, loss_weights=weights, **reference)
-        return DPOTrainer(ref_model=ref_model, args=config, **common)
+        return DPOTrainer(ref_model=ref_model, args=config, padding_free=args.effective_padding_free(), **common)
     if kind == "kto":
         config = trl.KTOConfig(**training_kwargs, loss_type=loss_type, desirable_weight=args.desirable_weight,
                                undesirable_weight=args.undesirable_weight, **reference)

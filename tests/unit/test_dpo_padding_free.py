@@ -1,0 +1,85 @@
+"""DPO's padding-free forward (`padding_free_fused_forward`) gives trl's fused-LM-head forward the same per-token
+log-probs, metrics fields and gradients as the padded batch it replaces."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from martlet.train.rlhf_trainers import padding_free_fused_forward
+
+FIELDS = ("log_probs", "entropy", "mean_logits", "is_top1", "label_mask")
+
+
+def _batch(vocab: int, left: bool):
+    """[chosen..., rejected...] of different lengths, padded to the longest; prompts and padding carry -100."""
+    g = torch.Generator().manual_seed(0)
+    lengths, prompts = [9, 14, 6, 11], [4, 4, 3, 3]
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (n, p) in enumerate(zip(lengths, prompts)):
+        span = slice(width - n, width) if left else slice(0, n)
+        ids[i, span] = torch.randint(5, vocab, (n,), generator=g)
+        mask[i, span] = 1
+        labels[i, span] = ids[i, span]
+        labels[i, span.start:span.start + p] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.fixture(scope="module", params=["sdpa", "martlet_varlen"])
+def models(request, tiny_llama):
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from martlet.train.attention import register
+
+    attn = register() if request.param != "sdpa" else "sdpa"
+    padded = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation=attn,
+                                                  use_cache=False).train()
+    add_fused_lm_head(padded, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    flat = copy.deepcopy(padded)
+    padding_free_fused_forward(flat)
+    return padded, flat
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
+def test_padding_free_fused_forward_matches_the_padded_batch(models, left):
+    padded, flat = models
+    batch = _batch(padded.config.vocab_size, left)
+    calls = []
+    backbone = flat.model.forward
+    flat.model.forward = lambda *a, **k: calls.append(k["input_ids"].shape) or backbone(*a, **k)
+    try:
+        want, got = padded(**batch, fused_lm_head=True), flat(**batch, fused_lm_head=True)
+    finally:
+        del flat.model.forward
+    assert calls == [(1, int(batch["attention_mask"].sum()))]  # one row of real tokens, no padding
+    for name in FIELDS:
+        assert got[name].shape == want[name].shape, name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+
+    def grads(model, out):
+        model.zero_grad()
+        (out.log_probs.sum() + 0.1 * out.entropy.sum()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want_grads, got_grads = grads(padded, want), grads(flat, got)
+    assert want_grads.keys() == got_grads.keys()
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_other_calls_go_to_the_fused_forward_unchanged(models):
+    """Generation-style calls (no fused head) and single sequences are not rewritten."""
+    padded, flat = models
+    batch = _batch(padded.config.vocab_size, False)
+    with torch.no_grad():
+        torch.testing.assert_close(flat(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                   padded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+        one = {k: v[:1] for k, v in batch.items()}
+        torch.testing.assert_close(flat(**one, fused_lm_head=True).log_probs, padded(**one, fused_lm_head=True).log_probs)
