@@ -49,7 +49,7 @@ def test_method_defaults_are_derived_not_written(kind, beta, loss, cpo_alpha):
     (dict(rlhf_type="kto"), "batch_size"),  # KTO's KL term needs 2+ rows per batch
     (dict(rlhf_type="ppo"), "rlhf_type"),
     (dict(packing=True), "packing"),  # pairs are batched by their trainer
-    (dict(padding_free=True, rlhf_type="orpo"), "padding_free"),  # dpo only
+    (dict(padding_free=True, rlhf_type="orpo"), "padding_free"),  # dpo and kto only
 ])
 def test_inconsistent_arguments_name_the_field(kw, field):
     with pytest.raises(MartletError) as err:

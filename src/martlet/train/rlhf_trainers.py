@@ -33,18 +33,23 @@ def _drop_ref_adapter(model: Any) -> None:
 class DPOTrainer(AtomicCheckpointMixin, trl.DPOTrainer):
     """trl's DPOTrainer on rows already tokenized by `martlet.data.preference` (prompt_ids, chosen_ids,
     rejected_ids), so the prompt is the SFT Template's and only the reply tokens count. With `padding_free`, the
-    padded [chosen, rejected] batch runs as one padding-free row (`padding_free_fused_forward`)."""
+    padded [chosen, rejected] batch runs as one padding-free row (`padding_free_fused_forward`), the reference pass
+    too."""
 
     def __init__(self, *args: Any, padding_free: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         _drop_ref_adapter(self.model)
         if padding_free:
-            for model in (self.model, self.ref_model):
-                if model is not None:
-                    padding_free_fused_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
+            _padding_free(self)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # trl 1.16's tokenizing step
         return dataset
+
+
+def _padding_free(trainer: Any) -> None:
+    for model in (trainer.model, trainer.ref_model):
+        if model is not None:
+            padding_free_fused_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
 
 def padding_free_fused_forward(model: Any) -> None:
@@ -95,11 +100,14 @@ def padding_free_fused_forward(model: Any) -> None:
 
 
 class KTOTrainer(AtomicCheckpointMixin, trl.KTOTrainer):
-    """trl's KTOTrainer on rows tokenized by `martlet.data.preference` (prompt_ids, completion_ids, label)."""
+    """trl's KTOTrainer on rows tokenized by `martlet.data.preference` (prompt_ids, completion_ids, label); padding-free
+    like DPOTrainer."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, padding_free: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         _drop_ref_adapter(self.model)
+        if padding_free:
+            _padding_free(self)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # trl 1.16's tokenizing step
         if not self.calculate_KL:
@@ -186,7 +194,7 @@ def build_trainer(args: Any, model: Any, ref_model: Any, tokenizer: Any, train_s
     if kind == "kto":
         config = trl.KTOConfig(**training_kwargs, loss_type=loss_type, desirable_weight=args.desirable_weight,
                                undesirable_weight=args.undesirable_weight, **reference)
-        return KTOTrainer(ref_model=ref_model, args=config, **common)
+        return KTOTrainer(ref_model=ref_model, args=config, padding_free=args.effective_padding_free(), **common)
     loss_fn = {
         "orpo": functools.partial(rlhf_losses.orpo_loss, beta=beta),
         "simpo": functools.partial(rlhf_losses.simpo_loss, beta=beta, gamma=args.simpo_gamma,
