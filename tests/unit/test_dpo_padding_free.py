@@ -1,5 +1,6 @@
-"""DPO's padding-free forward (`padding_free_fused_forward`) gives trl's fused-LM-head forward the same per-token
-log-probs, metrics fields and gradients as the padded batch it replaces."""
+"""Padding-free preference batches: DPO/KTO's wrapper of trl's fused-LM-head forward (`padding_free_fused_forward`)
+and ORPO/SimPO/CPO's `padding_free_sequence_logps` give the same per-token log-probs, metrics fields and gradients
+as the padded batches they replace."""
 
 from __future__ import annotations
 
@@ -83,3 +84,25 @@ def test_other_calls_go_to_the_fused_forward_unchanged(models):
                                    padded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
         one = {k: v[:1] for k, v in batch.items()}
         torch.testing.assert_close(flat(**one, fused_lm_head=True).log_probs, padded(**one, fused_lm_head=True).log_probs)
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
+def test_padding_free_sequence_logps_match_the_padded_ones(models, left):
+    """ORPO, SimPO and CPO: summed reply log-probs and token counts, and their gradients."""
+    from martlet.train.rlhf_trainers import padding_free_sequence_logps, sequence_logps
+
+    model = models[0]
+    batch = _batch(model.config.vocab_size, left)
+    batch["completion_mask"] = batch.pop("labels").ne(-100).long()
+
+    def run(fn):
+        model.zero_grad()
+        logps, counts = fn(model, batch)
+        (logps * torch.linspace(0.5, 2.0, len(logps))).sum().backward()
+        return logps.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (want, want_counts, want_grads), (got, got_counts, got_grads) = run(sequence_logps), run(padding_free_sequence_logps)
+    assert got_counts.tolist() == want_counts.tolist() == [5, 10, 3, 8]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)

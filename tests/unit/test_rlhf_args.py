@@ -49,7 +49,6 @@ def test_method_defaults_are_derived_not_written(kind, beta, loss, cpo_alpha):
     (dict(rlhf_type="kto"), "batch_size"),  # KTO's KL term needs 2+ rows per batch
     (dict(rlhf_type="ppo"), "rlhf_type"),
     (dict(packing=True), "packing"),  # pairs are batched by their trainer
-    (dict(padding_free=True, rlhf_type="orpo"), "padding_free"),  # dpo and kto only
 ])
 def test_inconsistent_arguments_name_the_field(kw, field):
     with pytest.raises(MartletError) as err:
@@ -63,7 +62,8 @@ def test_valid_combinations():
     args(rlhf_type="simpo", cpo_alpha=0.2, simpo_gamma=0.5).validate()
     args(rlhf_type="kto", batch_size=4, desirable_weight=1.33, loss_type="apo_zero_unpaired").validate()
     args(rpo_alpha=1.0, sft_type="full", precompute_ref_log_probs=True).validate()
-    assert args(padding_free=True).validate().effective_padding_free()  # dpo: on by default, or asked for
+    assert args(padding_free=True).validate().effective_padding_free()  # on by default, or asked for
+    assert args(rlhf_type="orpo").validate().effective_padding_free()
     assert not args(padding_free=False).validate().effective_padding_free()
     with pytest.raises(MartletError, match="no training data"):
         RLHFArguments().validate()

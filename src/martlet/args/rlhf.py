@@ -75,8 +75,6 @@ class RLHFArguments(PreferenceArguments, SftArguments):
         if self.packing:
             raise MartletError("applies to sft and pt only: preference pairs are batched by their trainer.",
                                field="packing")
-        if self.padding_free and kind not in ("dpo", "kto"):
-            raise MartletError(f"applies to sft, pt, dpo and kto only, not to {kind}.", field="padding_free")
         checks = [("beta", self.beta is None or self.beta > 0, "must be greater than 0"),
                   ("rpo_alpha", self.rpo_alpha is None or self.rpo_alpha >= 0, "must be at least 0"),
                   ("cpo_alpha", self.cpo_alpha is None or self.cpo_alpha >= 0, "must be at least 0"),

@@ -45,7 +45,7 @@ class TrainArguments:
     hub_private_repo: bool = arg(False, "Create the hub repository as private.")
     # speed and memory (docs/en/performance.md)
     padding_free: Optional[bool] = arg(None, "Lay each batch end to end in one row, with no padding and no attention "
-                                             "across samples (sft, pt, dpo, kto). Default: on, except for remote-code "
+                                             "across samples (every training command). Default: on, except for remote-code "
                                              "models.")
     packing: bool = arg(False, "Pack samples into rows of up to max_length tokens before training; a step then "
                                "sees batch_size packed rows.")

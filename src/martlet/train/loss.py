@@ -22,7 +22,7 @@ CHUNK = 1024
 
 
 def lean_loss_supported(model: Any) -> bool:
-    lm = _causal_lm(model)
+    lm = unwrap_causal_lm(model)
     config = getattr(lm, "config", None)
     if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return False
@@ -50,22 +50,22 @@ def causal_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any =
     target[:, :-1] = labels[:, 1:]  # position t predicts the token at t + 1
     keep = target.ne(IGNORE_INDEX)
     count = num_items_in_batch if num_items_in_batch is not None else max(1, int(keep.sum()))
-    if _is_wrapped(model):
+    if is_wrapped(model):
         positions = keep.any(dim=0).nonzero().flatten()
         logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
         y = target[:, positions]
         total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum",
                                                   ignore_index=IGNORE_INDEX)
     else:
-        lm = _causal_lm(model)
+        lm = unwrap_causal_lm(model)
         hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        total = _chunked_sum(hidden[keep], target[keep], lm.get_output_embeddings())
+        total = summed_cross_entropy(hidden[keep], target[keep], lm.get_output_embeddings())
     if torch.is_tensor(count):
         count = count.to(total.device)
     return total / count
 
 
-def _chunked_sum(hidden: Any, target: Any, head: Any):
+def summed_cross_entropy(hidden: Any, target: Any, head: Any):
     """Sum of the cross-entropies of `head(hidden)` against `target`, CHUNK positions at a time."""
     import torch
 
@@ -88,11 +88,11 @@ def logits_fp32(h: Any, weight: Any, bias: Any):
     return F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype)).float()
 
 
-def _is_wrapped(model: Any) -> bool:
+def is_wrapped(model: Any) -> bool:
     return hasattr(model, "_orig_mod") or (hasattr(model, "module") and not hasattr(model, "get_decoder"))
 
 
-def _causal_lm(model: Any) -> Any:
+def unwrap_causal_lm(model: Any) -> Any:
     """The transformers CausalLM inside DDP / peft wrappers (LoRA layers are injected in place)."""
     while hasattr(model, "module") and not hasattr(model, "get_decoder"):
         model = model.module

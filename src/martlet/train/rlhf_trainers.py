@@ -138,10 +138,31 @@ def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
+def padding_free_sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` on one padding-free row: the decoder sees only real tokens, and only reply tokens go through
+    the LM head (with the lean loss's chunked, no-recompute cross-entropy), one sequence at a time."""
+    from martlet.train.loss import summed_cross_entropy, unwrap_causal_lm
+
+    ids, keep, reply = batch["input_ids"], batch["attention_mask"].bool(), batch["completion_mask"].bool()
+    positions = (keep.long().cumsum(1) - 1)[keep]
+    lm = unwrap_causal_lm(model)
+    hidden = lm.get_decoder()(input_ids=ids[keep][None], position_ids=positions[None],
+                              use_cache=False).last_hidden_state[0]
+    row_index = keep.flatten().cumsum(0).view(keep.shape) - 1  # where each real token sits in the row
+    targets = reply & keep
+    targets[:, 0] = False  # token t is predicted at the row position just before it
+    head = lm.get_output_embeddings()
+    logps = [-summed_cross_entropy(hidden[row_index[b, t] - 1], ids[b, t], head)
+             for b, t in enumerate(row.nonzero().flatten() for row in targets)]
+    return torch.stack(logps), targets.sum(-1)
+
+
 class RefFreeTrainer(AtomicCheckpointMixin, Trainer):
-    """ORPO, SimPO and CPO: a loss of the policy's own log-probs of the chosen and rejected replies."""
+    """ORPO, SimPO and CPO: a loss of the policy's own log-probs of the chosen and rejected replies (padding-free
+    and scoring reply tokens only when `padding_free`, unless the model is wrapped for distributed training)."""
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+    padding_free = False
 
     def __init__(self, *args: Any, loss_fn: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -152,7 +173,10 @@ class RefFreeTrainer(AtomicCheckpointMixin, Trainer):
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logps, tokens = sequence_logps(model, inputs)
+        from martlet.train.loss import is_wrapped
+
+        lean = self.padding_free and not is_wrapped(model)
+        logps, tokens = (padding_free_sequence_logps if lean else sequence_logps)(model, inputs)
         (chosen, rejected), (n_chosen, n_rejected) = logps.chunk(2), tokens.chunk(2)  # the batch is [chosen, rejected]
         loss, chosen_rewards, rejected_rewards, extras = self.loss_fn(chosen, rejected, n_chosen, n_rejected)
         metrics = {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
@@ -203,5 +227,9 @@ def build_trainer(args: Any, model: Any, ref_model: Any, tokenizer: Any, train_s
                                  loss_type=loss_type),
     }[kind]
     collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
-    return RefFreeTrainer(args=TrainingArguments(**training_kwargs), data_collator=collator, loss_fn=loss_fn,
-                          **common)
+    trainer = RefFreeTrainer(args=TrainingArguments(**training_kwargs), data_collator=collator, loss_fn=loss_fn,
+                             **common)
+    from martlet.train.loss import lean_loss_supported
+
+    trainer.padding_free = args.effective_padding_free() and lean_loss_supported(model)
+    return trainer
