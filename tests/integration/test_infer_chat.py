@@ -2,6 +2,7 @@
 embedded SmolLM2 (type a question, read the streamed answer, clear, multi-line, Ctrl-C, quit)."""
 
 import os
+import signal
 import sys
 import time
 
@@ -12,8 +13,10 @@ pexpect = pytest.importorskip("pexpect")
 
 def test_chat_in_a_terminal(embedded_dir):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # started with SIGINT ignored, as a shell script's background job is: Ctrl-C must still stop a reply
     chat = pexpect.spawn(sys.executable, ["-m", "martlet", "infer", "--dtype", "fp32"], env=env,
-                         encoding="utf-8", timeout=90, dimensions=(40, 200))
+                         encoding="utf-8", timeout=90, dimensions=(40, 200),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         chat.expect("<<< ")
         chat.sendline("What is the capital of France?")

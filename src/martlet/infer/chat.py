@@ -33,7 +33,29 @@ def read_message(read: Callable[[str], str], multi_line: bool) -> str:
 def chat_loop(engine: Any, config: Any = None, *, system: Optional[str] = None, stream: bool = True,
               read: Callable[[str], str] = input, out: Optional[TextIO] = None) -> list[dict]:
     """Chat until exit/quit or end of input; returns the conversation (messages) at the end."""
-    out = out or sys.stdout
+    with _ctrl_c_raises():
+        return _chat(engine, config, system, stream, read, out or sys.stdout)
+
+
+@contextlib.contextmanager
+def _ctrl_c_raises():
+    """Ctrl-C stops a reply even when the chat was started with SIGINT ignored (a process started in the
+    background by a shell script inherits that, and Python then leaves it ignored)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _chat(engine: Any, config: Any, system: Optional[str], stream: bool, read: Callable[[str], str],
+          out: TextIO) -> list[dict]:
     history: list[dict] = []
     multi_line = False
     print(HELP, file=out, flush=True)
