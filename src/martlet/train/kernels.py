@@ -22,17 +22,15 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, chunk):
-        from martlet.train.loss import logits_fp32
-
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        w = weight.to(hidden.dtype)
+        w, b = cast_head(weight, bias, hidden.dtype)  # once, not per chunk
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], target[start:start + chunk]
-            logp = torch.log_softmax(logits_fp32(h, weight, bias), -1)
+            logp = torch.log_softmax(torch.nn.functional.linear(h, w, b).float(), -1)
             total -= logp.gather(1, y[:, None]).sum()
             grad = logp.exp_()  # the softmax, in place
             grad[torch.arange(len(y), device=y.device), y] -= 1
@@ -55,6 +53,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             return None if grad is None else (grad * grad_total).to(dtype or grad.dtype)
 
         return scaled(grad_h), scaled(grad_w, ctx.dtypes[0]), scaled(grad_b, ctx.dtypes[1]), None, None
+
+
+def cast_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    """The output projection in the activations' dtype (bf16 under autocast); its logits then go to fp32."""
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 class LoraLinear(torch.autograd.Function):

@@ -69,23 +69,17 @@ def summed_cross_entropy(hidden: Any, target: Any, head: Any):
     """Sum of the cross-entropies of `head(hidden)` against `target`, CHUNK positions at a time."""
     import torch
 
+    from martlet.train.kernels import LinearCrossEntropy, cast_head
+
     weight, bias = head.weight, head.bias
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
-        from martlet.train.kernels import LinearCrossEntropy
-
         return LinearCrossEntropy.apply(hidden, weight, bias, target, CHUNK)
+    w, b = cast_head(weight, bias, hidden.dtype)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], CHUNK):
-        logits = logits_fp32(hidden[start:start + CHUNK], weight, bias)
+        logits = torch.nn.functional.linear(hidden[start:start + CHUNK], w, b).float()
         total = total + torch.nn.functional.cross_entropy(logits, target[start:start + CHUNK], reduction="sum")
     return total
-
-
-def logits_fp32(h: Any, weight: Any, bias: Any):
-    """fp32 logits of a chunk, the projection in the activations' dtype (bf16 under autocast)."""
-    import torch.nn.functional as F
-
-    return F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype)).float()
 
 
 def is_wrapped(model: Any) -> bool:
