@@ -52,6 +52,14 @@ def _padding_free(trainer: Any) -> None:
             padding_free_fused_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
 
+def _row_layout(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A padded batch as one padding-free row: which tokens are real, their position ids (restarting per
+    sequence), and where each real token sits in the row."""
+    keep = attention_mask.bool()
+    positions = (keep.long().cumsum(1) - 1)[keep]
+    return keep, positions, keep.flatten().cumsum(0).view(keep.shape) - 1
+
+
 def padding_free_fused_forward(model: Any) -> None:
     """Make trl's fused-LM-head forward (`model(..., labels=, fused_lm_head=True)`, trl 1.16) run a padded batch as
     one padding-free row, and hand its per-token fields back in the padded layout.
@@ -77,8 +85,7 @@ def padding_free_fused_forward(model: Any) -> None:
                 or input_ids.shape[0] < 2 or any(torch.is_tensor(v) for v in kwargs.values())):
             return fused(*args, fused_lm_head=fused_lm_head, labels=labels, input_ids=input_ids,
                          attention_mask=attention_mask, **kwargs)
-        keep = attention_mask.bool()
-        positions = (keep.long().cumsum(1) - 1)[keep]
+        keep, positions, row_index = _row_layout(attention_mask)
         row_labels = labels[keep].masked_fill(positions == 0, -100)  # never predicted from the sequence before
         use_triton = trl_utils._use_triton
         trl_utils._use_triton = lambda device: True  # score only the labelled positions (trl: Triton devices only)
@@ -88,7 +95,6 @@ def padding_free_fused_forward(model: Any) -> None:
         finally:
             trl_utils._use_triton = use_triton
         # padded position (b, t) predicts token (b, t + 1), whose prediction in the row sits just before it
-        row_index = keep.flatten().cumsum(0).view(keep.shape) - 1
         source, valid = (row_index[:, 1:] - 1).clamp(min=0), keep[:, 1:]
         for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask"):
             value = getattr(out, name, None)
@@ -143,12 +149,11 @@ def padding_free_sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> t
     the LM head (with the lean loss's chunked, no-recompute cross-entropy), one sequence at a time."""
     from martlet.train.loss import summed_cross_entropy, unwrap_causal_lm
 
-    ids, keep, reply = batch["input_ids"], batch["attention_mask"].bool(), batch["completion_mask"].bool()
-    positions = (keep.long().cumsum(1) - 1)[keep]
+    ids, reply = batch["input_ids"], batch["completion_mask"].bool()
+    keep, positions, row_index = _row_layout(batch["attention_mask"])
     lm = unwrap_causal_lm(model)
     hidden = lm.get_decoder()(input_ids=ids[keep][None], position_ids=positions[None],
                               use_cache=False).last_hidden_state[0]
-    row_index = keep.flatten().cumsum(0).view(keep.shape) - 1  # where each real token sits in the row
     targets = reply & keep
     targets[:, 0] = False  # token t is predicted at the row position just before it
     head = lm.get_output_embeddings()
@@ -162,10 +167,12 @@ class RefFreeTrainer(AtomicCheckpointMixin, Trainer):
     and scoring reply tokens only when `padding_free`, unless the model is wrapped for distributed training)."""
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
-    padding_free = False
 
-    def __init__(self, *args: Any, loss_fn: Any, **kwargs: Any):
+    def __init__(self, *args: Any, loss_fn: Any, padding_free: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        from martlet.train.loss import lean_loss_supported
+
+        self.padding_free = padding_free and lean_loss_supported(self.model)
         for module in self.model.modules():  # as trl's trainers do: the loss compares deterministic log-probs
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
@@ -227,9 +234,5 @@ def build_trainer(args: Any, model: Any, ref_model: Any, tokenizer: Any, train_s
                                  loss_type=loss_type),
     }[kind]
     collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
-    trainer = RefFreeTrainer(args=TrainingArguments(**training_kwargs), data_collator=collator, loss_fn=loss_fn,
-                             **common)
-    from martlet.train.loss import lean_loss_supported
-
-    trainer.padding_free = args.effective_padding_free() and lean_loss_supported(model)
-    return trainer
+    return RefFreeTrainer(args=TrainingArguments(**training_kwargs), data_collator=collator, loss_fn=loss_fn,
+                          padding_free=args.effective_padding_free(), **common)
