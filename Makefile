@@ -3,6 +3,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Test workers: each gets an equal share of the cores (tests/conftest.py); 2 suits the 2-core CI machine.
+WORKERS ?= 2
 
 .PHONY: install demo test test-fast clean
 
@@ -24,10 +26,10 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/demo.py
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile tests
 
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) output build src/*.egg-info

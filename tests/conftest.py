@@ -14,6 +14,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # bf16 on the real model ask for it with --dtype bf16.
 os.environ.setdefault("MARTLET_CPU_BF16", "0")
 sys.path.insert(0, os.path.dirname(__file__))
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest -n N: the cores are shared out among the workers (and the processes their tests start), so N
+    # training tests never fight over the same cores with spinning thread pools
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _threads
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(_threads))
 
 from helpers import ARCH_TEMPLATES, build_tiny_model  # noqa: E402
 

@@ -24,6 +24,52 @@ def test_model_type_constants():
     assert find_by_hub_id("qwen/Qwen-7B-Chat").model_type == "qwen-7b-chat"
 
 
+def _fake_conversion(monkeypatch, tmp_path, during=None):
+    """embedded_model_dir() into tmp_path with a conversion that writes two files (and runs `during` midway)."""
+    from martlet.models import embedded
+
+    monkeypatch.setenv("MARTLET_CACHE", str(tmp_path))
+    monkeypatch.setattr(embedded, "gguf_path", lambda: "unused.gguf")
+
+    def convert(src, out_dir):
+        with open(os.path.join(out_dir, "model.safetensors"), "w") as fh:
+            fh.write("ours")
+        if during:
+            during()
+        with open(os.path.join(out_dir, embedded._DONE), "w") as fh:
+            fh.write("{}")
+
+    monkeypatch.setattr(embedded, "_convert", convert)
+    return embedded, os.path.join(str(tmp_path), "models", embedded.EMBEDDED_MODEL_TYPE)
+
+
+def test_a_conversion_finished_by_another_process_is_kept(monkeypatch, tmp_path):
+    target = os.path.join(str(tmp_path), "models", "smollm2-135m-instruct")
+
+    def other_process_finishes():  # e.g. a second `martlet` command started at the same time
+        os.makedirs(target)
+        for name, text in (("model.safetensors", "theirs"), ("martlet_converted.json", "{}")):
+            with open(os.path.join(target, name), "w") as fh:
+                fh.write(text)
+
+    embedded, expected = _fake_conversion(monkeypatch, tmp_path, during=other_process_finishes)
+    assert embedded.embedded_model_dir() == expected == target
+    with open(os.path.join(target, "model.safetensors")) as fh:
+        assert fh.read() == "theirs"  # not deleted under the other process's feet
+    assert os.listdir(os.path.dirname(target)) == ["smollm2-135m-instruct"]  # our copy is gone
+
+
+def test_a_half_written_conversion_is_replaced(monkeypatch, tmp_path):
+    embedded, target = _fake_conversion(monkeypatch, tmp_path)
+    os.makedirs(target)
+    with open(os.path.join(target, "model.safetensors"), "w") as fh:
+        fh.write("killed midway")  # no marker
+    assert embedded.embedded_model_dir() == target
+    with open(os.path.join(target, "model.safetensors")) as fh:
+        assert fh.read() == "ours"
+    assert sorted(os.listdir(target)) == ["martlet_converted.json", "model.safetensors"]
+
+
 def test_embedded_model_is_the_default(embedded_dir):
     spec = resolve_model()
     assert spec.model_type == "smollm2-135m-instruct" and spec.model_dir == embedded_dir

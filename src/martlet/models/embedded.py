@@ -50,11 +50,16 @@ def embedded_model_dir() -> str:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache is for every user
     try:
         _convert(src, tmp)
+        if os.path.isfile(os.path.join(target, _DONE)):  # another process finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            return target
         if os.path.isdir(target):  # a leftover without the marker: not a whole model
             shutil.rmtree(target)
         os.replace(tmp, target)
-    except FileExistsError:  # another process finished first
+    except OSError as error:  # another process renamed its copy into place in between
         shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isfile(os.path.join(target, _DONE)):
+            raise error
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

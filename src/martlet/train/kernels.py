@@ -95,7 +95,7 @@ class LoraLinear(torch.autograd.Function):
             if keep is None:
                 grad_x = (dy @ weight).addmm_(dyb, a)
             else:
-                grad_x = (dy @ weight).add_((dyb @ a).mul_(keep))
+                grad_x = (dy @ weight).addcmul_(dyb @ a, keep)
             grad_x = grad_x.view(ctx.shape)
         if ctx.needs_input_grad[3]:
             grad_a = (dyb.t() @ xd).float().div_(ctx.kept)
@@ -121,7 +121,7 @@ def keep_factor(shape: torch.Size, p: float, dtype: torch.dtype, device: torch.d
     threshold = round(p * 2 * half) - half
     count, per_word = shape.numel(), 64 // bits
     words = torch.randint(-2**63, 2**63 - 1, ((count + per_word - 1) // per_word,), dtype=torch.int64, device=device)
-    lane = words.view(lanes)[:count] >> 1
+    lane = words.view(lanes)[:count].bitwise_right_shift_(1)  # in place: the words are not used again
     one = torch.ones((), dtype=dtype).view(lanes).item()
     # (lane - threshold) >> (bits - 1) is -1 where lane < threshold (dropped), else 0; inverted, it masks 1.0's bits
     factor = lane.sub_(threshold).bitwise_right_shift_(bits - 1).bitwise_not_().bitwise_and_(one)
