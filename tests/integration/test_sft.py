@@ -143,6 +143,23 @@ def test_batching_modes_train_to_the_same_first_loss(tmp_path, tiny_llama, batch
 test_batching_modes_train_to_the_same_first_loss.first = {}
 
 
+def test_a_cache_entry_written_by_another_process_first_is_kept_quietly(tmp_path, caplog):
+    """Two runs tokenizing the same rows at once (two test workers, two commands): the second rename fails
+    because the entry exists; that is no error and costs nothing."""
+    import datasets
+
+    from martlet.data.preprocess import _save
+
+    folder = tmp_path / "tokenized" / "entry"
+    _save(datasets.Dataset.from_dict({"input_ids": [[1, 2]]}), {"rows": 1}, str(folder))
+    first = sorted(os.listdir(folder))
+    _save(datasets.Dataset.from_dict({"input_ids": [[3, 4]]}), {"rows": 1}, str(folder))
+    assert sorted(os.listdir(folder)) == first == ["data", "stats.json"]
+    assert datasets.load_from_disk(str(folder / "data"))["input_ids"] == [[1, 2]]
+    assert "could not cache" not in caplog.text
+    assert os.listdir(tmp_path / "tokenized") == ["entry"]  # no temporary folder left behind
+
+
 def test_tokenized_rows_are_cached_between_runs(tmp_path, tiny_llama, caplog):
     import logging
 

@@ -179,7 +179,8 @@ def _save(dataset: Any, stats: dict[str, Any], folder: str) -> None:
             json.dump(stats, fh)
         os.replace(tmp, folder)
     except OSError as exc:  # a full or read-only cache only costs the next run some time
-        logger.warning("could not cache the tokenized rows in %s: %s", folder, exc)
+        if not os.path.isfile(os.path.join(folder, "stats.json")):  # (else another process cached them first)
+            logger.warning("could not cache the tokenized rows in %s: %s", folder, exc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
