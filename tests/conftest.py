@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # pytest -n N: the cores are shared out among the workers (and the processes their tests start), so N
     # training tests never fight over the same cores with spinning thread pools
-    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    _threads = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _threads
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(int(_threads))

@@ -56,10 +56,10 @@ def embedded_model_dir() -> str:
         if os.path.isdir(target):  # a leftover without the marker: not a whole model
             shutil.rmtree(target)
         os.replace(tmp, target)
-    except OSError as error:  # another process renamed its copy into place in between
+    except OSError:  # another process renamed its copy into place in between
         shutil.rmtree(tmp, ignore_errors=True)
         if not os.path.isfile(os.path.join(target, _DONE)):
-            raise error
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
