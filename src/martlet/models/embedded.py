@@ -40,7 +40,7 @@ def gguf_path() -> str:
 def embedded_model_dir() -> str:
     """The safetensors folder of the embedded model, converting the GGUF on first use."""
     target = os.path.join(cache_dir(), "models", EMBEDDED_MODEL_TYPE)
-    if os.path.isfile(os.path.join(target, _DONE)):
+    if _whole(target):
         return target
     src = gguf_path()
     os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -50,20 +50,21 @@ def embedded_model_dir() -> str:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache is for every user
     try:
         _convert(src, tmp)
-        if os.path.isfile(os.path.join(target, _DONE)):  # another process finished first: keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-            return target
-        if os.path.isdir(target):  # a leftover without the marker: not a whole model
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except OSError:  # another process renamed its copy into place in between
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isfile(os.path.join(target, _DONE)):
+        if not _whole(target):  # (else another process finished first: keep its copy)
+            if os.path.isdir(target):  # a leftover without the marker: not a whole model
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+    except OSError:
+        if not _whole(target):  # (else another process renamed its copy into place in between)
             raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left there once renamed into place
     return target
+
+
+def _whole(folder: str) -> bool:
+    """A finished conversion: the marker is written last, inside the folder before it is renamed."""
+    return os.path.isfile(os.path.join(folder, _DONE))
 
 
 def _convert(gguf_file: str, out_dir: str) -> None:
