@@ -8,7 +8,11 @@ in `tests/unit/test_kernels.py` and `tests/unit/test_batching.py`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from martlet.train import native
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -74,15 +78,16 @@ class LoraLinear(torch.autograd.Function):
         dtype = weight.dtype
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        keep, kept = keep_factor(x2.shape, dropout, x2.dtype, x2.device) if dropout > 0 else (None, 1.0)
-        xd = x2 if keep is None else x2 * keep  # the dropout's 1 / kept goes on the small factors
+        xd, mask, kept = drop(x2, dropout) if dropout > 0 else (x2, None, 1.0)  # 1 / kept goes on the small factors
         a = (lora_a / kept).to(dtype)
         b = (lora_b * scaling).to(dtype)
         xa = xd @ a.t()
         out = torch.nn.functional.linear(x2, weight, bias)
         out.addmm_(xa, b.t())
+        keep = mask if isinstance(mask, torch.Tensor) else None
         ctx.save_for_backward(xd, xa, weight, a, b, keep)
         ctx.scaling, ctx.kept, ctx.shape = scaling, kept, shape
+        ctx.dropped, ctx.seeded_mask = mask is not None, None if keep is not None else mask
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -92,16 +97,34 @@ class LoraLinear(torch.autograd.Function):
         dyb = dy @ b  # (tokens, r), the scaling included
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            if keep is None:
+            if not ctx.dropped:
                 grad_x = (dy @ weight).addmm_(dyb, a)
-            else:
+            elif keep is not None:
                 grad_x = (dy @ weight).addcmul_(dyb @ a, keep)
+            else:  # the native kernel's mask, recomputed from its seed
+                grad_x = native.ops().dropout_keep_add_(dy @ weight, dyb @ a, *ctx.seeded_mask)
             grad_x = grad_x.view(ctx.shape)
         if ctx.needs_input_grad[3]:
             grad_a = (dyb.t() @ xd).float().div_(ctx.kept)
         if ctx.needs_input_grad[4]:
             grad_b = (dy.t() @ xa).float().mul_(ctx.scaling)
         return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def drop(x: torch.Tensor, p: float) -> tuple[torch.Tensor, Any, float]:
+    """Dropout without the 1 / (1 - p) scale: (x with dropped elements zeroed, the mask, the keep probability).
+
+    On a CPU with the native kernels the mask is `(seed, threshold)` of a counter-based stream, drawn in one
+    parallel pass and recomputed by the backward pass (p rounded to 2^-16); otherwise a 0/1 factor tensor
+    (`keep_factor`). The seed comes from torch's generator, so `torch.manual_seed` makes runs repeatable.
+    """
+    kernels = native.usable(x)
+    if kernels is None:
+        keep, kept = keep_factor(x.shape, p, x.dtype, x.device)
+        return x * keep, keep, kept
+    threshold = round(p * 65536)
+    seed = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64))
+    return kernels.dropout_keep(x, seed, threshold), (seed, threshold), 1 - threshold / 65536
 
 
 def keep_factor(shape: torch.Size, p: float, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, float]:

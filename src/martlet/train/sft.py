@@ -97,6 +97,10 @@ def _load_for_training(args: SftArguments, spec: Any, dtype: str, device: str):
             from martlet.train.kernels import fuse_lora
 
             logger.debug("LoRA layers fused: %d", fuse_lora(model))
+    if device == "cpu" and quant is None:  # RMSNorm and SwiGLU in one native pass each (train/native.py)
+        from martlet.train.native import fuse_native
+
+        logger.debug("modules on native kernels: %d", fuse_native(model))
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model

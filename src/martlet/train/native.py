@@ -1,0 +1,186 @@
+"""Native CPU kernels for the element-wise work of a training step, compiled for this machine at first use.
+
+A LoRA step on a CPU spends a third of its time outside the matrix products: the LoRA dropout's random numbers
+(drawn by one thread), RMSNorm and the SwiGLU activation as chains of small torch operations, each a pass over
+the activations. `csrc/martlet_native.cpp` does each in one parallel, vectorized pass:
+
+- `dropout_keep` / `dropout_keep_add_`: the dropout mask from a counter-based random stream (any thread computes
+  any part of it; the backward pass recomputes it from the seed instead of keeping it);
+- `rms_norm` / `rms_norm_backward`: llama's RMSNorm, statistics in fp32, rounded where transformers rounds;
+- `swiglu` / `swiglu_backward`: silu(gate) * up.
+
+The source is compiled once per machine, torch version and source text, with the system's C++ compiler
+(`$CXX`, else `c++`), into Martlet's cache (`native/`), written beside its final name and renamed into place,
+so a build killed halfway is never loaded. Without a compiler (or with `MARTLET_NATIVE=0`) nothing changes but
+speed: every caller falls back to plain torch. The equivalence with the torch computation is tested in
+`tests/unit/test_native.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("martlet")
+
+SOURCE = Path(__file__).with_name("csrc") / "martlet_native.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++20", "-shared", "-fPIC"]
+_loaded: dict[str, Any] = {}
+
+
+def ops() -> Any | None:
+    """`torch.ops.martlet` once the kernels are built and loaded, else None (no compiler, not Linux, disabled)."""
+    if "ops" not in _loaded:
+        _loaded["ops"] = None
+        if os.environ.get("MARTLET_NATIVE", "1").lower() in ("0", "false", "no", "off"):
+            return None
+        try:
+            torch.ops.load_library(str(build()))
+            _loaded["ops"] = torch.ops.martlet
+        except Exception as error:  # a missing or failing compiler costs speed, never the run
+            logger.warning("native CPU kernels unavailable, plain torch runs instead (%s)", _first_lines(error))
+    return _loaded["ops"]
+
+
+def usable(*tensors: torch.Tensor) -> Any | None:
+    """The kernels, if they can take these tensors: on the CPU, bf16 or fp32 alike, contiguous."""
+    first = tensors[0]
+    if first.device.type != "cpu" or first.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    if any(t.dtype != first.dtype or t.device != first.device or not t.is_contiguous() for t in tensors):
+        return None
+    return ops()
+
+
+def build() -> Path:
+    """The compiled library for this machine, building it if the cache has none."""
+    from torch.utils import cpp_extension
+
+    from martlet.models.embedded import cache_dir
+
+    compiler = os.environ.get("CXX", "c++")
+    command = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    command += [f"-I{path}" for path in cpp_extension.include_paths()]
+    libraries = []
+    for path in cpp_extension.library_paths():
+        libraries += [f"-L{path}", f"-Wl,-rpath,{path}"]
+    libraries += ["-lc10", "-ltorch_cpu", "-ltorch"]
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, sys.platform, *command, *libraries,
+                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    target = Path(cache_dir()) / "native" / f"martlet_native-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    logger.info("compiling Martlet's native CPU kernels for this machine (once, ~20 s)")
+    try:
+        done = subprocess.run([*command, str(SOURCE), "-o", str(partial), *libraries], capture_output=True, text=True,
+                              timeout=900)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(partial, target)  # whole or absent: a build killed halfway leaves only the partial file
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def _cpu_flags() -> str:
+    """What -march=native compiles for: a library built on one CPU is not loaded on another."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line for line in info if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _first_lines(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return " ".join(text[:3])[:300] or type(error).__name__
+
+
+# ------------------------------------------------------------------------------------------------------------
+# autograd functions over the kernels
+class RMSNorm(torch.autograd.Function):
+    """llama's RMSNorm, `weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`, in one pass each way."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = ops().rms_norm(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = ops().rms_norm_backward(grad, x, weight, rstd) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # full fine-tuning: the norm's weight trains too
+            normed = (x.float().view(-1, x.shape[-1]) * rstd[:, None]).to(x.dtype)
+            grad_w = (grad.view(-1, x.shape[-1]).float() * normed.float()).sum(0).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+class SwiGLU(torch.autograd.Function):
+    """`silu(gate) * up`, keeping only the two inputs for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return ops().swiglu(gate, up)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return ops().swiglu_backward(grad.contiguous(), gate, up)
+
+
+# transformers classes whose forward is exactly llama's (tests/unit/test_native.py compares the sources)
+LLAMA_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "GraniteRMSNorm",
+                   "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "DeepseekV3RMSNorm", "Phi3RMSNorm")
+LLAMA_MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GraniteMLP", "GemmaMLP", "Gemma2MLP", "Olmo2MLP",
+              "Qwen2MoeMLP", "Qwen3MoeMLP", "DeepseekV3MLP")
+
+
+SILU = ("SiLU", "SiLUActivation")  # torch's, transformers' (`nn.functional.silu`)
+
+
+def fuse_native(model: torch.nn.Module) -> int:
+    """Run the model's RMSNorms and SiLU-gated MLPs through the native kernels where a call's tensors allow it
+    (CPU, bf16 or fp32, contiguous; otherwise the module's own forward runs). Returns how many modules."""
+    import types
+
+    count = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if name in LLAMA_RMS_NORMS:
+            module._plain_forward = module.forward
+            module.forward = types.MethodType(_rms_norm_forward, module)
+        elif name in LLAMA_MLPS and type(module.act_fn).__name__ in SILU:
+            module._plain_forward = module.forward
+            module.forward = types.MethodType(_mlp_forward, module)
+        else:
+            continue
+        count += 1
+    return count
+
+
+def _rms_norm_forward(self, hidden_states):
+    if usable(hidden_states, self.weight) is None:
+        return self._plain_forward(hidden_states)
+    return RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self, x):
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if usable(gate, up) is None:
+        return self.down_proj(self.act_fn(gate) * up)
+    return self.down_proj(SwiGLU.apply(gate, up))

@@ -1,0 +1,254 @@
+"""The native CPU kernels (`martlet.train.native`) build on this machine, compute what the torch code they
+replace computes (values and gradients), draw an unbiased dropout mask, and step aside when they cannot run."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from martlet.train import native
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    found = native.ops()
+    assert found is not None, "the native kernels did not build: is a C++ compiler (g++) installed?"
+    return found
+
+
+def _seeded(seed: int, *shape: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _mask(kernels, shape, seed, threshold, dtype=torch.float32) -> torch.Tensor:
+    """The 0/1 mask the kernels draw for (seed, threshold): the dropout of a tensor of ones."""
+    return kernels.dropout_keep(torch.ones(shape, dtype=dtype), seed, threshold)
+
+
+# ---- dropout ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dropout_zeroes_exactly_the_dropped_elements(kernels, dtype):
+    x = _seeded(0, 37, 91, dtype=dtype)  # 3,367 elements: the last block of 64 is partial
+    out = kernels.dropout_keep(x, 123, 13107)  # p = 0.2
+    mask = _mask(kernels, x.shape, 123, 13107, dtype)
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    torch.testing.assert_close(out, x * mask, rtol=0, atol=0)
+    torch.testing.assert_close(kernels.dropout_keep(x, 123, 13107), out, rtol=0, atol=0)  # same seed, same mask
+    assert not torch.equal(kernels.dropout_keep(x, 124, 13107), out)
+
+
+def test_dropout_mask_of_an_element_depends_only_on_the_seed_and_its_index(kernels):
+    """Tensors of any size (whole blocks, a partial block, under one block) agree on their common elements,
+    and the parallel split of the work changes nothing."""
+    big = _mask(kernels, (4099,), 7, 30000)
+    for n in (1, 3, 63, 64, 65, 1000, 4096):
+        torch.testing.assert_close(_mask(kernels, (n,), 7, 30000), big[:n], rtol=0, atol=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = _mask(kernels, (4099,), 7, 30000)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one_thread, big, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_dropout_keeps_each_element_with_probability_one_minus_p(kernels, p):
+    threshold = round(p * 65536)
+    keep = _mask(kernels, (1000, 1001), 99, threshold).flatten().double()
+    kept = 1 - threshold / 65536
+    assert abs(keep.mean().item() - kept) < 5e-3  # ~5 standard deviations at 1e6 draws
+    for lane in range(4):  # each 16-bit lane of the random words, and each position in a block, alike
+        assert abs(keep[: 1000 * 1001 // 64 * 64].view(-1, 4, 16)[:, lane].mean().item() - kept) < 1e-2
+    assert abs((keep[1:] * keep[:-1]).mean().item() - kept ** 2) < 5e-3  # neighbours independent
+    assert abs((keep[16:] * keep[:-16]).mean().item() - kept ** 2) < 5e-3  # lanes of one word independent
+    seeds = torch.stack([_mask(kernels, (4096,), s, threshold) for s in range(64)])
+    assert abs((seeds[1:] * seeds[:-1]).mean().item() - kept ** 2) < 5e-3  # consecutive seeds independent
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dropout_backward_adds_the_gradient_where_kept(kernels, dtype):
+    out, g = _seeded(1, 29, 70, dtype=dtype), _seeded(2, 29, 70, dtype=dtype)
+    want = out + g * _mask(kernels, g.shape, 5, 3277, dtype)  # one rounding, as addcmul_ does
+    got = kernels.dropout_keep_add_(out.clone(), g, 5, 3277)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_fused_lora_native_dropout_gradients(kernels):
+    """LoraLinear with the native mask: output and gradients equal plain autograd with that same mask."""
+    from martlet.train.kernels import LoraLinear
+
+    x = _seeded(3, 2, 9, 16).requires_grad_()
+    weight, bias = _seeded(4, 12, 16), _seeded(5, 12)
+    a, b = _seeded(6, 4, 16).requires_grad_(), _seeded(7, 12, 4).requires_grad_()
+    torch.manual_seed(11)
+    got = LoraLinear.apply(x, weight, bias, a, b, 2.0, 0.3)
+    torch.manual_seed(11)  # the seed LoraLinear drew, drawn again
+    seed, threshold = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)), round(0.3 * 65536)
+    mask = _mask(kernels, (18, 16), seed, threshold).view(x.shape)
+    kept = 1 - threshold / 65536
+    want = x @ weight.t() + bias + 2.0 * ((x * mask / kept) @ a.t()) @ b.t()
+    torch.testing.assert_close(got, want)
+    upstream = _seeded(8, *want.shape)
+    for g_got, g_want in zip(torch.autograd.grad(got, (x, a, b), upstream), torch.autograd.grad(want, (x, a, b), upstream)):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-5)
+
+
+# ---- RMSNorm and SwiGLU -------------------------------------------------------------------------------------
+def _llama_norm(hidden, weight, eps):
+    """transformers' own LlamaRMSNorm.forward, on these very tensors."""
+    from types import SimpleNamespace
+
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return LlamaRMSNorm.forward(SimpleNamespace(weight=weight, variance_epsilon=eps), hidden)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_rms_norm_matches_llama(kernels, dtype, train_weight):
+    x = (_seeded(9, 3, 17, 72) * 3).to(dtype).requires_grad_()
+    weight = (1 + _seeded(10, 72) * 0.1).to(dtype).requires_grad_(train_weight)
+    want = _llama_norm(x, weight, 1e-5)
+    got = native.RMSNorm.apply(x, weight, 1e-5)
+    exact = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)  # bf16: 1 ulp
+    torch.testing.assert_close(got, want, **exact)
+    inputs = (x, weight) if train_weight else (x,)
+    upstream = _seeded(11, *x.shape, dtype=dtype)
+    grads = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for g_got, g_want in zip(torch.autograd.grad(got, inputs, upstream), torch.autograd.grad(want, inputs, upstream)):
+        assert g_got.dtype == g_want.dtype
+        torch.testing.assert_close(g_got, g_want, **grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_swiglu_matches_silu_times_up(kernels, dtype):
+    gate = (_seeded(12, 5, 33, 40) * 4).to(dtype).requires_grad_()  # wide range: the exp's reduction is exercised
+    up = _seeded(13, 5, 33, 40, dtype=dtype).requires_grad_()
+    gate.data[0, 0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])
+    want = F.silu(gate) * up
+    got = native.SwiGLU.apply(gate, up)
+    tolerance = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
+    torch.testing.assert_close(got, want, **tolerance)
+    upstream = _seeded(14, *gate.shape, dtype=dtype)
+    for g_got, g_want in zip(torch.autograd.grad(got, (gate, up), upstream),
+                             torch.autograd.grad(want, (gate, up), upstream)):
+        torch.testing.assert_close(g_got, g_want, **tolerance)
+
+
+# ---- models -------------------------------------------------------------------------------------------------
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch,expected", [("llama", 2 * 2 + 1 + 2), ("qwen2", 2 * 2 + 1 + 2), ("gemma", 0)])
+def test_fuse_native_gives_the_model_s_values_and_gradients(kernels, tiny_models, arch, expected):
+    """Full fine-tuning in fp32 (every weight, norms included, gets a gradient). Gemma's norm adds 1 to its
+    weight and its MLP uses GELU: both left alone."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(5, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    plain = AutoModelForCausalLM.from_pretrained(tiny_models[arch], use_cache=False)
+    fused = AutoModelForCausalLM.from_pretrained(tiny_models[arch], use_cache=False)
+    assert native.fuse_native(fused) == expected
+    want_loss, want = _loss_and_grads(plain, batch)
+    got_loss, got = _loss_and_grads(fused, batch)
+    torch.testing.assert_close(got_loss, want_loss)
+    assert got.keys() == want.keys()
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fuse_native_under_lora_and_bf16_autocast(kernels, tiny_models):
+    """As `martlet sft` trains LoRA on a CPU: bf16 base weights, fp32 adapters, bf16 autocast."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from martlet.train.kernels import fuse_lora
+
+    ids = torch.randint(5, 200, (2, 12), generator=torch.Generator().manual_seed(1))
+    results = []
+    for fuse in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.bfloat16, use_cache=False)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+        if fuse:
+            fuse_lora(model)
+            assert native.fuse_native(model) > 0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_loss_and_grads(model.train(), {"input_ids": ids, "labels": ids}))
+    (want_loss, want), (got_loss, got) = results
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-2, atol=1e-2)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=5e-2, atol=5e-3, msg=name)
+
+
+def test_the_registered_classes_compute_what_llama_computes():
+    """fuse_native swaps a module's forward by its class name: each listed class must have llama's forward."""
+    import importlib
+
+    from transformers.models.llama import modeling_llama
+
+    references = {"RMSNorm": inspect.getsource(modeling_llama.LlamaRMSNorm.forward),
+                  "MLP": inspect.getsource(modeling_llama.LlamaMLP.forward)}
+    modules = {"Llama": "llama", "Qwen2": "qwen2", "Qwen3": "qwen3", "Mistral": "mistral", "Granite": "granite",
+               "Qwen2Moe": "qwen2_moe", "Qwen3Moe": "qwen3_moe", "DeepseekV3": "deepseek_v3", "Phi3": "phi3",
+               "Gemma": "gemma", "Gemma2": "gemma2", "Olmo2": "olmo2"}
+    for names, kind in ((native.LLAMA_RMS_NORMS, "RMSNorm"), (native.LLAMA_MLPS, "MLP")):
+        for name in names:
+            prefix = name[: -len(kind)]
+            module = importlib.import_module(f"transformers.models.{modules[prefix]}.modeling_{modules[prefix]}")
+            assert inspect.getsource(getattr(module, name).forward) == references[kind], name
+
+
+# ---- when the kernels cannot run ----------------------------------------------------------------------------
+def test_without_the_kernels_the_torch_path_runs(monkeypatch, tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    from martlet.train.kernels import LoraLinear
+
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("MARTLET_NATIVE", "0")
+    assert native.ops() is None and native.usable(torch.ones(3)) is None
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], use_cache=False)
+    assert native.fuse_native(model) > 0  # swapped, but each call falls through to the module's own forward
+    ids = torch.randint(5, 200, (1, 8))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    x = torch.randn(4, 6, requires_grad=True)
+    out = LoraLinear.apply(x, torch.randn(5, 6), None, torch.randn(2, 6, requires_grad=True),
+                           torch.randn(5, 2, requires_grad=True), 1.0, 0.5)
+    out.sum().backward()  # the 0/1 factor tensor path
+    assert torch.isfinite(x.grad).all()
+
+
+def test_a_failing_compiler_costs_speed_not_the_run(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("MARTLET_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a compiler that always fails
+    with caplog.at_level(logging.WARNING, logger="martlet"):
+        assert native.ops() is None
+    assert "native CPU kernels unavailable" in caplog.text and "false failed" in caplog.text
+    assert not list((tmp_path / "native").iterdir())  # no partial library left to be mistaken for a whole one
+    assert native.usable(torch.ones(3)) is None
+
+
+def test_the_library_is_built_once_and_named_by_what_it_was_built_from(kernels):
+    from martlet.models.embedded import cache_dir
+
+    library = native.build()  # the cached one: no second compile
+    assert library.parent.resolve() == (native.Path(cache_dir()) / "native").resolve()
+    assert library.exists() and library.name.startswith("martlet_native-")
+    assert not [p for p in library.parent.iterdir() if p.name.endswith(".partial")]
