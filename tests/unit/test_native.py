@@ -78,24 +78,36 @@ def test_dropout_backward_adds_the_gradient_where_kept(kernels, dtype):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_fused_lora_native_dropout_gradients(kernels):
-    """LoraLinear with the native mask: output and gradients equal plain autograd with that same mask."""
-    from martlet.train.kernels import LoraLinear
+@pytest.mark.parametrize("node", ["python", "c++"])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fused_lora_with_the_native_dropout_gives_autograd_s_gradients(kernels, node, with_bias, p):
+    """The fused LoRA node, as the Python function over the kernels (`LoraLinear`) and as the C++ autograd node
+    (`lora_linear`): output and gradients equal plain autograd with the same dropout mask."""
+    from martlet.train.kernels import LoraLinear, native_dropout
 
     x = _seeded(3, 2, 9, 16).requires_grad_()
-    weight, bias = _seeded(4, 12, 16), _seeded(5, 12)
+    weight, bias = _seeded(4, 12, 16), _seeded(5, 12) if with_bias else None
     a, b = _seeded(6, 4, 16).requires_grad_(), _seeded(7, 12, 4).requires_grad_()
     torch.manual_seed(11)
-    got = LoraLinear.apply(x, weight, bias, a, b, 2.0, 0.3)
-    torch.manual_seed(11)  # the seed LoraLinear drew, drawn again
-    seed, threshold = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)), round(0.3 * 65536)
+    if node == "python":
+        got = LoraLinear.apply(x, weight, bias, a, b, 2.0, p)
+    else:
+        seed, threshold = native_dropout(p)
+        got = kernels.lora_linear(x, weight, bias, a, b, 2.0, threshold, seed)
+    torch.manual_seed(11)  # the seed the node drew, drawn again
+    seed, threshold = native_dropout(p)
     mask = _mask(kernels, (18, 16), seed, threshold).view(x.shape)
-    kept = 1 - threshold / 65536
-    want = x @ weight.t() + bias + 2.0 * ((x * mask / kept) @ a.t()) @ b.t()
+    assert (p == 0) == bool(mask.all())
+    want = x @ weight.t() + 2.0 * ((x * mask / (1 - threshold / 65536)) @ a.t()) @ b.t()
+    want = want + bias if with_bias else want
     torch.testing.assert_close(got, want)
     upstream = _seeded(8, *want.shape)
-    for g_got, g_want in zip(torch.autograd.grad(got, (x, a, b), upstream), torch.autograd.grad(want, (x, a, b), upstream)):
+    grads = torch.autograd.grad(got, (x, a, b), upstream, retain_graph=True)
+    for g_got, g_want in zip(grads, torch.autograd.grad(want, (x, a, b), upstream, retain_graph=True)):
         torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-5)
+    (only_a,) = torch.autograd.grad(got, (a,), upstream)  # one gradient asked for: the others are skipped
+    torch.testing.assert_close(only_a, torch.autograd.grad(want, (a,), upstream)[0], rtol=1e-5, atol=1e-5)
 
 
 # ---- RMSNorm and SwiGLU -------------------------------------------------------------------------------------
@@ -140,6 +152,85 @@ def test_swiglu_matches_silu_times_up(kernels, dtype):
         torch.testing.assert_close(g_got, g_want, **tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("angle_batch", [2, 1])  # 1: one row of positions for the whole batch
+def test_rotary_matches_llama_bit_for_bit(kernels, dtype, angle_batch):
+    """q and k as llama's attention makes them: (batch, heads, length, dim) views of the projections."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q = _seeded(15, 2, 11, 6, 16, dtype=dtype).transpose(1, 2).requires_grad_()
+    k = _seeded(16, 2, 11, 2, 16, dtype=dtype).transpose(1, 2).requires_grad_()
+    angles = _seeded(17, angle_batch, 11, 8) * 3
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    assert native.rotary_usable(q, k, cos, sin)
+    want = apply_rotary_pos_emb(q, k, cos, sin)
+    got = native.Rotary.apply(q, cos, sin), native.Rotary.apply(k, cos, sin)
+    upstream = [_seeded(18 + i, *t.shape, dtype=dtype) for i, t in enumerate(want)]
+    for g, w in zip(got + torch.autograd.grad(got, (q, k), upstream), want + torch.autograd.grad(want, (q, k), upstream)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_the_rotary_swap_lasts_one_attention_call(kernels, tiny_models):
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    original = modeling_llama.apply_rotary_pos_emb
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], use_cache=False)
+    native.fuse_native(model)
+    seen = []
+    attention = model.model.layers[0].self_attn
+    plain = attention._plain_forward
+
+    def spy(*args, **kwargs):
+        seen.append(modeling_llama.apply_rotary_pos_emb)
+        return plain(*args, **kwargs)
+
+    attention._plain_forward = spy
+    model(input_ids=torch.randint(5, 200, (1, 6)))
+    assert seen and seen[0] is not original and seen[0].__module__ == native.__name__
+    assert modeling_llama.apply_rotary_pos_emb is original
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    attention._plain_forward = fails
+    with pytest.raises(RuntimeError, match="boom"):
+        model(input_ids=torch.randint(5, 200, (1, 6)))
+    assert modeling_llama.apply_rotary_pos_emb is original
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cross_entropy_kernel_gives_the_loss_and_its_gradient(kernels, dtype):
+    logits = (_seeded(20, 13, 3001) * 4).to(dtype)
+    target = torch.randint(0, 3001, (13,), generator=torch.Generator().manual_seed(21))
+    reference = logits.float().requires_grad_()
+    want = F.cross_entropy(reference, target, reduction="none")
+    (want_grad,) = torch.autograd.grad(want.sum(), reference)
+    grad = logits.clone()
+    got = kernels.cross_entropy_grad_(grad, target)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad, want_grad.to(dtype), rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="outside"):
+        kernels.cross_entropy_grad_(logits.clone(), torch.tensor([0] * 12 + [3001]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("length", [1, 7, 40])
+def test_causal_softmax_matches_the_masked_softmax(kernels, dtype, length):
+    """Two key/value heads, three query heads each, stacked: row r is query position r % length."""
+    scores = (_seeded(22, 2, 3 * length, length) * 5).to(dtype).requires_grad_()
+    future = torch.ones(length, length, dtype=torch.bool).triu_(1).repeat(3, 1)
+    want = (scores * 0.125).masked_fill(future, float("-inf")).softmax(-1, dtype=torch.float32).to(dtype)
+    got = native.CausalSoftmax.apply(scores, 0.125)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=2e-3)
+    torch.testing.assert_close(got, want, **tolerance)
+    assert torch.all(got.masked_select(future) == 0)
+    upstream = _seeded(23, *scores.shape, dtype=dtype)
+    (g_got,), (g_want,) = torch.autograd.grad(got, scores, upstream), torch.autograd.grad(want, scores, upstream)
+    torch.testing.assert_close(g_got, g_want, **(tolerance if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)))
+
+
 # ---- models -------------------------------------------------------------------------------------------------
 def _loss_and_grads(model, batch):
     model.zero_grad()
@@ -148,10 +239,10 @@ def _loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("arch,expected", [("llama", 2 * 2 + 1 + 2), ("qwen2", 2 * 2 + 1 + 2), ("gemma", 0)])
+@pytest.mark.parametrize("arch,expected", [("llama", 5 + 2 + 2), ("qwen2", 5 + 2 + 2), ("gemma", 2)])
 def test_fuse_native_gives_the_model_s_values_and_gradients(kernels, tiny_models, arch, expected):
-    """Full fine-tuning in fp32 (every weight, norms included, gets a gradient). Gemma's norm adds 1 to its
-    weight and its MLP uses GELU: both left alone."""
+    """Full fine-tuning in fp32 (every weight, norms included, gets a gradient). Two layers: 5 norms, 2 MLPs, 2
+    attentions (rotary). Gemma's norm adds 1 to its weight and its MLP uses GELU: only its rotary is native."""
     from transformers import AutoModelForCausalLM
 
     ids = torch.randint(5, 200, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -201,15 +292,20 @@ def test_the_registered_classes_compute_what_llama_computes():
     from transformers.models.llama import modeling_llama
 
     references = {"RMSNorm": inspect.getsource(modeling_llama.LlamaRMSNorm.forward),
-                  "MLP": inspect.getsource(modeling_llama.LlamaMLP.forward)}
+                  "MLP": inspect.getsource(modeling_llama.LlamaMLP.forward),
+                  "Attention": inspect.getsource(modeling_llama.apply_rotary_pos_emb)}
     modules = {"Llama": "llama", "Qwen2": "qwen2", "Qwen3": "qwen3", "Mistral": "mistral", "Granite": "granite",
                "Qwen2Moe": "qwen2_moe", "Qwen3Moe": "qwen3_moe", "DeepseekV3": "deepseek_v3", "Phi3": "phi3",
                "Gemma": "gemma", "Gemma2": "gemma2", "Olmo2": "olmo2"}
-    for names, kind in ((native.LLAMA_RMS_NORMS, "RMSNorm"), (native.LLAMA_MLPS, "MLP")):
+    for names, kind in ((native.LLAMA_RMS_NORMS, "RMSNorm"), (native.LLAMA_MLPS, "MLP"),
+                        (native.LLAMA_ROTARY_ATTENTIONS, "Attention")):
         for name in names:
             prefix = name[: -len(kind)]
             module = importlib.import_module(f"transformers.models.{modules[prefix]}.modeling_{modules[prefix]}")
-            assert inspect.getsource(getattr(module, name).forward) == references[kind], name
+            code = module.apply_rotary_pos_emb if kind == "Attention" else getattr(module, name).forward
+            assert inspect.getsource(code) == references[kind], name
+            if kind == "Attention":  # ... and the attention calls it by that name
+                assert "apply_rotary_pos_emb" in inspect.getsource(getattr(module, name).forward), name
 
 
 # ---- when the kernels cannot run ----------------------------------------------------------------------------

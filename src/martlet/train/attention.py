@@ -52,6 +52,8 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    from martlet.train import native
+
     lengths = sample_lengths(kwargs.get("position_ids"))
     window = kwargs.get("sliding_window")
     unsupported = (dropout and module.training) or not getattr(module, "is_causal", True) or any(
@@ -70,9 +72,13 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
         start += length
         if length <= EAGER_MAX_LEN:
             # the query heads that share a key/value head form one matrix: no copies of k and v
-            scores = q.reshape(kv_heads, groups * length, dim) @ k.transpose(-1, -2) * scale
-            future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu_(1).repeat(groups, 1)
-            probs = scores.masked_fill(future, float("-inf")).softmax(-1, dtype=torch.float32).to(v.dtype)
+            scores = q.reshape(kv_heads, groups * length, dim) @ k.transpose(-1, -2)
+            if native.usable(scores) is not None:  # scale, mask and softmax in one pass (train/native.py)
+                probs = native.CausalSoftmax.apply(scores, scale)
+            else:
+                future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu_(1).repeat(groups, 1)
+                probs = (scores * scale).masked_fill(future, float("-inf")).softmax(-1, dtype=torch.float32)
+                probs = probs.to(v.dtype)
             outputs.append((probs @ v).reshape(heads, length, dim))
         else:
             out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,

@@ -34,13 +34,21 @@ class LinearCrossEntropy(torch.autograd.Function):
         w, b = cast_head(weight, bias, hidden.dtype)  # once, not per chunk
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], target[start:start + chunk]
-            logp = torch.log_softmax(torch.nn.functional.linear(h, w, b).float(), -1)
-            total -= logp.gather(1, y[:, None]).sum()
-            grad = logp.exp_()  # the softmax, in place
-            grad[torch.arange(len(y), device=y.device), y] -= 1
-            if grad_b is not None:
-                grad_b += grad.sum(0)
-            grad = grad.to(hidden.dtype)
+            logits = torch.nn.functional.linear(h, w, b)
+            kernels = native.usable(logits)
+            if kernels is not None:  # one native pass: the losses, and the logits turned into their gradient
+                total += kernels.cross_entropy_grad_(logits, y.contiguous()).sum()
+                grad = logits
+                if grad_b is not None:
+                    grad_b += grad.float().sum(0)
+            else:
+                logp = torch.log_softmax(logits.float(), -1)
+                total -= logp.gather(1, y[:, None]).sum()
+                grad = logp.exp_()  # the softmax, in place
+                grad[torch.arange(len(y), device=y.device), y] -= 1
+                if grad_b is not None:
+                    grad_b += grad.sum(0)
+                grad = grad.to(hidden.dtype)
             if grad_h is not None:
                 grad_h[start:start + chunk] = grad @ w
             if grad_w is not None:
@@ -122,9 +130,15 @@ def drop(x: torch.Tensor, p: float) -> tuple[torch.Tensor, Any, float]:
     if kernels is None:
         keep, kept = keep_factor(x.shape, p, x.dtype, x.device)
         return x * keep, keep, kept
-    threshold = round(p * 65536)
-    seed = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64))
+    seed, threshold = native_dropout(p)
     return kernels.dropout_keep(x, seed, threshold), (seed, threshold), 1 - threshold / 65536
+
+
+def native_dropout(p: float) -> tuple[int, int]:
+    """(seed, threshold) of the native kernels' dropout: p in steps of 2^-16, the seed from torch's generator."""
+    if p <= 0:
+        return 0, 0
+    return int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)), round(p * 65536)
 
 
 def keep_factor(shape: torch.Size, p: float, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -187,5 +201,9 @@ def _fused_forward(self, x, *args, **kwargs):
         return self._peft_forward(x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
+    kernels = native.usable(x)
+    if kernels is not None:  # the same node in C++: no Python in either pass
+        return kernels.lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                                   self.scaling[name], *reversed(native_dropout(p)))
     return LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                             self.scaling[name], p)

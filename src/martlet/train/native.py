@@ -1,13 +1,20 @@
 """Native CPU kernels for the element-wise work of a training step, compiled for this machine at first use.
 
-A LoRA step on a CPU spends a third of its time outside the matrix products: the LoRA dropout's random numbers
-(drawn by one thread), RMSNorm and the SwiGLU activation as chains of small torch operations, each a pass over
-the activations. `csrc/martlet_native.cpp` does each in one parallel, vectorized pass:
+A LoRA step on a CPU spent a third of its time outside the matrix products: the LoRA dropout's random numbers
+(drawn by one thread), RMSNorm, SwiGLU, the rotary embedding, the attention softmax and the loss as chains of
+small torch operations, each a pass over the activations, and the Python of ~200 fused LoRA nodes. Here each is
+one parallel, vectorized pass (`csrc/martlet_native.cpp`):
 
 - `dropout_keep` / `dropout_keep_add_`: the dropout mask from a counter-based random stream (any thread computes
   any part of it; the backward pass recomputes it from the seed instead of keeping it);
 - `rms_norm` / `rms_norm_backward`: llama's RMSNorm, statistics in fp32, rounded where transformers rounds;
-- `swiglu` / `swiglu_backward`: silu(gate) * up.
+- `swiglu` / `swiglu_backward`: silu(gate) * up;
+- `rotary`: llama's rotary position embedding of q and k, forward and backward;
+- `lora_linear`: the fused LoRA layer (`kernels.LoraLinear`) as a C++ autograd node, with the dropout above: no
+  Python runs in its forward or backward pass, which matters at ~200 adapted layers a step;
+- `cross_entropy_grad_`: the loss of a chunk of logits and, in place, its gradient (the lean loss's inner step);
+- `causal_softmax` / `causal_softmax_backward`: scaling, causal mask and softmax of one sample's attention scores
+  (`train/attention.py`).
 
 The source is compiled once per machine, torch version and source text, with the system's C++ compiler
 (`$CXX`, else `c++`), into Martlet's cache (`native/`), written beside its final name and renamed into place,
@@ -32,7 +39,7 @@ import torch
 logger = logging.getLogger("martlet")
 
 SOURCE = Path(__file__).with_name("csrc") / "martlet_native.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++20", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++20", "-shared", "-fPIC"]  # no FMA: torch rounds each product
 _loaded: dict[str, Any] = {}
 
 
@@ -89,7 +96,16 @@ def build() -> Path:
         os.replace(partial, target)  # whole or absent: a build killed halfway leaves only the partial file
     finally:
         partial.unlink(missing_ok=True)
+    _forget_old_builds(target.parent, keep=4)
     return target
+
+
+def _forget_old_builds(folder: Path, keep: int) -> None:
+    """Builds of earlier sources pile up (one per Martlet version): keep the newest few. A process that has one
+    loaded keeps its copy (the file stays open until it exits)."""
+    builds = sorted(folder.glob("martlet_native-*.so"), key=lambda path: path.stat().st_mtime, reverse=True)
+    for old in builds[keep:]:
+        old.unlink(missing_ok=True)
 
 
 def _cpu_flags() -> str:
@@ -143,6 +159,50 @@ class SwiGLU(torch.autograd.Function):
         return ops().swiglu_backward(grad.contiguous(), gate, up)
 
 
+class Rotary(torch.autograd.Function):
+    """llama's rotary embedding of one of q, k (batch, heads, length, dim), cos and sin (batch, length, dim)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return ops().rotary(x.transpose(1, 2), cos, sin, False).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return ops().rotary(grad.transpose(1, 2).contiguous(), cos, sin, True).transpose(1, 2), None, None
+
+
+class CausalSoftmax(torch.autograd.Function):
+    """`softmax(scale * scores)` with every key after the query's position masked out, for scores
+    (..., k * length, length) whose row r belongs to query position r % length; probabilities in the scores'
+    dtype (computed in fp32)."""
+
+    @staticmethod
+    def forward(ctx, scores, scale):
+        probs = ops().causal_softmax(scores, scale)
+        ctx.save_for_backward(probs)
+        ctx.scale = scale
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad):
+        (probs,) = ctx.saved_tensors
+        return ops().causal_softmax_backward(grad.contiguous(), probs, ctx.scale), None
+
+
+def rotary_usable(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """q and k as llama's attention makes them, (batch, heads, length, dim) views of (batch, length, heads, dim)."""
+    if cos.requires_grad or sin.requires_grad or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or q.shape[-1] % 2:
+        return False
+    batch, _, length, dim = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, length, dim) or cos.shape != sin.shape:
+        return False
+    if cos.shape[0] not in (1, batch) or tuple(cos.shape[1:]) != (length, dim):
+        return False
+    return usable(q.transpose(1, 2), k.transpose(1, 2), cos, sin) is not None
+
+
 # transformers classes whose forward is exactly llama's (tests/unit/test_native.py compares the sources)
 LLAMA_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "GraniteRMSNorm",
                    "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "DeepseekV3RMSNorm", "Phi3RMSNorm")
@@ -153,15 +213,27 @@ LLAMA_MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GraniteMLP", "G
 SILU = ("SiLU", "SiLUActivation")  # torch's, transformers' (`nn.functional.silu`)
 
 
+# attention classes whose module's `apply_rotary_pos_emb` is llama's (tested like the two lists above)
+LLAMA_ROTARY_ATTENTIONS = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention", "MistralAttention",
+                           "GraniteAttention", "Qwen2MoeAttention", "Qwen3MoeAttention", "GemmaAttention",
+                           "Gemma2Attention")
+
+
 def fuse_native(model: torch.nn.Module) -> int:
-    """Run the model's RMSNorms and SiLU-gated MLPs through the native kernels where a call's tensors allow it
-    (CPU, bf16 or fp32, contiguous; otherwise the module's own forward runs). Returns how many modules."""
+    """Run the model's RMSNorms, SiLU-gated MLPs and rotary embeddings through the native kernels where a call's
+    tensors allow it (CPU, bf16 or fp32, contiguous; otherwise the module's own code runs). Returns how many
+    modules."""
     import types
 
     count = 0
     for module in model.modules():
         name = type(module).__name__
-        if name in LLAMA_RMS_NORMS:
+        if name in LLAMA_ROTARY_ATTENTIONS:
+            library = sys.modules[type(module).__module__]
+            module._plain_forward = module.forward
+            module._rotary_scope = _RotaryScope(library, library.apply_rotary_pos_emb)
+            module.forward = types.MethodType(_attention_forward, module)
+        elif name in LLAMA_RMS_NORMS:
             module._plain_forward = module.forward
             module.forward = types.MethodType(_rms_norm_forward, module)
         elif name in LLAMA_MLPS and type(module.act_fn).__name__ in SILU:
@@ -184,3 +256,31 @@ def _mlp_forward(self, x):
     if usable(gate, up) is None:
         return self.down_proj(self.act_fn(gate) * up)
     return self.down_proj(SwiGLU.apply(gate, up))
+
+
+class _RotaryScope:
+    """While an attention module runs, its transformers module's `apply_rotary_pos_emb` (transformers 5: called
+    by name from the attention's forward) is the native one; it is put back when the call returns, whatever
+    happened. The native one gives the same values (each rounding where torch rounds) and hands any call it
+    cannot take to the original."""
+
+    def __init__(self, library: Any, original: Any):
+        self.library, self.original = library, original
+
+        def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+            if unsqueeze_dim == 1 and rotary_usable(q, k, cos, sin):
+                return Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+            return original(q, k, cos, sin, unsqueeze_dim)
+
+        self.native = apply_rotary_pos_emb
+
+    def __enter__(self):
+        self.library.apply_rotary_pos_emb = self.native
+
+    def __exit__(self, *exc):
+        self.library.apply_rotary_pos_emb = self.original  # the original, not whatever another caller left there
+
+
+def _attention_forward(self, *args, **kwargs):
+    with self._rotary_scope:
+        return self._plain_forward(*args, **kwargs)

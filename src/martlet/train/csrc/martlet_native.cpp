@@ -7,6 +7,7 @@
 // except where a sum is accumulated in a different order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -14,31 +15,34 @@
 #include <cstring>
 #include <type_traits>
 
+// the helpers below sit in the hot loops: inlined there or the loops are not vectorized
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
 namespace {
 
 using bf16 = uint16_t;  // a bf16 value's bit pattern
 
-inline float to_float(bf16 b) {
+ALWAYS_INLINE float to_float(bf16 b) {
   uint32_t u = uint32_t(b) << 16;
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
 
-inline bf16 to_bf16(float f) {  // round to nearest even; NaN stays NaN
+ALWAYS_INLINE bf16 to_bf16(float f) {  // round to nearest even; NaN stays NaN
   uint32_t u;
   std::memcpy(&u, &f, 4);
   uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   return (u & 0x7fffffffu) > 0x7f800000u ? bf16(0x7fc0) : bf16(rounded);
 }
 
-template <typename T> inline float load(const T* p, int64_t i) {
+template <typename T> ALWAYS_INLINE float load(const T* p, int64_t i) {
   if constexpr (std::is_same_v<T, bf16>) return to_float(p[i]); else return p[i];
 }
-template <typename T> inline void store(T* p, int64_t i, float v) {
+template <typename T> ALWAYS_INLINE void store(T* p, int64_t i, float v) {
   if constexpr (std::is_same_v<T, bf16>) p[i] = to_bf16(v); else p[i] = v;
 }
-template <typename T> inline float round_as(float v) {  // v as it would be stored in T
+template <typename T> ALWAYS_INLINE float round_as(float v) {  // v as it would be stored in T
   if constexpr (std::is_same_v<T, bf16>) return to_float(to_bf16(v)); else return v;
 }
 
@@ -70,7 +74,7 @@ template <typename T> T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(
 // so any thread computes any word, and the backward pass recomputes the mask instead of keeping it. Elements
 // go in blocks of 64: element 16 j + v of block b is kept when 16-bit lane j of word 16 b + v is >= threshold
 // (keep probability 1 - threshold / 65536). That layout keeps every load and store contiguous.
-inline uint64_t stream_word(uint64_t seed, uint64_t w) {
+ALWAYS_INLINE uint64_t stream_word(uint64_t seed, uint64_t w) {
   uint64_t z = seed + (w + 1) * 0x9E3779B97F4A7C15ULL;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
@@ -81,7 +85,7 @@ constexpr int64_t kBlock = 64, kWords = 16;
 
 // fn(i, keep) for the elements i = 0..63 of block b, keep being all-ones bits (kept) or zero
 template <typename B, typename Fn>
-inline void over_block(uint64_t seed, uint32_t threshold, int64_t b, Fn fn) {
+ALWAYS_INLINE void over_block(uint64_t seed, uint32_t threshold, int64_t b, Fn fn) {
   uint64_t words[kWords];
 #pragma omp simd
   for (int64_t v = 0; v < kWords; ++v) words[v] = stream_word(seed, b * kWords + v);
@@ -92,7 +96,7 @@ inline void over_block(uint64_t seed, uint32_t threshold, int64_t b, Fn fn) {
   }
 }
 
-template <typename B> inline float bits_to_float(B bits) {
+template <typename B> ALWAYS_INLINE float bits_to_float(B bits) {
   if constexpr (sizeof(B) == 2) return to_float(bits);
   float f;
   std::memcpy(&f, &bits, 4);
@@ -215,7 +219,7 @@ at::Tensor rms_norm_backward(const at::Tensor& grad, const at::Tensor& x, const 
 }
 
 // ---- SwiGLU: y = T(silu(gate)) * up ------------------------------------------------------------------------
-inline float exp_approx(float x) {  // e^x within 2 ulp: Cody-Waite reduction and a degree-6 polynomial, vectorizable
+ALWAYS_INLINE float exp_approx(float x) {  // e^x within 2 ulp: Cody-Waite reduction and a degree-6 polynomial, vectorizable
   x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
   const float round_magic = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
   float k = (x * 1.44269504f + round_magic) - round_magic;
@@ -281,6 +285,238 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad, const
   return {dg, du};
 }
 
+// ---- cross-entropy of a chunk of logits, with its gradient -------------------------------------------------
+// For each row: loss = logsumexp(row) - row[target] (fp32), and the row is overwritten with its gradient,
+// softmax(row) - one_hot(target), rounded to the row's dtype: what log_softmax in fp32, gather, exp and the
+// cast back compute in five passes, in three (max, sum of exponentials, write).
+template <typename T>
+void cross_entropy_rows(T* __restrict logits, const int64_t* __restrict target, float* __restrict loss, int64_t begin,
+                        int64_t end, int64_t vocab) {
+  for (int64_t r = begin; r < end; ++r) {
+    T* row = logits + r * vocab;
+    float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+    for (int64_t i = 0; i < vocab; ++i) top = std::max(top, load(row, i));
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < vocab; ++i) sum += exp_approx(load(row, i) - top);
+    float log_sum = std::log(sum), inverse = 1.f / sum;
+    int64_t t = target[r];
+    loss[r] = log_sum + top - load(row, t);
+#pragma omp simd
+    for (int64_t i = 0; i < vocab; ++i) store(row, i, exp_approx(load(row, i) - top) * inverse - (i == t ? 1.f : 0.f));
+  }
+}
+
+at::Tensor cross_entropy_grad_(at::Tensor logits, const at::Tensor& target) {
+  check(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2 && target.dim() == 1 && target.size(0) == logits.size(0) &&
+              target.scalar_type() == at::kLong && target.is_contiguous(),
+              "martlet native: logits (rows, vocabulary) and int64 targets (rows) expected");
+  int64_t rows = logits.size(0), vocab = logits.size(1);
+  if (rows > 0) {
+    auto [low, high] = target.aminmax();
+    TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < vocab, "martlet native: a target is outside [0, ",
+                vocab, ")");
+  }
+  auto loss = at::empty({rows}, logits.options().dtype(at::kFloat));
+  dispatch(logits, [&](auto type) {
+    using T = typename decltype(type)::type;
+    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+      cross_entropy_rows<T>(ptr<T>(logits), target.data_ptr<int64_t>(), loss.data_ptr<float>(), b, e, vocab);
+    });
+  });
+  return loss;
+}
+
+// ---- rotary position embedding (llama's rotate-half form) --------------------------------------------------
+// x: (batch, length, heads, dim) contiguous, cos and sin: (batch or 1, length, dim). Forward, for each head:
+// out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); each product rounded, then the sum, as torch
+// does. Backward (the transpose): grad = g * cos + (g2 * sin2, -(g1 * sin1)).
+template <typename T>
+void rotary_rows(const T* __restrict x, const T* __restrict cos, const T* __restrict sin, T* __restrict out,
+                 int64_t begin, int64_t end, int64_t heads, int64_t dim, int64_t angle_rows, bool backward) {
+  int64_t half = dim / 2;
+  for (int64_t r = begin; r < end; ++r) {  // r: a (batch, position) pair
+    const T* c = cos + (r % angle_rows) * dim;  // cos and sin may have batch 1 for all the batch
+    const T* s = sin + (r % angle_rows) * dim;
+    for (int64_t h = 0; h < heads; ++h) {
+      const T* xr = x + (r * heads + h) * dim;
+      T* o = out + (r * heads + h) * dim;
+      if (!backward) {
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          float x1 = load(xr, i), x2 = load(xr, i + half);
+          store(o, i, round_as<T>(x1 * load(c, i)) + round_as<T>(-x2 * load(s, i)));
+          store(o, i + half, round_as<T>(x2 * load(c, i + half)) + round_as<T>(x1 * load(s, i + half)));
+        }
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          float g1 = load(xr, i), g2 = load(xr, i + half);
+          store(o, i, round_as<T>(g1 * load(c, i)) + round_as<T>(g2 * load(s, i + half)));
+          store(o, i + half, round_as<T>(g2 * load(c, i + half)) - round_as<T>(g1 * load(s, i)));
+        }
+      }
+    }
+  }
+}
+
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
+  check(x, "x");
+  check(cos, "cos");
+  check(sin, "sin");
+  TORCH_CHECK(x.dim() == 4 && cos.dim() == 3 && cos.sizes() == sin.sizes() && x.scalar_type() == cos.scalar_type() &&
+              cos.scalar_type() == sin.scalar_type() && (cos.size(0) == x.size(0) || cos.size(0) == 1) &&
+              x.size(1) == cos.size(1) &&
+              x.size(3) == cos.size(2) && x.size(3) % 2 == 0,
+              "martlet native: x (batch, length, heads, dim) and cos, sin (batch or 1, length, dim) of one dtype expected");
+  auto out = at::empty_like(x);
+  int64_t rows = x.size(0) * x.size(1), heads = x.size(2), dim = x.size(3);
+  dispatch(x, [&](auto type) {
+    using T = typename decltype(type)::type;
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / (heads * dim)), [&](int64_t b, int64_t e) {
+      rotary_rows<T>(ptr<T>(x), ptr<T>(cos), ptr<T>(sin), ptr<T>(out), b, e, heads, dim, cos.size(0) * cos.size(1),
+                     backward);
+    });
+  });
+  return out;
+}
+
+// ---- causal softmax of attention scores ----------------------------------------------------------------------
+// scores: (..., rows, length), row r holding the scores of query position r % length (the query heads that share
+// a key/value head stacked) against every key. probs = softmax(scale * scores) over the keys up to the query's
+// position, 0 beyond it, computed in fp32 and rounded to the scores' dtype; the backward pass:
+// grad_scores = scale * probs * (grad - sum(grad * probs)).
+template <typename T>
+void causal_softmax_rows(const T* __restrict scores, T* __restrict probs, int64_t begin, int64_t end, int64_t length,
+                         float scale) {
+  for (int64_t r = begin; r < end; ++r) {
+    const T* in = scores + r * length;
+    T* out = probs + r * length;
+    int64_t visible = r % length + 1;
+    float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+    for (int64_t j = 0; j < visible; ++j) top = std::max(top, load(in, j) * scale);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < visible; ++j) sum += exp_approx(load(in, j) * scale - top);
+    float inverse = 1.f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < visible; ++j) store(out, j, exp_approx(load(in, j) * scale - top) * inverse);
+    for (int64_t j = visible; j < length; ++j) out[j] = T(0);
+  }
+}
+
+template <typename T>
+void causal_softmax_backward_rows(const T* __restrict grad, const T* __restrict probs, T* __restrict out, int64_t begin,
+                                  int64_t end, int64_t length, float scale) {
+  for (int64_t r = begin; r < end; ++r) {
+    const T* g = grad + r * length;
+    const T* p = probs + r * length;
+    T* o = out + r * length;
+    int64_t visible = r % length + 1;
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < visible; ++j) dot += load(g, j) * load(p, j);
+#pragma omp simd
+    for (int64_t j = 0; j < visible; ++j) store(o, j, scale * load(p, j) * (load(g, j) - dot));
+    for (int64_t j = visible; j < length; ++j) o[j] = T(0);
+  }
+}
+
+at::Tensor causal_softmax(const at::Tensor& scores, double scale) {
+  check(scores, "scores");
+  TORCH_CHECK(scores.dim() >= 2 && scores.size(-2) % std::max<int64_t>(1, scores.size(-1)) == 0,
+              "martlet native: scores (..., k * length, length) expected");
+  auto probs = at::empty_like(scores);
+  int64_t length = scores.size(-1), rows = length ? scores.numel() / length : 0;
+  dispatch(scores, [&](auto type) {
+    using T = typename decltype(type)::type;
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, length)), [&](int64_t b, int64_t e) {
+      causal_softmax_rows<T>(ptr<T>(scores), ptr<T>(probs), b, e, length, float(scale));
+    });
+  });
+  return probs;
+}
+
+at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& probs, double scale) {
+  check(grad, "grad");
+  check(probs, "probs");
+  check_like(grad, probs, "grad and probs");
+  auto out = at::empty_like(grad);
+  int64_t length = probs.size(-1), rows = length ? probs.numel() / length : 0;
+  dispatch(probs, [&](auto type) {
+    using T = typename decltype(type)::type;
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, length)), [&](int64_t b, int64_t e) {
+      causal_softmax_backward_rows<T>(ptr<T>(grad), ptr<T>(probs), ptr<T>(out), b, e, length, float(scale));
+    });
+  });
+  return out;
+}
+
+// ---- the fused LoRA layer ------------------------------------------------------------------------------------
+// y = x W^T + b + dropout(x) (A / kept)^T (s B)^T in one autograd node with no Python in either pass (the same
+// computation as LoraLinear in kernels.py, which runs where these kernels cannot). The dropout mask comes from
+// `seed` (threshold 0: no dropout) and is recomputed in the backward pass. A and B are fp32; their products run
+// in the base weight's dtype and their gradients leave in fp32. The frozen base weight and bias get none.
+struct LoraFunction : public torch::autograd::Function<LoraFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                            double scaling, int64_t threshold, int64_t seed) {
+    auto x2 = x.reshape({-1, x.size(-1)});
+    double kept = 1.0 - double(threshold) / 65536.0;
+    at::Tensor xd = threshold > 0 ? dropout_keep(x2, seed, threshold) : x2;
+    auto a = lora_a.div(kept).to(weight.scalar_type());
+    auto b = lora_b.mul(scaling).to(weight.scalar_type());
+    auto xa = at::mm(xd, a.t());
+    auto out = bias.has_value() && bias->defined() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+    out.addmm_(xa, b.t());
+    ctx->save_for_backward({xd, xa, weight, a, b});
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["kept"] = kept;
+    ctx->saved_data["threshold"] = threshold;
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["shape"] = x.sizes();
+    ctx->saved_data["a_edge"] = int64_t(bias.has_value() && bias->defined() ? 3 : 2);  // tensor inputs are edges
+    auto shape = x.sizes().vec();
+    shape.back() = weight.size(0);
+    return out.view(shape);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto &xd = saved[0], &xa = saved[1], &weight = saved[2], &a = saved[3], &b = saved[4];
+    auto dy = grads[0].reshape({-1, grads[0].size(-1)}).to(weight.scalar_type()).contiguous();
+    auto dyb = at::mm(dy, b);  // (tokens, rank), the scaling included
+    int64_t threshold = ctx->saved_data["threshold"].toInt();
+    at::Tensor grad_x, grad_a, grad_b;
+    if (ctx->needs_input_grad(0)) {
+      grad_x = at::mm(dy, weight);
+      if (threshold > 0)
+        dropout_keep_add_(grad_x, at::mm(dyb, a), ctx->saved_data["seed"].toInt(), threshold);
+      else
+        grad_x.addmm_(dyb, a);
+      grad_x = grad_x.view(ctx->saved_data["shape"].toIntVector());
+    }
+    int64_t a_edge = ctx->saved_data["a_edge"].toInt();
+    if (ctx->needs_input_grad(a_edge))
+      grad_a = at::mm(dyb.t(), xd).to(at::kFloat).div_(ctx->saved_data["kept"].toDouble());
+    if (ctx->needs_input_grad(a_edge + 1))
+      grad_b = at::mm(dy.t(), xa).to(at::kFloat).mul_(ctx->saved_data["scaling"].toDouble());
+    return {grad_x, at::Tensor(), at::Tensor(), grad_a, grad_b, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, int64_t threshold,
+                       int64_t seed) {
+  check(x, "x");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "martlet native: x and the base weight must have one dtype");
+  return LoraFunction::apply(x, weight, bias, lora_a, lora_b, scaling, threshold, seed);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(martlet, m) {
@@ -290,4 +526,10 @@ TORCH_LIBRARY(martlet, m) {
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> Tensor", &rms_norm_backward);
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor", &swiglu);
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)", &swiglu_backward);
+  m.def("cross_entropy_grad_(Tensor(a!) logits, Tensor target) -> Tensor", &cross_entropy_grad_);
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin, bool backward) -> Tensor", &rotary);
+  m.def("causal_softmax(Tensor scores, float scale) -> Tensor", &causal_softmax);
+  m.def("causal_softmax_backward(Tensor grad, Tensor probs, float scale) -> Tensor", &causal_softmax_backward);
+  m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling, int threshold, "
+        "int seed) -> Tensor", &lora_linear);
 }
