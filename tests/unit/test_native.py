@@ -78,23 +78,18 @@ def test_dropout_backward_adds_the_gradient_where_kept(kernels, dtype):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("node", ["python", "c++"])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_fused_lora_with_the_native_dropout_gives_autograd_s_gradients(kernels, node, with_bias, p):
-    """The fused LoRA node, as the Python function over the kernels (`LoraLinear`) and as the C++ autograd node
-    (`lora_linear`): output and gradients equal plain autograd with the same dropout mask."""
+def test_fused_lora_with_the_native_dropout_gives_autograd_s_gradients(kernels, with_bias, p):
+    """The fused LoRA node (`LoraLinear`) with the kernels' dropout: output and gradients equal plain autograd
+    with the same mask."""
     from martlet.train.kernels import LoraLinear, native_dropout
 
     x = _seeded(3, 2, 9, 16).requires_grad_()
     weight, bias = _seeded(4, 12, 16), _seeded(5, 12) if with_bias else None
     a, b = _seeded(6, 4, 16).requires_grad_(), _seeded(7, 12, 4).requires_grad_()
     torch.manual_seed(11)
-    if node == "python":
-        got = LoraLinear.apply(x, weight, bias, a, b, 2.0, p)
-    else:
-        seed, threshold = native_dropout(p)
-        got = kernels.lora_linear(x, weight, bias, a, b, 2.0, threshold, seed)
+    got = LoraLinear.apply(x, weight, bias, a, b, 2.0, p)
     torch.manual_seed(11)  # the seed the node drew, drawn again
     seed, threshold = native_dropout(p)
     mask = _mask(kernels, (18, 16), seed, threshold).view(x.shape)
@@ -306,6 +301,30 @@ def test_the_registered_classes_compute_what_llama_computes():
             assert inspect.getsource(code) == references[kind], name
             if kind == "Attention":  # ... and the attention calls it by that name
                 assert "apply_rotary_pos_emb" in inspect.getsource(getattr(module, name).forward), name
+
+
+def test_under_torch_compile_the_torch_code_is_traced(kernels, tiny_models):
+    """torch.compile (`--torch_compile true`) traces the plain torch code: same loss and gradients as eager."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from martlet.train.kernels import fuse_lora
+
+    ids = torch.randint(5, 200, (1, 10), generator=torch.Generator().manual_seed(3))
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], use_cache=False)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        fuse_lora(model)
+        native.fuse_native(model)
+        run = torch.compile(model, backend="eager", fullgraph=False) if compiled else model
+        loss = run(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 # ---- when the kernels cannot run ----------------------------------------------------------------------------

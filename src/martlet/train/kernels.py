@@ -201,9 +201,5 @@ def _fused_forward(self, x, *args, **kwargs):
         return self._peft_forward(x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
-    kernels = native.usable(x)
-    if kernels is not None:  # the same node in C++: no Python in either pass
-        return kernels.lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                   self.scaling[name], *reversed(native_dropout(p)))
     return LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                             self.scaling[name], p)

@@ -2,16 +2,14 @@
 
 A LoRA step on a CPU spent a third of its time outside the matrix products: the LoRA dropout's random numbers
 (drawn by one thread), RMSNorm, SwiGLU, the rotary embedding, the attention softmax and the loss as chains of
-small torch operations, each a pass over the activations, and the Python of ~200 fused LoRA nodes. Here each is
-one parallel, vectorized pass (`csrc/martlet_native.cpp`):
+small torch operations, each a pass over the activations. Here each is one parallel, vectorized pass
+(`csrc/martlet_native.cpp`):
 
 - `dropout_keep` / `dropout_keep_add_`: the dropout mask from a counter-based random stream (any thread computes
   any part of it; the backward pass recomputes it from the seed instead of keeping it);
 - `rms_norm` / `rms_norm_backward`: llama's RMSNorm, statistics in fp32, rounded where transformers rounds;
 - `swiglu` / `swiglu_backward`: silu(gate) * up;
 - `rotary`: llama's rotary position embedding of q and k, forward and backward;
-- `lora_linear`: the fused LoRA layer (`kernels.LoraLinear`) as a C++ autograd node, with the dropout above: no
-  Python runs in its forward or backward pass, which matters at ~200 adapted layers a step;
 - `cross_entropy_grad_`: the loss of a chunk of logits and, in place, its gradient (the lean loss's inner step);
 - `causal_softmax` / `causal_softmax_backward`: scaling, causal mask and softmax of one sample's attention scores
   (`train/attention.py`).
@@ -61,6 +59,8 @@ def usable(*tensors: torch.Tensor) -> Any | None:
     """The kernels, if they can take these tensors: on the CPU, bf16 or fp32 alike, contiguous."""
     first = tensors[0]
     if first.device.type != "cpu" or first.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    if torch.compiler.is_compiling():  # torch.compile traces the plain torch code (the kernels have no fake form)
         return None
     if any(t.dtype != first.dtype or t.device != first.device or not t.is_contiguous() for t in tensors):
         return None

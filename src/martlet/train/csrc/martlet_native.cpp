@@ -7,7 +7,6 @@
 // except where a sum is accumulated in a different order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -220,7 +219,7 @@ at::Tensor rms_norm_backward(const at::Tensor& grad, const at::Tensor& x, const 
 
 // ---- SwiGLU: y = T(silu(gate)) * up ------------------------------------------------------------------------
 ALWAYS_INLINE float exp_approx(float x) {  // e^x within 2 ulp: Cody-Waite reduction and a degree-6 polynomial, vectorizable
-  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  x = x < -86.6f ? -86.6f : (x > 88.f ? 88.f : x);  // >= 2^-125: no subnormal results (slow on x86)
   const float round_magic = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
   float k = (x * 1.44269504f + round_magic) - round_magic;
   float r = x - k * 0.693359375f + k * 2.12194440e-4f;
@@ -455,68 +454,6 @@ at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& pro
   return out;
 }
 
-// ---- the fused LoRA layer ------------------------------------------------------------------------------------
-// y = x W^T + b + dropout(x) (A / kept)^T (s B)^T in one autograd node with no Python in either pass (the same
-// computation as LoraLinear in kernels.py, which runs where these kernels cannot). The dropout mask comes from
-// `seed` (threshold 0: no dropout) and is recomputed in the backward pass. A and B are fp32; their products run
-// in the base weight's dtype and their gradients leave in fp32. The frozen base weight and bias get none.
-struct LoraFunction : public torch::autograd::Function<LoraFunction> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_a, const at::Tensor& lora_b,
-                            double scaling, int64_t threshold, int64_t seed) {
-    auto x2 = x.reshape({-1, x.size(-1)});
-    double kept = 1.0 - double(threshold) / 65536.0;
-    at::Tensor xd = threshold > 0 ? dropout_keep(x2, seed, threshold) : x2;
-    auto a = lora_a.div(kept).to(weight.scalar_type());
-    auto b = lora_b.mul(scaling).to(weight.scalar_type());
-    auto xa = at::mm(xd, a.t());
-    auto out = bias.has_value() && bias->defined() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-    out.addmm_(xa, b.t());
-    ctx->save_for_backward({xd, xa, weight, a, b});
-    ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["kept"] = kept;
-    ctx->saved_data["threshold"] = threshold;
-    ctx->saved_data["seed"] = seed;
-    ctx->saved_data["shape"] = x.sizes();
-    ctx->saved_data["a_edge"] = int64_t(bias.has_value() && bias->defined() ? 3 : 2);  // tensor inputs are edges
-    auto shape = x.sizes().vec();
-    shape.back() = weight.size(0);
-    return out.view(shape);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const auto &xd = saved[0], &xa = saved[1], &weight = saved[2], &a = saved[3], &b = saved[4];
-    auto dy = grads[0].reshape({-1, grads[0].size(-1)}).to(weight.scalar_type()).contiguous();
-    auto dyb = at::mm(dy, b);  // (tokens, rank), the scaling included
-    int64_t threshold = ctx->saved_data["threshold"].toInt();
-    at::Tensor grad_x, grad_a, grad_b;
-    if (ctx->needs_input_grad(0)) {
-      grad_x = at::mm(dy, weight);
-      if (threshold > 0)
-        dropout_keep_add_(grad_x, at::mm(dyb, a), ctx->saved_data["seed"].toInt(), threshold);
-      else
-        grad_x.addmm_(dyb, a);
-      grad_x = grad_x.view(ctx->saved_data["shape"].toIntVector());
-    }
-    int64_t a_edge = ctx->saved_data["a_edge"].toInt();
-    if (ctx->needs_input_grad(a_edge))
-      grad_a = at::mm(dyb.t(), xd).to(at::kFloat).div_(ctx->saved_data["kept"].toDouble());
-    if (ctx->needs_input_grad(a_edge + 1))
-      grad_b = at::mm(dy.t(), xa).to(at::kFloat).mul_(ctx->saved_data["scaling"].toDouble());
-    return {grad_x, at::Tensor(), at::Tensor(), grad_a, grad_b, at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
-at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                       const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, int64_t threshold,
-                       int64_t seed) {
-  check(x, "x");
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "martlet native: x and the base weight must have one dtype");
-  return LoraFunction::apply(x, weight, bias, lora_a, lora_b, scaling, threshold, seed);
-}
-
 }  // namespace
 
 TORCH_LIBRARY(martlet, m) {
@@ -530,6 +467,4 @@ TORCH_LIBRARY(martlet, m) {
   m.def("rotary(Tensor x, Tensor cos, Tensor sin, bool backward) -> Tensor", &rotary);
   m.def("causal_softmax(Tensor scores, float scale) -> Tensor", &causal_softmax);
   m.def("causal_softmax_backward(Tensor grad, Tensor probs, float scale) -> Tensor", &causal_softmax_backward);
-  m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling, int threshold, "
-        "int seed) -> Tensor", &lora_linear);
 }
