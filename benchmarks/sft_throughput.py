@@ -18,7 +18,7 @@ MARTLET_BENCH_ARGS="--name value ..." adds arguments to Martlet's side (for abla
 
 Each side runs in its own process (peak RSS is per process). Both are timed by the same hook around
 `Trainer.training_step`: seconds per step after 2 warm-up steps, and real tokens (attention-mask ones, or
-every token of a padding-free row). It prints one table with the ratios, and writes JSON with --json.
+every token of a padding-free row but the padding that rounds it up to a multiple of 64 on a CPU). It prints one table with the ratios, and writes JSON with --json.
 """
 
 from __future__ import annotations
@@ -61,8 +61,11 @@ def instrument(record: dict) -> None:
         masks = [v for k, v in inputs.items() if k.endswith("attention_mask") and torch.is_tensor(v)]
         if masks:
             tokens = int(sum(m.sum() for m in masks))
-        else:
+        else:  # a padding-free row: every token, but the padding that rounds the row up (Martlet on a CPU)
+            from martlet.train.batching import padding_tokens
+
             tokens = int(sum(v.numel() for k, v in inputs.items() if k.endswith("input_ids") and torch.is_tensor(v)))
+            tokens -= padding_tokens(inputs)
         start = time.perf_counter()
         loss = original(self, model, inputs, *args, **kwargs)
         record["steps"].append({"seconds": time.perf_counter() - start, "tokens": tokens})

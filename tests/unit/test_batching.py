@@ -67,6 +67,46 @@ def test_padding_free_row_matches_padded_batch(model):
         torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_row_rounded_up_with_a_padding_sample_gives_the_same_loss_and_gradients(model):
+    """What CPU training does (rows in steps of 64 tokens): the padding is a sample of its own with no labels."""
+    from martlet.train.batching import padding_tokens
+
+    samples = _samples(model.config.vocab_size)  # 41 tokens
+    plain, rounded = PaddingFreeCollator()(samples), PaddingFreeCollator(16, pad_token_id=3)(samples)
+    assert rounded["input_ids"].shape == (1, 48) and padding_tokens(rounded) == 7 and padding_tokens(plain) == 0
+    assert rounded["input_ids"][0, 41:].tolist() == [3] * 7 and rounded["labels"][0, 41:].eq(IGNORE).all()
+    assert rounded["position_ids"][0, 41:].tolist() == list(range(7))  # its own sample: attends to nothing else
+    exact = PaddingFreeCollator(41)(samples)
+    assert exact["input_ids"].shape == (1, 41) and padding_tokens(exact) == 0  # already a multiple
+    torch.testing.assert_close(causal_lm_loss(model, rounded), causal_lm_loss(model, plain), rtol=1e-6, atol=1e-6)
+    want, got = _grads(model, causal_lm_loss(model, plain)), _grads(model, causal_lm_loss(model, rounded))
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_varlen_attention_pads_short_bf16_samples_to_repeating_shapes_with_the_same_result():
+    """bf16 on a CPU: each short sample runs padded to a multiple of 16 tokens (zero keys past its end, masked by
+    causality; the padded queries dropped): the fp32 result (unpadded) within bf16 rounding, gradients too."""
+    import types
+
+    from martlet.train.attention import varlen_attention
+
+    lengths = [9, 30, 4, 16]
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, sum(lengths), h, 16, generator=g).transpose(1, 2) for h in (6, 2, 2))
+    module = types.SimpleNamespace(training=True, is_causal=True)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    inputs32 = [t.clone().requires_grad_() for t in (q, k, v)]
+    inputs16 = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    want, _ = varlen_attention(module, *inputs32, None, position_ids=position_ids)
+    got, _ = varlen_attention(module, *inputs16, None, position_ids=position_ids)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)
+    upstream = torch.randn(want.shape, generator=g)
+    for g16, g32 in zip(torch.autograd.grad(got, inputs16, upstream.bfloat16()), torch.autograd.grad(want, inputs32, upstream)):
+        torch.testing.assert_close(g16.float(), g32, rtol=5e-2, atol=5e-2)
+
+
 def test_varlen_attention_equals_the_block_mask_on_long_and_short_samples(model):
     """Samples above EAGER_MAX_LEN go through sdpa's causal kernel, shorter ones through plain matmuls: both give
     sdpa-with-the-block-mask's logits and gradients; a padded batch (several rows, a mask) falls back to sdpa."""

@@ -66,20 +66,26 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
     groups = heads // kv_heads
     scale = scaling if scaling is not None else dim ** -0.5
+    # bf16 products on a CPU build a kernel for every new shape (~1-5 ms each, six shapes a sample): a sample runs
+    # padded to a multiple of 16 tokens, so the shapes repeat (zero keys after the sample's end are masked anyway)
+    multiple = 16 if query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) else 1
     outputs, start = [], 0
     for length in lengths:
         q, k, v = (t[0, :, start:start + length] for t in (query, key, value))  # (heads, L, D)
         start += length
         if length <= EAGER_MAX_LEN:
+            padded = length + -length % multiple
+            if padded > length:
+                q, k, v = (F.pad(t, (0, 0, 0, padded - length)) for t in (q, k, v))
             # the query heads that share a key/value head form one matrix: no copies of k and v
-            scores = q.reshape(kv_heads, groups * length, dim) @ k.transpose(-1, -2)
+            scores = q.reshape(kv_heads, groups * padded, dim) @ k.transpose(-1, -2)
             if native.usable(scores) is not None:  # scale, mask and softmax in one pass (train/native.py)
                 probs = native.CausalSoftmax.apply(scores, scale)
             else:
-                future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu_(1).repeat(groups, 1)
+                future = torch.ones(padded, padded, dtype=torch.bool, device=q.device).triu_(1).repeat(groups, 1)
                 probs = (scores * scale).masked_fill(future, float("-inf")).softmax(-1, dtype=torch.float32)
                 probs = probs.to(v.dtype)
-            outputs.append((probs @ v).reshape(heads, length, dim))
+            outputs.append((probs @ v).reshape(heads, padded, dim)[:, :length])
         else:
             out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
                                                  enable_gqa=groups > 1)
