@@ -53,6 +53,7 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from martlet.train import native
+    from martlet.train.kernels import shape_multiple
 
     lengths = sample_lengths(kwargs.get("position_ids"))
     window = kwargs.get("sliding_window")
@@ -68,7 +69,7 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     scale = scaling if scaling is not None else dim ** -0.5
     # bf16 products on a CPU build a kernel for every new shape (~1-5 ms each, six shapes a sample): a sample runs
     # padded to a multiple of 16 tokens, so the shapes repeat (zero keys after the sample's end are masked anyway)
-    multiple = 16 if query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) else 1
+    multiple = shape_multiple(query.device.type, query.dtype, rows=16)
     outputs, start = [], 0
     for length in lengths:
         q, k, v = (t[0, :, start:start + length] for t in (query, key, value))  # (heads, L, D)

@@ -32,7 +32,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         w, b = cast_head(weight, bias, hidden.dtype)  # once, not per chunk
-        multiple = shape_multiple(hidden)
+        multiple = shape_multiple(hidden.device.type, hidden.dtype)
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], target[start:start + chunk]
             rows = h.shape[0]
@@ -71,11 +71,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         return scaled(grad_h), scaled(grad_w, ctx.dtypes[0]), scaled(grad_b, ctx.dtypes[1]), None, None
 
 
-def shape_multiple(x: torch.Tensor) -> int:
+def shape_multiple(device_type: str, dtype: torch.dtype, rows: int = 64) -> int:
     """Row counts to round matrix products up to: bf16 / fp16 products on a CPU (oneDNN) build a kernel for every
     new shape, 3 ms for a layer's product and up to 30 ms for the output projection's gradient (measured with
-    ONEDNN_VERBOSE=profile_create), which every step paid again when its number of tokens changed."""
-    return 64 if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else 1
+    ONEDNN_VERBOSE=profile_create), which every step paid again when its number of tokens changed. Elsewhere 1."""
+    return rows if device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 1
 
 
 def cast_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
@@ -103,10 +103,10 @@ class LoraLinear(torch.autograd.Function):
         xa = xd @ a.t()
         out = torch.nn.functional.linear(x2, weight, bias)
         out.addmm_(xa, b.t())
-        keep = mask if isinstance(mask, torch.Tensor) else None
+        keep = mask if isinstance(mask, torch.Tensor) else None  # else the native kernels' (seed, threshold)
         ctx.save_for_backward(xd, xa, weight, a, b, keep)
         ctx.scaling, ctx.kept, ctx.shape = scaling, kept, shape
-        ctx.dropped, ctx.seeded_mask = mask is not None, None if keep is not None else mask
+        ctx.seeded_mask = mask if isinstance(mask, tuple) else None
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -116,12 +116,12 @@ class LoraLinear(torch.autograd.Function):
         dyb = dy @ b  # (tokens, r), the scaling included
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            if not ctx.dropped:
-                grad_x = (dy @ weight).addmm_(dyb, a)
-            elif keep is not None:
+            if keep is not None:
                 grad_x = (dy @ weight).addcmul_(dyb @ a, keep)
-            else:  # the native kernel's mask, recomputed from its seed
+            elif ctx.seeded_mask is not None:  # the native kernel's mask, recomputed from its seed
                 grad_x = native.ops().dropout_keep_add_(dy @ weight, dyb @ a, *ctx.seeded_mask)
+            else:
+                grad_x = (dy @ weight).addmm_(dyb, a)
             grad_x = grad_x.view(ctx.shape)
         if ctx.needs_input_grad[3]:
             grad_a = (dyb.t() @ xd).float().div_(ctx.kept)

@@ -202,8 +202,10 @@ def _build_trainer(args: SftArguments, model: Any, tokenizer: Any, train_set: An
         kwargs["train_sampling_strategy"] = "group_by_length"
     training_args = TrainingArguments(**kwargs)
     if args.effective_padding_free():  # bf16 on a CPU: rows in steps of 64 tokens (see PaddingFreeCollator)
-        multiple = 64 if device == "cpu" and dtype in ("bf16", "fp16") else 0
-        collator = PaddingFreeCollator(multiple, tokenizer.pad_token_id or 0)
+        from martlet.models.dtype import torch_dtype
+        from martlet.train.kernels import shape_multiple
+
+        collator = PaddingFreeCollator(shape_multiple(device, torch_dtype(dtype)), tokenizer.pad_token_id or 0)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
     if args.packing:
