@@ -24,58 +24,103 @@ def _seeded(seed: int, *shape: int, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def _mask(kernels, shape, seed, threshold, dtype=torch.float32) -> torch.Tensor:
-    """The 0/1 mask the kernels draw for (seed, threshold): the dropout of a tensor of ones."""
-    return kernels.dropout_keep(torch.ones(shape, dtype=dtype), seed, threshold)
+def _mask(kernels, rows, k, seed, threshold) -> torch.Tensor:
+    """The 0/1 mask (fp32) the LoRA kernels apply to a (rows x k) input for (seed, threshold)."""
+    return kernels.dropout_mask(rows, k, seed, threshold).float()
 
 
 # ---- dropout ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_dropout_zeroes_exactly_the_dropped_elements(kernels, dtype):
-    x = _seeded(0, 37, 91, dtype=dtype)  # 3,367 elements: the last block of 64 is partial
-    out = kernels.dropout_keep(x, 123, 13107)  # p = 0.2
-    mask = _mask(kernels, x.shape, 123, 13107, dtype)
-    assert set(mask.unique().tolist()) == {0.0, 1.0}
-    torch.testing.assert_close(out, x * mask, rtol=0, atol=0)
-    torch.testing.assert_close(kernels.dropout_keep(x, 123, 13107), out, rtol=0, atol=0)  # same seed, same mask
-    assert not torch.equal(kernels.dropout_keep(x, 124, 13107), out)
-
-
-def test_dropout_mask_of_an_element_depends_only_on_the_seed_and_its_index(kernels):
-    """Tensors of any size (whole blocks, a partial block, under one block) agree on their common elements,
-    and the parallel split of the work changes nothing."""
-    big = _mask(kernels, (4099,), 7, 30000)
-    for n in (1, 3, 63, 64, 65, 1000, 4096):
-        torch.testing.assert_close(_mask(kernels, (n,), 7, 30000), big[:n], rtol=0, atol=0)
+def test_dropout_mask_of_an_element_depends_only_on_the_seed_and_its_place(kernels):
+    """Inputs of any number of rows agree on their common rows, and the parallel split of the work changes
+    nothing; widths that are not a multiple of the 32-element groups are cut, not shifted."""
+    big = _mask(kernels, 517, 91, 7, 30000)
+    for rows in (1, 3, 4, 5, 64, 500):
+        torch.testing.assert_close(_mask(kernels, rows, 91, 7, 30000), big[:rows], rtol=0, atol=0)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one_thread = _mask(kernels, (4099,), 7, 30000)
+        one_thread = _mask(kernels, 517, 91, 7, 30000)
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(one_thread, big, rtol=0, atol=0)
+    torch.testing.assert_close(_mask(kernels, 9, 96, 7, 30000)[:, :91], big[:9], rtol=0, atol=0)  # 3 groups a row
+    torch.testing.assert_close(_mask(kernels, 9, 70, 7, 30000), big[:9, :70], rtol=0, atol=0)
+    assert _mask(kernels, 50, 64, 7, 0).all()  # threshold 0: nothing dropped
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
 def test_dropout_keeps_each_element_with_probability_one_minus_p(kernels, p):
     threshold = round(p * 65536)
-    keep = _mask(kernels, (1000, 1001), 99, threshold).flatten().double()
+    keep = _mask(kernels, 1000, 1024, 99, threshold).double()
     kept = 1 - threshold / 65536
     assert abs(keep.mean().item() - kept) < 5e-3  # ~5 standard deviations at 1e6 draws
-    for lane in range(4):  # each 16-bit lane of the random words, and each position in a block, alike
-        assert abs(keep[: 1000 * 1001 // 64 * 64].view(-1, 4, 16)[:, lane].mean().item() - kept) < 1e-2
-    assert abs((keep[1:] * keep[:-1]).mean().item() - kept ** 2) < 5e-3  # neighbours independent
-    assert abs((keep[16:] * keep[:-16]).mean().item() - kept ** 2) < 5e-3  # lanes of one word independent
-    seeds = torch.stack([_mask(kernels, (4096,), s, threshold) for s in range(64)])
+    groups = keep.view(1000, 32, 2, 16)  # the low and the high 16 bits of one random word feed the two halves
+    for half in range(2):
+        assert abs(groups[:, :, half].mean().item() - kept) < 1e-2
+    assert abs((groups[:, :, 0] * groups[:, :, 1]).mean().item() - kept ** 2) < 5e-3  # halves of a word independent
+    flat = keep.flatten()
+    assert abs((flat[1:] * flat[:-1]).mean().item() - kept ** 2) < 5e-3  # neighbours independent
+    assert abs((keep[1:] * keep[:-1]).mean().item() - kept ** 2) < 5e-3  # rows independent
+    seeds = torch.stack([_mask(kernels, 4, 1024, s, threshold) for s in range(64)])
     assert abs((seeds[1:] * seeds[:-1]).mean().item() - kept ** 2) < 5e-3  # consecutive seeds independent
+    assert abs((seeds[:, :, 1:] * seeds[:, :, :-1]).mean().item() - kept ** 2) < 5e-3
+
+
+# ---- LoRA adapters ------------------------------------------------------------------------------------------
+def _relative_error(got, want) -> float:
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_dropout_backward_adds_the_gradient_where_kept(kernels, dtype):
-    out, g = _seeded(1, 29, 70, dtype=dtype), _seeded(2, 29, 70, dtype=dtype)
-    want = out + g * _mask(kernels, g.shape, 5, 3277, dtype)  # one rounding, as addcmul_ does
-    got = kernels.dropout_keep_add_(out.clone(), g, 5, 3277)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+@pytest.mark.parametrize("threshold", [0, 3277])
+@pytest.mark.parametrize("tokens, k, n, r", [(37, 576, 1536, 8), (448, 1536, 576, 8), (5, 100, 70, 3),
+                                             (9, 33, 17, 16), (1, 600, 40, 5)])
+def test_lora_kernels_compute_the_adapter_and_its_gradients(kernels, dtype, threshold, tokens, k, n, r):
+    """lora_down, lora_up_ and their backward passes against float64 products with the same mask: odd widths
+    (partial vectors, tiles and mask groups), ranks and row counts that are not multiples of 4."""
+    x, dy = _seeded(20, tokens, k, dtype=dtype), _seeded(21, tokens, n, dtype=dtype)
+    a, bt = _seeded(22, r, k), _seeded(23, r, n)
+    out0, gx0 = _seeded(24, tokens, n, dtype=dtype), _seeded(25, tokens, k, dtype=dtype)
+    mask = _mask(kernels, tokens, k, 12345, threshold).double()
+    xd = x.double() * mask
+    stored = 1e-6 if dtype == torch.float32 else 8e-3  # bf16 outputs: rounded once (2^-8 relative at most)
+
+    xa = kernels.lora_down(x, a, 12345, threshold)
+    assert xa.dtype == torch.float32 and xa.shape == (tokens, r)
+    assert _relative_error(xa, xd @ a.double().t()) < 1e-6
+    out = kernels.lora_up_(out0.clone(), xa, bt)
+    assert out.dtype == dtype and _relative_error(out, out0.double() + xa.double() @ bt.double()) < stored
+    dyb, grad_bt = kernels.lora_up_backward(dy, xa, bt)
+    assert _relative_error(dyb, dy.double() @ bt.double().t()) < 1e-6
+    assert _relative_error(grad_bt, xa.double().t() @ dy.double()) < 1e-6
+    gx = gx0.clone()
+    grad_a = kernels.lora_down_backward(x, a, dyb, 12345, threshold, gx)
+    assert _relative_error(grad_a, dyb.double().t() @ xd) < 1e-6
+    assert _relative_error(gx, gx0.double() + (dyb.double() @ a.double()) * mask) < stored
+    assert torch.equal(kernels.lora_down_backward(x, a, dyb, 12345, threshold, None), grad_a)  # no grad_x asked
+
+
+def test_lora_kernels_give_the_same_bits_at_a_given_thread_count(kernels):
+    """The factors' gradients are sums over rows split between threads: the same split, the same order."""
+    x, dy = _seeded(30, 203, 96, dtype=torch.bfloat16), _seeded(31, 203, 80, dtype=torch.bfloat16)
+    a, bt = _seeded(32, 8, 96), _seeded(33, 8, 80)
+    xa = kernels.lora_down(x, a, 1, 3277)
+
+    def grads():
+        dyb, grad_bt = kernels.lora_up_backward(dy, xa, bt)
+        return grad_bt, kernels.lora_down_backward(x, a, dyb, 1, 3277, None)
+
+    first = grads()
+    for _ in range(3):
+        assert all(torch.equal(g, f) for g, f in zip(grads(), first))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = grads()
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip(one_thread, first):  # another split: the same sums up to fp32 rounding
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -92,7 +137,7 @@ def test_fused_lora_with_the_native_dropout_gives_autograd_s_gradients(kernels, 
     got = LoraLinear.apply(x, weight, bias, a, b, 2.0, p)
     torch.manual_seed(11)  # the seed the node drew, drawn again
     seed, threshold = native_dropout(p)
-    mask = _mask(kernels, (18, 16), seed, threshold).view(x.shape)
+    mask = _mask(kernels, 18, 16, seed, threshold).view(x.shape)
     assert (p == 0) == bool(mask.all())
     want = x @ weight.t() + 2.0 * ((x * mask / (1 - threshold / 65536)) @ a.t()) @ b.t()
     want = want + bias if with_bias else want

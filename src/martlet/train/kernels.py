@@ -88,8 +88,11 @@ class LoraLinear(torch.autograd.Function):
 
     peft runs the base layer, a dropout, two small linear layers, a scaling and a sum: a dozen operations and
     as many autograd nodes per adapted layer, and under autocast two casts of the fp32 adapter weights whose
-    gradients are cast back. Here: three products forward (the adapter's added in place), four backward, and
-    the gradients of A and B leave in fp32. The frozen base weight (and bias) get no gradient.
+    gradients are cast back. Here: the base product, and the adapter's two thin products with the dropout; the
+    gradients of A and B leave in fp32, the frozen base weight (and bias) get none. On a CPU with the native
+    kernels the adapter runs through them (`lora_down`, `lora_up_` and their backward passes: one pass over the
+    rows each, the dropout mask drawn on the way and recomputed from its seed backward, fp32 factors); elsewhere
+    as torch products in the activations' dtype, the dropout a 0/1 factor (`keep_factor`).
     """
 
     @staticmethod
@@ -97,52 +100,48 @@ class LoraLinear(torch.autograd.Function):
         dtype = weight.dtype
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        xd, mask, kept = drop(x2, dropout) if dropout > 0 else (x2, None, 1.0)  # 1 / kept goes on the small factors
-        a = (lora_a / kept).to(dtype)
-        b = (lora_b * scaling).to(dtype)
-        xa = xd @ a.t()
         out = torch.nn.functional.linear(x2, weight, bias)
-        out.addmm_(xa, b.t())
-        keep = mask if isinstance(mask, torch.Tensor) else None  # else the native kernels' (seed, threshold)
-        ctx.save_for_backward(xd, xa, weight, a, b, keep)
-        ctx.scaling, ctx.kept, ctx.shape = scaling, kept, shape
-        ctx.seeded_mask = mask if isinstance(mask, tuple) else None
+        kernels = native.usable(x2)
+        ctx.scaling, ctx.shape, ctx.native = scaling, shape, kernels is not None
+        if kernels is not None:
+            seed, threshold = native_dropout(dropout)
+            kept = 1 - threshold / 65536  # 1 / kept goes on the small factors
+            a = (lora_a / kept).float().contiguous()
+            bt = (lora_b * scaling).float().t().contiguous()
+            xa = kernels.lora_down(x2, a, seed, threshold)
+            kernels.lora_up_(out, xa, bt)
+            ctx.save_for_backward(x2, xa, weight, a, bt)
+            ctx.kept, ctx.seed = kept, (seed, threshold)
+        else:
+            keep, kept = keep_factor(x2.shape, dropout, x2.dtype, x2.device) if dropout > 0 else (None, 1.0)
+            xd = x2 * keep if keep is not None else x2
+            a = (lora_a / kept).to(dtype)
+            b = (lora_b * scaling).to(dtype)
+            xa = xd @ a.t()
+            out.addmm_(xa, b.t())
+            ctx.save_for_backward(xd, xa, weight, a, b, keep)
+            ctx.kept = kept
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        xd, xa, weight, a, b, keep = ctx.saved_tensors
+        x, xa, weight, a, b, *keep = ctx.saved_tensors
         dy = grad_out.reshape(-1, grad_out.shape[-1]).to(weight.dtype)
-        dyb = dy @ b  # (tokens, r), the scaling included
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            if keep is not None:
-                grad_x = (dy @ weight).addcmul_(dyb @ a, keep)
-            elif ctx.seeded_mask is not None:  # the native kernel's mask, recomputed from its seed
-                grad_x = native.ops().dropout_keep_add_(dy @ weight, dyb @ a, *ctx.seeded_mask)
-            else:
-                grad_x = (dy @ weight).addmm_(dyb, a)
+        grad_x = dy @ weight if ctx.needs_input_grad[0] else None
+        if ctx.native:
+            kernels = native.ops()
+            dyb, grad_bt = kernels.lora_up_backward(dy.contiguous(), xa, b)  # b: B^T here; dyb includes the scaling
+            grad_a = kernels.lora_down_backward(x, a, dyb, *ctx.seed, grad_x)  # adds the adapter's part to grad_x
+            grad_a, grad_b = grad_a.div_(ctx.kept), grad_bt.t().mul(ctx.scaling)
+        else:
+            dyb = dy @ b  # (tokens, r), the scaling included
+            if grad_x is not None:
+                grad_x = grad_x.addcmul_(dyb @ a, keep[0]) if keep[0] is not None else grad_x.addmm_(dyb, a)
+            grad_a = (dyb.t() @ x).float().div_(ctx.kept) if ctx.needs_input_grad[3] else None
+            grad_b = (dy.t() @ xa).float().mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
+        if grad_x is not None:
             grad_x = grad_x.view(ctx.shape)
-        if ctx.needs_input_grad[3]:
-            grad_a = (dyb.t() @ xd).float().div_(ctx.kept)
-        if ctx.needs_input_grad[4]:
-            grad_b = (dy.t() @ xa).float().mul_(ctx.scaling)
         return grad_x, None, None, grad_a, grad_b, None, None
-
-
-def drop(x: torch.Tensor, p: float) -> tuple[torch.Tensor, Any, float]:
-    """Dropout without the 1 / (1 - p) scale: (x with dropped elements zeroed, the mask, the keep probability).
-
-    On a CPU with the native kernels the mask is `(seed, threshold)` of a counter-based stream, drawn in one
-    parallel pass and recomputed by the backward pass (p rounded to 2^-16); otherwise a 0/1 factor tensor
-    (`keep_factor`). The seed comes from torch's generator, so `torch.manual_seed` makes runs repeatable.
-    """
-    kernels = native.usable(x)
-    if kernels is None:
-        keep, kept = keep_factor(x.shape, p, x.dtype, x.device)
-        return x * keep, keep, kept
-    seed, threshold = native_dropout(p)
-    return kernels.dropout_keep(x, seed, threshold), (seed, threshold), 1 - threshold / 65536
 
 
 def native_dropout(p: float) -> tuple[int, int]:

@@ -5,8 +5,10 @@ A LoRA step on a CPU spent a third of its time outside the matrix products: the 
 small torch operations, each a pass over the activations. Here each is one parallel, vectorized pass
 (`csrc/martlet_native.cpp`):
 
-- `dropout_keep` / `dropout_keep_add_`: the dropout mask from a counter-based random stream (any thread computes
-  any part of it; the backward pass recomputes it from the seed instead of keeping it);
+- `lora_down` / `lora_up_` / `lora_up_backward` / `lora_down_backward`: a LoRA adapter's two thin products and
+  their gradients, one pass over the rows each (oneDNN runs rank-8 products at a few percent of its speed), the
+  dropout applied on the way with a mask from a counter-based random stream (any thread computes any part of it;
+  the backward pass recomputes it from the seed instead of keeping it; `dropout_mask` shows it whole);
 - `rms_norm` / `rms_norm_backward`: llama's RMSNorm, statistics in fp32, rounded where transformers rounds;
 - `swiglu` / `swiglu_backward`: silu(gate) * up;
 - `rotary`: llama's rotary position embedding of q and k, forward and backward;

@@ -10,9 +10,13 @@
 #include <torch/library.h>
 
 #include <cmath>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 // the helpers below sit in the hot loops: inlined there or the loops are not vectorized
 #define ALWAYS_INLINE inline __attribute__((always_inline))
@@ -68,87 +72,399 @@ template <typename Fn> void dispatch(const at::Tensor& t, Fn fn) {
 
 template <typename T> T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
-// ---- LoRA dropout -----------------------------------------------------------------------------------------
-// The keep decisions come from a counter-based stream: word w is SplitMix64's output for counter w from `seed`,
-// so any thread computes any word, and the backward pass recomputes the mask instead of keeping it. Elements
-// go in blocks of 64: element 16 j + v of block b is kept when 16-bit lane j of word 16 b + v is >= threshold
-// (keep probability 1 - threshold / 65536). That layout keeps every load and store contiguous.
-ALWAYS_INLINE uint64_t stream_word(uint64_t seed, uint64_t w) {
-  uint64_t z = seed + (w + 1) * 0x9E3779B97F4A7C15ULL;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
+// ---- LoRA adapters ----------------------------------------------------------------------------------------
+// An adapter of rank r (8-64) on a linear layer: xa = drop(x) A^T (tokens x r), then out += xa B^T. oneDNN runs
+// products this thin at a few percent of its speed (a fixed cost per call, the input read once per product),
+// and a dropout takes passes of its own over x, forward and backward. Here each op is one pass over the rows:
+// a row is read once (the dropout mask applied on the way), and rows go in groups of 4 against the factors in
+// groups of 4, so each vector load feeds several fused multiply-adds. The factor matrices and the thin results
+// are fp32. Sums over rows (the factors' gradients) are accumulated per thread and added in order: a given
+// thread count gives the same bits every time.
+constexpr int kLanes = 16, kRows = 4, kCols = 4, kPad = 2 * kLanes;  // rows padded to whole mask groups
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef uint32_t vu __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+typedef uint16_t vh __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+
+template <typename V, typename S> ALWAYS_INLINE V vread(const S* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename V, typename S> ALWAYS_INLINE void vwrite(S* p, V v) { std::memcpy(p, &v, sizeof v); }
+template <typename To, typename From> ALWAYS_INLINE To vbits(From v) {
+  To t;
+  std::memcpy(&t, &v, sizeof t);
+  return t;
 }
 
-constexpr int64_t kBlock = 64, kWords = 16;
+ALWAYS_INLINE vf vsplat(float s) {
+#if defined(__AVX512F__)
+  return _mm512_set1_ps(s);
+#else
+  vf v;
+  for (int l = 0; l < kLanes; ++l) v[l] = s;
+  return v;
+#endif
+}
+ALWAYS_INLINE vf vfma(vf a, vf b, vf c) {  // a * b + c rounded once per lane (the build turns off contraction)
+#if defined(__AVX512F__)
+  return _mm512_fmadd_ps(a, b, c);
+#else
+  vf r;
+  for (int l = 0; l < kLanes; ++l) r[l] = __builtin_fmaf(a[l], b[l], c[l]);
+  return r;
+#endif
+}
+ALWAYS_INLINE float vsum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(v);
+#endif
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
 
-// fn(i, keep) for the elements i = 0..63 of block b, keep being all-ones bits (kept) or zero
-template <typename B, typename Fn>
-ALWAYS_INLINE void over_block(uint64_t seed, uint32_t threshold, int64_t b, Fn fn) {
-  uint64_t words[kWords];
-#pragma omp simd
-  for (int64_t v = 0; v < kWords; ++v) words[v] = stream_word(seed, b * kWords + v);
-  for (int64_t j = 0; j < 4; ++j) {
-#pragma omp simd
-    for (int64_t v = 0; v < kWords; ++v)
-      fn(j * kWords + v, ((words[v] >> (16 * j)) & 0xffffu) >= threshold ? B(~B(0)) : B(0));
+// 16 elements of T as fp32, and back (bf16: rounded to nearest even, NaN kept)
+template <typename T> ALWAYS_INLINE vf vload_as(const T* p) {
+  if constexpr (std::is_same_v<T, bf16>) {
+#if defined(__AVX512F__)  // one widening load (the generic form compiles to two halves)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+#endif
+    return vbits<vf>(__builtin_convertvector(vread<vh>(p), vu) << 16);
+  } else {
+    return vread<vf>(p);
+  }
+}
+template <typename T> ALWAYS_INLINE void vstore_as(T* p, vf v) {
+  if constexpr (std::is_same_v<T, bf16>) {
+#if defined(__AVX512BF16__)  // one instruction; subnormal values (below 1.2e-38) go to zero
+    vwrite(p, _mm512_cvtneps_pbh(v));
+    return;
+#endif
+    vu u = vbits<vu>(v);
+    vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    vu nan = vbits<vu>((u & 0x7fffffffu) > 0x7f800000u);  // all ones where NaN
+    vwrite(p, __builtin_convertvector((rounded & ~nan) | (0x7fc0u & nan), vh));
+  } else {
+    vwrite(p, v);
   }
 }
 
-template <typename B> ALWAYS_INLINE float bits_to_float(B bits) {
-  if constexpr (sizeof(B) == 2) return to_float(bits);
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// The dropout mask comes from a counter-based stream: any thread computes any part of it, and the backward pass
+// recomputes it from the seed instead of keeping it. Word w of the stream is a 32-bit hash of w keyed by the seed
+// (Wellons' lowbias32 with the key mixed in); row `row`'s elements 32 g + v and 32 g + 16 + v (v < 16) are kept
+// when the low and the high 16 bits of word (row * ceil(k / 32) + g) * 16 + v are >= threshold: keep
+// probability 1 - threshold / 65536. Whole vectors of 16 words at a time; keep bits all ones (kept) or zero.
+ALWAYS_INLINE void keep_bits(uint64_t seed, uint32_t threshold, uint32_t word, vu& low, vu& high) {
+  vu h = (word + vu{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}) * 0x9E3779B9u + uint32_t(seed);
+  h ^= h >> 16;
+  h *= 0x21f0aaadu;
+  h ^= (h >> 15) ^ uint32_t(seed >> 32);
+  h *= 0x735a2d97u;
+  h ^= h >> 15;
+  low = vbits<vu>((h & 0xffffu) >= threshold);
+  high = vbits<vu>((h >> 16) >= threshold);
 }
 
-// block(b, in, out) for every block b in parallel, `in` and `out` pointing at its first element; the last,
-// partial block runs on copies padded to 64 elements.
-template <typename B, typename Block>
-void over_blocks(const B* in, B* out, int64_t n, Block block) {
-  int64_t full = n / kBlock;
-  at::parallel_for(0, full, kGrain / kBlock, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) block(b, in + b * kBlock, out + b * kBlock);
+// columns [c0, c0 + width) of row `row` of an input (src: the row's k elements) as fp32 in dst, zero past k;
+// with a threshold > 0 the dropped elements are zeroed and `keep` (if given) gets the keep bits. `groups`:
+// mask groups per row (ceil(k / 32)); c0 and width are multiples of 32.
+template <typename T>
+ALWAYS_INLINE void load_segment(const T* src, int64_t k, int64_t c0, int64_t width, int64_t row, int64_t groups,
+                                uint64_t seed, uint32_t threshold, float* __restrict dst, uint32_t* __restrict keep) {
+  int64_t valid = std::clamp<int64_t>(k - c0, 0, width), full = valid / kLanes * kLanes;
+  for (int64_t i = 0; i < full; i += kLanes) vwrite(dst + i, vload_as(src + c0 + i));
+  for (int64_t i = full; i < valid; ++i) dst[i] = load(src + c0, i);
+  for (int64_t i = valid; i < width; ++i) dst[i] = 0.f;
+  if (threshold == 0) return;
+  for (int64_t g = 0; g < width / kPad; ++g) {
+    vu low, high;
+    keep_bits(seed, threshold, uint32_t((row * groups + c0 / kPad + g) * kLanes), low, high);
+    float* d = dst + g * kPad;
+    if (keep != nullptr) {
+      vwrite(keep + g * kPad, low);
+      vwrite(keep + g * kPad + kLanes, high);
+    }
+    vwrite(d, vread<vu>(d) & low);
+    vwrite(d + kLanes, vread<vu>(d + kLanes) & high);
+  }
+}
+
+// the fp32 matrix m (rows of m.size(1) elements) as rows of `width` elements: m itself when that is its width,
+// else a copy zero-padded into `holder`
+const float* padded(const at::Tensor& m, int64_t width, at::Tensor& holder) {
+  if (m.size(1) == width) return m.data_ptr<float>();
+  holder = at::zeros({m.size(0), width}, m.options());
+  holder.narrow(1, 0, m.size(1)).copy_(m);
+  return holder.data_ptr<float>();
+}
+
+// A tile is a few columns of a few rows: the rows' segments (`width` floats apart), the matching columns of
+// the factor matrices (`ld` floats apart) and of the sums, all in the L1 cache.
+constexpr int64_t kTile = 256;
+
+// out[i * r + j] += <rows[i], mat[j]> over the tile, for the RB rows and every factor j
+template <int RB, int JB>
+ALWAYS_INLINE void dots_block(const float* rows, int64_t width, const float* mat, int64_t ld, int64_t j0, int64_t r,
+                              float* out) {
+  vf acc[RB][JB] = {};
+  for (int64_t c = 0; c < width; c += kLanes) {
+    vf xs[RB];
+    for (int i = 0; i < RB; ++i) xs[i] = vread<vf>(rows + i * width + c);
+    for (int j = 0; j < JB; ++j) {
+      vf m = vread<vf>(mat + (j0 + j) * ld + c);
+      for (int i = 0; i < RB; ++i) acc[i][j] = vfma(xs[i], m, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int j = 0; j < JB; ++j) out[i * r + j0 + j] += vsum(acc[i][j]);
+}
+
+template <int RB>
+void dots(const float* rows, int64_t width, const float* mat, int64_t ld, int64_t r, float* out) {
+  int64_t j = 0;
+  for (; j + kCols <= r; j += kCols) dots_block<RB, kCols>(rows, width, mat, ld, j, r, out);
+  for (; j < r; ++j) dots_block<RB, 1>(rows, width, mat, ld, j, r, out);
+}
+
+// acc[j] += sum over the RB rows of coef[i * r + j] * rows[i] over the tile, for every factor j
+template <int RB, int JB>
+ALWAYS_INLINE void outer_block(const float* rows, int64_t width, const float* coef, int64_t j0, int64_t r, float* acc,
+                               int64_t ld) {
+  vf cs[RB][JB];
+  for (int i = 0; i < RB; ++i)
+    for (int j = 0; j < JB; ++j) cs[i][j] = vsplat(coef[i * r + j0 + j]);
+  for (int64_t c = 0; c < width; c += kLanes) {
+    vf xs[RB];
+    for (int i = 0; i < RB; ++i) xs[i] = vread<vf>(rows + i * width + c);
+    for (int j = 0; j < JB; ++j) {
+      float* a = acc + (j0 + j) * ld + c;
+      vf s = vread<vf>(a);
+      for (int i = 0; i < RB; ++i) s = vfma(cs[i][j], xs[i], s);
+      vwrite(a, s);
+    }
+  }
+}
+
+template <int RB>
+void outer_add(const float* rows, int64_t width, const float* coef, int64_t r, float* acc, int64_t ld) {
+  int64_t j = 0;
+  for (; j + kCols <= r; j += kCols) outer_block<RB, kCols>(rows, width, coef, j, r, acc, ld);
+  for (; j < r; ++j) outer_block<RB, 1>(rows, width, coef, j, r, acc, ld);
+}
+
+// out[i][c] += sum_j coef[i * r + j] * mat[j][c] for the RB rows of out (`n` elements apart) and the columns
+// c < count of the tile, only where `keep` (RB rows of keep bits, `width` apart) keeps the element if given
+template <typename T, int RB>
+ALWAYS_INLINE void lowrank_add(T* out, int64_t n, int64_t count, const float* coef, const float* mat, int64_t ld,
+                               int64_t r, const uint32_t* keep, int64_t width) {
+  for (int64_t c = 0; c < count; c += kLanes) {
+    vf s[RB] = {};
+    for (int64_t j = 0; j < r; ++j) {
+      vf m = vread<vf>(mat + j * ld + c);
+      for (int i = 0; i < RB; ++i) s[i] = vfma(vsplat(coef[i * r + j]), m, s[i]);
+    }
+    for (int i = 0; i < RB; ++i) {
+      if (keep != nullptr) s[i] = vbits<vf>(vbits<vu>(s[i]) & vread<vu>(keep + i * width + c));
+      T* o = out + i * n + c;
+      if (c + kLanes <= count) {
+        vstore_as(o, vload_as(o) + s[i]);
+      } else {
+        float sum[kLanes];
+        vwrite(sum, s[i]);
+        for (int64_t l = 0; l < count - c; ++l) store(o, l, load(o, l) + sum[l]);
+      }
+    }
+  }
+}
+
+// fn(rows, keep, count, m, c0, width) over the rows [begin, end) of x (k columns) tile by tile: columns in tiles
+// of kTile (outer), rows in groups of kRows (inner, count <= 4 from row m), each row's segment loaded (and
+// masked) into `rows` and, if `with_keep`, its keep bits into `keep` (else null)
+template <typename T, typename Fn>
+void over_tiles(const T* x, int64_t k, int64_t begin, int64_t end, uint64_t seed, uint32_t threshold, bool with_keep,
+                Fn fn) {
+  int64_t kb = round_up(k, kPad);
+  with_keep = with_keep && threshold > 0;
+  alignas(64) float rows[kRows * kTile];
+  alignas(64) uint32_t keep[kRows * kTile];
+  int64_t tiles = (kb + kTile - 1) / kTile, tile = round_up((kb + tiles - 1) / tiles, kPad);  // even tiles
+  for (int64_t c0 = 0; c0 < kb; c0 += tile) {
+    int64_t width = std::min(tile, kb - c0);
+    for (int64_t m = begin; m < end; m += kRows) {
+      int64_t count = std::min<int64_t>(kRows, end - m);
+      for (int64_t i = 0; i < count; ++i)
+        load_segment(x + (m + i) * k, k, c0, width, m + i, kb / kPad, seed, threshold, rows + i * width,
+                     with_keep ? keep + i * width : nullptr);
+      fn(rows, with_keep ? keep : nullptr, count, m, c0, width);
+    }
+  }
+}
+
+// fn<RB>(offset) for each row (RB = 1) or the whole group (RB = 4, offset 0)
+template <typename Fn> ALWAYS_INLINE void by_rows(int64_t count, Fn fn) {
+  if (count == kRows) fn.template operator()<kRows>(0);
+  else for (int64_t i = 0; i < count; ++i) fn.template operator()<1>(i);
+}
+
+// sum over the rows [0, n) of per-row terms in r x width matrices: accumulate(acc, begin, end) adds the rows
+// [begin, end) into a zeroed acc, one range per thread, and the partial sums are added in order into out
+// (r x k, k <= width)
+template <typename Fn> void sum_over_rows(int64_t n, int64_t r, int64_t width, at::Tensor& out, Fn accumulate) {
+  int64_t k = out.size(1);
+  int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + kRows - 1) / kRows));
+  int64_t per = round_up((n + parts - 1) / parts, kRows);
+  std::vector<float> partials(parts * r * width);
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      float* acc = partials.data() + p * r * width;
+      std::fill(acc, acc + r * width, 0.f);
+      accumulate(acc, std::min(n, p * per), std::min(n, (p + 1) * per));
+    }
   });
-  int64_t rest = n - full * kBlock;
-  if (rest == 0) return;
-  B tail_in[kBlock] = {}, tail_out[kBlock] = {};
-  std::memcpy(tail_in, in + full * kBlock, rest * sizeof(B));
-  std::memcpy(tail_out, out + full * kBlock, rest * sizeof(B));
-  block(full, tail_in, tail_out);
-  std::memcpy(out + full * kBlock, tail_out, rest * sizeof(B));
+  float* dst = out.data_ptr<float>();
+  for (int64_t j = 0; j < r; ++j) {
+    const float* first = partials.data() + j * width;
+    std::copy(first, first + k, dst + j * k);
+    for (int64_t p = 1; p < parts; ++p) {
+      const float* part = partials.data() + (p * r + j) * width;
+#pragma omp simd
+      for (int64_t i = 0; i < k; ++i) dst[j * k + i] += part[i];
+    }
+  }
 }
 
-// x with the dropped elements zeroed
-at::Tensor dropout_keep(const at::Tensor& x, int64_t seed, int64_t threshold) {
+void check_factor(const at::Tensor& m, int64_t rows, int64_t cols, const char* name) {
+  TORCH_CHECK(m.scalar_type() == at::kFloat && m.is_contiguous() && m.dim() == 2 && m.size(0) == rows &&
+                  m.size(1) == cols,
+              "martlet native: ", name, " must be a contiguous fp32 matrix of ", rows, " x ", cols);
+}
+
+// the keep mask of a (rows x k) input, as lora_down applies it (for tests and for callers that need it whole)
+at::Tensor dropout_mask(int64_t rows, int64_t k, int64_t seed, int64_t threshold) {
+  int64_t kb = round_up(k, kPad);
+  auto mask = at::empty({rows, k}, at::TensorOptions().dtype(at::kBool));
+  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
+    std::vector<float> ones(k, 1.f), row(kb);
+    for (int64_t i = b; i < e; ++i) {
+      load_segment<float>(ones.data(), k, 0, kb, i, kb / kPad, uint64_t(seed), uint32_t(threshold), row.data(), nullptr);
+      bool* out = mask.data_ptr<bool>() + i * k;
+      for (int64_t j = 0; j < k; ++j) out[j] = row[j] != 0.f;
+    }
+  });
+  return mask;
+}
+
+// xa = drop(x) a^T: x (tokens x k), a (r x k) fp32; xa fp32
+at::Tensor lora_down(const at::Tensor& x, const at::Tensor& a, int64_t seed, int64_t threshold) {
   check(x, "x");
-  auto out = at::empty_like(x);
+  int64_t k = x.size(-1), tokens = x.numel() / k, r = a.size(0), kb = round_up(k, kPad);
+  check_factor(a, r, k, "a");
+  at::Tensor holder;
+  const float* mat = padded(a, kb, holder);
+  auto xa = at::zeros({tokens, r}, a.options());
   dispatch(x, [&](auto type) {
     using T = typename decltype(type)::type;
-    using B = std::conditional_t<sizeof(T) == 2, uint16_t, uint32_t>;
-    over_blocks<B>(ptr<B>(x), ptr<B>(out), x.numel(), [&](int64_t b, const B* in, B* dst) {
-      over_block<B>(uint64_t(seed), uint32_t(threshold), b, [&](int64_t i, B keep) { dst[i] = in[i] & keep; });
+    at::parallel_for(0, (tokens + kRows - 1) / kRows, 4, [&](int64_t b, int64_t e) {
+      over_tiles(ptr<T>(x), k, b * kRows, std::min(tokens, e * kRows), uint64_t(seed), uint32_t(threshold), false,
+                 [&](const float* rows, const uint32_t*, int64_t count, int64_t m, int64_t c0, int64_t width) {
+                   float* out = xa.data_ptr<float>() + m * r;
+                   by_rows(count, [&]<int RB>(int64_t i) {
+                     dots<RB>(rows + i * width, width, mat + c0, kb, r, out + i * r);
+                   });
+                 });
+    });
+  });
+  return xa;
+}
+
+// out += xa bt in place: out (tokens x n), xa (tokens x r) fp32, bt (r x n) fp32
+at::Tensor lora_up_(at::Tensor out, const at::Tensor& xa, const at::Tensor& bt) {
+  check(out, "out");
+  int64_t n = out.size(-1), tokens = out.numel() / n, r = bt.size(0), nb = round_up(n, kPad);
+  check_factor(xa, tokens, r, "xa");
+  check_factor(bt, r, n, "bt");
+  at::Tensor holder;
+  const float* mat = padded(bt, nb, holder);
+  dispatch(out, [&](auto type) {
+    using T = typename decltype(type)::type;
+    at::parallel_for(0, (tokens + kRows - 1) / kRows, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t c0 = 0; c0 < n; c0 += kTile) {
+        for (int64_t g = begin; g < end; ++g) {
+          int64_t m = g * kRows;
+          T* o = ptr<T>(out) + m * n + c0;
+          const float* coef = xa.data_ptr<float>() + m * r;
+          by_rows(std::min<int64_t>(kRows, tokens - m), [&]<int RB>(int64_t i) {
+            lowrank_add<T, RB>(o + i * n, n, std::min(kTile, n - c0), coef + i * r, mat + c0, nb, r, nullptr, 0);
+          });
+        }
+      }
     });
   });
   return out;
 }
 
-// out += g at the kept elements (the dropout's backward pass, added into the base layer's input gradient)
-at::Tensor dropout_keep_add_(at::Tensor out, const at::Tensor& g, int64_t seed, int64_t threshold) {
-  check(out, "out");
-  check(g, "g");
-  check_like(out, g, "out and g");
-  dispatch(out, [&](auto type) {
+// the backward pass of lora_up_: dyb = dy bt^T (tokens x r) and the gradient of bt (r x n), both fp32
+std::tuple<at::Tensor, at::Tensor> lora_up_backward(const at::Tensor& dy, const at::Tensor& xa, const at::Tensor& bt) {
+  check(dy, "dy");
+  int64_t n = dy.size(-1), tokens = dy.numel() / n, r = bt.size(0), nb = round_up(n, kPad);
+  check_factor(xa, tokens, r, "xa");
+  check_factor(bt, r, n, "bt");
+  at::Tensor holder;
+  const float* mat = padded(bt, nb, holder);
+  auto dyb = at::zeros({tokens, r}, xa.options());
+  auto grad = at::empty({r, n}, xa.options());
+  dispatch(dy, [&](auto type) {
     using T = typename decltype(type)::type;
-    using B = std::conditional_t<sizeof(T) == 2, uint16_t, uint32_t>;
-    over_blocks<B>(ptr<B>(g), ptr<B>(out), out.numel(), [&](int64_t b, const B* in, B* dst) {
-      T* acc = reinterpret_cast<T*>(dst);
-      over_block<B>(uint64_t(seed), uint32_t(threshold), b, [&](int64_t i, B keep) {
-        store(acc, i, load(acc, i) + bits_to_float<B>(B(in[i] & keep)));
-      });
+    sum_over_rows(tokens, r, nb, grad, [&](float* acc, int64_t begin, int64_t end) {
+      over_tiles(ptr<T>(dy), n, begin, end, 0, 0, false,
+                 [&](const float* rows, const uint32_t*, int64_t count, int64_t m, int64_t c0, int64_t width) {
+                   float* out = dyb.data_ptr<float>() + m * r;
+                   const float* coef = xa.data_ptr<float>() + m * r;
+                   by_rows(count, [&]<int RB>(int64_t i) {
+                     dots<RB>(rows + i * width, width, mat + c0, nb, r, out + i * r);
+                     outer_add<RB>(rows + i * width, width, coef + i * r, r, acc + c0, nb);
+                   });
+                 });
     });
   });
-  return out;
+  return {dyb, grad};
+}
+
+// the backward pass of lora_down: the gradient of a (r x k, fp32) = dyb^T drop(x); with grad_x given,
+// grad_x += drop(dyb a) in place, the mask recomputed from the seed
+at::Tensor lora_down_backward(const at::Tensor& x, const at::Tensor& a, const at::Tensor& dyb, int64_t seed,
+                              int64_t threshold, const std::optional<at::Tensor>& grad_x) {
+  check(x, "x");
+  int64_t k = x.size(-1), tokens = x.numel() / k, r = a.size(0), kb = round_up(k, kPad);
+  check_factor(a, r, k, "a");
+  check_factor(dyb, tokens, r, "dyb");
+  if (grad_x) {
+    check(*grad_x, "grad_x");
+    check_like(x, *grad_x, "x and grad_x");
+  }
+  at::Tensor holder;
+  const float* mat = padded(a, kb, holder);
+  auto grad = at::empty({r, k}, a.options());
+  dispatch(x, [&](auto type) {
+    using T = typename decltype(type)::type;
+    sum_over_rows(tokens, r, kb, grad, [&](float* acc, int64_t begin, int64_t end) {
+      over_tiles(ptr<T>(x), k, begin, end, uint64_t(seed), uint32_t(threshold), grad_x.has_value(),
+                 [&](const float* rows, const uint32_t* keep, int64_t count, int64_t m, int64_t c0, int64_t width) {
+                   const float* coef = dyb.data_ptr<float>() + m * r;
+                   T* gx = grad_x ? ptr<T>(*grad_x) + m * k + c0 : nullptr;
+                   by_rows(count, [&]<int RB>(int64_t i) {
+                     outer_add<RB>(rows + i * width, width, coef + i * r, r, acc + c0, kb);
+                     if (gx)
+                       lowrank_add<T, RB>(gx + i * k, k, std::min(width, k - c0), coef + i * r, mat + c0, kb, r,
+                                          keep ? keep + i * width : nullptr, width);
+                   });
+                 });
+    });
+  });
+  return grad;
 }
 
 // ---- RMSNorm (llama's): y = weight * T(x * rsqrt(mean(x^2) + eps)), the statistics in fp32 -----------------
@@ -457,8 +773,12 @@ at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& pro
 }  // namespace
 
 TORCH_LIBRARY(martlet, m) {
-  m.def("dropout_keep(Tensor x, int seed, int threshold) -> Tensor", &dropout_keep);
-  m.def("dropout_keep_add_(Tensor(a!) out, Tensor g, int seed, int threshold) -> Tensor(a!)", &dropout_keep_add_);
+  m.def("dropout_mask(int rows, int k, int seed, int threshold) -> Tensor", &dropout_mask);
+  m.def("lora_down(Tensor x, Tensor a, int seed, int threshold) -> Tensor", &lora_down);
+  m.def("lora_up_(Tensor(a!) out, Tensor xa, Tensor b) -> Tensor(a!)", &lora_up_);
+  m.def("lora_up_backward(Tensor dy, Tensor xa, Tensor b) -> (Tensor, Tensor)", &lora_up_backward);
+  m.def("lora_down_backward(Tensor x, Tensor a, Tensor dyb, int seed, int threshold, Tensor(a!)? grad_x) -> Tensor",
+        &lora_down_backward);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)", &rms_norm);
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> Tensor", &rms_norm_backward);
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor", &swiglu);
