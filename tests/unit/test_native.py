@@ -79,36 +79,39 @@ def test_lora_kernels_compute_the_adapter_and_its_gradients(kernels, dtype, thre
     """lora_down, lora_up_ and their backward passes against float64 products with the same mask: odd widths
     (partial vectors, tiles and mask groups), ranks and row counts that are not multiples of 4."""
     x, dy = _seeded(20, tokens, k, dtype=dtype), _seeded(21, tokens, n, dtype=dtype)
-    a, bt = _seeded(22, r, k), _seeded(23, r, n)
+    a, b = _seeded(22, r, k), _seeded(23, n, r)
     out0, gx0 = _seeded(24, tokens, n, dtype=dtype), _seeded(25, tokens, k, dtype=dtype)
     mask = _mask(kernels, tokens, k, 12345, threshold).double()
     xd = x.double() * mask
+    a64, b64 = a.double() * 1.25, b.double() * 0.5  # with the scales each op takes
     stored = 1e-6 if dtype == torch.float32 else 8e-3  # bf16 outputs: rounded once (2^-8 relative at most)
 
-    xa = kernels.lora_down(x, a, 12345, threshold)
+    xa = kernels.lora_down(x, a, 1.25, 12345, threshold)
     assert xa.dtype == torch.float32 and xa.shape == (tokens, r)
-    assert _relative_error(xa, xd @ a.double().t()) < 1e-6
-    out = kernels.lora_up_(out0.clone(), xa, bt)
-    assert out.dtype == dtype and _relative_error(out, out0.double() + xa.double() @ bt.double()) < stored
-    dyb, grad_bt = kernels.lora_up_backward(dy, xa, bt)
-    assert _relative_error(dyb, dy.double() @ bt.double().t()) < 1e-6
-    assert _relative_error(grad_bt, xa.double().t() @ dy.double()) < 1e-6
+    assert _relative_error(xa, xd @ a64.t()) < 1e-6
+    out = kernels.lora_up_(out0.clone(), xa, b, 0.5)
+    assert out.dtype == dtype and _relative_error(out, out0.double() + xa.double() @ b64.t()) < stored
+    dyb, grad_b = kernels.lora_up_backward(dy, xa, b, 0.5)
+    assert _relative_error(dyb, dy.double() @ b64) < 1e-6
+    assert grad_b.shape == b.shape and _relative_error(grad_b, 0.5 * dy.double().t() @ xa.double()) < 1e-6
     gx = gx0.clone()
-    grad_a = kernels.lora_down_backward(x, a, dyb, 12345, threshold, gx)
-    assert _relative_error(grad_a, dyb.double().t() @ xd) < 1e-6
-    assert _relative_error(gx, gx0.double() + (dyb.double() @ a.double()) * mask) < stored
-    assert torch.equal(kernels.lora_down_backward(x, a, dyb, 12345, threshold, None), grad_a)  # no grad_x asked
+    grad_a = kernels.lora_down_backward(x, a, dyb, 1.25, 12345, threshold, gx)
+    assert _relative_error(grad_a, 1.25 * dyb.double().t() @ xd) < 1e-6
+    assert _relative_error(gx, gx0.double() + (dyb.double() @ a64) * mask) < stored
+    assert torch.equal(kernels.lora_down_backward(x, a, dyb, 1.25, 12345, threshold, None), grad_a)  # no grad_x
+    bf16_factors = kernels.lora_down(x, a.bfloat16(), 1.25, 12345, threshold)  # factors of any float dtype
+    assert _relative_error(bf16_factors, xd @ (a.bfloat16().double() * 1.25).t()) < 1e-6
 
 
 def test_lora_kernels_give_the_same_bits_at_a_given_thread_count(kernels):
     """The factors' gradients are sums over rows split between threads: the same split, the same order."""
     x, dy = _seeded(30, 203, 96, dtype=torch.bfloat16), _seeded(31, 203, 80, dtype=torch.bfloat16)
-    a, bt = _seeded(32, 8, 96), _seeded(33, 8, 80)
-    xa = kernels.lora_down(x, a, 1, 3277)
+    a, b = _seeded(32, 8, 96), _seeded(33, 80, 8)
+    xa = kernels.lora_down(x, a, 1.0, 1, 3277)
 
     def grads():
-        dyb, grad_bt = kernels.lora_up_backward(dy, xa, bt)
-        return grad_bt, kernels.lora_down_backward(x, a, dyb, 1, 3277, None)
+        dyb, grad_b = kernels.lora_up_backward(dy, xa, b, 2.0)
+        return grad_b, kernels.lora_down_backward(x, a, dyb, 1.0, 1, 3277, None)
 
     first = grads()
     for _ in range(3):

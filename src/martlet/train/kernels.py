@@ -106,11 +106,9 @@ class LoraLinear(torch.autograd.Function):
         if kernels is not None:
             seed, threshold = native_dropout(dropout)
             kept = 1 - threshold / 65536  # 1 / kept goes on the small factors
-            a = (lora_a / kept).float().contiguous()
-            bt = (lora_b * scaling).float().t().contiguous()
-            xa = kernels.lora_down(x2, a, seed, threshold)
-            kernels.lora_up_(out, xa, bt)
-            ctx.save_for_backward(x2, xa, weight, a, bt)
+            xa = kernels.lora_down(x2, lora_a, 1 / kept, seed, threshold)
+            kernels.lora_up_(out, xa, lora_b, scaling)
+            ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
             ctx.kept, ctx.seed = kept, (seed, threshold)
         else:
             keep, kept = keep_factor(x2.shape, dropout, x2.dtype, x2.device) if dropout > 0 else (None, 1.0)
@@ -129,10 +127,10 @@ class LoraLinear(torch.autograd.Function):
         dy = grad_out.reshape(-1, grad_out.shape[-1]).to(weight.dtype)
         grad_x = dy @ weight if ctx.needs_input_grad[0] else None
         if ctx.native:
-            kernels = native.ops()
-            dyb, grad_bt = kernels.lora_up_backward(dy.contiguous(), xa, b)  # b: B^T here; dyb includes the scaling
-            grad_a = kernels.lora_down_backward(x, a, dyb, *ctx.seed, grad_x)  # adds the adapter's part to grad_x
-            grad_a, grad_b = grad_a.div_(ctx.kept), grad_bt.t().mul(ctx.scaling)
+            kernels = native.ops()  # a and b: the adapter's own A and B here
+            dyb, grad_b = kernels.lora_up_backward(dy.contiguous(), xa, b, ctx.scaling)  # dyb includes the scaling
+            # adds the adapter's part to grad_x
+            grad_a = kernels.lora_down_backward(x, a, dyb, 1 / ctx.kept, *ctx.seed, grad_x)
         else:
             dyb = dy @ b  # (tokens, r), the scaling included
             if grad_x is not None:

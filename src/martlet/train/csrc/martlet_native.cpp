@@ -158,7 +158,9 @@ int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // when the low and the high 16 bits of word (row * ceil(k / 32) + g) * 16 + v are >= threshold: keep
 // probability 1 - threshold / 65536. Whole vectors of 16 words at a time; keep bits all ones (kept) or zero.
 ALWAYS_INLINE void keep_bits(uint64_t seed, uint32_t threshold, uint32_t word, vu& low, vu& high) {
-  vu h = (word + vu{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}) * 0x9E3779B9u + uint32_t(seed);
+  constexpr uint32_t kGolden = 0x9E3779B9u;  // (word + v) * kGolden, one multiply fewer
+  const vu steps = vu{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} * kGolden;
+  vu h = (word * kGolden + uint32_t(seed)) + steps;
   h ^= h >> 16;
   h *= 0x21f0aaadu;
   h ^= (h >> 15) ^ uint32_t(seed >> 32);
@@ -192,13 +194,15 @@ ALWAYS_INLINE void load_segment(const T* src, int64_t k, int64_t c0, int64_t wid
   }
 }
 
-// the fp32 matrix m (rows of m.size(1) elements) as rows of `width` elements: m itself when that is its width,
-// else a copy zero-padded into `holder`
-const float* padded(const at::Tensor& m, int64_t width, at::Tensor& holder) {
-  if (m.size(1) == width) return m.data_ptr<float>();
-  holder = at::zeros({m.size(0), width}, m.options());
-  holder.narrow(1, 0, m.size(1)).copy_(m);
-  return holder.data_ptr<float>();
+// scale * m (a factor matrix, any float dtype), or its transpose, as fp32 rows of `width` elements zero-padded
+std::vector<float> factor(const at::Tensor& m, int64_t width, double scale, bool transpose) {
+  auto src = (transpose ? m.t() : m).to(at::kFloat);
+  int64_t rows = src.size(0), cols = src.size(1), s0 = src.stride(0), s1 = src.stride(1);
+  const float* in = src.data_ptr<float>();
+  std::vector<float> out(rows * width, 0.f);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) out[i * width + j] = float(scale) * in[i * s0 + j * s1];
+  return out;
 }
 
 // A tile is a few columns of a few rows: the rows' segments (`width` floats apart), the matching columns of
@@ -309,37 +313,27 @@ template <typename Fn> ALWAYS_INLINE void by_rows(int64_t count, Fn fn) {
   else for (int64_t i = 0; i < count; ++i) fn.template operator()<1>(i);
 }
 
-// sum over the rows [0, n) of per-row terms in r x width matrices: accumulate(acc, begin, end) adds the rows
-// [begin, end) into a zeroed acc, one range per thread, and the partial sums are added in order into out
-// (r x k, k <= width)
-template <typename Fn> void sum_over_rows(int64_t n, int64_t r, int64_t width, at::Tensor& out, Fn accumulate) {
-  int64_t k = out.size(1);
+// sum over the rows [0, n) of per-row terms in an r x width matrix: accumulate(acc, begin, end) adds the rows
+// [begin, end) into a zeroed acc, one range per thread, and the partial sums are added in order
+template <typename Fn> std::vector<float> sum_over_rows(int64_t n, int64_t r, int64_t width, Fn accumulate) {
   int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + kRows - 1) / kRows));
-  int64_t per = round_up((n + parts - 1) / parts, kRows);
-  std::vector<float> partials(parts * r * width);
+  int64_t per = round_up((n + parts - 1) / parts, kRows), size = r * width;
+  std::vector<float> partials(parts * size, 0.f);
   at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) {
-      float* acc = partials.data() + p * r * width;
-      std::fill(acc, acc + r * width, 0.f);
-      accumulate(acc, std::min(n, p * per), std::min(n, (p + 1) * per));
-    }
+    for (int64_t p = b; p < e; ++p) accumulate(partials.data() + p * size, std::min(n, p * per), std::min(n, (p + 1) * per));
   });
-  float* dst = out.data_ptr<float>();
-  for (int64_t j = 0; j < r; ++j) {
-    const float* first = partials.data() + j * width;
-    std::copy(first, first + k, dst + j * k);
-    for (int64_t p = 1; p < parts; ++p) {
-      const float* part = partials.data() + (p * r + j) * width;
+  for (int64_t p = 1; p < parts; ++p) {
+    const float* part = partials.data() + p * size;
 #pragma omp simd
-      for (int64_t i = 0; i < k; ++i) dst[j * k + i] += part[i];
-    }
+    for (int64_t i = 0; i < size; ++i) partials[i] += part[i];
   }
+  partials.resize(size);
+  return partials;
 }
 
 void check_factor(const at::Tensor& m, int64_t rows, int64_t cols, const char* name) {
-  TORCH_CHECK(m.scalar_type() == at::kFloat && m.is_contiguous() && m.dim() == 2 && m.size(0) == rows &&
-                  m.size(1) == cols,
-              "martlet native: ", name, " must be a contiguous fp32 matrix of ", rows, " x ", cols);
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == rows && m.size(1) == cols && at::isFloatingType(m.scalar_type()),
+              "martlet native: ", name, " must be a float matrix of ", rows, " x ", cols);
 }
 
 // the keep mask of a (rows x k) input, as lora_down applies it (for tests and for callers that need it whole)
@@ -357,14 +351,13 @@ at::Tensor dropout_mask(int64_t rows, int64_t k, int64_t seed, int64_t threshold
   return mask;
 }
 
-// xa = drop(x) a^T: x (tokens x k), a (r x k) fp32; xa fp32
-at::Tensor lora_down(const at::Tensor& x, const at::Tensor& a, int64_t seed, int64_t threshold) {
+// xa = scale * drop(x) a^T: x (tokens x k), a (r x k); xa fp32
+at::Tensor lora_down(const at::Tensor& x, const at::Tensor& a, double scale, int64_t seed, int64_t threshold) {
   check(x, "x");
   int64_t k = x.size(-1), tokens = x.numel() / k, r = a.size(0), kb = round_up(k, kPad);
   check_factor(a, r, k, "a");
-  at::Tensor holder;
-  const float* mat = padded(a, kb, holder);
-  auto xa = at::zeros({tokens, r}, a.options());
+  auto mat = factor(a, kb, scale, false);
+  auto xa = at::zeros({tokens, r}, x.options().dtype(at::kFloat));
   dispatch(x, [&](auto type) {
     using T = typename decltype(type)::type;
     at::parallel_for(0, (tokens + kRows - 1) / kRows, 4, [&](int64_t b, int64_t e) {
@@ -372,7 +365,7 @@ at::Tensor lora_down(const at::Tensor& x, const at::Tensor& a, int64_t seed, int
                  [&](const float* rows, const uint32_t*, int64_t count, int64_t m, int64_t c0, int64_t width) {
                    float* out = xa.data_ptr<float>() + m * r;
                    by_rows(count, [&]<int RB>(int64_t i) {
-                     dots<RB>(rows + i * width, width, mat + c0, kb, r, out + i * r);
+                     dots<RB>(rows + i * width, width, mat.data() + c0, kb, r, out + i * r);
                    });
                  });
     });
@@ -380,14 +373,14 @@ at::Tensor lora_down(const at::Tensor& x, const at::Tensor& a, int64_t seed, int
   return xa;
 }
 
-// out += xa bt in place: out (tokens x n), xa (tokens x r) fp32, bt (r x n) fp32
-at::Tensor lora_up_(at::Tensor out, const at::Tensor& xa, const at::Tensor& bt) {
+// out += scale * xa b^T in place: out (tokens x n), xa (tokens x r) fp32, b (n x r)
+at::Tensor lora_up_(at::Tensor out, const at::Tensor& xa, const at::Tensor& b, double scale) {
   check(out, "out");
-  int64_t n = out.size(-1), tokens = out.numel() / n, r = bt.size(0), nb = round_up(n, kPad);
-  check_factor(xa, tokens, r, "xa");
-  check_factor(bt, r, n, "bt");
-  at::Tensor holder;
-  const float* mat = padded(bt, nb, holder);
+  int64_t n = out.size(-1), tokens = out.numel() / n, r = b.size(1), nb = round_up(n, kPad);
+  check_factor(b, n, r, "b");
+  TORCH_CHECK(xa.scalar_type() == at::kFloat && xa.is_contiguous() && xa.numel() == tokens * r,
+              "martlet native: xa must be lora_down's result for these rows");
+  auto mat = factor(b, nb, scale, true);
   dispatch(out, [&](auto type) {
     using T = typename decltype(type)::type;
     at::parallel_for(0, (tokens + kRows - 1) / kRows, 4, [&](int64_t begin, int64_t end) {
@@ -397,7 +390,7 @@ at::Tensor lora_up_(at::Tensor out, const at::Tensor& xa, const at::Tensor& bt) 
           T* o = ptr<T>(out) + m * n + c0;
           const float* coef = xa.data_ptr<float>() + m * r;
           by_rows(std::min<int64_t>(kRows, tokens - m), [&]<int RB>(int64_t i) {
-            lowrank_add<T, RB>(o + i * n, n, std::min(kTile, n - c0), coef + i * r, mat + c0, nb, r, nullptr, 0);
+            lowrank_add<T, RB>(o + i * n, n, std::min(kTile, n - c0), coef + i * r, mat.data() + c0, nb, r, nullptr, 0);
           });
         }
       }
@@ -406,51 +399,57 @@ at::Tensor lora_up_(at::Tensor out, const at::Tensor& xa, const at::Tensor& bt) 
   return out;
 }
 
-// the backward pass of lora_up_: dyb = dy bt^T (tokens x r) and the gradient of bt (r x n), both fp32
-std::tuple<at::Tensor, at::Tensor> lora_up_backward(const at::Tensor& dy, const at::Tensor& xa, const at::Tensor& bt) {
+// the backward pass of lora_up_: dyb = scale * dy b (tokens x r) and the gradient of b, scale * dy^T xa (n x r),
+// both fp32
+std::tuple<at::Tensor, at::Tensor> lora_up_backward(const at::Tensor& dy, const at::Tensor& xa, const at::Tensor& b,
+                                                    double scale) {
   check(dy, "dy");
-  int64_t n = dy.size(-1), tokens = dy.numel() / n, r = bt.size(0), nb = round_up(n, kPad);
-  check_factor(xa, tokens, r, "xa");
-  check_factor(bt, r, n, "bt");
-  at::Tensor holder;
-  const float* mat = padded(bt, nb, holder);
+  int64_t n = dy.size(-1), tokens = dy.numel() / n, r = b.size(1), nb = round_up(n, kPad);
+  check_factor(b, n, r, "b");
+  TORCH_CHECK(xa.scalar_type() == at::kFloat && xa.is_contiguous() && xa.numel() == tokens * r,
+              "martlet native: xa must be lora_down's result for these rows");
+  auto mat = factor(b, nb, scale, true);
   auto dyb = at::zeros({tokens, r}, xa.options());
-  auto grad = at::empty({r, n}, xa.options());
+  std::vector<float> sum;
   dispatch(dy, [&](auto type) {
     using T = typename decltype(type)::type;
-    sum_over_rows(tokens, r, nb, grad, [&](float* acc, int64_t begin, int64_t end) {
+    sum = sum_over_rows(tokens, r, nb, [&](float* acc, int64_t begin, int64_t end) {
       over_tiles(ptr<T>(dy), n, begin, end, 0, 0, false,
                  [&](const float* rows, const uint32_t*, int64_t count, int64_t m, int64_t c0, int64_t width) {
                    float* out = dyb.data_ptr<float>() + m * r;
                    const float* coef = xa.data_ptr<float>() + m * r;
                    by_rows(count, [&]<int RB>(int64_t i) {
-                     dots<RB>(rows + i * width, width, mat + c0, nb, r, out + i * r);
+                     dots<RB>(rows + i * width, width, mat.data() + c0, nb, r, out + i * r);
                      outer_add<RB>(rows + i * width, width, coef + i * r, r, acc + c0, nb);
                    });
                  });
     });
   });
+  auto grad = at::empty({n, r}, xa.options());
+  float* g = grad.data_ptr<float>();
+  for (int64_t c = 0; c < n; ++c)
+    for (int64_t j = 0; j < r; ++j) g[c * r + j] = float(scale) * sum[j * nb + c];
   return {dyb, grad};
 }
 
-// the backward pass of lora_down: the gradient of a (r x k, fp32) = dyb^T drop(x); with grad_x given,
-// grad_x += drop(dyb a) in place, the mask recomputed from the seed
-at::Tensor lora_down_backward(const at::Tensor& x, const at::Tensor& a, const at::Tensor& dyb, int64_t seed,
-                              int64_t threshold, const std::optional<at::Tensor>& grad_x) {
+// the backward pass of lora_down: the gradient of a, scale * dyb^T drop(x) (r x k, fp32); with grad_x given,
+// grad_x += scale * drop(dyb a) in place, the mask recomputed from the seed
+at::Tensor lora_down_backward(const at::Tensor& x, const at::Tensor& a, const at::Tensor& dyb, double scale,
+                              int64_t seed, int64_t threshold, const std::optional<at::Tensor>& grad_x) {
   check(x, "x");
   int64_t k = x.size(-1), tokens = x.numel() / k, r = a.size(0), kb = round_up(k, kPad);
   check_factor(a, r, k, "a");
-  check_factor(dyb, tokens, r, "dyb");
+  TORCH_CHECK(dyb.scalar_type() == at::kFloat && dyb.is_contiguous() && dyb.numel() == tokens * r,
+              "martlet native: dyb must be lora_up_backward's result for these rows");
   if (grad_x) {
     check(*grad_x, "grad_x");
     check_like(x, *grad_x, "x and grad_x");
   }
-  at::Tensor holder;
-  const float* mat = padded(a, kb, holder);
-  auto grad = at::empty({r, k}, a.options());
+  auto mat = factor(a, kb, scale, false);
+  std::vector<float> sum;
   dispatch(x, [&](auto type) {
     using T = typename decltype(type)::type;
-    sum_over_rows(tokens, r, kb, grad, [&](float* acc, int64_t begin, int64_t end) {
+    sum = sum_over_rows(tokens, r, kb, [&](float* acc, int64_t begin, int64_t end) {
       over_tiles(ptr<T>(x), k, begin, end, uint64_t(seed), uint32_t(threshold), grad_x.has_value(),
                  [&](const float* rows, const uint32_t* keep, int64_t count, int64_t m, int64_t c0, int64_t width) {
                    const float* coef = dyb.data_ptr<float>() + m * r;
@@ -458,12 +457,16 @@ at::Tensor lora_down_backward(const at::Tensor& x, const at::Tensor& a, const at
                    by_rows(count, [&]<int RB>(int64_t i) {
                      outer_add<RB>(rows + i * width, width, coef + i * r, r, acc + c0, kb);
                      if (gx)
-                       lowrank_add<T, RB>(gx + i * k, k, std::min(width, k - c0), coef + i * r, mat + c0, kb, r,
-                                          keep ? keep + i * width : nullptr, width);
+                       lowrank_add<T, RB>(gx + i * k, k, std::min(width, k - c0), coef + i * r, mat.data() + c0, kb,
+                                          r, keep ? keep + i * width : nullptr, width);
                    });
                  });
     });
   });
+  auto grad = at::empty({r, k}, dyb.options());
+  float* g = grad.data_ptr<float>();
+  for (int64_t j = 0; j < r; ++j)
+    for (int64_t c = 0; c < k; ++c) g[j * k + c] = float(scale) * sum[j * kb + c];
   return grad;
 }
 
@@ -774,11 +777,11 @@ at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& pro
 
 TORCH_LIBRARY(martlet, m) {
   m.def("dropout_mask(int rows, int k, int seed, int threshold) -> Tensor", &dropout_mask);
-  m.def("lora_down(Tensor x, Tensor a, int seed, int threshold) -> Tensor", &lora_down);
-  m.def("lora_up_(Tensor(a!) out, Tensor xa, Tensor b) -> Tensor(a!)", &lora_up_);
-  m.def("lora_up_backward(Tensor dy, Tensor xa, Tensor b) -> (Tensor, Tensor)", &lora_up_backward);
-  m.def("lora_down_backward(Tensor x, Tensor a, Tensor dyb, int seed, int threshold, Tensor(a!)? grad_x) -> Tensor",
-        &lora_down_backward);
+  m.def("lora_down(Tensor x, Tensor a, float scale, int seed, int threshold) -> Tensor", &lora_down);
+  m.def("lora_up_(Tensor(a!) out, Tensor xa, Tensor b, float scale) -> Tensor(a!)", &lora_up_);
+  m.def("lora_up_backward(Tensor dy, Tensor xa, Tensor b, float scale) -> (Tensor, Tensor)", &lora_up_backward);
+  m.def("lora_down_backward(Tensor x, Tensor a, Tensor dyb, float scale, int seed, int threshold, "
+        "Tensor(a!)? grad_x) -> Tensor", &lora_down_backward);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)", &rms_norm);
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> Tensor", &rms_norm_backward);
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor", &swiglu);
