@@ -47,8 +47,17 @@ def models(request, tiny_llama):
     return padded, flat
 
 
+@pytest.fixture(params=[1, 16], ids=["row as is", "row rounded up"])
+def multiple(request, monkeypatch):
+    """Rows rounded up to a multiple of 16 tokens (on a CPU in bf16: 64) with a padding sequence of their own."""
+    from martlet.train import rlhf_trainers
+
+    monkeypatch.setattr(rlhf_trainers, "_row_multiple", lambda model, device_type: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
-def test_padding_free_fused_forward_matches_the_padded_batch(models, left):
+def test_padding_free_fused_forward_matches_the_padded_batch(models, left, multiple):
     padded, flat = models
     batch = _batch(padded.config.vocab_size, left)
     calls = []
@@ -58,7 +67,8 @@ def test_padding_free_fused_forward_matches_the_padded_batch(models, left):
         want, got = padded(**batch, fused_lm_head=True), flat(**batch, fused_lm_head=True)
     finally:
         del flat.model.forward
-    assert calls == [(1, int(batch["attention_mask"].sum()))]  # one row of real tokens, no padding
+    real = int(batch["attention_mask"].sum())  # 40 tokens
+    assert calls == [(1, -(-real // multiple) * multiple)]  # one row of real tokens, rounded up when asked
     for name in FIELDS:
         assert got[name].shape == want[name].shape, name
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
@@ -87,7 +97,7 @@ def test_other_calls_go_to_the_fused_forward_unchanged(models):
 
 
 @pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
-def test_padding_free_sequence_logps_match_the_padded_ones(models, left):
+def test_padding_free_sequence_logps_match_the_padded_ones(models, left, multiple):
     """ORPO, SimPO and CPO: summed reply log-probs and token counts, and their gradients."""
     from martlet.train.rlhf_trainers import padding_free_sequence_logps, sequence_logps
 
@@ -106,3 +116,16 @@ def test_padding_free_sequence_logps_match_the_padded_ones(models, left):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     for name, g in want_grads.items():
         torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_rows_are_rounded_up_where_new_matrix_shapes_cost_kernel_builds(tiny_llama):
+    """On a CPU in bf16 (weights or autocast) the row goes to a multiple of 64 tokens, as sft's rows do."""
+    from transformers import AutoModelForCausalLM
+
+    from martlet.train.rlhf_trainers import _row_multiple
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    assert _row_multiple(model, "cpu") == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _row_multiple(model, "cpu") == 64
+    assert _row_multiple(model.to(torch.bfloat16), "cpu") == 64

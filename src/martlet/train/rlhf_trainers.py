@@ -60,6 +60,27 @@ def _row_layout(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return keep, positions, keep.flatten().cumsum(0).view(keep.shape) - 1
 
 
+def _row_multiple(model: Any, device_type: str) -> int:
+    """What to round a padding-free row's length up to (`kernels.shape_multiple`, for the activations' dtype)."""
+    from martlet.train.kernels import shape_multiple
+
+    autocast = torch.is_autocast_enabled(device_type)
+    return shape_multiple(device_type, torch.get_autocast_dtype(device_type) if autocast else model.dtype)
+
+
+def _rounded_row(ids: torch.Tensor, positions: torch.Tensor, multiple: int, labels: torch.Tensor | None = None):
+    """A padding-free row (ids, position ids, labels) made a multiple of `multiple` tokens with one more sequence of
+    token 0 at its own positions, labelled -100: attention never crosses into it, so the real tokens' results are
+    unchanged, and the row's length repeats from step to step."""
+    missing = -ids.shape[0] % multiple
+    if not missing:
+        return ids, positions, labels
+    filler = torch.arange(missing, device=ids.device)
+    ids = torch.cat([ids, torch.zeros_like(filler, dtype=ids.dtype)])
+    labels = None if labels is None else torch.cat([labels, torch.full_like(filler, -100, dtype=labels.dtype)])
+    return ids, torch.cat([positions, filler.to(positions.dtype)]), labels
+
+
 def padding_free_fused_forward(model: Any) -> None:
     """Make trl's fused-LM-head forward (`model(..., labels=, fused_lm_head=True)`, trl 1.16) run a padded batch as
     one padding-free row, and hand its per-token fields back in the padded layout.
@@ -87,11 +108,12 @@ def padding_free_fused_forward(model: Any) -> None:
                          attention_mask=attention_mask, **kwargs)
         keep, positions, row_index = _row_layout(attention_mask)
         row_labels = labels[keep].masked_fill(positions == 0, -100)  # never predicted from the sequence before
+        row = _rounded_row(input_ids[keep], positions, _row_multiple(self, input_ids.device.type), row_labels)
         use_triton = trl_utils._use_triton
         trl_utils._use_triton = lambda device: True  # score only the labelled positions (trl: Triton devices only)
         try:
-            out = fused(input_ids=input_ids[keep][None], position_ids=positions[None], labels=row_labels[None],
-                        fused_lm_head=True, **kwargs)
+            out = fused(input_ids=row[0][None], position_ids=row[1][None], labels=row[2][None], fused_lm_head=True,
+                        **kwargs)
         finally:
             trl_utils._use_triton = use_triton
         # padded position (b, t) predicts token (b, t + 1), whose prediction in the row sits just before it
@@ -152,7 +174,8 @@ def padding_free_sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> t
     ids, reply = batch["input_ids"], batch["completion_mask"].bool()
     keep, positions, row_index = _row_layout(batch["attention_mask"])
     lm = unwrap_causal_lm(model)
-    hidden = lm.get_decoder()(input_ids=ids[keep][None], position_ids=positions[None],
+    row_ids, row_positions, _ = _rounded_row(ids[keep], positions, _row_multiple(lm, ids.device.type))
+    hidden = lm.get_decoder()(input_ids=row_ids[None], position_ids=row_positions[None],
                               use_cache=False).last_hidden_state[0]
     targets = reply & keep
     targets[:, 0] = False  # token t is predicted at the row position just before it
