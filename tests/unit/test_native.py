@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -101,6 +104,48 @@ def test_lora_kernels_compute_the_adapter_and_its_gradients(kernels, dtype, thre
     assert torch.equal(kernels.lora_down_backward(x, a, dyb, 1.25, 12345, threshold, None), grad_a)  # no grad_x
     bf16_factors = kernels.lora_down(x, a.bfloat16(), 1.25, 12345, threshold)  # factors of any float dtype
     assert _relative_error(bf16_factors, xd @ (a.bfloat16().double() * 1.25).t()) < 1e-6
+
+
+_PORTABLE_RUN = """
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+ops, g = torch.ops.martlet, torch.Generator().manual_seed(0)
+out = {"mask": ops.dropout_mask(37, 91, 7, 3277)}
+for dtype in (torch.bfloat16, torch.float32):
+    x, dy = torch.randn(37, 91, generator=g).to(dtype), torch.randn(37, 70, generator=g).to(dtype)
+    a, b = torch.randn(5, 91, generator=g), torch.randn(70, 5, generator=g)
+    xa = ops.lora_down(x, a, 1.25, 7, 3277)
+    up = ops.lora_up_(dy.clone(), xa, b, 0.5)
+    dyb, grad_b = ops.lora_up_backward(dy, xa, b, 0.5)
+    grad_x = x.clone()
+    grad_a = ops.lora_down_backward(x, a, dyb, 1.25, 7, 3277, grad_x)
+    out[str(dtype)] = dict(x=x, dy=dy, a=a, b=b, xa=xa, up=up, dyb=dyb, grad_b=grad_b, grad_a=grad_a, grad_x=grad_x)
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="builds for x86-64-v3 (AVX2)")
+def test_the_generic_vector_code_computes_what_this_machine_s_build_computes(kernels, tmp_path, monkeypatch):
+    """A machine without AVX-512 (AVX2 x86, ARM) compiles the kernels' generic vector code: built here for
+    x86-64-v3 and run in a process of its own, it draws the same dropout mask and computes the same adapter
+    products and gradients as this machine's build."""
+    monkeypatch.setenv("MARTLET_CACHE", str(tmp_path))
+    flags = [f if f != "-march=native" else "-march=x86-64-v3" for f in native.FLAGS]
+    library = native.build(flags)
+    subprocess.run([sys.executable, "-c", _PORTABLE_RUN, str(library), str(tmp_path / "out.pt")], check=True)
+    portable = torch.load(tmp_path / "out.pt")
+    assert torch.equal(portable["mask"], kernels.dropout_mask(37, 91, 7, 3277))
+    for dtype in (torch.bfloat16, torch.float32):
+        got = portable[str(dtype)]
+        x, dy, a, b = got["x"], got["dy"], got["a"], got["b"]
+        xa = kernels.lora_down(x, a, 1.25, 7, 3277)
+        dyb, grad_b = kernels.lora_up_backward(dy, xa, b, 0.5)
+        grad_x = x.clone()
+        want = dict(xa=xa, up=kernels.lora_up_(dy.clone(), xa, b, 0.5), dyb=dyb, grad_b=grad_b,
+                    grad_a=kernels.lora_down_backward(x, a, dyb, 1.25, 7, 3277, grad_x), grad_x=grad_x)
+        for name, value in want.items():  # sums in another order: fp32 rounding, one bf16 step at most
+            close = dict(rtol=1e-5, atol=1e-5) if value.dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
+            torch.testing.assert_close(got[name], value, **close, msg=f"{dtype} {name}")
 
 
 def test_lora_kernels_give_the_same_bits_at_a_given_thread_count(kernels):

@@ -69,14 +69,15 @@ def usable(*tensors: torch.Tensor) -> Any | None:
     return ops()
 
 
-def build() -> Path:
-    """The compiled library for this machine, building it if the cache has none."""
+def build(flags: list[str] = FLAGS) -> Path:
+    """The compiled library for this machine, building it if the cache has none. (Other `flags`: tests build the
+    generic code a machine without AVX-512 compiles.)"""
     from torch.utils import cpp_extension
 
     from martlet.models.embedded import cache_dir
 
     compiler = os.environ.get("CXX", "c++")
-    command = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    command = [compiler, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     command += [f"-I{path}" for path in cpp_extension.include_paths()]
     libraries = []
     for path in cpp_extension.library_paths():

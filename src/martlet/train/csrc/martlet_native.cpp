@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -118,10 +119,11 @@ ALWAYS_INLINE vf vfma(vf a, vf b, vf c) {  // a * b + c rounded once per lane (t
 ALWAYS_INLINE float vsum(vf v) {
 #if defined(__AVX512F__)
   return _mm512_reduce_add_ps(v);
-#endif
+#else
   float s = 0.f;
   for (int l = 0; l < kLanes; ++l) s += v[l];
   return s;
+#endif
 }
 
 // 16 elements of T as fp32, and back (bf16: rounded to nearest even, NaN kept)
@@ -129,8 +131,9 @@ template <typename T> ALWAYS_INLINE vf vload_as(const T* p) {
   if constexpr (std::is_same_v<T, bf16>) {
 #if defined(__AVX512F__)  // one widening load (the generic form compiles to two halves)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-#endif
+#else
     return vbits<vf>(__builtin_convertvector(vread<vh>(p), vu) << 16);
+#endif
   } else {
     return vread<vf>(p);
   }
@@ -139,12 +142,12 @@ template <typename T> ALWAYS_INLINE void vstore_as(T* p, vf v) {
   if constexpr (std::is_same_v<T, bf16>) {
 #if defined(__AVX512BF16__)  // one instruction; subnormal values (below 1.2e-38) go to zero
     vwrite(p, _mm512_cvtneps_pbh(v));
-    return;
-#endif
+#else
     vu u = vbits<vu>(v);
     vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     vu nan = vbits<vu>((u & 0x7fffffffu) > 0x7f800000u);  // all ones where NaN
     vwrite(p, __builtin_convertvector((rounded & ~nan) | (0x7fc0u & nan), vh));
+#endif
   } else {
     vwrite(p, v);
   }
