@@ -339,6 +339,12 @@ void check_factor(const at::Tensor& m, int64_t rows, int64_t cols, const char* n
               "martlet native: ", name, " must be a float matrix of ", rows, " x ", cols);
 }
 
+// xa or dyb: the fp32 (tokens x r) result of the op named for the same rows
+void check_thin(const at::Tensor& t, int64_t tokens, int64_t r, const char* name, const char* from) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == tokens * r, "martlet native: ", name,
+              " must be ", from, "'s result for these rows");
+}
+
 // the keep mask of a (rows x k) input, as lora_down applies it (for tests and for callers that need it whole)
 at::Tensor dropout_mask(int64_t rows, int64_t k, int64_t seed, int64_t threshold) {
   int64_t kb = round_up(k, kPad);
@@ -381,8 +387,7 @@ at::Tensor lora_up_(at::Tensor out, const at::Tensor& xa, const at::Tensor& b, d
   check(out, "out");
   int64_t n = out.size(-1), tokens = out.numel() / n, r = b.size(1), nb = round_up(n, kPad);
   check_factor(b, n, r, "b");
-  TORCH_CHECK(xa.scalar_type() == at::kFloat && xa.is_contiguous() && xa.numel() == tokens * r,
-              "martlet native: xa must be lora_down's result for these rows");
+  check_thin(xa, tokens, r, "xa", "lora_down");
   auto mat = factor(b, nb, scale, true);
   dispatch(out, [&](auto type) {
     using T = typename decltype(type)::type;
@@ -409,8 +414,7 @@ std::tuple<at::Tensor, at::Tensor> lora_up_backward(const at::Tensor& dy, const 
   check(dy, "dy");
   int64_t n = dy.size(-1), tokens = dy.numel() / n, r = b.size(1), nb = round_up(n, kPad);
   check_factor(b, n, r, "b");
-  TORCH_CHECK(xa.scalar_type() == at::kFloat && xa.is_contiguous() && xa.numel() == tokens * r,
-              "martlet native: xa must be lora_down's result for these rows");
+  check_thin(xa, tokens, r, "xa", "lora_down");
   auto mat = factor(b, nb, scale, true);
   auto dyb = at::zeros({tokens, r}, xa.options());
   std::vector<float> sum;
@@ -442,8 +446,7 @@ at::Tensor lora_down_backward(const at::Tensor& x, const at::Tensor& a, const at
   check(x, "x");
   int64_t k = x.size(-1), tokens = x.numel() / k, r = a.size(0), kb = round_up(k, kPad);
   check_factor(a, r, k, "a");
-  TORCH_CHECK(dyb.scalar_type() == at::kFloat && dyb.is_contiguous() && dyb.numel() == tokens * r,
-              "martlet native: dyb must be lora_up_backward's result for these rows");
+  check_thin(dyb, tokens, r, "dyb", "lora_up_backward");
   if (grad_x) {
     check(*grad_x, "grad_x");
     check_like(x, *grad_x, "x and grad_x");
