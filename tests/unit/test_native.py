@@ -87,23 +87,24 @@ def test_lora_kernels_compute_the_adapter_and_its_gradients(kernels, dtype, thre
     mask = _mask(kernels, tokens, k, 12345, threshold).double()
     xd = x.double() * mask
     a64, b64 = a.double() * 1.25, b.double() * 0.5  # with the scales each op takes
-    stored = 1e-6 if dtype == torch.float32 else 8e-3  # bf16 outputs: rounded once (2^-8 relative at most)
+    summed = 2e-5  # fp32 sums of up to 1,536 terms, in any order (threads split the rows differently)
+    stored = summed if dtype == torch.float32 else 8e-3  # bf16 outputs: rounded once (2^-8 relative at most)
 
     xa = kernels.lora_down(x, a, 1.25, 12345, threshold)
     assert xa.dtype == torch.float32 and xa.shape == (tokens, r)
-    assert _relative_error(xa, xd @ a64.t()) < 1e-6
+    assert _relative_error(xa, xd @ a64.t()) < summed
     out = kernels.lora_up_(out0.clone(), xa, b, 0.5)
     assert out.dtype == dtype and _relative_error(out, out0.double() + xa.double() @ b64.t()) < stored
     dyb, grad_b = kernels.lora_up_backward(dy, xa, b, 0.5)
-    assert _relative_error(dyb, dy.double() @ b64) < 1e-6
-    assert grad_b.shape == b.shape and _relative_error(grad_b, 0.5 * dy.double().t() @ xa.double()) < 1e-6
+    assert _relative_error(dyb, dy.double() @ b64) < summed
+    assert grad_b.shape == b.shape and _relative_error(grad_b, 0.5 * dy.double().t() @ xa.double()) < summed
     gx = gx0.clone()
     grad_a = kernels.lora_down_backward(x, a, dyb, 1.25, 12345, threshold, gx)
-    assert _relative_error(grad_a, 1.25 * dyb.double().t() @ xd) < 1e-6
+    assert _relative_error(grad_a, 1.25 * dyb.double().t() @ xd) < summed
     assert _relative_error(gx, gx0.double() + (dyb.double() @ a64) * mask) < stored
     assert torch.equal(kernels.lora_down_backward(x, a, dyb, 1.25, 12345, threshold, None), grad_a)  # no grad_x
     bf16_factors = kernels.lora_down(x, a.bfloat16(), 1.25, 12345, threshold)  # factors of any float dtype
-    assert _relative_error(bf16_factors, xd @ (a.bfloat16().double() * 1.25).t()) < 1e-6
+    assert _relative_error(bf16_factors, xd @ (a.bfloat16().double() * 1.25).t()) < summed
 
 
 _PORTABLE_RUN = """

@@ -123,14 +123,14 @@ class LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # native: the input, the adapter's own A and B; torch: the dropped input, A and B scaled and cast
         x, xa, weight, a, b, *keep = ctx.saved_tensors
         dy = grad_out.reshape(-1, grad_out.shape[-1]).to(weight.dtype)
         grad_x = dy @ weight if ctx.needs_input_grad[0] else None
         if ctx.native:
-            kernels = native.ops()  # a and b: the adapter's own A and B here
+            kernels = native.ops()
             dyb, grad_b = kernels.lora_up_backward(dy.contiguous(), xa, b, ctx.scaling)  # dyb includes the scaling
-            # adds the adapter's part to grad_x
-            grad_a = kernels.lora_down_backward(x, a, dyb, 1 / ctx.kept, *ctx.seed, grad_x)
+            grad_a = kernels.lora_down_backward(x, a, dyb, 1 / ctx.kept, *ctx.seed, grad_x)  # and grad_x += its part
         else:
             dyb = dy @ b  # (tokens, r), the scaling included
             if grad_x is not None:
