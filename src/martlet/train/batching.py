@@ -48,12 +48,26 @@ class PaddingFreeCollator:
             position_ids += positions
             row_labels = list(f["labels"]) if f.get("labels") is not None else list(ids)
             labels += [IGNORE_INDEX if p == 0 else t for p, t in zip(positions, row_labels)]
-        missing = -len(input_ids) % self.pad_to_multiple_of if self.pad_to_multiple_of and input_ids else 0
-        input_ids += [self.pad_token_id] * missing
-        labels += [IGNORE_INDEX] * missing
-        position_ids += list(range(missing))
-        as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
-        return {"input_ids": as_row(input_ids), "labels": as_row(labels), "position_ids": as_row(position_ids)}
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+        row = rounded_row(as_tensor(input_ids), as_tensor(position_ids), self.pad_to_multiple_of or 1,
+                          as_tensor(labels), self.pad_token_id)
+        return {"input_ids": row[0][None], "labels": row[2][None], "position_ids": row[1][None]}
+
+
+def rounded_row(input_ids: Any, position_ids: Any, multiple: int, labels: Any = None, pad_token_id: int = 0):
+    """A padding-free row (1-D tensors: ids, position ids, labels or None) made a multiple of `multiple` tokens with
+    one more sample of pad tokens at its own positions from 0, labelled IGNORE_INDEX: nothing attends across into
+    it, so the real tokens' results are unchanged, and the row's length repeats from step to step."""
+    import torch
+
+    missing = -input_ids.shape[0] % multiple
+    if not missing:
+        return input_ids, position_ids, labels
+    filler = torch.arange(missing, device=input_ids.device)
+    input_ids = torch.cat([input_ids, torch.full_like(filler, pad_token_id, dtype=input_ids.dtype)])
+    if labels is not None:
+        labels = torch.cat([labels, torch.full_like(filler, IGNORE_INDEX, dtype=labels.dtype)])
+    return input_ids, torch.cat([position_ids, filler.to(position_ids.dtype)]), labels
 
 
 def padding_tokens(inputs: dict[str, Any]) -> int:

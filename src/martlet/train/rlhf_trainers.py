@@ -19,6 +19,7 @@ from transformers import Trainer, TrainingArguments
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from martlet.train import rlhf_losses
+from martlet.train.batching import rounded_row
 from martlet.train.trainer import AtomicCheckpointMixin
 
 
@@ -68,19 +69,6 @@ def _row_multiple(model: Any, device_type: str) -> int:
     return shape_multiple(device_type, torch.get_autocast_dtype(device_type) if autocast else model.dtype)
 
 
-def _rounded_row(ids: torch.Tensor, positions: torch.Tensor, multiple: int, labels: torch.Tensor | None = None):
-    """A padding-free row (ids, position ids, labels) made a multiple of `multiple` tokens with one more sequence of
-    token 0 at its own positions, labelled -100: attention never crosses into it, so the real tokens' results are
-    unchanged, and the row's length repeats from step to step."""
-    missing = -ids.shape[0] % multiple
-    if not missing:
-        return ids, positions, labels
-    filler = torch.arange(missing, device=ids.device)
-    ids = torch.cat([ids, torch.zeros_like(filler, dtype=ids.dtype)])
-    labels = None if labels is None else torch.cat([labels, torch.full_like(filler, -100, dtype=labels.dtype)])
-    return ids, torch.cat([positions, filler.to(positions.dtype)]), labels
-
-
 def padding_free_fused_forward(model: Any) -> None:
     """Make trl's fused-LM-head forward (`model(..., labels=, fused_lm_head=True)`, trl 1.16) run a padded batch as
     one padding-free row, and hand its per-token fields back in the padded layout.
@@ -108,7 +96,7 @@ def padding_free_fused_forward(model: Any) -> None:
                          attention_mask=attention_mask, **kwargs)
         keep, positions, row_index = _row_layout(attention_mask)
         row_labels = labels[keep].masked_fill(positions == 0, -100)  # never predicted from the sequence before
-        row = _rounded_row(input_ids[keep], positions, _row_multiple(self, input_ids.device.type), row_labels)
+        row = rounded_row(input_ids[keep], positions, _row_multiple(self, input_ids.device.type), row_labels)
         use_triton = trl_utils._use_triton
         trl_utils._use_triton = lambda device: True  # score only the labelled positions (trl: Triton devices only)
         try:
@@ -174,7 +162,7 @@ def padding_free_sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> t
     ids, reply = batch["input_ids"], batch["completion_mask"].bool()
     keep, positions, row_index = _row_layout(batch["attention_mask"])
     lm = unwrap_causal_lm(model)
-    row_ids, row_positions, _ = _rounded_row(ids[keep], positions, _row_multiple(lm, ids.device.type))
+    row_ids, row_positions, _ = rounded_row(ids[keep], positions, _row_multiple(lm, ids.device.type))
     hidden = lm.get_decoder()(input_ids=row_ids[None], position_ids=row_positions[None],
                               use_cache=False).last_hidden_state[0]
     targets = reply & keep
