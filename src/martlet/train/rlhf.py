@@ -63,7 +63,8 @@ def rlhf_main(args: RLHFArguments | Sequence[str] | None = None, *, cls: type = 
     if args.precompute_ref_log_probs:
         trainer.ref_model = None  # its log-probs are in the data now
     result = train_and_report(trainer, args, run_dir, info, checkpoint)
-    result["images"] += _plot_metrics(result["log_history"], os.path.join(run_dir, "images"))
+    if trainer.is_world_process_zero():  # as the loss curves (train/run.py): one writer, which made the folder
+        result["images"] += _plot_metrics(result["log_history"], os.path.join(run_dir, "images"))
     return result
 
 
