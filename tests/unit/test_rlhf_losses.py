@@ -74,11 +74,25 @@ def test_cpo_matches_the_paper(loss_type):
     assert loss.item() == pytest.approx(mean(terms) + alpha * nll(), rel=1e-9)
 
 
+def _log1mexp(x: float) -> float:
+    """log(1 - exp(x)) for x < 0 in float64, by the branch that is exact there (Maechler 2012)."""
+    return math.log(-math.expm1(x)) if x > -math.log(2) else math.log1p(-math.exp(x))
+
+
 def test_orpo_is_stable_near_certainty():
-    """log(1 - p) for p -> 1 and p -> 0 stays finite (log1mexp on both branches)."""
-    c = torch.tensor([-1e-7, -80.0], dtype=torch.float32)
-    loss, *_ = orpo_loss(c, c - 1.0, torch.tensor([1, 1]), torch.tensor([1, 1]), beta=0.1)
+    """log(1 - p) for p -> 1 and p -> 0 in float32: the log odds and the loss equal the formula worked out in
+    float64. Near p = 1 (log p = -1e-7, -2e-7) a naive log1p(-exp(x)) rounds exp(x) and is off by ~0.3."""
+    chosen = torch.tensor([-1e-7, -80.0], dtype=torch.float32)
+    rejected = torch.tensor([-2e-7, -81.0], dtype=torch.float32)
+    beta = 1.0
+    loss, _, _, extras = orpo_loss(chosen, rejected, torch.tensor([1, 1]), torch.tensor([1, 1]), beta=beta)
+    log_odds = [(c - r) - (_log1mexp(c) - _log1mexp(r)) for c, r in zip(chosen.double().tolist(),
+                                                                        rejected.double().tolist())]
+    assert log_odds[0] == pytest.approx(math.log(2), abs=1e-6) and log_odds[1] == pytest.approx(1.0, abs=1e-6)
+    expected = -sum(chosen.double().tolist()) / 2 - beta * mean([logsigmoid(x) for x in log_odds])
     assert torch.isfinite(loss)
+    assert extras["log_odds_ratio"].item() == pytest.approx(mean(log_odds), abs=1e-5)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
 
 
 # the same numbers through trl's implementations (trl.experimental is used by these tests only) -------------
