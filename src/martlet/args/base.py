@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import sys
 import types
 import typing
@@ -21,10 +23,59 @@ _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts: an interval (written "[0, 1)", "(0, inf)", "[1, inf)"), plus the
+    values that mean "unset" (e.g. -1). None, where the field is Optional, always means unset."""
+
+    low: float
+    high: float
+    low_open: bool
+    high_open: bool
+    unset: tuple[float, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str, unset: Sequence[float] = ()) -> "Range":
+        match = re.fullmatch(r"([\[(])\s*([^,\s]+)\s*,\s*([^\]\s)]+)\s*([\])])", text)
+        if not match:
+            raise ValueError(f"bounds {text!r}: write an interval such as '[0, 1)' or '(0, inf)'")
+        return cls(float(match[2]), float(match[3]), match[1] == "(", match[4] == ")", tuple(unset))
+
+    def __contains__(self, value: float) -> bool:
+        if value in self.unset:
+            return True
+        if math.isnan(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high == math.inf:
+            text = f"greater than {low}" if self.low_open else f"at least {low}"
+        else:
+            text = f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        return text + "".join(f", or {_number(v)}" for v in self.unset)
+
+
+def _number(value: float) -> str:
+    if not math.isfinite(value):
+        return "inf" if value > 0 else "-inf"
+    return str(int(value)) if value == int(value) else str(value)
+
+
 def arg(default: Any = None, help: str = "", *, aliases: Sequence[str] = (), choices: Sequence[Any] | None = None,
-        group: str | None = None) -> Any:
-    """A dataclass field with its help text, CLI aliases and allowed values."""
-    meta = {"help": help, "aliases": tuple(aliases), "choices": tuple(choices) if choices else None}
+        bounds: str | None = None, unset: Sequence[float] = (), group: str | None = None) -> Any:
+    """A dataclass field with its help text, CLI aliases and allowed values.
+
+    `bounds` is the interval a number must lie in ("[0, 1)", "[1, inf)"), `unset` the values outside it that
+    mean "not set" (e.g. -1). The help (so `--help` and the argument reference) ends with the range, and a
+    value outside it is an error naming the field, when parsed and in `validate()`.
+    """
+    rng = Range.parse(bounds, unset) if bounds else None
+    text = f"{help} Must be {rng}." if rng else help
+    meta = {"help": text, "aliases": tuple(aliases), "choices": tuple(choices) if choices else None, "range": rng}
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -98,6 +149,27 @@ def _check_choice(cls: type, name: str, value: Any) -> None:
                                    field=name)
 
 
+def _check_range(cls: type, name: str, value: Any, where: str = "command line") -> None:
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    rng = field.metadata.get("range")
+    if rng is None:
+        return
+    if value is None:
+        if not field_kind(cls, name)[1]:
+            raise MartletError(f"needs a number: {rng}.", file=None if where == "command line" else where,
+                               field=name)
+        return
+    if value not in rng:
+        raise MartletError(f"must be {rng} (got {value!r}).", file=None if where == "command line" else where,
+                           field=name)
+
+
+def check_ranges(args: Any) -> None:
+    """MartletError naming the first field whose value lies outside its declared range (see `arg`)."""
+    for f in dataclasses.fields(args):
+        _check_range(type(args), f.name, getattr(args, f.name))
+
+
 def option_names(cls: type) -> dict[str, str]:
     """Every accepted spelling (name and aliases, '-' or '_') mapped to the field name."""
     names: dict[str, str] = {}
@@ -114,27 +186,52 @@ def _spellings(names: dict[str, str]) -> list[str]:
     return fields + sorted(n for n in names if "-" not in n and n not in fields)
 
 
-def build(cls: type[T], values: dict[str, Any], where: str = "command line") -> T:
-    """An instance of `cls` from raw values keyed by any accepted spelling; unknown keys are errors."""
+def by_field(cls: type, values: dict[str, Any], where: str = "command line") -> dict[str, Any]:
+    """Raw values keyed by field name. Every unknown key is reported at once (each with its "did you mean");
+    one field given under two spellings (a name and an alias) is an error naming both."""
     names = option_names(cls)
-    kwargs: dict[str, Any] = {}
+    file = None if where == "command line" else where
+    unknown = [key for key in values if key not in names]
+    if len(unknown) == 1:
+        key = unknown[0]
+        raise MartletError(f"unknown argument '{key}'.{did_you_mean(key.replace('-', '_'), _spellings(names))}",
+                           file=file, hint="Run with --help to list the arguments.")
+    if unknown:
+        suggestions = [did_you_mean(key.replace("-", "_"), _spellings(names)).strip() for key in unknown]
+        listed = ", ".join(f"'{key}'" + (f" ({hint})" if hint else "") for key, hint in zip(unknown, suggestions))
+        raise MartletError(f"{len(unknown)} unknown arguments: {listed}.", file=file,
+                           hint="Run with --help to list the arguments.")
+    dash = "--" if file is None else ""
+    out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
     for key, raw in values.items():
-        if key not in names:
-            raise MartletError(f"unknown argument '{key}'.{did_you_mean(key.replace('-', '_'), _spellings(names))}",
-                               file=None if where == "command line" else where,
-                               hint="Run with --help to list the arguments.")
         name = names[key]
+        if name in out:
+            raise MartletError(f"given twice, as {dash}{given_as[name]} and as {dash}{key}: give it once.",
+                               file=file, field=name)
+        out[name], given_as[name] = raw, key
+    return out
+
+
+def build(cls: type[T], values: dict[str, Any], where: str = "command line",
+          sources: dict[str, str] | None = None) -> T:
+    """An instance of `cls` from raw values keyed by any accepted spelling; unknown keys are errors. A bad value
+    names `sources[field]` (the config file it came from), else `where`."""
+    kwargs: dict[str, Any] = {}
+    for name, raw in by_field(cls, values, where).items():
+        where_from = (sources or {}).get(name, where)
         tp, _, is_list = field_kind(cls, name)
         if is_list:
             items = raw if isinstance(raw, list) else [raw]
-            value = [convert(v, tp, name, where) for v in items]
+            value = [convert(v, tp, name, where_from) for v in items]
         else:
             if isinstance(raw, list):
                 if len(raw) != 1:
                     raise MartletError(f"expects one value, got {len(raw)}: {raw}", field=name)
                 raw = raw[0]
-            value = convert(raw, tp, name, where)
+            value = convert(raw, tp, name, where_from)
         _check_choice(cls, name, value)
+        _check_range(cls, name, value, where_from)
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -159,12 +256,15 @@ def _read_config(path: str) -> dict[str, Any]:
 
 
 def split_argv(argv: Sequence[str]) -> dict[str, Any]:
-    """`--name v1 v2 --flag=x` -> {'name': ['v1', 'v2'], 'flag': ['x']}; a bare `--flag` means true."""
+    """`--name v1 v2 --flag=x` -> {'name': ['v1', 'v2'], 'flag': ['x']}; a bare `--flag` means true.
+    A flag given twice is an error (it would otherwise silently take the last value)."""
     values: dict[str, Any] = {}
     key: str | None = None
     for token in argv:
         if token.startswith("--") and len(token) > 2:
             name, eq, value = token[2:].partition("=")
+            if name in values:
+                raise MartletError(f"--{name} is given twice: give it once.")
             key = name
             values[key] = [value] if eq else []
         elif key is None:
@@ -176,24 +276,24 @@ def split_argv(argv: Sequence[str]) -> dict[str, Any]:
 
 
 def parse_cli(cls: type[T], argv: Sequence[str] | None = None) -> T:
-    """Parse `argv` (default sys.argv[1:]); `--config file.(json|yaml)` supplies defaults first."""
+    """Parse `argv` (default sys.argv[1:]); `--config file.(json|yaml)` supplies defaults first, which the
+    command line may override (each once)."""
     raw = split_argv(list(sys.argv[1:] if argv is None else argv))
     config = raw.pop("config", None)
     values: dict[str, Any] = {}
     if config:
         path = config[0]
         values.update(build_dict(cls, _read_config(path), where=path))
-    values.update(raw)
-    return build(cls, values)
+    sources = dict.fromkeys(values, config[0]) if config else {}
+    for name, value in by_field(cls, raw).items():
+        values[name] = value
+        sources.pop(name, None)
+    return build(cls, values, sources=sources)
 
 
 def build_dict(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
-    """Check a config mapping's keys now, so an unknown key names the config file."""
-    names = option_names(cls)
-    for key in data:
-        if key not in names:
-            raise MartletError(f"unknown argument '{key}'.{did_you_mean(key.replace('-', '_'), _spellings(names))}",
-                               file=where)
+    """Check a config mapping's keys now (all of them), so an unknown key names the config file; keyed by field."""
+    data = by_field(cls, data, where)
     return {k: (v if isinstance(v, list) else [v]) if v is not None else ["none"] for k, v in data.items()}
 
 

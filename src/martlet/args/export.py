@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional
 
-from martlet.args.base import arg
+from martlet.args.base import arg, check_ranges
 from martlet.args.model import ModelArguments
 from martlet.errors import MartletError
 
@@ -39,10 +39,11 @@ class ExportArguments(ModelArguments):
                                    choices=GGUF_TYPES, aliases=("gguf_outtype",))
     dataset: List[str] = arg([], "GPTQ/AWQ calibration data: dataset names or files, as for `martlet sft` "
                                  "(default: the checkpoint's training data).", aliases=("datasets",))
-    quant_n_samples: int = arg(256, "GPTQ/AWQ: calibration rows.")
-    quant_seqlen: int = arg(2048, "GPTQ/AWQ: longest calibration row in tokens.")
-    quant_group_size: int = arg(128, "GPTQ/AWQ: weights sharing one scale (-1: one per output row).")
-    quant_batch_size: int = arg(1, "GPTQ/AWQ: calibration rows run together.")
+    quant_n_samples: int = arg(256, "GPTQ/AWQ: calibration rows.", bounds="[1, inf)")
+    quant_seqlen: int = arg(2048, "GPTQ/AWQ: longest calibration row in tokens.", bounds="[1, inf)")
+    quant_group_size: int = arg(128, "GPTQ/AWQ: weights sharing one scale (-1: one per output row).",
+                                bounds="[1, inf)", unset=(-1,))
+    quant_batch_size: int = arg(1, "GPTQ/AWQ: calibration rows run together.", bounds="[1, inf)")
 
     to_ollama: bool = arg(False, "Also write an Ollama Modelfile (template, stop tokens, system prompt) beside the "
                                  "GGUF; exports a GGUF (f16 unless --quant_bits/--gguf_type say otherwise).")
@@ -81,6 +82,7 @@ class ExportArguments(ModelArguments):
 
     def validate(self) -> "ExportArguments":
         """Check the arguments together; raises MartletError naming the field. Changes nothing."""
+        check_ranges(self)
         method = self.effective_quant_method()
         if self.ckpt_dir and not os.path.isdir(os.path.expanduser(self.ckpt_dir)):
             raise MartletError("checkpoint folder not found.", file=self.ckpt_dir, field="ckpt_dir")
@@ -104,9 +106,6 @@ class ExportArguments(ModelArguments):
         if not (method or self.merge_lora or self.push_to_hub):
             raise MartletError("nothing to do.", hint="Pass --merge_lora true, --quant_bits 4|8, --gguf_type, "
                                                       "--to_ollama true or --push_to_hub true.")
-        for field in ("quant_n_samples", "quant_seqlen", "quant_batch_size"):
-            if getattr(self, field) < 1:
-                raise MartletError(f"must be at least 1 (got {getattr(self, field)}).", field=field)
         if self.quantization_bit and (self.merge_lora or method):
             raise MartletError("exporting from a bitsandbytes-quantized base model is refused: merging or "
                                "re-quantizing 4/8-bit weights loses precision.", field="quantization_bit",

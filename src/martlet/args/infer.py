@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional
 
-from martlet.args.base import arg
+from martlet.args.base import arg, check_ranges
 from martlet.args.data import DataArguments, TemplateArguments
 from martlet.args.model import ModelArguments
 from martlet.errors import MartletError
@@ -18,15 +18,17 @@ class GenerationArguments:
     """Sampling settings; a value left out comes from the model's generation_config.json."""
 
     max_new_tokens: Optional[int] = arg(None, "Longest reply in tokens. Default: the model's generation config, "
-                                              "else 2048.")
+                                              "else 2048.", bounds="[1, inf)")
     do_sample: Optional[bool] = arg(None, "Sample (true) or decode greedily (false). Default: the model's "
                                           "generation config (greedy when it says nothing).")
-    temperature: Optional[float] = arg(None, "Sampling temperature; 0 means greedy.")
-    top_k: Optional[int] = arg(None, "Sample among the k most likely tokens.")
-    top_p: Optional[float] = arg(None, "Sample among the most likely tokens whose probabilities add up to p.")
-    repetition_penalty: Optional[float] = arg(None, "Penalty above 1 discourages repeating tokens.")
+    temperature: Optional[float] = arg(None, "Sampling temperature; 0 means greedy.", bounds="[0, inf)")
+    top_k: Optional[int] = arg(None, "Sample among the k most likely tokens (0: all).", bounds="[0, inf)")
+    top_p: Optional[float] = arg(None, "Sample among the most likely tokens whose probabilities add up to p.",
+                                   bounds="(0, 1]")
+    repetition_penalty: Optional[float] = arg(None, "Penalty above 1 discourages repeating tokens.",
+                                                bounds="(0, inf)")
     num_beams: Optional[int] = arg(None, "Beam search width (1: no beam search; streaming shows a beam search "
-                                         "reply at once).")
+                                         "reply at once).", bounds="[1, inf)")
     stop_words: List[str] = arg([], "Extra strings that end a reply (the template's end-of-turn always does).")
 
 
@@ -45,43 +47,28 @@ class InferArguments(ModelArguments, DataArguments, TemplateArguments, Generatio
     merge_device_map: str = arg("cpu", "Where the merge runs: cpu, or auto to use the GPU.")
     replace_if_exists: bool = arg(False, "Merge again even when <ckpt_dir>-merged exists.")
     val_dataset_sample: Optional[int] = arg(None, "Evaluate at most this many rows (default: all the validation "
-                                                  "rows).", aliases=("show_dataset_sample",))
+                                                  "rows).", aliases=("show_dataset_sample",), bounds="[1, inf)")
     dataset_test_ratio: float = arg(0.01, "Share of --dataset held out and evaluated, as training splits it (by "
                                           "--dataset_seed); 0 evaluates every row.",
-                                    aliases=("split_dataset_ratio",))
+                                    aliases=("split_dataset_ratio",), bounds="[0, 1)")
     max_batch_size: int = arg(16, "Rows generated together (dataset evaluation; deploy's dynamic batches).",
-                              aliases=("batch_size",))
+                              aliases=("batch_size",), bounds="[1, inf)")
     infer_backend: str = arg("AUTO", "Inference engine: pt (transformers), vllm (GPU, needs the vllm package) or "
                                      "AUTO (pt).", choices=("AUTO", "pt", "vllm"))
-    gpu_memory_utilization: float = arg(0.9, "vllm: share of GPU memory it may take.")
-    tensor_parallel_size: int = arg(1, "vllm: GPUs one model is split across.")
-    max_model_len: Optional[int] = arg(None, "vllm: longest prompt + reply in tokens (default: the model's).")
+    gpu_memory_utilization: float = arg(0.9, "vllm: share of GPU memory it may take.", bounds="(0, 1]")
+    tensor_parallel_size: int = arg(1, "vllm: GPUs one model is split across.", bounds="[1, inf)")
+    max_model_len: Optional[int] = arg(None, "vllm: longest prompt + reply in tokens (default: the model's).",
+                                         bounds="[1, inf)")
     stream: bool = arg(True, "Chat: print the reply token by token as it is generated.")
     result_dir: Optional[str] = arg(None, "Where evaluation results go. Default: <ckpt_dir>/infer_result, or "
                                           "output/infer_result for a base model.")
     save_result: bool = arg(True, "Write the evaluation results (JSONL) and metrics.")
     verbose: bool = arg(True, "Evaluation: print every query, reply and label (false: a progress bar).")
-    seed: int = arg(42, "Random seed for sampling.")
+    seed: int = arg(42, "Random seed for sampling.", bounds="[0, 4294967295]")
 
     def validate(self) -> "InferArguments":
         """Check the arguments together; raises MartletError naming the field. Changes nothing."""
-        checks = [
-            ("max_batch_size", self.max_batch_size >= 1, "must be at least 1"),
-            ("max_new_tokens", self.max_new_tokens is None or self.max_new_tokens >= 1, "must be at least 1"),
-            ("temperature", self.temperature is None or self.temperature >= 0, "must be 0 or more"),
-            ("top_p", self.top_p is None or 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("top_k", self.top_k is None or self.top_k >= 0, "must be 0 or more"),
-            ("num_beams", self.num_beams is None or self.num_beams >= 1, "must be at least 1"),
-            ("repetition_penalty", self.repetition_penalty is None or self.repetition_penalty > 0,
-             "must be greater than 0"),
-            ("dataset_test_ratio", 0 <= self.dataset_test_ratio < 1, "must be in [0, 1)"),
-            ("val_dataset_sample", self.val_dataset_sample is None or self.val_dataset_sample >= 1,
-             "must be at least 1"),
-            ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "must be in (0, 1]"),
-        ]
-        for field, ok, message in checks:
-            if not ok:
-                raise MartletError(f"{message} (got {getattr(self, field)!r}).", field=field)
+        check_ranges(self)
         for field in ("load_dataset_config", "merge_lora"):
             if getattr(self, field) and not self.ckpt_dir:
                 raise MartletError("needs --ckpt_dir (a checkpoint of `martlet sft`).", field=field)

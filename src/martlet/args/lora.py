@@ -15,9 +15,11 @@ class TunerArguments:
     lora_target_modules: List[str] = arg(["DEFAULT"], "Where LoRA goes: DEFAULT (the model type's usual "
                                                       "attention projections), ALL (every linear layer) or "
                                                       "module names.", aliases=("target_modules",))
-    lora_rank: int = arg(8, "LoRA rank r.", aliases=("lora_r",))
-    lora_alpha: int = arg(32, "LoRA scaling alpha.")
-    lora_dropout: float = arg(0.05, "Dropout on the LoRA input.", aliases=("lora_dropout_p",))
+    lora_rank: int = arg(8, "LoRA rank r.", aliases=("lora_r",), bounds="[1, inf)")
+    lora_alpha: int = arg(32, "LoRA scaling alpha (the update is scaled by alpha / rank).",
+                          bounds="(0, inf)")
+    lora_dropout: float = arg(0.05, "Dropout on the LoRA input.", aliases=("lora_dropout_p",),
+                              bounds="[0, 1)")
     lora_modules_to_save: List[str] = arg([], "Extra modules trained in full and saved with the adapter.",
                                           aliases=("modules_to_save",))
     use_rslora: bool = arg(False, "Rank-stabilized LoRA scaling.")

@@ -31,16 +31,19 @@ DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0, "cpo": 0.1, "kto": 0.1}
 class PreferenceArguments:
     rlhf_type: str = arg("dpo", "Preference method: dpo, orpo, simpo, cpo or kto.", choices=RLHF_TYPES)
     beta: Optional[float] = arg(None, "Strength of the preference term. Default: 0.1 (dpo, orpo's lambda, cpo, "
-                                      "kto), 2.0 (simpo).")
+                                      "kto), 2.0 (simpo).", bounds="(0, inf)")
     loss_type: Optional[str] = arg(None, "dpo: sigmoid (default), ipo, hinge, robust, bco_pair, sppo_hard, "
                                          "nca_pair, apo_zero, apo_down, sigmoid_norm. cpo: sigmoid, hinge, ipo. "
                                          "kto: kto, apo_zero_unpaired.")
-    rpo_alpha: Optional[float] = arg(None, "dpo: add this weight times the SFT loss on the chosen replies (RPO).")
-    simpo_gamma: float = arg(1.0, "simpo: target reward margin gamma.")
+    rpo_alpha: Optional[float] = arg(None, "dpo: add this weight times the SFT loss on the chosen replies (RPO).",
+                                        bounds="[0, inf)")
+    simpo_gamma: float = arg(1.0, "simpo: target reward margin gamma.", bounds="[0, inf)")
     cpo_alpha: Optional[float] = arg(None, "cpo/simpo: weight of the SFT loss on the chosen replies. Default: 1.0 "
-                                           "(cpo), 0.0 (simpo).")
-    desirable_weight: float = arg(1.0, "kto: weight of the desirable (label true) replies' loss.")
-    undesirable_weight: float = arg(1.0, "kto: weight of the undesirable (label false) replies' loss.")
+                                           "(cpo), 0.0 (simpo).", bounds="[0, inf)")
+    desirable_weight: float = arg(1.0, "kto: weight of the desirable (label true) replies' loss.",
+                                  bounds="(0, inf)")
+    undesirable_weight: float = arg(1.0, "kto: weight of the undesirable (label false) replies' loss.",
+                                    bounds="(0, inf)")
     ref_model_id_or_path: Optional[str] = arg(None, "dpo/kto reference model. Default: the model itself "
                                                     "(with LoRA: the adapter switched off; full: a frozen copy).",
                                               aliases=("ref_model",))
@@ -75,14 +78,6 @@ class RLHFArguments(PreferenceArguments, SftArguments):
         if self.packing:
             raise MartletError("applies to sft and pt only: preference pairs are batched by their trainer.",
                                field="packing")
-        checks = [("beta", self.beta is None or self.beta > 0, "must be greater than 0"),
-                  ("rpo_alpha", self.rpo_alpha is None or self.rpo_alpha >= 0, "must be at least 0"),
-                  ("cpo_alpha", self.cpo_alpha is None or self.cpo_alpha >= 0, "must be at least 0"),
-                  ("desirable_weight", self.desirable_weight > 0, "must be greater than 0"),
-                  ("undesirable_weight", self.undesirable_weight > 0, "must be greater than 0")]
-        for field, ok, message in checks:
-            if not ok:
-                raise MartletError(f"{message} (got {getattr(self, field)!r}).", field=field)
         if kind == "kto" and self.batch_size < 2:
             raise MartletError("kto estimates its KL term from mismatched replies within a batch, so it needs at "
                                f"least 2 samples per batch (got {self.batch_size}).", field="batch_size",

@@ -9,14 +9,9 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional
 
-from martlet.args.base import arg
+from martlet.args.base import arg, check_ranges
 from martlet.args.infer import InferArguments
 from martlet.errors import MartletError
-
-
-def _check_port(field: str, port: Optional[int]) -> None:
-    if port is not None and not 0 <= port <= 65535:
-        raise MartletError(f"must be a port number in [0, 65535] (got {port}).", field=field)
 
 
 def is_loopback(host: str) -> bool:
@@ -30,7 +25,8 @@ def is_loopback(host: str) -> bool:
 class ServerArguments:
     host: str = arg("127.0.0.1", "Address to listen on. 0.0.0.0 opens the server to other machines (set --api_key "
                                  "then).")
-    port: int = arg(8000, "Port to listen on; 0 picks a free one (the address is printed at start).")
+    port: int = arg(8000, "Port to listen on; 0 picks a free one (the address is printed at start).",
+                    bounds="[0, 65535]")
     api_key: Optional[str] = arg(None, "A key every /v1 request must send as 'Authorization: Bearer KEY'. Default: "
                                        "no key needed.")
     served_model_name: Optional[str] = arg(None, "The name clients ask for (the request's `model`). Default: the "
@@ -38,8 +34,10 @@ class ServerArguments:
     lora_modules: List[str] = arg([], "More LoRA adapters of the same base model, each as name=path; a request "
                                       "picks one by its `model`. The model of --ckpt_dir / --model_id_or_path "
                                       "stays served under its own name.")
-    max_body_bytes: int = arg(2 * 1024 * 1024, "Largest request body in bytes; a larger one is refused (413).")
-    shutdown_timeout: int = arg(30, "On SIGTERM, seconds to let requests in flight finish before closing.")
+    max_body_bytes: int = arg(2 * 1024 * 1024, "Largest request body in bytes; a larger one is refused (413).",
+                              bounds="[1024, inf)")
+    shutdown_timeout: int = arg(30, "On SIGTERM, seconds to let requests in flight finish before closing.",
+                                bounds="[0, inf)")
     access_log: bool = arg(False, "Log every HTTP request.")
 
 
@@ -49,9 +47,6 @@ class DeployArguments(ServerArguments, InferArguments):
 
     def validate(self) -> "DeployArguments":
         super().validate()
-        _check_port("port", self.port)
-        if self.max_body_bytes < 1024:
-            raise MartletError(f"must be at least 1024 (got {self.max_body_bytes}).", field="max_body_bytes")
         if self.api_key is not None and not self.api_key.strip():
             raise MartletError("must not be empty.", field="api_key")
         names = [name for name, _ in self.lora_pairs()]
@@ -83,14 +78,9 @@ class AppUIArguments(InferArguments):
     server_name: str = arg("127.0.0.1", "Address the page listens on. 0.0.0.0 opens it to other machines.",
                            aliases=("host",))
     server_port: Optional[int] = arg(None, "Port of the page. Default: 7860, or the next free one.",
-                                     aliases=("port",))
+                                     aliases=("port",), bounds="[0, 65535]")
     share: bool = arg(False, "Also publish a temporary public gradio.live link (needs internet).")
     title: Optional[str] = arg(None, "Heading of the page. Default: the model's name.")
-
-    def validate(self) -> "AppUIArguments":
-        super().validate()
-        _check_port("server_port", self.server_port)
-        return self
 
 
 @dataclass
@@ -103,10 +93,10 @@ class WebUIArguments:
     server_name: str = arg("127.0.0.1", "Address the page listens on. 0.0.0.0 opens it to other machines (anyone "
                                         "who reaches it can start runs).", aliases=("host",))
     server_port: Optional[int] = arg(None, "Port of the page. Default: 7860, or the next free one.",
-                                     aliases=("port",))
+                                     aliases=("port",), bounds="[0, 65535]")
 
     def validate(self) -> "WebUIArguments":
-        _check_port("server_port", self.server_port)
+        check_ranges(self)
         if os.path.isfile(self.output_dir):
             raise MartletError("is a file; it must be a folder.", file=self.output_dir, field="output_dir")
         return self

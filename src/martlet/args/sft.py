@@ -6,6 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from martlet.args.base import check_ranges
 from martlet.args.data import DataArguments, TemplateArguments
 from martlet.args.lora import TunerArguments
 from martlet.args.model import ModelArguments
@@ -22,17 +23,10 @@ class SftArguments(ModelArguments, DataArguments, TemplateArguments, TunerArgume
         if not self.dataset:
             raise MartletError("no training data.", field="dataset",
                                hint="Pass --dataset NAME or FILE (`martlet list-datasets` lists built-in names).")
+        check_ranges(self)
         checks = [
-            ("learning_rate", self.learning_rate is None or self.learning_rate > 0, "must be greater than 0"),
-            ("max_length", self.max_length > 0, "must be greater than 0"),
-            ("batch_size", self.batch_size >= 1, "must be at least 1"),
-            ("lora_rank", self.lora_rank >= 1, "must be at least 1"),
-            ("dataset_test_ratio", 0 <= self.dataset_test_ratio < 1, "must be in [0, 1)"),
-            ("num_train_epochs", self.num_train_epochs > 0 or self.max_steps > 0, "must be greater than 0"),
-            ("eval_steps", self.eval_steps >= 1, "must be at least 1"),
-            ("logging_steps", self.logging_steps >= 1, "must be at least 1"),
-            ("gradient_accumulation_steps",
-             self.gradient_accumulation_steps is None or self.gradient_accumulation_steps >= 1, "must be at least 1"),
+            ("num_train_epochs", self.num_train_epochs > 0 or self.max_steps > 0,
+             "must be greater than 0 unless --max_steps is given"),
             ("quantization_bit", not (self.quantization_bit and self.sft_type == "full"),
              "quantized weights cannot be trained in full; use --sft_type lora (QLoRA)"),
             ("model_name", len(self.model_name) <= 2, "takes one name, or a Chinese and an English one"),
