@@ -134,17 +134,65 @@ def parse_body(cls: type[_Sampling], body: bytes) -> Any:
 
 
 def _as_api_error(exc: ValidationError) -> APIError:
-    first = exc.errors(include_url=False)[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
+    errors = exc.errors(include_url=False)
+    first = errors[0]
     if first["type"] == "json_invalid":
         return bad_request(f"The body is not valid JSON: {first['msg']}.", None, "invalid_json")
-    if first["type"] == "model_type":
+    if first["type"] == "model_type" and not first["loc"]:
         return bad_request("The body must be a JSON object.", None, "invalid_json")
+    # a value no alternative of a union accepts fails once per alternative: the deepest failure is the one the
+    # client meant (it sent an array and an item is wrong); several at one depth mean the value's type is wrong
+    deepest = max(len(_path(e)) for e in errors)
+    tied = [e for e in errors if len(_path(e)) == deepest]
+    first = tied[0]
+    param = ".".join(_path(first)) or None
     if first["type"] == "extra_forbidden":
         return bad_request(f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
     if first["type"] == "missing":
         return bad_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+    expected = list(dict.fromkeys(_TYPE_ERRORS.get(e["type"], "") for e in tied))
+    if all(expected):
+        wanted = ", ".join(expected[:-1]) + (" or " if len(expected) > 1 else "") + expected[-1]
+        return bad_request(f"Invalid type for '{param}': expected {wanted}, but got {_json_type(first['input'])} "
+                           "instead.", param)
     return bad_request(f"Invalid value for '{param}': {first['msg']}.", param)
+
+
+# pydantic's error type for a value of the wrong JSON type -> what the parameter takes
+_TYPE_ERRORS = {"string_type": "a string", "int_type": "an integer", "float_type": "a number",
+                "bool_type": "a boolean", "list_type": "an array", "model_type": "an object", "dict_type": "an object"}
+
+
+def _field_names(model: type[BaseModel]) -> set[str]:
+    names = set(model.model_fields)
+    for sub in model.__subclasses__():
+        names |= _field_names(sub)
+    return names
+
+
+_FIELDS = _field_names(_Strict)
+
+
+def _path(error: dict[str, Any]) -> list[str]:
+    """The parameter as the client wrote it (`messages.0.content`): pydantic adds to an error's location the
+    union alternative it tried ('str', 'list[TextPart]'), which is no field of a request (an unknown argument,
+    last in its location, is kept)."""
+    loc = error["loc"]
+    *steps, last = loc or ("",)
+    path = [str(step) for step in steps if not isinstance(step, str) or step in _FIELDS]
+    if error["type"] == "extra_forbidden" or not isinstance(last, str) or last in _FIELDS:
+        path.append(str(last))
+    return [step for step in path if step]
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "an array"),
+                       (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
 
 
 # responses ------------------------------------------------------------------------------------------
