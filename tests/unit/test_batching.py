@@ -12,13 +12,26 @@ IGNORE = -100
 
 
 def _samples(vocab: int, lengths=(7, 19, 3, 12), seed: int = 0):
+    """Every other sample is plain text (`martlet pt`: every label a real token, the first one too), the others a
+    masked prompt then a reply: the collator must ignore each sample's first label itself, or a row trains the
+    last token of one sample to predict the first of the next, which a padded batch never does."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for n in lengths:
+    for i, n in enumerate(lengths):
         ids = torch.randint(5, vocab, (n,), generator=g).tolist()
-        prompt = max(1, n // 3)
+        prompt = 0 if i % 2 else max(1, n // 3)
         out.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
     return out
+
+
+def test_the_first_label_of_every_sample_is_ignored():
+    samples = _samples(100, lengths=(4, 3, 5, 2))
+    assert [s["labels"][0] != IGNORE for s in samples] == [False, True, False, True]
+    want = [IGNORE if p == 0 else t for s in samples for p, t in enumerate(s["labels"])]
+    assert PaddingFreeCollator()(samples)["labels"][0].tolist() == want
+    bare = [{"input_ids": s["input_ids"]} for s in samples]  # no labels: every token but the first of each
+    assert PaddingFreeCollator()(bare)["labels"][0].tolist() == [IGNORE if p == 0 else t for s in samples
+                                                                 for p, t in enumerate(s["input_ids"])]
 
 
 def _padded(samples, pad_id: int = 0):
