@@ -2,6 +2,10 @@
 
 Detected per row: OpenAI messages, sharegpt conversations, alpaca (instruction/input/output),
 query/response (with history), and plain text (for `martlet pt`).
+
+In every format an assistant reply must say something (an empty one would teach the model to answer with
+nothing). Training rows (`needs_reply`) must also end with the assistant's reply: a trailing user turn has
+nothing to learn from. Prompts for inference end with the user turn, so there it is the normal shape.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ def _history(row: dict[str, Any], key: str = "history") -> list[dict[str, str]]:
     for i, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise RowError(f"item {i} must be a [query, response] pair of strings.", field=key)
+        if not pair[1].strip():
+            raise RowError(f"item {i} has an empty response.", field=key)
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     return messages
 
@@ -47,6 +53,19 @@ def _history(row: dict[str, Any], key: str = "history") -> list[dict[str, str]]:
 def _with_system(row: dict[str, Any], messages: list[dict[str, str]]) -> list[dict[str, str]]:
     system = _text(row, "system", required=False)
     return ([{"role": "system", "content": system}] if system else []) + messages
+
+
+def check_replies(messages: list[dict[str, str]], field: str, *, needs_reply: bool = False) -> None:
+    """RowError (naming `field`) at the first empty assistant reply, or, with `needs_reply`, when the
+    conversation does not end with the assistant's reply."""
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise RowError(f"item {i} is an empty assistant reply.", field=field,
+                           hint="Write the reply, or drop the turn.")
+    if needs_reply and messages and messages[-1]["role"] != "assistant":
+        raise RowError(f"ends with a {messages[-1]['role']} turn that has no reply; a training row must end "
+                       "with the assistant's reply.", field=field,
+                       hint="Add the reply, or drop the last turn.")
 
 
 def from_messages(row: dict[str, Any]) -> dict[str, Any]:
@@ -63,6 +82,7 @@ def from_messages(row: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(content, str):
             raise RowError(f"item {i} needs a string content.", field="messages")
         messages.append({"role": role, "content": content})
+    check_replies(messages, "messages")
     return {"messages": _with_system(row, messages) if messages[0]["role"] != "system" else messages}
 
 
@@ -82,6 +102,7 @@ def from_sharegpt(row: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(value, str):
             raise RowError(f"item {i} needs a string value.", field="conversations")
         messages.append({"role": role, "content": value})
+    check_replies(messages, "conversations")
     return {"messages": _with_system(row, messages) if messages[0]["role"] != "system" else messages}
 
 
@@ -116,13 +137,17 @@ FORMATS: list[tuple[str, tuple[str, ...], Callable[[dict[str, Any]], dict[str, A
 ]
 
 
-def to_canonical(row: Any) -> dict[str, Any]:
-    """The canonical form of one row, or RowError naming the field."""
+def to_canonical(row: Any, *, needs_reply: bool = False) -> dict[str, Any]:
+    """The canonical form of one row, or RowError naming the field. `needs_reply` (training rows): a
+    conversation must end with the assistant's reply."""
     if not isinstance(row, dict):
         raise RowError(f"a row must be a JSON object, got {type(row).__name__}.")
     for _, keys, convert in FORMATS:
         if all(k in row for k in keys):
-            return convert(row)
+            canonical = convert(row)
+            if needs_reply and "messages" in canonical:
+                check_replies(canonical["messages"], keys[0], needs_reply=True)
+            return canonical
     keys = ", ".join(sorted(map(str, row))) or "none"
     raise RowError(f"unknown row format (keys: {keys}); expected messages, conversations (sharegpt), "
                    "instruction/output (alpaca), query/response, or text.")

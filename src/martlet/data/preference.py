@@ -138,7 +138,7 @@ def _convert(raw: Any, kind: str, file: str, line: int | None, columns: dict[str
     try:
         rows = to_unpaired(raw) if kind == "kto" else [to_pair(raw)]
     except RowError as exc:
-        raise MartletError(exc.message, file=file, line=line, field=exc.field) from None
+        raise MartletError(exc.message, file=file, line=line, field=exc.field, hint=exc.hint) from None
     where = f"{file}:{line}" if line is not None else file
     return [{**row, "where": where} for row in rows]
 

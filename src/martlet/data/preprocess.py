@@ -9,6 +9,8 @@ import os
 import random
 from typing import Any, Callable, Sequence
 
+from martlet.args.sft import PtArguments, SftArguments
+from martlet.data.formats import RowError, check_replies
 from martlet.data.sources import load_dataset_rows
 from martlet.errors import DatasetErrors, MartletError
 from martlet.models.embedded import cache_dir
@@ -17,11 +19,12 @@ from martlet.templates.template import IGNORE_INDEX, Template
 logger = logging.getLogger("martlet")
 
 
-def load_rows(specs: Sequence[str], *, seed: int, model_name: Sequence[str] = (),
-              model_author: Sequence[str] = ()) -> list[dict[str, Any]]:
+def load_rows(specs: Sequence[str], *, seed: int, model_name: Sequence[str] = (), model_author: Sequence[str] = (),
+              needs_reply: bool = False) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for spec in specs:
-        rows += load_dataset_rows(spec, seed=seed, model_name=model_name, model_author=model_author)
+        rows += load_dataset_rows(spec, seed=seed, model_name=model_name, model_author=model_author,
+                                  needs_reply=needs_reply)
     return rows
 
 
@@ -39,11 +42,16 @@ def split_train_val(rows: list[dict[str, Any]], ratio: float, seed: int) -> tupl
 
 
 def train_val_rows(args: Any) -> tuple[list[dict], list[dict]]:
-    """The training and validation rows that the arguments describe (the same for the same seed)."""
+    """The training and validation rows that the arguments describe (the same for the same seed).
+
+    For `martlet sft` (SftArguments) every conversation must end with the assistant's reply; `martlet pt`
+    renders whole conversations and `martlet infer` generates the reply, so their rows may end with a user turn.
+    """
     from martlet.custom import apply_custom_registrations
 
     apply_custom_registrations(args)
-    names = dict(model_name=args.model_name, model_author=args.model_author)
+    needs_reply = isinstance(args, SftArguments) and not isinstance(args, PtArguments)
+    names = dict(model_name=args.model_name, model_author=args.model_author, needs_reply=needs_reply)
     rows = load_rows(args.dataset, seed=args.dataset_seed, **names)
     if args.val_dataset:
         train, val = rows, load_rows(args.val_dataset, seed=args.dataset_seed, **names)
@@ -85,6 +93,7 @@ def encode_rows(rows: list[dict[str, Any]], template: Template, *, mode: str = "
         bad = next(row for row in rows if row.get("text") is not None)
         raise MartletError("plain-text rows are for `martlet pt`; `martlet sft` needs conversations.",
                            file=str(bad.get("where")), field="text")
+    check_conversations(rows, needs_reply=mode == "sft")
 
     def build():
         procs = num_proc if num_proc is not None else max(1, min(os.cpu_count() or 1, len(rows) // 10_000))
@@ -102,6 +111,20 @@ def encode_rows(rows: list[dict[str, Any]], template: Template, *, mode: str = "
 
     return cached_encoding(rows, template, [mode], build, lambda stats: _report(stats, what, template),
                            what=what, cache=cache)
+
+
+def check_conversations(rows: Sequence[dict[str, Any]], *, needs_reply: bool) -> None:
+    """DatasetErrors naming every row (by its `where`) with an empty assistant reply or, with `needs_reply`,
+    without the assistant's reply last: rows given in Python get the checks that file rows get when read."""
+    errors = []
+    for row in rows:
+        try:
+            if row.get("messages") is not None:
+                check_replies(row["messages"], "messages", needs_reply=needs_reply)
+        except RowError as exc:
+            errors.append(MartletError(exc.message, file=str(row.get("where")), field=exc.field, hint=exc.hint))
+    if errors:
+        raise DatasetErrors(errors)
 
 
 def cached_encoding(rows: list[dict[str, Any]], template: Template, key: list[Any], build: Callable[[], tuple],

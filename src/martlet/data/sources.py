@@ -1,8 +1,9 @@
 """Where rows come from: files (.jsonl/.json/.csv), built-in sets, registered hub datasets.
 
 `load_dataset_rows(spec)` returns canonical rows; each keeps `where` ("file:line") so that any later
-error names it. `name#N` samples N rows (more than the set holds: the set is repeated, then topped up
-with a random sample).
+error names it; a file, a registered set or a hub set is checked whole and every bad row is reported. With
+`needs_reply` (training rows) every conversation must end with the assistant's reply. `name#N` samples N rows
+(more than the set holds: the set is repeated, then topped up with a random sample).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import importlib.util
 import json
 import os
 import random
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from martlet.data.formats import RowError, to_canonical
 from martlet.errors import DatasetErrors, MartletError, did_you_mean
@@ -166,35 +167,44 @@ def _read_csv(path: str) -> Iterator[tuple[int, Any]]:
 READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
 
 
-def read_file(path: str, columns: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def read_file(path: str, columns: dict[str, str] | None = None, *,
+              needs_reply: bool = False) -> list[dict[str, Any]]:
     """Canonical rows of a dataset file. The whole file is checked: every bad row is reported as
     file:line: field (the first few in full, then a count), and nothing is returned if any row is bad."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in READERS:
         raise MartletError(f"unsupported file type '{ext}': use .jsonl, .json or .csv.", file=path)
-    rows, errors = [], []
-    for line, raw in READERS[ext](path):
-        if isinstance(raw, MartletError):  # a line the reader could not parse
-            errors.append(raw)
-            continue
-        try:
-            rows.append(_canonical(raw, path, line, columns))
-        except MartletError as exc:
-            errors.append(exc)
-    if errors:
-        raise DatasetErrors(errors)
+    rows = canonical_rows(((path, line, raw) for line, raw in READERS[ext](path)), columns, needs_reply)
     if not rows:
         raise MartletError("the dataset is empty.", file=path)
     return rows
 
 
-def _canonical(raw: Any, file: str, line: int | None, columns: dict[str, str] | None) -> dict[str, Any]:
+def canonical_rows(raws: Iterable[tuple[str, int | None, Any]], columns: dict[str, str] | None = None,
+                   needs_reply: bool = False) -> list[dict[str, Any]]:
+    """Canonical rows of (file, line, raw row) items; DatasetErrors with every bad one (a reader's
+    MartletError for a line it could not parse counts as one)."""
+    rows, errors = [], []
+    for file, line, raw in raws:
+        try:
+            if isinstance(raw, MartletError):
+                raise raw
+            rows.append(_canonical(raw, file, line, columns, needs_reply))
+        except MartletError as exc:
+            errors.append(exc)
+    if errors:
+        raise DatasetErrors(errors)
+    return rows
+
+
+def _canonical(raw: Any, file: str, line: int | None, columns: dict[str, str] | None,
+               needs_reply: bool = False) -> dict[str, Any]:
     if columns and isinstance(raw, dict):
         raw = {columns.get(k, k): v for k, v in raw.items()}
     try:
-        row = to_canonical(raw)
+        row = to_canonical(raw, needs_reply=needs_reply)
     except RowError as exc:
-        raise MartletError(exc.message, file=file, line=line, field=exc.field) from None
+        raise MartletError(exc.message, file=file, line=line, field=exc.field, hint=exc.hint) from None
     row["where"] = f"{file}:{line}" if line is not None else file
     return row
 
@@ -222,14 +232,14 @@ def _builtin_rows(name: str, entry: dict[str, Any], count: int | None, seed: int
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)  # type: ignore[union-attr]
         raws = module.generate(count or entry.get("count", 2000), seed=seed, lang=entry.get("lang", "mixed"))
-        return [_canonical({"query": r["query"], "response": r["response"]}, name, i, None)
-                for i, r in enumerate(raws, start=1)]
+        return canonical_rows((name, i, {"query": r["query"], "response": r["response"]})
+                              for i, r in enumerate(raws, start=1))
     path = os.path.join(_BUILTIN_DIR, f"{kind}.jsonl")
     if kind != "self_cognition":
-        return read_file(path)
+        return read_file(path, needs_reply=True)
     names = _names(model_name, "model_name", name)
     authors = _names(model_author, "model_author", name)
-    rows = []
+    texts_of = []
     for line, raw in _read_jsonl(path):
         zh = raw.get("lang") == "zh"
         fill = {"{{NAME}}": names[0] if zh else names[1], "{{AUTHOR}}": authors[0] if zh else authors[1]}
@@ -238,11 +248,11 @@ def _builtin_rows(name: str, entry: dict[str, Any], count: int | None, seed: int
             for placeholder, value in fill.items():
                 text = text.replace(placeholder, value)
             texts[key] = text
-        rows.append(_canonical(texts, path, line, None))
-    return rows
+        texts_of.append((path, line, texts))
+    return canonical_rows(texts_of)
 
 
-def _hub_rows(name: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
+def _hub_rows(name: str, entry: dict[str, Any], needs_reply: bool = False) -> list[dict[str, Any]]:
     use_ms = os.environ.get("USE_MODELSCOPE_HUB") == "1" and entry.get("ms_id")
     hub_id = entry.get("ms_id") if use_ms or not entry.get("hf_id") else entry.get("hf_id")
     try:
@@ -260,7 +270,8 @@ def _hub_rows(name: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
     except Exception as exc:  # offline, missing, auth: many classes
         raise MartletError(f"cannot load dataset '{name}' ({hub_id}) from the hub: {str(exc).splitlines()[0]}",
                            field="dataset", hint="Without a network, pass a local file instead.") from None
-    return [_canonical(dict(raw), f"{hub_id}[train]", i, entry.get("columns")) for i, raw in enumerate(data, start=1)]
+    return canonical_rows(((f"{hub_id}[train]", i, dict(raw)) for i, raw in enumerate(data, start=1)),
+                          entry.get("columns"), needs_reply)
 
 
 def _find_registered(name: str) -> tuple[str, dict[str, Any]] | None:
@@ -287,9 +298,10 @@ def sample_rows(rows: list[dict[str, Any]], count: int | None, seed: int) -> lis
     return rows * whole + [rows[i] for i in sorted(rng.sample(range(len(rows)), rest))]
 
 
-def load_dataset_rows(spec: str, *, seed: int = 42, model_name: Sequence[str] = (),
-                      model_author: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Canonical rows of one --dataset entry (a name, a hub id or a file, optionally with #N)."""
+def load_dataset_rows(spec: str, *, seed: int = 42, model_name: Sequence[str] = (), model_author: Sequence[str] = (),
+                      needs_reply: bool = False) -> list[dict[str, Any]]:
+    """Canonical rows of one --dataset entry (a name, a hub id or a file, optionally with #N); with
+    `needs_reply` (training rows) every conversation must end with the assistant's reply."""
     name, count = parse_spec(spec)
     found = _find_registered(name)
     if found is not None:
@@ -298,19 +310,20 @@ def load_dataset_rows(spec: str, *, seed: int = 42, model_name: Sequence[str] = 
             rows = _builtin_rows(key, entry, count, seed, model_name, model_author)
             return rows if entry["builtin"] == "math" else sample_rows(rows, count, seed)
         if entry.get("rows") is not None:
-            rows = [_canonical(dict(r), key, i, entry.get("columns")) for i, r in enumerate(entry["rows"], start=1)]
+            rows = canonical_rows(((key, i, dict(r)) for i, r in enumerate(entry["rows"], start=1)),
+                                  entry.get("columns"), needs_reply)
         elif entry.get("path"):
-            rows = read_file(entry["path"], entry.get("columns"))
+            rows = read_file(entry["path"], entry.get("columns"), needs_reply=needs_reply)
         else:
-            rows = _hub_rows(key, entry)
+            rows = _hub_rows(key, entry, needs_reply)
         return sample_rows(rows, count, seed)
     path = os.path.expanduser(name)
     if os.path.isfile(path):
-        return sample_rows(read_file(path), count, seed)
+        return sample_rows(read_file(path, needs_reply=needs_reply), count, seed)
     if os.path.splitext(name)[1].lower() in READERS or os.sep in name and not _looks_like_hub_id(name):
         raise MartletError("dataset file not found.", file=name, field="dataset")
     if _looks_like_hub_id(name):
-        return sample_rows(_hub_rows(name, {"hf_id": name, "ms_id": name}), count, seed)
+        return sample_rows(_hub_rows(name, {"hf_id": name, "ms_id": name}, needs_reply), count, seed)
     raise MartletError(f"unknown dataset '{name}'.{did_you_mean(name, dataset_registry())}", field="dataset",
                        hint="`martlet list-datasets` lists the built-in names; a file path must exist.")
 
