@@ -9,6 +9,9 @@ Accepted rows (detected per row; `system` and `history` work as in SFT data):
 - for KTO: a conversation (or prompt/completion) plus `label` (true: desirable). Pairs also work for KTO: each
   gives a desirable and an undesirable row.
 
+Every reply must say something (an empty or blank one is refused wherever it appears), and the prompt ends with
+a user turn.
+
 The prompt is rendered with the same Template as SFT; only the final reply's tokens (up to its end-of-turn
 marker) count.
 """
@@ -242,6 +245,19 @@ def preference_train_val_rows(args: Any) -> tuple[list[dict], list[dict]]:
     if args.val_dataset_sample is not None:
         val = val[: args.val_dataset_sample]
     return train, val
+
+
+def reference_conversations(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Preference rows as conversations to evaluate, one per source row (by `where`): the prompt, then the
+    preferred reply as the label, i.e. a pair's chosen reply or the completion of a KTO row whose label is
+    true. A source row with only an undesirable completion gives its prompt alone (answered, no label)."""
+    conversations = []
+    for where, group in itertools.groupby(rows, key=lambda row: row["where"]):
+        group = list(group)
+        preferred = next((r.get("chosen", r.get("completion")) for r in group if r.get("label", True)), None)
+        reply = [{"role": "assistant", "content": preferred}] if preferred is not None else []
+        conversations.append({"messages": list(group[0]["prompt"]) + reply, "where": where})
+    return conversations
 
 
 # encoding ---------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 A checkpoint of `martlet sft` carries `sft_args.json` (every training argument) and `martlet_run.json`
 (model type and folder, template, system prompt), plus the tokenizer with the chat template used in
-training, and a LoRA adapter or full weights. `plan_inference` combines them with the arguments given
+training, and a LoRA adapter or full weights; a checkpoint of `martlet rlhf` (dpo, orpo, ...) has the same
+files, its arguments naming the rlhf_type. `plan_inference` combines them with the arguments given
 now: a value the user set explicitly wins over the checkpoint's.
 """
 

@@ -2,7 +2,8 @@
 
 Each row's last assistant turn is its label; what comes before it is the prompt. Results are written
 as they come (one JSON object per row: query, response, label, history, system), and the metrics of
-the labelled rows are saved beside them.
+the labelled rows are saved beside them. The held-out rows of a preference checkpoint (dpo, orpo, simpo,
+cpo, kto) are its prompts with the preferred reply as the label (`reference_conversations`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import logging
 import os
 from typing import Any, Optional, Sequence
 
+from martlet.args.rlhf import RLHFArguments
+from martlet.args.sft import SftArguments
+from martlet.custom import apply_custom_registrations
+from martlet.data.preference import preference_train_val_rows, reference_conversations
+from martlet.data.preprocess import train_val_rows
 from martlet.errors import MartletError
 from martlet.infer.checkpoint import Checkpoint
 
@@ -22,17 +28,12 @@ logger = logging.getLogger("martlet")
 
 def eval_rows(args: Any, ckpt: Optional[Checkpoint]) -> list[dict]:
     """The rows to evaluate: the training run's held-out rows (--load_dataset_config), or --dataset's."""
-    from martlet.data.preprocess import train_val_rows
-
     if args.load_dataset_config and not (args.dataset or args.val_dataset):
         if ckpt is None or not ckpt.sft_args:
             raise MartletError("this checkpoint has no sft_args.json, so its dataset is unknown.",
                                file=getattr(ckpt, "path", None), field="load_dataset_config",
                                hint="Pass the rows to evaluate with --dataset or --val_dataset.")
-        saved = _sft_arguments(ckpt)
-        if args.val_dataset_sample is not None:
-            saved = dataclasses.replace(saved, val_dataset_sample=args.val_dataset_sample)
-        _, val = train_val_rows(saved)
+        val = held_out_rows(ckpt, args.val_dataset_sample)
         if not val:
             raise MartletError("the training run held out no validation rows (dataset_test_ratio 0 and no "
                                "val_dataset).", file=ckpt.path, field="load_dataset_config",
@@ -44,11 +45,23 @@ def eval_rows(args: Any, ckpt: Optional[Checkpoint]) -> list[dict]:
     return val
 
 
-def _sft_arguments(ckpt: Checkpoint):
-    from martlet.args.sft import SftArguments
+def held_out_rows(ckpt: Checkpoint, sample: Optional[int] = None) -> list[dict]:
+    """The validation rows of the training run (the first `sample` of them, when given) as conversations.
 
-    known = {f.name for f in dataclasses.fields(SftArguments)}
-    return SftArguments(**{k: v for k, v in ckpt.sft_args.items() if k in known})
+    A preference run (its arguments name an rlhf_type) read preference rows: each becomes its prompt with the
+    preferred reply as the label (see `reference_conversations`)."""
+    preference = ckpt.sft_args.get("rlhf_type") is not None
+    cls = RLHFArguments if preference else SftArguments
+    known = {f.name for f in dataclasses.fields(cls)}
+    saved = cls(**{k: v for k, v in ckpt.sft_args.items() if k in known})
+    if sample is not None:  # counted in evaluated rows (a pair gives two KTO rows, evaluated as one)
+        saved = dataclasses.replace(saved, val_dataset_sample=None)
+    if preference:
+        apply_custom_registrations(saved)
+        val = reference_conversations(preference_train_val_rows(saved)[1])
+    else:
+        val = train_val_rows(saved)[1]
+    return val[:sample] if sample is not None else val
 
 
 @dataclasses.dataclass
