@@ -13,7 +13,7 @@ import queue
 import threading
 from typing import Any, Iterator, Optional, Protocol, Sequence
 
-from martlet.infer.generation import GenConfig, StreamText, cut_at_stop
+from martlet.infer.generation import GenConfig, StreamText, cut_at_stop, whole_text
 from martlet.templates.template import Template
 
 logger = logging.getLogger("martlet")
@@ -97,8 +97,7 @@ class TransformersEngine:
     def _decode(self, ids: Sequence[int], words: Sequence[str], stop_ids: Sequence[int]) -> str:
         stop_ids = set(stop_ids)
         end = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
-        text = self.tokenizer.decode(list(ids[:end]), skip_special_tokens=False)
-        return cut_at_stop(text, words)[0]
+        return cut_at_stop(whole_text(self.tokenizer, ids[:end]), words)[0]
 
     # the interface -------------------------------------------------------------------------------------
     def generate(self, conversations: Sequence[Conversation], config: Optional[GenConfig] = None) -> list[str]:

@@ -81,6 +81,13 @@ def cut_at_stop(text: str, stop_words: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def whole_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """The text of `ids` up to its last whole character. A character of several bytes (Chinese, an emoji) may
+    be spread over several tokens: until its last byte comes, decoding shows U+FFFD in its place, and a reply
+    that max_tokens cuts there would end in it. A U+FFFD the model itself wrote at the very end goes too."""
+    return tokenizer.decode(list(ids), skip_special_tokens=False).rstrip("\ufffd")
+
+
 def held_back(text: str, stop_words: Sequence[str]) -> int:
     """How many characters at the end of `text` could be the start of a stop word (not shown yet)."""
     keep = 0
@@ -95,7 +102,8 @@ def held_back(text: str, stop_words: Sequence[str]) -> int:
 
 
 class StreamText:
-    """Turns the token ids of one reply, as they arrive, into text deltas that never show a stop word."""
+    """Turns the token ids of one reply, as they arrive, into text deltas that never show a stop word nor a part
+    of a character (incomplete bytes wait for the rest, and are dropped if the reply ends first)."""
 
     def __init__(self, tokenizer: Any, stop_words: Sequence[str], stop_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
@@ -106,8 +114,7 @@ class StreamText:
         self.stopped = False
 
     def _text(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        text, found = cut_at_stop(text, self.stop_words)
+        text, found = cut_at_stop(whole_text(self.tokenizer, self.ids), self.stop_words)
         self.stopped = self.stopped or found
         return text
 

@@ -15,7 +15,7 @@ import threading
 from typing import Any, Iterator, Optional, Sequence
 
 from martlet.infer.engine import generate_steps
-from martlet.infer.generation import GenConfig, StreamText, cut_at_stop
+from martlet.infer.generation import GenConfig, StreamText, cut_at_stop, whole_text
 from martlet.serve.adapters import AdapterGate
 
 
@@ -86,7 +86,7 @@ class TransformersBackend:
         stops = set(stop_ids)
         end = next((i for i, t in enumerate(ids) if t in stops), None)
         kept = ids[:end] if end is not None else ids
-        text, cut = cut_at_stop(self.tokenizer.decode(kept, skip_special_tokens=False), words)
+        text, cut = cut_at_stop(whole_text(self.tokenizer, kept), words)
         if end is not None and not cut:
             return Output(text, end + 1, "stop")
         if cut:  # a stop word in the text: count the tokens up to the one that completed it
