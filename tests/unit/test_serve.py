@@ -150,29 +150,47 @@ class FakePeft:
         self.switches.append(None)
 
 
+def _until(condition, what: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
 def test_adapter_gate_overlaps_same_adapter_and_serves_others_in_order():
+    """"a" holds the gate; "b", then another "a", then the base model (None) queue up, each seen waiting in the
+    gate before the next comes; once the first "a" leaves they run in arrival order ("a" may not jump the
+    queue), one at a time, each with its own adapter active."""
     model = FakePeft()
     gate = AdapterGate(model)
     log, inside = [], []
-    first_in = threading.Event()
+    first_in, release = threading.Event(), threading.Event()
 
     def run(name, hold):
         with gate.use(name):
             inside.append(name)
             log.append((name, model.active_adapter if model.switches[-1:] != [None] else None, len(inside)))
             first_in.set()
-            time.sleep(hold)
+            if hold:
+                assert release.wait(10)
             inside.remove(name)
 
-    threads = [threading.Thread(target=run, args=("a", 0.3))]
+    def queued() -> int:
+        with gate.cond:
+            return len(gate.waiting)
+
+    threads = [threading.Thread(target=run, args=("a", True))]
     threads[0].start()
-    first_in.wait(5)
-    for name in ("b", "a", None):  # "a" came after "b": it must not jump the queue
-        threads.append(threading.Thread(target=run, args=(name, 0.05)))
+    assert first_in.wait(10)
+    for count, name in enumerate(("b", "a", None), start=1):  # "a" came after "b": it must not jump the queue
+        threads.append(threading.Thread(target=run, args=(name, False)))
         threads[-1].start()
-        time.sleep(0.05)
+        _until(lambda: queued() + len(log) - 1 == count, f"request {count} to reach the gate")  # waiting or in
+    assert [entry[0] for entry in log] == ["a"] and queued() == 3  # all three still wait
+    release.set()
     for t in threads:
-        t.join(5)
+        t.join(10)
+        assert not t.is_alive()
     assert [entry[0] for entry in log] == ["a", "b", "a", None]
     assert all(entry[0] == entry[1] for entry in log)  # each ran with its own adapter active
     assert all(entry[2] == 1 for entry in log[1:])  # no overlap across different adapters
