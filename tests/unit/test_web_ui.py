@@ -246,9 +246,12 @@ def test_a_run_started_by_an_earlier_server_can_be_stopped(tmp_path):
     out = str(tmp_path / "out")
     folder = os.path.join(out, "web-ui", "jobs", "20261129-120000-000000")
     os.makedirs(folder)
-    waits = "import signal, sys, time; signal.signal(signal.SIGINT, lambda *a: sys.exit(130)); time.sleep(60)"
-    run = subprocess.Popen([sys.executable, "-c", waits, "martlet.cli", "sft"])  # stands in for `martlet sft`
-    other = subprocess.Popen([sys.executable, "-c", waits])  # a process that is not a Martlet run
+    # says "ready" once its handler is installed, then waits for the signal
+    waits = ("import signal, sys, time; signal.signal(signal.SIGINT, lambda *a: sys.exit(130)); print('ready', "
+             "flush=True); time.sleep(60)")
+    run = subprocess.Popen([sys.executable, "-c", waits, "martlet.cli", "sft"], stdout=subprocess.PIPE,
+                           text=True)  # stands in for `martlet sft`
+    other = subprocess.Popen([sys.executable, "-c", waits], stdout=subprocess.DEVNULL)  # not a Martlet run
     try:
         for pid in (run.pid, other.pid):
             info = {"command": "sft", "argv": [], "pid": pid}
@@ -258,7 +261,7 @@ def test_a_run_started_by_an_earlier_server_can_be_stopped(tmp_path):
             if pid == other.pid:
                 assert job.status() == "exit status unknown" and not job.stop()
                 continue
-            time.sleep(0.5)  # the child installs its handler
+            assert run.stdout.readline() == "ready\n"  # its handler is installed
             assert job.status() == "running" and job.stop()
             assert run.wait(timeout=30) == 130
             (job,) = runs.jobs_on_disk(out)
