@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
 
 
@@ -24,3 +25,26 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     except ImportError:
         pass
     return logger
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str) -> None:
+    """Give a written file, or everything inside a written folder, the permissions the umask gives a new file
+    (0666 & ~umask; folders and executables 0777 & ~umask). Some writers create theirs private (safetensors
+    0.8 makes its files 0600), so another user, or a container under another uid, could not read a checkpoint,
+    a merged model or the shared model cache. Files of other owners and links are left alone."""
+    mask = current_umask()
+    paths = [path] if not os.path.isdir(path) else [
+        os.path.join(root, name) for root, dirs, files in os.walk(path) for name in dirs + files]
+    for item in paths:
+        info = os.lstat(item)
+        if stat.S_ISLNK(info.st_mode) or info.st_uid != os.geteuid():
+            continue
+        full = 0o777 if stat.S_ISDIR(info.st_mode) or info.st_mode & 0o111 else 0o666
+        if stat.S_IMODE(info.st_mode) != full & ~mask:
+            os.chmod(item, full & ~mask)

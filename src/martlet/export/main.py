@@ -17,7 +17,7 @@ from martlet.args.base import parse_cli, to_dict
 from martlet.args.export import ExportArguments
 from martlet.errors import MartletError
 from martlet.export.source import Source, quantization_of, resolve_source
-from martlet.utils import setup_logging
+from martlet.utils import follow_umask, setup_logging
 
 logger = logging.getLogger("martlet")
 EXPORT_ARGS_FILE = "export_args.json"
@@ -99,6 +99,7 @@ def export_gguf(args: ExportArguments, source: Source) -> dict[str, Any]:
     logger.info("writing %s (%s)", path, gguf_type)
     info = write_gguf(source.path, path, gguf_type, tokenizer, chat_template=template.chat_template,
                       eot_token=template.eot, name=name)
+    follow_umask(path)
     logger.info("GGUF: %s (%.1f MB)", path, info["bytes"] / 1e6)
     _save_args(out_dir, args)
     result = {"gguf_dir": out_dir, "gguf": path, "gguf_bytes": info["bytes"]}
@@ -160,6 +161,7 @@ def _atomic_dir(target: str) -> Iterator[str]:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
+        follow_umask(tmp)  # safetensors writes its files 0600
         old = f"{tmp}-old"
         if os.path.isdir(target):
             os.replace(target, old)

@@ -14,6 +14,7 @@ import os
 from typing import Any, Optional
 
 from martlet.errors import MartletError
+from martlet.utils import follow_umask
 
 logger = logging.getLogger("martlet")
 
@@ -83,8 +84,10 @@ def merge_checkpoint(args: Any) -> str:
 
     ckpt = read_checkpoint(args.ckpt_dir)
     refuse_quantized_merge(ckpt, _base_dir(args) if ckpt.is_adapter else None)
-    return merge_lora(infer_arguments(args), replace_if_exists=args.replace_if_exists,
-                      device_map=args.merge_device_map, max_shard_size=args.max_shard_size)
+    merged = merge_lora(infer_arguments(args), replace_if_exists=args.replace_if_exists,
+                        device_map=args.merge_device_map, max_shard_size=args.max_shard_size)
+    follow_umask(merged)  # safetensors writes its files 0600
+    return merged
 
 
 def resolve_source(args: Any, needs_weights: bool) -> Source:

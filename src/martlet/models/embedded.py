@@ -13,6 +13,7 @@ import shutil
 import tempfile
 
 from martlet.errors import MartletError
+from martlet.utils import follow_umask
 
 EMBEDDED_MODEL_TYPE = "smollm2-135m-instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,6 +51,7 @@ def embedded_model_dir() -> str:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache is for every user
     try:
         _convert(src, tmp)
+        follow_umask(tmp)  # safetensors writes its files 0600; the cache is for every user
         if not _whole(target):  # (else another process finished first: keep its copy)
             if os.path.isdir(target):  # a leftover without the marker: not a whole model
                 shutil.rmtree(target)

@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from martlet.train.outputs import save_run_files
+from martlet.utils import follow_umask
 
 logger = logging.getLogger("martlet")
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -61,6 +62,7 @@ class AtomicCheckpointMixin:
                 save_run_files(staged, self.martlet_run_args, self.martlet_run_info or {})
             if os.path.isdir(final):  # saved again at the same step (e.g. the last one)
                 shutil.rmtree(final)
+            follow_umask(staged)  # safetensors writes its files 0600
             os.replace(staged, final)
             shutil.rmtree(staging_root, ignore_errors=True)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
