@@ -12,6 +12,10 @@ from martlet.args.base import arg
 class TrainArguments:
     output_dir: str = arg("output", "Runs go to <output_dir>/<model_type>/v<N>-<time>/.")
     add_output_dir_suffix: bool = arg(True, "Add <model_type>/v<N>-<time>/ to --output_dir.")
+    overwrite_output_dir: bool = arg(False, "Train into a run folder that already holds another run's files "
+                                            "(checkpoints, logging.jsonl, sft_args.json, ...): they are deleted "
+                                            "first. Without it such a folder is refused, unless the run resumes "
+                                            "from one of its checkpoints.")
     num_train_epochs: float = arg(1.0, "Passes over the training set.", aliases=("epochs",),
                                    bounds="[0, inf)")
     max_steps: int = arg(-1, "Stop after this many optimizer steps (-1: use the epochs).", bounds="[1, inf)",

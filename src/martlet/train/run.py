@@ -3,14 +3,20 @@ under signal handling, and the result (best/last checkpoint, curves)."""
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
+import shutil
 from typing import Any
 
 from martlet.errors import MartletError
-from martlet.train.outputs import new_run_dir, plot_history, save_run_files
+from martlet.train.outputs import ARGS_FILE, RUN_INFO_FILE, new_run_dir, plot_history, save_run_files
 
 logger = logging.getLogger("martlet")
+# what a run leaves in its folder: another run written there would mix with it
+RUN_FILES = ("checkpoint-*", ".tmp-checkpoint-*", "logging.jsonl", ARGS_FILE, RUN_INFO_FILE, "images", "runs")
+ONLY_MODEL_HINT = ("Resume from a whole checkpoint, or pass --resume_only_model true to start a new run from its "
+                   "weights alone (fresh optimizer and learning-rate schedule).")
 
 
 def prepare_run(args: Any) -> tuple[str, str, Any, Any]:
@@ -28,26 +34,78 @@ def prepare_run(args: Any) -> tuple[str, str, Any, Any]:
     spec = resolve_model(args.model_type, args.model_id_or_path, check_model_is_latest=args.check_model_is_latest,
                          revision=args.model_revision, hub_token=args.hub_token)
     check_output_dir(args, spec.model_dir)  # writable, with room for a checkpoint
+    pick_checkpoint(args)  # a checkpoint that is not whole stops the run here, before any work
+    check_run_folder(args)  # no mixing with another run written into the same folder
     return device, dtype, spec, load_tokenizer(spec.model_dir, trust_remote_code=args.trust_remote_code)
 
 
-def resume_checkpoint(args: Any) -> str | None:
-    """The checkpoint to resume from: a folder, or `true` for the newest whole one under --output_dir."""
-    value = args.resume_from_checkpoint
-    if not value:
-        return None
-    from martlet.train.trainer import newest_checkpoint
+def pick_checkpoint(args: Any) -> tuple[str | None, list[str]]:
+    """(the checkpoint to resume from, absolute, or None; the newer checkpoints passed over, each with why).
 
-    if str(value).lower() == "true":
-        found = newest_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-        if found is None:
-            raise MartletError("no whole checkpoint to resume from.", file=args.output_dir,
-                               field="resume_from_checkpoint", hint="Start without --resume_from_checkpoint.")
-        return found
-    if not os.path.isfile(os.path.join(value, "trainer_state.json")):
-        raise MartletError("not a whole checkpoint (no trainer_state.json).", file=value,
-                           field="resume_from_checkpoint")
-    return os.path.abspath(value)
+    `true` picks the newest whole checkpoint under --output_dir; a folder named explicitly must be whole. With
+    --resume_only_model only the weights are asked for."""
+    from martlet.train.trainer import checkpoint_problem, checkpoints_newest_first
+
+    value, only_model = args.resume_from_checkpoint, args.resume_only_model
+    if not value:
+        if only_model:
+            raise MartletError("needs --resume_from_checkpoint (the checkpoint whose weights to load).",
+                               field="resume_only_model")
+        return None, []
+    hint = None if only_model else ONLY_MODEL_HINT
+    if str(value).lower() != "true":
+        problem = checkpoint_problem(value, weights_only=only_model)
+        if problem:
+            raise MartletError(f"not a whole checkpoint: {problem}.", file=value, field="resume_from_checkpoint",
+                               hint=hint)
+        return os.path.abspath(value), []
+    skipped = []
+    for path in checkpoints_newest_first(args.output_dir) if os.path.isdir(args.output_dir) else []:
+        problem = checkpoint_problem(path, weights_only=only_model)
+        if problem is None:
+            return os.path.abspath(path), skipped
+        skipped.append(f"{os.path.abspath(path)}: {problem}")
+    wanted = "checkpoint with weights" if only_model else "whole checkpoint"
+    newest = f" (newest: {skipped[0]})" if skipped else ""
+    raise MartletError(f"no {wanted} to resume from{newest}.", file=args.output_dir,
+                       field="resume_from_checkpoint",
+                       hint=ONLY_MODEL_HINT if skipped and not only_model else "Start without --resume_from_checkpoint.")
+
+
+def resume_checkpoint(args: Any) -> str | None:
+    """The checkpoint to resume from (see `pick_checkpoint`), saying which newer ones were skipped and why."""
+    checkpoint, skipped = pick_checkpoint(args)
+    for line in skipped:
+        logger.warning("resume: skipped %s (not a whole checkpoint)", line)
+    if checkpoint and args.resume_only_model:
+        logger.warning("--resume_only_model: loading only the weights of %s; the optimizer, learning-rate schedule, "
+                       "RNG state and step count start afresh, in a new run folder.", checkpoint)
+    return checkpoint
+
+
+def previous_run_files(folder: str) -> list[str]:
+    """The names in `folder` that another run wrote there (checkpoints, logs, arguments, curves)."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(n for n in names if any(fnmatch.fnmatch(n, pattern) for pattern in RUN_FILES))
+
+
+def check_run_folder(args: Any) -> None:
+    """A new run written straight into --output_dir (--add_output_dir_suffix false) finds no other run there,
+    or is told to replace it (--overwrite_output_dir). A resumed run continues in its own folder."""
+    from martlet.launch import is_main_process
+
+    resuming = args.resume_from_checkpoint and not args.resume_only_model
+    if args.add_output_dir_suffix or resuming or not is_main_process():
+        return
+    folder = os.path.abspath(args.output_dir)
+    found = previous_run_files(folder)
+    if found and not args.overwrite_output_dir:
+        raise MartletError(f"already holds another run ({', '.join(found[:4])}).", file=folder, field="output_dir",
+                           hint="Resume it with --resume_from_checkpoint true, choose another --output_dir, or pass "
+                                "--overwrite_output_dir true to delete it and start afresh.")
+    if found and args.resume_only_model and os.path.dirname(pick_checkpoint(args)[0]) == folder:
+        raise MartletError("--overwrite_output_dir would delete the checkpoint whose weights this run loads.",
+                           file=folder, field="overwrite_output_dir", hint="Choose another --output_dir.")
 
 
 def open_run_dir(args: Any, model_type: str, info: dict[str, Any], checkpoint: str | None) -> str:
@@ -56,7 +114,7 @@ def open_run_dir(args: Any, model_type: str, info: dict[str, Any], checkpoint: s
 
     if not is_main_process():  # under torchrun only rank 0 writes; the others learn its folder
         return broadcast(None)
-    if checkpoint:
+    if checkpoint and not args.resume_only_model:
         from martlet.train.trainer import trim_log
 
         run_dir = os.path.dirname(checkpoint)
@@ -64,6 +122,15 @@ def open_run_dir(args: Any, model_type: str, info: dict[str, Any], checkpoint: s
         logger.info("resuming %s from %s", run_dir, checkpoint)
     else:
         run_dir = new_run_dir(args.output_dir, model_type, args.add_output_dir_suffix)
+        replaced = previous_run_files(run_dir) if args.overwrite_output_dir else []
+        for name in replaced:  # (check_run_folder refused them without --overwrite_output_dir)
+            path = os.path.join(run_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        if replaced:
+            logger.warning("--overwrite_output_dir: deleted the previous run's %s in %s", ", ".join(replaced), run_dir)
         os.makedirs(run_dir, exist_ok=True)
     save_run_files(run_dir, args, info)
     logger.info("run folder: %s", run_dir)
@@ -78,6 +145,9 @@ def train_and_report(trainer: Any, args: Any, run_dir: str, info: dict[str, Any]
     trainer.martlet_run_args, trainer.martlet_run_info = args, info
     stopper = StopOnSignal()
     trainer.add_callback(stopper)
+    if checkpoint and args.resume_only_model:
+        trainer._load_from_checkpoint(checkpoint)  # the weights alone, by transformers' own loader
+        checkpoint = None
     finished = _finished_state(trainer, checkpoint) if checkpoint else None
     if finished is not None:  # the Trainer would still take one more step
         trainer.state = finished
@@ -88,7 +158,8 @@ def train_and_report(trainer: Any, args: Any, run_dir: str, info: dict[str, Any]
             trainer.train(resume_from_checkpoint=checkpoint)
     state = trainer.state
     last = os.path.join(run_dir, f"checkpoint-{state.global_step}")
-    best = state.best_model_checkpoint or last
+    # absolute, as a fresh run's (the state read back from a checkpoint holds the paths of the run that wrote it)
+    best = os.path.join(run_dir, os.path.basename(state.best_model_checkpoint)) if state.best_model_checkpoint else last
     images = plot_history(state.log_history, os.path.join(run_dir, "images")) if trainer.is_world_process_zero() else []
     result = {"best_model_checkpoint": best, "last_model_checkpoint": last, "best_metric": state.best_metric,
               "global_step": state.global_step, "log_history": state.log_history, "output_dir": run_dir,
@@ -113,7 +184,6 @@ def _finished_state(trainer: Any, checkpoint: str) -> Any:
 def check_output_dir(args: Any, model_dir: str) -> None:
     """Before any work: the output folder can be created and written, and has room for a checkpoint
     (full training: about 4x the model files, for weights and optimizer state; LoRA: a tenth)."""
-    import shutil
     import tempfile
 
     from martlet.launch import is_main_process

@@ -11,6 +11,8 @@ Tested with transformers 5.24 (`Trainer._save_checkpoint`, `trainer_utils.rotate
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import json
 import logging
 import os
 import shutil
@@ -25,6 +27,7 @@ from martlet.utils import follow_umask
 
 logger = logging.getLogger("martlet")
 TMP_PREFIX = ".tmp-checkpoint-"
+TRAINER_STATE = "trainer_state.json"
 
 
 class AtomicCheckpointMixin:
@@ -126,23 +129,63 @@ class StopOnSignal(TrainerCallback):
                 signal.signal(sig, old)
 
 
-def newest_checkpoint(folder: str) -> str | None:
-    """The newest whole checkpoint under `folder` (a run folder, or an output folder holding runs)."""
+# What a whole checkpoint holds: the name a message gives each part, and the files that are that part
+# (DeepSpeed keeps the optimizer and scheduler in global_step*/, FSDP its shards in *_fsdp_*/ and optimizer_*/).
+CHECKPOINT_PARTS = (
+    ("adapter_model.safetensors (or model*.safetensors)",
+     ("adapter_model.safetensors", "adapter_model.bin", "model*.safetensors", "pytorch_model*.bin",
+      "pytorch_model_fsdp_*", "global_step*")),
+    ("optimizer.pt", ("optimizer.pt", "optimizer.bin", "optimizer_*", "global_step*")),
+    ("scheduler.pt", ("scheduler.pt", "global_step*")),
+    ("rng_state.pth", ("rng_state*.pth",)),
+    (TRAINER_STATE, (TRAINER_STATE,)),
+)
+
+
+def checkpoint_problem(folder: str, weights_only: bool = False) -> str | None:
+    """Why `folder` is not a whole checkpoint (its first missing, empty or unreadable part), or None when it is.
+
+    Whole: weights, optimizer, scheduler, RNG state and trainer_state.json, each there and not empty, and the state
+    parses. `weights_only` (--resume_only_model) asks for the weights alone."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+
+    def holds(path: str) -> bool:
+        return bool(os.listdir(path)) if os.path.isdir(path) else os.path.getsize(path) > 0
+
+    for part, patterns in CHECKPOINT_PARTS[:1] if weights_only else CHECKPOINT_PARTS:
+        if not any(holds(os.path.join(folder, n)) for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)):
+            return f"{part} is missing or empty"
+    if not weights_only:
+        try:
+            with open(os.path.join(folder, TRAINER_STATE), encoding="utf-8") as fh:
+                int(json.load(fh)["global_step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{TRAINER_STATE} does not parse"
+    return None
+
+
+def checkpoints_newest_first(folder: str) -> list[str]:
+    """Every `checkpoint-<step>` folder under `folder` (a run folder, or an output folder holding runs), whole or
+    not, the most recently saved first (staging folders are never looked at)."""
     found = []
     for root, dirs, _ in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # never a staging folder
-        for d in dirs:
-            if d.startswith("checkpoint-") and d[11:].isdigit():
-                path = os.path.join(root, d)
-                if os.path.isfile(os.path.join(path, "trainer_state.json")):
-                    found.append(path)
-    return max(found, key=lambda p: (os.path.getmtime(os.path.join(p, "trainer_state.json")), p), default=None)
+        found += [os.path.join(root, d) for d in dirs if d.startswith("checkpoint-") and d[11:].isdigit()]
+
+    def saved_at(path: str) -> float:
+        state = os.path.join(path, TRAINER_STATE)
+        return os.path.getmtime(state if os.path.isfile(state) else path)
+
+    return sorted(found, key=lambda p: (saved_at(p), p), reverse=True)
+
+
+def newest_checkpoint(folder: str) -> str | None:
+    """The newest whole checkpoint under `folder` (see `checkpoint_problem`)."""
+    return next((p for p in checkpoints_newest_first(folder) if checkpoint_problem(p) is None), None)
 
 
 def trim_log(path: str, last_step: int) -> None:
     """Drop log lines past `last_step`: a resumed run does those steps again."""
-    import json
-
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as fh:
