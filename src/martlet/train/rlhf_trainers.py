@@ -8,6 +8,7 @@ logps/chosen, logps/rejected; logps are summed over the reply's tokens) and save
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 from collections import defaultdict
@@ -17,7 +18,9 @@ import torch
 import trl
 from transformers import Trainer, TrainingArguments
 from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import disable_dropout_in_model
 
+from martlet import patches
 from martlet.train import rlhf_losses
 from martlet.train.batching import rounded_row
 from martlet.train.trainer import AtomicCheckpointMixin
@@ -43,7 +46,8 @@ class DPOTrainer(AtomicCheckpointMixin, trl.DPOTrainer):
         if padding_free:
             _padding_free(self)
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # trl 1.16's tokenizing step
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # patch `trl_pretokenized_rows`
+        patches.require("trl_pretokenized_rows", trl.DPOTrainer, key=trl.DPOTrainer)
         return dataset
 
 
@@ -69,6 +73,20 @@ def _row_multiple(model: Any, device_type: str) -> int:
     return shape_multiple(device_type, torch.get_autocast_dtype(device_type) if autocast else model.dtype)
 
 
+# True while Martlet's padding-free forward runs trl's fused head: score only the labelled positions
+_compact_scoring: contextvars.ContextVar[bool] = contextvars.ContextVar("martlet_compact_scoring", default=False)
+
+
+def _use_triton_dispatcher(original: Any) -> Any:
+    """What `trl.trainer.utils._use_triton` becomes (once, `patches.patch_global`): True inside the padding-free
+    forward, where trl then scores only the labelled positions (its path for Triton devices); elsewhere trl's answer."""
+
+    def _use_triton(device):
+        return True if _compact_scoring.get() else original(device)
+
+    return _use_triton
+
+
 def padding_free_fused_forward(model: Any) -> None:
     """Make trl's fused-LM-head forward (`model(..., labels=, fused_lm_head=True)`, trl 1.16) run a padded batch as
     one padding-free row, and hand its per-token fields back in the padded layout.
@@ -78,41 +96,39 @@ def padding_free_fused_forward(model: Any) -> None:
     end with position ids restarting per sequence (the attention never crosses sequences: transformers' packed
     sequence masks, or `martlet_varlen` on a CPU), each sequence's first token is never a target, and only the
     labelled positions are scored. The log-probs, entropies and other per-token fields come back where trl expects
-    them, zero elsewhere, so its DPO losses and metrics are unchanged (tested against the padded forward).
+    them, zero elsewhere, so its DPO losses and metrics are unchanged (tested against the padded forward). Two
+    patches of `martlet.patches` (`trl_compact_scoring`, `trl_padding_free_forward`): where a guard finds trl
+    changed, the padded forward runs.
     """
-    import types
-
     import trl.trainer.utils as trl_utils
 
-    fused = model.forward
-    if not hasattr(trl_utils, "_use_triton"):  # another trl: leave its forward alone
-        return
+    if patches.patch_global("trl_compact_scoring", trl_utils, "_use_triton", _use_triton_dispatcher):
+        patches.patch_forward("trl_padding_free_forward", model, _padding_free_forward)
 
-    def forward(self, *args: Any, fused_lm_head: bool = False, labels: Any = None, input_ids: Any = None,
-                attention_mask: Any = None, **kwargs: Any):
-        if (args or not fused_lm_head or labels is None or input_ids is None or attention_mask is None
-                or input_ids.shape[0] < 2 or any(torch.is_tensor(v) for v in kwargs.values())):
-            return fused(*args, fused_lm_head=fused_lm_head, labels=labels, input_ids=input_ids,
-                         attention_mask=attention_mask, **kwargs)
-        keep, positions, row_index = _row_layout(attention_mask)
-        row_labels = labels[keep].masked_fill(positions == 0, -100)  # never predicted from the sequence before
-        row = rounded_row(input_ids[keep], positions, _row_multiple(self, input_ids.device.type), row_labels)
-        use_triton = trl_utils._use_triton
-        trl_utils._use_triton = lambda device: True  # score only the labelled positions (trl: Triton devices only)
-        try:
-            out = fused(input_ids=row[0][None], position_ids=row[1][None], labels=row[2][None], fused_lm_head=True,
-                        **kwargs)
-        finally:
-            trl_utils._use_triton = use_triton
-        # padded position (b, t) predicts token (b, t + 1), whose prediction in the row sits just before it
-        source, valid = (row_index[:, 1:] - 1).clamp(min=0), keep[:, 1:]
-        for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask"):
-            value = getattr(out, name, None)
-            if value is not None:
-                out[name] = value[0][source].masked_fill(~valid, 0)
-        return out
 
-    model.forward = types.MethodType(forward, model)
+def _padding_free_forward(self, *args: Any, fused_lm_head: bool = False, labels: Any = None, input_ids: Any = None,
+                          attention_mask: Any = None, **kwargs: Any):
+    fused = self._plain_forward
+    if (args or not fused_lm_head or labels is None or input_ids is None or attention_mask is None
+            or input_ids.shape[0] < 2 or any(torch.is_tensor(v) for v in kwargs.values())):
+        return fused(*args, fused_lm_head=fused_lm_head, labels=labels, input_ids=input_ids,
+                     attention_mask=attention_mask, **kwargs)
+    keep, positions, row_index = _row_layout(attention_mask)
+    row_labels = labels[keep].masked_fill(positions == 0, -100)  # never predicted from the sequence before
+    row = rounded_row(input_ids[keep], positions, _row_multiple(self, input_ids.device.type), row_labels)
+    token = _compact_scoring.set(True)
+    try:
+        out = fused(input_ids=row[0][None], position_ids=row[1][None], labels=row[2][None], fused_lm_head=True,
+                    **kwargs)
+    finally:
+        _compact_scoring.reset(token)
+    # padded position (b, t) predicts token (b, t + 1), whose prediction in the row sits just before it
+    source, valid = (row_index[:, 1:] - 1).clamp(min=0), keep[:, 1:]
+    for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask"):
+        value = getattr(out, name, None)
+        if value is not None:
+            out[name] = value[0][source].masked_fill(~valid, 0)
+    return out
 
 
 class KTOTrainer(AtomicCheckpointMixin, trl.KTOTrainer):
@@ -125,7 +141,8 @@ class KTOTrainer(AtomicCheckpointMixin, trl.KTOTrainer):
         if padding_free:
             _padding_free(self)
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # trl 1.16's tokenizing step
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # patch `trl_pretokenized_rows`
+        patches.require("trl_pretokenized_rows", trl.KTOTrainer, key=trl.KTOTrainer)
         if not self.calculate_KL:
             return dataset
 
@@ -184,9 +201,7 @@ class RefFreeTrainer(AtomicCheckpointMixin, Trainer):
         from martlet.train.loss import lean_loss_supported
 
         self.padding_free = padding_free and lean_loss_supported(self.model)
-        for module in self.model.modules():  # as trl's trainers do: the loss compares deterministic log-probs
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        disable_dropout_in_model(self.model)  # as trl's trainers do: the loss compares deterministic log-probs
         self.loss_fn = loss_fn
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 

@@ -10,6 +10,7 @@ import logging
 import os
 from typing import Any, Sequence
 
+from martlet import patches
 from martlet.args import PtArguments, SftArguments, parse_cli
 from martlet.data.preprocess import encode_rows, train_val_rows
 from martlet.launch import main_process_first
@@ -92,7 +93,7 @@ def _load_for_training(args: SftArguments, spec: Any, dtype: str, device: str):
             # to fp32 and autocast back to bf16 (two copies per adapter per pass: ~19% of a step on a CPU)
             for module in model.modules():
                 if hasattr(module, "lora_A"):
-                    module.cast_input_dtype_enabled = False
+                    patches.patch_attribute("peft_input_cast_off", module, "cast_input_dtype_enabled", False)
         if not (getattr(args, "deepspeed", None) or getattr(args, "fsdp", None)):  # (sharded weights: peft's path)
             from martlet.train.kernels import fuse_lora
 
@@ -134,7 +135,7 @@ def _placement(args: SftArguments, device: str, quantized: bool) -> dict[str, An
     if len(gpus) == 1:  # quantized weights load straight onto the process's own GPU
         return {"device_map": {"": local_rank}} if quantized else {}
     # accelerate refuses a multi-GPU model under DDP unless told; DDP then runs with device_ids=None
-    os.environ["ACCELERATE_BYPASS_DEVICE_MAP"] = "true"
+    patches.patch_environment("accelerate_bypass_device_map", "ACCELERATE_BYPASS_DEVICE_MAP", "true")
     logger.info("model parallel x DDP: local rank %d spreads its layers over GPUs %s", local_rank, gpus)
     memory = {i: torch.cuda.mem_get_info(i)[1] for i in gpus}
     return {"device_map": "auto", "max_memory": memory}

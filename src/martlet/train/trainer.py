@@ -5,7 +5,8 @@
 - SIGINT/SIGTERM during training finish the current step, save a checkpoint and stop; the caller
   reports how to resume.
 
-Tested with transformers 5.24 (`Trainer._save_checkpoint`, `trainer_utils.rotate_checkpoints`).
+The save is the patch `atomic_checkpoint` of `martlet.patches` (transformers' `Trainer._save_checkpoint`,
+`trainer_utils.rotate_checkpoints`), guarded there.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Iterator
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
+from martlet import patches
 from martlet.train.outputs import save_run_files
 from martlet.utils import follow_umask
 
@@ -36,7 +38,9 @@ class AtomicCheckpointMixin:
     martlet_run_args: Any = None
     martlet_run_info: dict[str, Any] | None = None
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:  # transformers' hook
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:  # transformers' hook: patch `atomic_checkpoint`
+        if not patches.usable("atomic_checkpoint", Trainer, key=Trainer):
+            return super()._save_checkpoint(model, trial)
         run_dir = self._get_output_dir(trial=trial)
         step = self.state.global_step
         final = os.path.join(run_dir, f"checkpoint-{step}")

@@ -1,0 +1,337 @@
+"""Every place where Martlet changes how a third-party library behaves: one registry, each entry guarded.
+
+An entry (`Patch`) says what it changes and why, with the gain it was measured to give, and the library versions
+it was checked against. Its guard looks at the target when the patch is about to be applied: a signature, the
+attributes the patch reads, or a reference computation on a tiny input (never the library's source text). When
+the target no longer has the expected shape, the library's own code runs and one warning names the patch, the
+library and its installed version: a new release can cost speed, never give other numbers. Where a patch has no
+library code to fall back to (Martlet's rows replace trl's tokenization), a failed guard stops the run with an
+error that says which version to install.
+
+The assignments to other libraries' objects are all here: `patch_forward` (one module instance's forward),
+`patch_global` (a module global, replaced once by a function that hands every call it does not take to the
+original; never swapped on a hot path), `patch_attribute` (a documented attribute of a library's layer) and
+`patch_environment`. The code they install lives beside its feature (`train/native.py`, `train/kernels.py`,
+`train/rlhf_trainers.py`); subclass hooks (`_save_checkpoint`, `_prepare_dataset`) ask `usable` / `require`.
+tests/unit/test_patches.py checks each patch against the unpatched library and each guard's fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import types
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable, Iterator
+
+from martlet.errors import MartletError
+
+logger = logging.getLogger("martlet")
+
+
+class Mismatch(Exception):
+    """A guard's finding: the target no longer has the shape the patch was written for."""
+
+
+def expect(condition: bool, why: str) -> None:
+    if not condition:
+        raise Mismatch(why)
+
+
+def expect_parameters(function: Any, names: tuple[str, ...], what: str) -> None:
+    """The function's parameters (after self) are `names` (a hook Martlet overrides or calls with exactly those)."""
+    try:
+        parameters = tuple(p for p in inspect.signature(function).parameters if p != "self")
+    except (TypeError, ValueError):
+        raise Mismatch(f"{what} has no readable signature") from None
+    expect(parameters == names, f"{what} takes {parameters}, expected {names}")
+
+
+def expect_close(got: Any, want: Any, what: str, tolerance: float = 1e-5) -> None:
+    import torch
+
+    expect(torch.is_tensor(got) and got.shape == want.shape, f"{what} gives another shape")
+    expect(torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance),
+           f"{what} computes something else on a tiny input")
+
+
+@contextlib.contextmanager
+def _probing(module: Any) -> Iterator[Callable[..., Any]]:
+    """Run a module on a tiny input: eval mode (no dropout), no gradients, autocast to its half weights' dtype;
+    yields a function that makes a seeded input of a given shape on the module's device."""
+    import torch
+
+    weight = next(module.parameters())
+    dtype, device = weight.dtype, weight.device
+    training = module.training
+    generator = torch.Generator().manual_seed(0)
+    module.train(False)
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            yield lambda *shape: torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+    finally:
+        module.train(training)
+
+
+def _tolerance(module: Any) -> float:
+    import torch
+
+    return 1e-5 if next(module.parameters()).dtype == torch.float32 else 3e-2
+
+
+def guard_rms_norm(module: Any) -> None:
+    """llama's RMSNorm: weight * (x * rsqrt(mean(x^2) + eps)), the statistics in fp32."""
+    import torch
+
+    expect(hasattr(module, "weight") and hasattr(module, "variance_epsilon"), "no weight / variance_epsilon")
+    with _probing(module) as tiny:
+        x = tiny(3, module.weight.shape[-1]).float()  # fp32 in: the formula's own precision
+        want = module.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon))
+        expect_close(module(x), want, f"{type(module).__name__}.forward", _tolerance(module))
+
+
+def guard_mlp(module: Any) -> None:
+    """A SiLU-gated MLP: down(silu(gate(x)) * up(x))."""
+    import torch
+
+    expect(all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")),
+           "no gate_proj / up_proj / down_proj / act_fn")
+    with _probing(module) as tiny:
+        x = tiny(1, 3, module.gate_proj.in_features)
+        want = module.down_proj(torch.nn.functional.silu(module.gate_proj(x)) * module.up_proj(x))
+        expect_close(module(x), want, f"{type(module).__name__}.forward", _tolerance(module))
+
+
+def guard_rotary(library: Any) -> None:
+    """The modeling module's `apply_rotary_pos_emb` is llama's: x * cos + rotate_half(x) * sin, cos and sin
+    unsqueezed at dim 1."""
+    import torch
+
+    function = getattr(library, "apply_rotary_pos_emb", None)
+    expect(callable(function), f"{library.__name__} has no apply_rotary_pos_emb")
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 3, 4, generator=generator), torch.randn(1, 1, 3, 4, generator=generator)
+    cos, sin = torch.randn(1, 3, 4, generator=generator), torch.randn(1, 3, 4, generator=generator)
+
+    def rotate(x):
+        half = x.shape[-1] // 2
+        return x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), -1) * sin[:, None]
+
+    try:
+        got = function(q, k, cos, sin)
+    except Exception as error:  # noqa: BLE001 - any failure means the shape changed
+        raise Mismatch(f"apply_rotary_pos_emb(q, k, cos, sin) raised {type(error).__name__}") from None
+    expect(isinstance(got, tuple) and len(got) == 2, "apply_rotary_pos_emb does not return (q, k)")
+    expect_close(got[0], rotate(q), "apply_rotary_pos_emb")
+    expect_close(got[1], rotate(k), "apply_rotary_pos_emb")
+
+
+LORA_ATTRIBUTES = ("base_layer", "lora_A", "lora_B", "scaling", "lora_dropout", "merged", "disable_adapters",
+                   "active_adapters", "use_dora", "fan_in_fan_out")
+
+
+def guard_lora(module: Any) -> None:
+    """peft's LoRA layer: base(x) + scaling * B(A(dropout(x))), checked with a non-zero B (put back after)."""
+    import torch
+
+    missing = [name for name in LORA_ATTRIBUTES if not hasattr(module, name)]
+    expect(not missing, f"{type(module).__name__} has no {', '.join(missing)}")
+    name = next(iter(module.lora_A))
+    b = module.lora_B[name].weight
+    saved = b.detach().clone()
+    try:
+        with _probing(module) as tiny:
+            b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(1)).to(b.device))
+            x = tiny(3, module.base_layer.in_features)
+            want = module.base_layer(x) + module.scaling[name] * module.lora_B[name](module.lora_A[name](x))
+            expect_close(module(x), want, f"{type(module).__name__}.forward", _tolerance(module))
+    finally:
+        with torch.no_grad():
+            b.copy_(saved)
+
+
+def guard_input_cast(module: Any) -> None:
+    expect(hasattr(module, "cast_input_dtype_enabled"), f"{type(module).__name__} has no cast_input_dtype_enabled")
+
+
+def guard_use_triton(utils: Any) -> None:
+    import torch
+
+    expect(callable(getattr(utils, "_use_triton", None)), "trl.trainer.utils has no _use_triton")
+    expect_parameters(utils._use_triton, ("device",), "_use_triton")
+    expect(isinstance(utils._use_triton(torch.device("cpu")), bool), "_use_triton(cpu) is not a bool")
+
+
+def guard_fused_head_forward(model: Any) -> None:
+    try:
+        parameters = inspect.signature(model.forward, follow_wrapped=False).parameters  # trl keeps the model's name
+    except (TypeError, ValueError):
+        raise Mismatch("the model's forward has no readable signature") from None
+    expect("fused_lm_head" in parameters, "the model's forward takes no fused_lm_head (trl's add_fused_lm_head)")
+
+
+def guard_prepare_dataset(trainer_class: Any) -> None:
+    expect(callable(getattr(trainer_class, "_prepare_dataset", None)), f"{trainer_class.__name__} has no _prepare_dataset")
+    expect_parameters(trainer_class._prepare_dataset, ("dataset", "processing_class", "args", "dataset_name"),
+                      f"{trainer_class.__name__}._prepare_dataset")
+
+
+def guard_save_checkpoint(trainer_class: Any) -> None:
+    from transformers import trainer_utils
+
+    expect_parameters(trainer_class._save_checkpoint, ("model", "trial"), "Trainer._save_checkpoint")
+    expect(callable(getattr(trainer_class, "_get_output_dir", None)), "Trainer has no _get_output_dir")
+    rotate = getattr(trainer_utils, "rotate_checkpoints", None)
+    expect(callable(rotate), "transformers.trainer_utils has no rotate_checkpoints")
+    wanted = {"output_dir", "save_total_limit", "best_model_checkpoint", "use_mtime"}
+    expect(wanted <= set(inspect.signature(rotate).parameters), "rotate_checkpoints takes other keywords")
+
+
+def guard_accelerate(_: Any) -> None:
+    expect(version("accelerate").split(".")[0] == "1", "ACCELERATE_BYPASS_DEVICE_MAP is checked with accelerate 1.x")
+
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    library: str  # the distribution whose behaviour changes
+    checked: tuple[str, ...]  # versions the patch and its guard were checked against
+    what: str  # what changes, why, and the gain measured
+    guard: Callable[[Any], None]  # raises Mismatch when the target changed shape
+    fallback: str = "the library's own code runs"
+
+
+PATCHES: dict[str, Patch] = {p.name: p for p in (
+    Patch("native_rms_norm", "transformers", ("5.24.0", "5.25.0"),
+          "llama-style RMSNorm modules run `native.RMSNorm` (one vectorized pass each way, statistics in fp32, "
+          "rounded where transformers rounds) on CPU tensors; part of the native kernels' 13-17% shorter LoRA "
+          "step (docs/en/performance.md). Guard: the module's own forward equals llama's formula on a tiny input.",
+          guard_rms_norm),
+    Patch("native_mlp", "transformers", ("5.24.0", "5.25.0"),
+          "SiLU-gated MLPs compute silu(gate) * up in one native pass (`native.SwiGLU`, keeping only the two "
+          "inputs for backward). Guard: the module's forward equals down(silu(gate(x)) * up(x)) on a tiny input.", guard_mlp),
+    Patch("native_rotary", "transformers", ("5.24.0", "5.25.0"),
+          "The modeling module's `apply_rotary_pos_emb` is replaced once by a dispatcher that runs `native.Rotary` "
+          "(bit-identical to llama's) only inside the forward of an attention module fused by `fuse_native`, and "
+          "hands every other call to the original (transformers 5.25's hub-kernel `Func` included). Guard: the "
+          "original equals the rotate-half formula on a tiny input.", guard_rotary),
+    Patch("fused_lora", "peft", ("0.21.2",),
+          "peft's `lora.Linear` runs base layer + adapter as one autograd node (`kernels.LoraLinear`, native "
+          "kernels on a CPU): the LoRA kernels' 0.83-0.88x step time, part of SFT's 3.1-3.7x (performance.md). "
+          "Guard: the layer has the attributes the fused forward reads and peft's forward equals "
+          "base(x) + scaling * B(A(x)) on a tiny input with a non-zero B.", guard_lora),
+    Patch("peft_input_cast_off", "peft", ("0.21.2",),
+          "On a CPU in bf16, LoRA layers' `cast_input_dtype_enabled` is False: bf16 activations go straight into "
+          "the fp32 adapters under autocast instead of two casts per adapter per pass (~19% of a step). Guard: "
+          "the layer has that attribute (peft >= 0.15).", guard_input_cast),
+    Patch("trl_compact_scoring", "trl", ("1.16.0",),
+          "`trl.trainer.utils._use_triton` is replaced once by a dispatcher that answers True inside Martlet's "
+          "padding-free preference forward (only labelled positions go through the LM head, as trl does on "
+          "Triton devices) and asks the original everywhere else. Guard: it takes one `device` argument and "
+          "answers a bool for the CPU.", guard_use_triton),
+    Patch("trl_padding_free_forward", "trl", ("1.16.0",),
+          "The policy's (and reference's) forward, already wrapped by trl's `add_fused_lm_head`, takes the padded "
+          "[chosen, rejected] batch as one padding-free row (DPO/KTO 3.19x ms-swift's speed with the rest of the "
+          "padding-free work). Guard: the forward accepts `fused_lm_head`.", guard_fused_head_forward),
+    Patch("trl_pretokenized_rows", "trl", ("1.16.0",),
+          "DPOTrainer/KTOTrainer `_prepare_dataset` returns Martlet's rows as they are (tokenized by the SFT "
+          "template, so only reply tokens count) instead of trl's own tokenization. Guard: the hook's signature "
+          "is (dataset, processing_class, args, dataset_name).",
+          guard_prepare_dataset, fallback="the run stops: trl would tokenize Martlet's rows its own way"),
+    Patch("atomic_checkpoint", "transformers", ("5.24.0", "5.25.0"),
+          "`Trainer._save_checkpoint` writes into a staging folder renamed into place: a run killed at any moment "
+          "leaves only whole checkpoints. Guard: the hook takes (model, trial) and `rotate_checkpoints` takes "
+          "the keywords used.",
+          guard_save_checkpoint, fallback="the library's own save runs (a checkpoint may be half-written if the run is killed)"),
+    Patch("accelerate_bypass_device_map", "accelerate", ("1.16.0",),
+          "`ACCELERATE_BYPASS_DEVICE_MAP=true` when one process spreads its layers over several GPUs under DDP "
+          "(model parallel x data parallel), which accelerate refuses otherwise. Guard: accelerate 1.x.", guard_accelerate),
+)}
+
+_verdicts: dict[tuple[str, Any], str | None] = {}  # (patch, key) -> None when usable, else why not
+_warned: set[str] = set()
+_originals: dict[tuple[Any, str], Any] = {}  # (module, attribute) -> what was there before a dispatcher
+
+
+def version(library: str) -> str:
+    try:
+        return metadata.version(library)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def usable(name: str, target: Any, key: Any = None) -> bool:
+    """Run patch `name`'s guard on `target` (once per `key`, e.g. the target's class); when it fails, warn once
+    and answer False."""
+    patch = PATCHES[name]
+    if (name, key) not in _verdicts:
+        try:
+            patch.guard(target)
+            _verdicts[name, key] = None
+        except Mismatch as error:
+            _verdicts[name, key] = str(error)
+    reason = _verdicts[name, key]
+    if reason is not None and name not in _warned:
+        _warned.add(name)
+        logger.warning("patch '%s' is off: %s (%s %s; checked with %s); %s.", name, reason, patch.library,
+                       version(patch.library), ", ".join(patch.checked), patch.fallback)
+    return reason is None
+
+
+def require(name: str, target: Any, key: Any = None) -> None:
+    """For a patch with no library code to fall back to: a failed guard is an error that names it."""
+    if not usable(name, target, key):
+        patch = PATCHES[name]
+        raise MartletError(f"Martlet's patch '{name}' does not fit {patch.library} {version(patch.library)}: "
+                           f"{_verdicts[name, key]}.",
+                           hint=f"Install a checked version ({', '.join(patch.checked)}); `make install` does.")
+
+
+def patch_forward(name: str, module: Any, forward: Callable[..., Any], guarded: Any = None) -> bool:
+    """Patch `name` on one module: its forward becomes `forward` bound to it (the one it had stays callable as
+    `module._plain_forward`), when the guard passes for the module's class (or for `guarded`, what the new
+    forward relies on instead of the module itself)."""
+    if not (usable(name, module, key=type(module)) if guarded is None else usable(name, guarded, key=guarded)):
+        return False
+    module._plain_forward = module.forward
+    module.forward = types.MethodType(forward, module)
+    return True
+
+
+def patch_global(name: str, owner: Any, attribute: str, make: Callable[[Any], Callable[..., Any]]) -> bool:
+    """Patch `name` on a module global: `owner.attribute` is replaced, once, by `make(original)`, a function that
+    hands every call it does not take to the original. The guard looks at the original."""
+    if (owner, attribute) in _originals:
+        return True
+    if not usable(name, owner, key=owner):
+        return False
+    original = getattr(owner, attribute)
+    _originals[owner, attribute] = original
+    setattr(owner, attribute, make(original))
+    return True
+
+
+def restore_globals() -> None:
+    """Put every replaced module global back (tests)."""
+    for (owner, attribute), original in list(_originals.items()):
+        setattr(owner, attribute, original)
+        del _originals[owner, attribute]
+
+
+def patch_attribute(name: str, obj: Any, attribute: str, value: Any) -> bool:
+    """Patch `name`: a documented attribute of a library object set to `value`, when the guard passes for its class."""
+    if not usable(name, obj, key=type(obj)):
+        return False
+    setattr(obj, attribute, value)
+    return True
+
+
+def patch_environment(name: str, variable: str, value: str) -> bool:
+    """Patch `name`: an environment variable the library reads, for the rest of the process."""
+    if not usable(name, None):
+        return False
+    os.environ[variable] = value
+    return True
