@@ -56,3 +56,23 @@ def run_dirs(output_dir: str) -> list[str]:
         for run in sorted(os.listdir(os.path.join(output_dir, model_type))):
             found.append(os.path.join(output_dir, model_type, run))
     return found
+
+
+def adapter_copy(ckpt: str, folder: str, b_std: float, seed: int = 0) -> str:
+    """A copy of the LoRA checkpoint `ckpt` in `folder` whose B matrices are N(0, b_std) (0: all zero, the
+    adapter then leaves the base model as it is). A tiny random model answers every prompt alike with or
+    without a few steps' adapter; a noisy one moves its logits, so a test can tell whether it was loaded."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(ckpt, folder)
+    path = os.path.join(folder, "adapter_model.safetensors")
+    weights = load_file(path)
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in weights.items():
+        if "lora_B" in name:
+            weights[name] = (torch.randn(tensor.shape, generator=generator) * b_std).to(tensor.dtype)
+    save_file(weights, path, metadata={"format": "pt"})
+    return folder

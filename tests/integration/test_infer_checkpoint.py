@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from helpers import write_jsonl
+from helpers import adapter_copy, write_jsonl
 from martlet import cli
 from martlet.args.infer import InferArguments
 
@@ -145,15 +145,22 @@ def test_merge_lora_is_exact_atomic_and_reused(trained):
 
 
 def test_merged_folder_infers_like_the_adapter(trained, tmp_path):
+    """An adapter with noisy B matrices (the trained one leaves the tiny model's replies as they were): its
+    replies differ from the base model's (the same checkpoint with B = 0), and its merged folder's equal them."""
     from martlet.llm import infer_main
 
     ckpt, _, _ = trained
+    noisy = adapter_copy(ckpt, str(tmp_path / "noisy" / "checkpoint-3"), b_std=0.5)
+    base = adapter_copy(ckpt, str(tmp_path / "base" / "checkpoint-3"), b_std=0.0)
     common = dict(load_dataset_config=True, max_new_tokens=6, dtype="fp32", verbose=False)
-    adapter = infer_main(InferArguments(ckpt_dir=ckpt, result_dir=str(tmp_path / "a"), **common))
-    merged = infer_main(InferArguments(ckpt_dir=ckpt, merge_lora=True, result_dir=str(tmp_path / "m"), **common))
-    assert os.path.isdir(ckpt + "-merged")
-    assert [r["response"] for r in merged["result"]] == [r["response"] for r in adapter["result"]]
-    assert run_rows(merged["result"]) == run_rows(adapter["result"])
+    adapter = infer_main(InferArguments(ckpt_dir=noisy, result_dir=str(tmp_path / "a"), **common))
+    merged = infer_main(InferArguments(ckpt_dir=noisy, merge_lora=True, result_dir=str(tmp_path / "m"), **common))
+    plain = infer_main(InferArguments(ckpt_dir=base, result_dir=str(tmp_path / "b"), **common))
+    assert os.path.isdir(noisy + "-merged")
+    responses = [r["response"] for r in adapter["result"]]
+    assert run_rows(merged["result"]) == run_rows(adapter["result"]) == run_rows(plain["result"])
+    assert all(a != b for a, b in zip(responses, [r["response"] for r in plain["result"]])), responses
+    assert [r["response"] for r in merged["result"]] == responses
 
 
 def test_cli_errors_name_the_folder(tmp_path, capsys):

@@ -7,7 +7,7 @@ import os
 import pytest
 from safetensors.torch import load_file
 
-from helpers import run_dirs, write_jsonl
+from helpers import adapter_copy, run_dirs, write_jsonl
 from martlet.llm import RLHFArguments, rlhf_main
 
 PAIRS = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
@@ -84,11 +84,17 @@ def test_dpo_checkpoint_works_with_infer_export_and_deploy(tmp_path, tiny_llama,
 
     result = rlhf_main(small_args(tiny_llama, data, tmp_path / "out", max_steps=2, dataset_test_ratio=0,
                                   rpo_alpha=0.5))
-    ckpt = result["last_model_checkpoint"]
+    # the tiny model answers alike with or without two steps' adapter: noisy B matrices make the adapter
+    # visible in the replies, and the same checkpoint with B = 0 gives the base model's
+    ckpt = adapter_copy(result["last_model_checkpoint"], str(tmp_path / "noisy" / "checkpoint-2"), b_std=0.5)
+    base = adapter_copy(result["last_model_checkpoint"], str(tmp_path / "base" / "checkpoint-2"), b_std=0.0)
     common = dict(max_new_tokens=4, dtype="fp32", verbose=False, do_sample=False, dataset=[data],
                   dataset_test_ratio=0.5, val_dataset_sample=2)  # evaluates the chosen replies as labels
     adapter = infer_main(InferArguments(ckpt_dir=ckpt, result_dir=str(tmp_path / "a"), **common))["result"]
     assert len(adapter) == 2
+    without = infer_main(InferArguments(ckpt_dir=base, result_dir=str(tmp_path / "b"), **common))["result"]
+    assert [r["query"] for r in without] == [r["query"] for r in adapter]
+    assert all(a["response"] != b["response"] for a, b in zip(adapter, without)), (adapter, without)
     merged = export_main(ExportArguments(ckpt_dir=ckpt, merge_lora=True))["merged"]
     assert {"model.safetensors", "sft_args.json", "martlet_run.json"} <= set(os.listdir(merged))
     plain = infer_main(InferArguments(ckpt_dir=merged, result_dir=str(tmp_path / "m"), **common))["result"]
