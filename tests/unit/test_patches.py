@@ -46,6 +46,9 @@ def test_every_patch_says_what_it_changes_where_it_was_checked_and_has_a_guard()
         assert callable(patch.guard), name
     tests = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
     assert all(name in tests for name in patches.PATCHES)  # each is named by the test that checks it
+    for lang in ("en", "zh"):  # and listed in the docs' table
+        page = (SRC.parents[1] / "docs" / lang / "dependencies.md").read_text()
+        assert all(f"| `{name}` |" in page for name in patches.PATCHES), lang
 
 
 def test_the_guards_pass_on_the_locked_libraries(tiny_llama):
