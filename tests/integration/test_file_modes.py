@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from helpers import write_jsonl
-from martlet.llm import ExportArguments, SftArguments, export_main, sft_main
+from martlet.llm import ExportArguments, InferArguments, SftArguments, export_main, merge_lora, sft_main
 from martlet.utils import follow_umask
 
 UMASKS = [0o022, 0o027]
@@ -61,6 +61,8 @@ def test_checkpoints_and_merged_models_follow_the_umask(tmp_path, tiny_llama, um
     ckpt = train(tmp_path, tiny_llama)["last_model_checkpoint"]
     assert_follows(ckpt, umask, must_hold=["adapter_model.safetensors", "optimizer.pt", "sft_args.json"])
     merged = export_main(ExportArguments(ckpt_dir=ckpt, merge_lora=True))["merged"]
+    assert_follows(merged, umask, must_hold=["model.safetensors", "config.json", "tokenizer.json"])
+    merged = merge_lora(InferArguments(ckpt_dir=ckpt), replace_if_exists=True)  # infer --merge_lora, merge-lora
     assert_follows(merged, umask, must_hold=["model.safetensors", "config.json", "tokenizer.json"])
 
 

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from martlet.errors import MartletError
 from martlet.infer.checkpoint import plan_inference, read_checkpoint, registered
 from martlet.train.outputs import ARGS_FILE, RUN_INFO_FILE
+from martlet.utils import current_umask, follow_umask
 
 logger = logging.getLogger("martlet")
 _SAVED_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -48,9 +49,7 @@ def merge_lora(args: Any, replace_if_exists: bool = False, device_map: Optional[
         logger.info("using the merged model already in %s (pass --replace_if_exists true to merge again).", target)
         return target
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}-", dir=os.path.dirname(target))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the merged model is an ordinary folder
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the merged model is an ordinary folder
     try:
         spec = _write_merged(args, ckpt, tmp, device_map or getattr(args, "merge_device_map", "cpu"), max_shard_size)
         for name in (ARGS_FILE, RUN_INFO_FILE):
@@ -59,6 +58,7 @@ def merge_lora(args: Any, replace_if_exists: bool = False, device_map: Optional[
         if registered(spec.model_type):  # lets `--model_id_or_path <merged>` alone find the model type
             with open(os.path.join(tmp, "martlet_converted.json"), "w", encoding="utf-8") as fh:
                 json.dump({"source": ckpt.path, "base_model": spec.model_dir, "model_type": spec.model_type}, fh)
+        follow_umask(tmp)  # safetensors writes its files 0600
         _move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
