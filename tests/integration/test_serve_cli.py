@@ -20,6 +20,7 @@ from helpers import write_jsonl  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Name a primary color."]
 MAX = 12
+LONG = 160  # tokens of the reply in flight at the SIGTERM: seconds of generation
 
 
 def launch(*argv: str):
@@ -43,11 +44,10 @@ def launch(*argv: str):
 def wait_listening(proc, log, listening, timeout: float = 180) -> str:
     """The base URL, once the server listens."""
     deadline = time.monotonic() + timeout
-    while not listening.is_set():
+    while not listening.wait(0.05):  # the event, or every 50 ms a look at whether the process died
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail("martlet deploy did not start:\n" + "".join(log)[-3000:])
-        time.sleep(0.05)
     return re.search(r"API at (http://\S+)/v1", "".join(log)).group(1)
 
 
@@ -67,25 +67,19 @@ def test_deploy_on_smollm2_answers_as_infer_and_stops_gracefully_on_sigterm(tmp_
         served = [client.chat.completions.create(model="smol", messages=[{"role": "user", "content": q}],
                                                  max_tokens=MAX, temperature=0).choices[0].message.content
                   for q in QUESTIONS]
-        in_flight: dict = {}
-
-        def long_request() -> None:
-            in_flight["reply"] = client.chat.completions.create(
-                model="smol", messages=[{"role": "user", "content": "Tell me about the sea."}], max_tokens=32,
-                temperature=0)
-
-        thread = threading.Thread(target=long_request)
-        thread.start()
-        time.sleep(0.3)
-        assert thread.is_alive()  # the request is being generated
+        # a streamed request: its first chunk says it is being generated when the SIGTERM comes
+        stream = client.chat.completions.create(
+            model="smol", messages=[{"role": "user", "content": "Tell me about the sea."}], max_tokens=LONG,
+            temperature=0, stream=True, stream_options={"include_usage": True})
+        chunks = [next(stream)]
         proc.send_signal(signal.SIGTERM)
-        thread.join(120)
+        chunks += list(stream)  # the rest of the reply, after the signal
         assert proc.wait(60) == 0, "".join(log)[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
-    reply = in_flight["reply"]
-    assert reply.usage.completion_tokens == 32 and reply.choices[0].finish_reason == "length"
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == LONG and finish == ["length"]
     assert "server stopped" in "".join(log)
     assert [row["response"] for row in result["result"]] == served
     assert "Paris" in served[0]
