@@ -18,10 +18,11 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from integration.test_serve import build_noisy_tiny  # noqa: E402
+from integration.test_serve import build_noisy_tiny, engine_of, greedy, user  # noqa: E402
 
 KEY = "sk-soak"
-Server = collections.namedtuple("Server", "url proc model")
+Server = collections.namedtuple("Server", "url proc model replies")
+SAY = ["Say something.", "Name three fruits.", "Why is the sky blue? Tell me.", "Hi"]  # several prompt lengths
 REQUESTS, CLIENTS = 1000, 16
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
@@ -51,24 +52,30 @@ def server(tmp_path_factory, embedded_dir):
             pass
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
         time.sleep(0.5)
-    yield Server(url, proc, model)
+    # greedy replies of `martlet infer`'s engine, loaded here on its own: what every good request must get
+    reference = engine_of(model_id_or_path=model)
+    replies = {prompt: greedy(reference, user(prompt), max_new_tokens=4) for prompt in SAY}
+    assert len(set(replies.values())) == len(SAY), replies  # a reply given to the wrong request shows
+    yield Server(url, proc, model, replies)
     proc.terminate()
     proc.wait(timeout=60)
 
 
-def _chat(**extra):
-    return {"model": "tiny", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 4,
+def _chat(prompt: str = SAY[0], **extra):
+    return {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": 4,
             "temperature": 0, **extra}
 
 
-# (kind, body, expected status); "drop" opens a stream and closes it after the first chunk
-CASES = [("good", _chat(), 200), ("good", {**_chat(), "stream": True}, 200), ("good", _chat(n=2), 200),
-         ("bad", b"{not json", 400), ("bad", _chat(max_tokens=-1), 400), ("bad", _chat(model="missing"), 404),
-         ("bad", {"model": "tiny"}, 400), ("bad", _chat(temperature="hot"), 400), ("drop", None, 200)]
-WEIGHTS = [50, 10, 5, 5, 5, 5, 5, 5, 10]
+# (kind, body, expected status); "drop" opens a stream and closes it after the first chunk; good requests are
+# greedy: each gets its prompt's reference reply (every choice of n=2 too)
+CASES = ([("good", _chat(p), 200) for p in SAY] + [("good", {**_chat(p), "stream": True}, 200) for p in SAY]
+         + [("good", _chat(p, n=2), 200) for p in SAY]
+         + [("bad", b"{not json", 400), ("bad", _chat(max_tokens=-1), 400), ("bad", _chat(model="missing"), 404),
+            ("bad", {"model": "tiny"}, 400), ("bad", _chat(temperature="hot"), 400), ("drop", None, 200)])
+WEIGHTS = [50 / len(SAY)] * len(SAY) + [10 / len(SAY)] * len(SAY) + [5 / len(SAY)] * len(SAY) + [5, 5, 5, 5, 5, 10]
 
 
-def _one(client: httpx.Client, url: str, kind: str, body, status: int) -> tuple[str, bool]:
+def _one(client: httpx.Client, url: str, replies: dict, kind: str, body, status: int) -> tuple[str, bool]:
     path = f"{url}/v1/chat/completions"
     if kind == "drop":
         with client.stream("POST", path, json={**_chat(max_tokens=200), "stream": True}, headers=AUTH) as resp:
@@ -80,10 +87,14 @@ def _one(client: httpx.Client, url: str, kind: str, body, status: int) -> tuple[
     if resp.status_code != status:
         return kind, False
     if kind == "good":
+        want = replies[body["messages"][0]["content"]]
         if body.get("stream"):
             lines = [line for line in resp.text.splitlines() if line.startswith("data: ")]
-            return kind, lines[-1] == "data: [DONE]" and len(lines) >= 2
-        return kind, len(resp.json()["choices"]) == body.get("n", 1)
+            text = "".join(c["delta"].get("content") or "" for line in lines[:-1]
+                           for c in json.loads(line[len("data: "):])["choices"])
+            return kind, lines[-1] == "data: [DONE]" and len(lines) >= 2 and text == want
+        choices = resp.json()["choices"]
+        return kind, len(choices) == body.get("n", 1) and all(c["message"]["content"] == want for c in choices)
     error = resp.json().get("error", {})
     return kind, bool(error.get("message")) and error.get("type") == "invalid_request_error"
 
@@ -98,10 +109,10 @@ def test_soak_1000_requests_from_16_clients(server):
         results = []
         with httpx.Client(timeout=60) as client:
             for kind, body, status in plan[index::CLIENTS]:
-                results.append(_one(client, url, kind, body, status))
+                results.append(_one(client, url, server.replies, kind, body, status))
         return results
 
-    warm = [_one(httpx.Client(timeout=60), url, *case) for case in CASES * 3]  # warm-up: every kind once or more
+    warm = [_one(httpx.Client(timeout=60), url, server.replies, *case) for case in CASES * 3]  # warm-up: every kind once or more
     assert all(ok for _, ok in warm), warm
     rss.append(_rss_kib(proc.pid))
     with ThreadPoolExecutor(CLIENTS) as pool:
