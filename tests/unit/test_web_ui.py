@@ -222,7 +222,7 @@ def test_jobs_run_the_cli_and_record_their_exit(tmp_path):
             job.process.wait(timeout=60)
         assert ok.status() == "finished" and "general-instruct" in open(ok.log).read()
         assert bad.status() == "failed (exit 2)"
-        assert "field 'server_port': must be a port number" in runs.tail(bad.log)
+        assert "field 'server_port': must be in [0, 65535]" in runs.tail(bad.log)
         assert [e.key for e in runs.entries(out)] == [bad.id, ok.id]  # newest first
         assert runs.entries(out)[0].label(out) == f"job {bad.id} (starting) · failed (exit 2)"
         deadline = time.time() + 10
