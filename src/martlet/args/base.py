@@ -66,7 +66,7 @@ def _number(value: float) -> str:
 
 
 def arg(default: Any = None, help: str = "", *, aliases: Sequence[str] = (), choices: Sequence[Any] | None = None,
-        bounds: str | None = None, unset: Sequence[float] = (), group: str | None = None) -> Any:
+        bounds: str | None = None, unset: Sequence[float] = ()) -> Any:
     """A dataclass field with its help text, CLI aliases and allowed values.
 
     `bounds` is the interval a number must lie in ("[0, 1)", "[1, inf)"), `unset` the values outside it that
