@@ -47,6 +47,16 @@ def usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; a reader that went away (`martlet sft --help | head`) ends it quietly, the Unix way."""
+    try:
+        return run(argv)
+    except BrokenPipeError:
+        # nothing more can be written: point stdout at /dev/null so the interpreter's last flush stays silent
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a process killed by SIGPIPE
+
+
+def run(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

@@ -78,3 +78,16 @@ def test_help_lists_arguments_with_descriptions(capsys):
     text = capsys.readouterr().out
     assert "--lora_target_modules" in text and "every linear layer" in text and "--model, " not in text
     assert "--model_id_or_path, --model" in text
+
+
+@pytest.mark.parametrize("argv", [["sft", "--help"], ["list-models"]])
+def test_a_reader_that_goes_away_ends_the_command_quietly(argv):
+    """`martlet sft --help | head`: the pipe's reader is gone before anything is written; the command stops the
+    Unix way (status 141, as SIGPIPE), with no BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone
+    proc = subprocess.run([sys.executable, "-m", "martlet", *argv], stdout=write, stderr=subprocess.PIPE, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120)
+    os.close(write)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""
