@@ -1,6 +1,6 @@
 """The data files behind Martlet's model registry and named chat templates.
 
-- `src/martlet/models/registry.json`: model types -> hub ids, template, architecture, LoRA targets, ...
+- `src/martlet/models/registry.json`: model types -> hub ids, template, LoRA targets, quantization, ...
 - `src/martlet/templates/templates.json` + `<name>.jinja`: chat templates for tokenizers that ship none.
 
 Templates are rendered the way transformers renders chat templates (an immutable sandboxed jinja
@@ -41,8 +41,8 @@ REQUIRED_MODEL_TYPES = {"qwen-7b-chat", "qwen1half-7b-chat", "qwen-14b-chat", "q
                         "yi-6b-chat", "gemma-2b-instruct", "gemma-7b-instruct", "deepseek-7b-chat",
                         "smollm2-135m-instruct", "qwen2.5-0.5b", "llama2-7b"}
 QUANTIZATIONS = {None, "gptq-int4", "gptq-int8", "awq-int4"}
-MODEL_FIELDS = {"hf_id", "ms_id", "template", "architecture", "lora_target_modules", "trust_remote_code",
-                "quantization", "support_flash_attn", "tags"}
+MODEL_FIELDS = {"hf_id", "ms_id", "template", "lora_target_modules", "quantization"}
+BASE_MODEL_RE = re.compile(r"chat|instruct")  # a model type without either is a base model
 OPTIONAL_MODEL_FIELDS = {"requires"}
 TEMPLATE_FIELDS = {"file", "default_system", "eot", "eot_is_eos", "stop_words", "description"}
 
@@ -129,18 +129,14 @@ def test_model_entry(model_type):
     assert isinstance(entry["hf_id"], str) and HUB_ID_RE.match(entry["hf_id"]), entry["hf_id"]
     assert entry["ms_id"] is None or (isinstance(entry["ms_id"], str) and HUB_ID_RE.match(entry["ms_id"]))
     assert entry["template"] in TEMPLATES, entry["template"]
-    assert isinstance(entry["architecture"], str) and re.match(r"^[A-Z][A-Za-z0-9]+$", entry["architecture"])
     targets = entry["lora_target_modules"]
     assert isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
     assert "ALL" not in targets and "all" not in targets  # ALL means every linear layer; it is not a default
     assert len(set(targets)) == len(targets)
-    assert isinstance(entry["trust_remote_code"], bool) and isinstance(entry["support_flash_attn"], bool)
     assert entry["quantization"] in QUANTIZATIONS
     assert isinstance(entry.get("requires", []), list)
     assert all(isinstance(r, str) and r for r in entry.get("requires", []))
-    tags = entry["tags"]
-    assert isinstance(tags, list) and ("chat" in tags) != ("base" in tags), tags
-    if "base" in tags:
+    if not BASE_MODEL_RE.search(model_type):  # a base model has no chat format of its own
         assert entry["template"] == "default"
 
 
@@ -178,11 +174,10 @@ def test_quantized_entries_look_quantized():
 def test_known_entries():
     qwen7 = MODELS["qwen-7b-chat"]
     assert (qwen7["hf_id"], qwen7["ms_id"]) == ("Qwen/Qwen-7B-Chat", "qwen/Qwen-7B-Chat")
-    assert qwen7["lora_target_modules"] == ["c_attn"] and qwen7["trust_remote_code"] is True
+    assert qwen7["lora_target_modules"] == ["c_attn"]
     assert MODELS["qwen-14b-chat-int4"]["quantization"] == "gptq-int4"
     assert MODELS["qwen-14b-chat-int8"]["quantization"] == "gptq-int8"
     assert MODELS["qwen1half-72b-chat-int4"]["hf_id"] == "Qwen/Qwen1.5-72B-Chat-GPTQ-Int4"
-    assert MODELS["qwen1half-7b-chat"]["architecture"] == "Qwen2ForCausalLM"
     assert MODELS["llama2-70b-chat"]["template"] == "llama2"
     assert MODELS["chatglm3-6b"]["lora_target_modules"] == ["query_key_value"]
     assert MODELS["baichuan2-13b-chat"]["lora_target_modules"] == ["W_pack"]
@@ -190,9 +185,9 @@ def test_known_entries():
     assert MODELS["llama2-7b"]["template"] == "default"
     smol = MODELS["smollm2-135m-instruct"]
     assert smol["hf_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert smol["template"] == "smollm2" and smol["architecture"] == "LlamaForCausalLM"
+    assert smol["template"] == "smollm2"
     assert smol["lora_target_modules"] == ["q_proj", "k_proj", "v_proj"]
-    assert smol["trust_remote_code"] is False and smol["quantization"] is None
+    assert smol["quantization"] is None
 
 
 # templates.json --------------------------------------------------------------------------------------

@@ -22,13 +22,9 @@ class ModelInfo:
     hf_id: str | None = None
     ms_id: str | None = None
     template: str = "default"
-    architecture: str | None = None
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
-    trust_remote_code: bool = False
     quantization: str | None = None
-    support_flash_attn: bool = False
     requires: tuple[str, ...] = ()
-    tags: tuple[str, ...] = ()
 
 
 @functools.lru_cache(maxsize=1)
