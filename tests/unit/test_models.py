@@ -130,3 +130,13 @@ def test_import_is_cheap():
     code = "import sys, martlet.cli, martlet.llm; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_get_model_tokenizer_refuses_an_unknown_keyword():
+    from martlet.llm import get_model_tokenizer
+
+    with pytest.raises(MartletError) as err:
+        get_model_tokenizer("qwen-7b-chat", load_modle=False)  # misspelt: it used to be ignored and the model loaded
+    assert "unknown keyword 'load_modle'" in str(err.value) and "Did you mean: load_model" in str(err.value)
+    with pytest.raises(MartletError, match="unknown keyword 'device_map'.*model_kwargs"):
+        get_model_tokenizer("qwen-7b-chat", device_map="auto")
