@@ -81,3 +81,82 @@ def test_no_assistant_turn_is_an_error(tok):
 def test_unknown_template_suggests(tok):
     with pytest.raises(MartletError, match="Did you mean: llama3"):
         template_entry("llama33")
+
+
+def test_get_template_refuses_an_unknown_keyword(tok):
+    with pytest.raises(MartletError, match="no keyword 'max_lenght'. Did you mean: max_length"):
+        get_template("chatml", tok, max_lenght=50)
+    with pytest.raises(MartletError, match="no keyword 'system'"):
+        get_template("AUTO", tok, system="Be brief.")
+
+
+# seeing the mask ----------------------------------------------------------------------------------------------
+MULTI_TURN = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."},
+              {"role": "user", "content": "And times 4 <b>?</b>"},
+              {"role": "assistant", "content": "5 × 4 = 20. 二十。"}]
+
+
+def marked(text, left="«", right="»"):
+    """The marked spans of a shown text and the text without the marks."""
+    spans, rest, pos = [], [], 0
+    while (start := text.find(left, pos)) >= 0:
+        end = text.index(right, start + len(left))
+        rest.append(text[pos:start])
+        spans.append(text[start + len(left):end])
+        rest.append(spans[-1])
+        pos = end + len(right)
+    rest.append(text[pos:])
+    return spans, "".join(rest)
+
+
+def _check_marks(template, messages):
+    """The marked spans are the assistant replies (with the end-of-turn marker), in order; without the marks
+    the text is the rendered conversation."""
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    spans, unmarked = marked(template.show(messages, style="plain"))
+    assert len(spans) == len(replies)
+    for span, reply in zip(spans, replies):
+        assert span.endswith(template.eot) and span[: -len(template.eot)].strip() == reply
+    assert unmarked == template.render(template.with_system(messages))
+    return spans
+
+
+def test_show_marks_exactly_the_assistant_replies(tokenizer):
+    template = get_template("AUTO", tokenizer)
+    spans = _check_marks(template, MULTI_TURN)
+    assert spans == ["2 + 3 = 5.<|im_end|>", "5 × 4 = 20. 二十。<|im_end|>"]
+    # html: the loss spans in <mark>, everything else escaped; ansi: the same spans in colour
+    page = template.show(MULTI_TURN, style="html")
+    assert marked(page, "<mark>", "</mark>")[0] == ["2 + 3 = 5.&lt;|im_end|&gt;", "5 × 4 = 20. 二十。&lt;|im_end|&gt;"]
+    assert "&lt;b&gt;?&lt;/b&gt;" in page and "<b>" not in page
+    ansi = template.show(MULTI_TURN, style="ansi")
+    assert marked(ansi, "\033[1;32m", "\033[0m")[0] == spans
+    assert template.show(MULTI_TURN) == template.show(MULTI_TURN, style="plain")  # not a terminal under pytest
+    with pytest.raises(MartletError, match="unknown style 'htm'. Did you mean: html"):
+        template.show(MULTI_TURN, style="htm")
+
+
+def test_show_agrees_with_the_labels(tokenizer):
+    """The marked text is the labels decoded: a label cut differently shows differently."""
+    template = get_template("AUTO", tokenizer)
+    enc = template.encode(MULTI_TURN)
+    shown = "".join(text for text, loss in template.loss_spans(enc) if loss)
+    assert shown == tokenizer.decode([t for t in enc.labels if t != IGNORE_INDEX])
+    last = max(i for i, label in enumerate(enc.labels) if label != IGNORE_INDEX)
+    enc.labels[last] = IGNORE_INDEX  # the last reply's end-of-turn marker without loss
+    assert [t for t, loss in template.loss_spans(enc) if loss][-1] == "5 × 4 = 20. 二十。"
+
+
+def test_show_with_a_tiny_models_template(tiny_models):
+    from martlet.models.loader import load_tokenizer
+
+    for arch in ("mistral", "gemma"):
+        template = get_template("AUTO", load_tokenizer(tiny_models[arch]))
+        assert template.eot
+        _check_marks(template, MULTI_TURN)
+
+
+def test_show_plain_text_and_dropped_rows(tokenizer):
+    template = get_template("AUTO", tokenizer, max_length=8)
+    assert template.show("one two three", style="plain") == "«one two three<|im_end|>»"
+    assert template.show(MULTI_TURN * 3, style="plain") == "(dropped: longer than max_length=8 tokens)"

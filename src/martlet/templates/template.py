@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import html
 import json
 import os
+import sys
 from typing import Any, Sequence
 
 from martlet.errors import MartletError, did_you_mean
@@ -19,6 +21,8 @@ from martlet.errors import MartletError, did_you_mean
 IGNORE_INDEX = -100
 _DIR = os.path.dirname(__file__)
 _PROBE = "MARTLET-PROBE-REPLY"
+SHOW_STYLES = ("auto", "ansi", "plain", "html")
+_ANSI_LOSS, _ANSI_RESET = "\033[1;32m", "\033[0m"  # loss spans in bold green, the rest as it is
 # named templates are registered at run time too (martlet.llm.register_template)
 _extra: dict[str, dict[str, Any]] = {}
 
@@ -168,12 +172,70 @@ class Template:
         """Token ids of a conversation ending with a user turn, followed by the generation prompt."""
         return [t for text, _ in self.segments(messages, add_generation_prompt=True) for t in self._tokenize(text)]
 
+    # seeing the mask ----------------------------------------------------------------------------------
+    def show(self, conversation: Sequence[dict[str, str]] | str, style: str = "auto") -> str:
+        """The conversation as training encodes it, with the loss-carrying spans marked.
+
+        It decodes `encode`'s own ids and labels (plain text: `encode_text`'s), so it cannot disagree with
+        training. `style`: 'ansi' (bold green), 'plain' («…»), 'html' (<mark>…</mark>, the rest escaped), or
+        'auto' (ansi on a terminal, else plain).
+        """
+        if isinstance(conversation, str):
+            enc = self.encode_text(conversation)
+        else:
+            enc = self.encode(conversation)
+        if enc is None:
+            note = f"(dropped: longer than max_length={self.max_length} tokens)"
+            return html.escape(note) if style == "html" else note
+        return mark_spans(self.loss_spans(enc), style)
+
+    def loss_spans(self, enc: Encoded) -> list[tuple[str, bool]]:
+        """The encoded tokens decoded as (text, carries_loss) runs: a token carries loss when its label is
+        not -100. Each run is cut from the decoded prefix, so a run's text is what its tokens add."""
+        carries = [label != IGNORE_INDEX for label in enc.labels]
+        cuts = [0] + [i for i in range(1, len(carries)) if carries[i] != carries[i - 1]] + [len(carries)]
+        prefixes = [self._decode(enc.input_ids[:cut]) for cut in cuts]
+        spans = []
+        for i in range(len(cuts) - 1):
+            before, upto = prefixes[i], prefixes[i + 1]
+            own = upto[len(before):] if upto.startswith(before) else None
+            text = own if own is not None else self._decode(enc.input_ids[cuts[i]:cuts[i + 1]])
+            spans.append((text, carries[cuts[i]]))
+        return spans
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def mark_spans(spans: Sequence[tuple[str, bool]], style: str = "auto") -> str:
+    """(text, carries_loss) spans as one text, the loss spans marked in `style` (see Template.show)."""
+    if style not in SHOW_STYLES:
+        raise MartletError(f"unknown style '{style}'.{did_you_mean(style, SHOW_STYLES)}",
+                           hint=f"Choose one of {', '.join(SHOW_STYLES)}.")
+    if style == "auto":
+        style = "ansi" if sys.stdout.isatty() and not os.environ.get("NO_COLOR") else "plain"
+    if style == "html":
+        return "".join(f"<mark>{html.escape(t)}</mark>" if loss else html.escape(t) for t, loss in spans)
+    if style == "plain":
+        return "".join(f"«{t}»" if loss else t for t, loss in spans)
+    # ansi: colour each line of a span on its own, so a pager or a scrolled terminal keeps the colour right
+    return "".join("\n".join(f"{_ANSI_LOSS}{line}{_ANSI_RESET}" if line else line for line in t.split("\n"))
+                   if loss else t for t, loss in spans)
+
+
+GET_TEMPLATE_KEYWORDS = ("template_type", "tokenizer", "default_system", "max_length", "truncation_strategy",
+                         "fallback")
+
 
 def get_template(template_type: str | None, tokenizer: Any, default_system: str | None = None,
                  max_length: int | None = None, truncation_strategy: str = "delete", *,
-                 fallback: str = "default", **_: Any) -> Template:
+                 fallback: str = "default", **unknown: Any) -> Template:
     """The template named `template_type`; 'AUTO' (or None) takes the tokenizer's own chat template,
-    else `fallback` (the registry's template for the model type)."""
+    else `fallback` (the registry's template for the model type). Any other keyword is an error."""
+    if unknown:
+        name = sorted(unknown)[0]
+        raise MartletError(f"get_template() has no keyword '{name}'.{did_you_mean(name, GET_TEMPLATE_KEYWORDS)}",
+                           hint=f"It takes {', '.join(GET_TEMPLATE_KEYWORDS)}.")
     if template_type in (None, "AUTO", "tokenizer"):
         own = getattr(tokenizer, "chat_template", None)
         if isinstance(own, str) and own:
