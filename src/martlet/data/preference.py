@@ -18,13 +18,13 @@ marker) count.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import logging
 import os
 import random
 from typing import Any, Sequence
 
+from martlet.data.builtin import pref_identity, pref_math
 from martlet.data.formats import RowError, to_canonical
 from martlet.data.preprocess import cached_encoding, length_stats, split_train_val
 from martlet.data.sources import READERS, dataset_registry, parse_spec, sample_rows
@@ -32,7 +32,6 @@ from martlet.errors import DatasetErrors, MartletError, did_you_mean
 from martlet.templates.template import IGNORE_INDEX, Template
 
 logger = logging.getLogger("martlet")
-_BUILTIN_DIR = os.path.join(os.path.dirname(__file__), "builtin")
 _PREF_KEYS = ("chosen", "rejected", "rejected_response", "label", "completion")
 _TRUE, _FALSE = {"true", "1", "yes", "desirable"}, {"false", "0", "no", "undesirable"}
 
@@ -153,16 +152,13 @@ def _builtin(name: str, entry: dict[str, Any], count: int | None, seed: int, nam
     if kind not in ("pref_math", "pref_identity"):
         raise MartletError(f"dataset '{name}' is not a preference dataset.", field="dataset",
                            hint="Preference training needs chosen/rejected pairs (`martlet list-datasets`: pref-*).")
-    spec = importlib.util.spec_from_file_location(f"martlet_{kind}", os.path.join(_BUILTIN_DIR, f"{kind}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
     if kind == "pref_math":
-        return module.generate(count or entry.get("count", 2000), seed=seed, lang=entry.get("lang", "mixed"))
+        return pref_math.generate(count or entry.get("count", 2000), seed=seed, lang=entry.get("lang", "mixed"))
     if not names or not authors:
         field = "model_name" if not names else "model_author"
         raise MartletError(f"dataset '{name}' needs --{field}.", field=field,
                            hint=f"For example: --{field} 小鹦 Martlet (a Chinese and an English one).")
-    return module.generate(names, authors, seed=seed)
+    return pref_identity.generate(names, authors, seed=seed)
 
 
 def _registered(name: str) -> tuple[str, dict[str, Any]] | None:

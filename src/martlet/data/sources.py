@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import csv
 import functools
-import importlib.util
 import json
 import os
 import random
 from typing import Any, Iterable, Iterator, Sequence
 
+from martlet.data.builtin import math_gen
 from martlet.data.formats import RowError, to_canonical
 from martlet.errors import DatasetErrors, MartletError, did_you_mean
 
@@ -228,10 +228,7 @@ def _builtin_rows(name: str, entry: dict[str, Any], count: int | None, seed: int
         return [{"messages": p["prompt"] + [{"role": "assistant", "content": p["chosen"]}], "where": p["where"]}
                 for p in pairs]
     if kind == "math":
-        spec = importlib.util.spec_from_file_location("martlet_math_gen", os.path.join(_BUILTIN_DIR, "math_gen.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-        raws = module.generate(count or entry.get("count", 2000), seed=seed, lang=entry.get("lang", "mixed"))
+        raws = math_gen.generate(count or entry.get("count", 2000), seed=seed, lang=entry.get("lang", "mixed"))
         return canonical_rows((name, i, {"query": r["query"], "response": r["response"]})
                               for i, r in enumerate(raws, start=1))
     path = os.path.join(_BUILTIN_DIR, f"{kind}.jsonl")

@@ -537,80 +537,96 @@ def _average(rng: random.Random, lang: str) -> Built:
     return q, steps, ans, {"kind": "average", "values": values}
 
 
+def _change(rng: random.Random, lang: str) -> Built:
+    """Buy k items at p each, pay with one bill: the change."""
+    k = rng.randint(2, 6)
+    p = rng.randint(2, 15)
+    cost = k * p
+    paid = rng.choice([b for b in (20, 50, 100) if b > cost])
+    ans = paid - cost
+    sim = paid
+    for _ in range(k):
+        sim -= p
+    _check(sim == ans and ans > 0, "change simulation")
+    meta = {"kind": "two_step", "mode": "change", "count": k, "price": p, "paid": paid}
+    if lang == "en":
+        name, subj, obj, poss = _en_person(rng)
+        pl, _, _ = rng.choice(_UNIT_GOODS)
+        q = (f"{name} buys {k} {pl} that cost ${p} each and pays with a ${paid} bill. "
+             f"How many dollars of change should {subj} get?")
+        steps = [f"Cost: {k} × ${p} = ${cost}", f"Change: ${paid} - ${cost} = ${ans}"]
+    else:
+        name, pron = _zh_person(rng)
+        _, it, m = rng.choice(_UNIT_GOODS)
+        q = f"{name}买了{k}{m}{it}，每{m}{p}元，付了{paid}元。应该找回多少元？"
+        steps = [f"一共花费：{k} × {p} = {cost}（元）", f"找回：{paid} - {cost} = {ans}（元）"]
+    return q, steps, ans, meta
+
+
+def _stock(rng: random.Random, lang: str) -> Built:
+    """A store sells the same number of bottles each day, then gets a delivery: what is left."""
+    days = rng.randint(2, 7)
+    per_day = rng.randint(5, 20)
+    start = rng.randint(per_day * days + 10, 300)
+    delivery = rng.randint(20, 100)
+    ans = start - per_day * days + delivery
+    sim = start
+    for _ in range(days):
+        sim -= per_day
+        _check(sim >= 0, "stock never negative")
+    sim += delivery
+    _check(sim == ans, "stock simulation")
+    sold = per_day * days
+    meta = {"kind": "two_step", "mode": "stock", "start": start, "per_day": per_day,
+            "days": days, "delivery": delivery}
+    if lang == "en":
+        q = (f"A store has {start} bottles of water. It sells {per_day} bottles every day for "
+             f"{days} days and then receives a delivery of {delivery} bottles. "
+             f"How many bottles does the store have now?")
+        steps = [f"Sold in {days} days: {per_day} × {days} = {sold}",
+                 f"After selling: {start} - {sold} = {start - sold}",
+                 f"After the delivery: {start - sold} + {delivery} = {ans}"]
+    else:
+        q = (f"一家商店有{start}瓶矿泉水，每天卖出{per_day}瓶，连续卖了{days}天，"
+             f"然后又进货{delivery}瓶。现在商店有多少瓶矿泉水？")
+        steps = [f"{days}天卖出：{per_day} × {days} = {sold}（瓶）",
+                 f"卖出后还剩：{start} - {sold} = {start - sold}（瓶）",
+                 f"进货后：{start - sold} + {delivery} = {ans}（瓶）"]
+    return q, steps, ans, meta
+
+
+def _savings(rng: random.Random, lang: str) -> Built:
+    """A start sum plus the same saving every week: the total."""
+    start = rng.randint(10, 100)
+    weekly = rng.randint(5, 30)
+    weeks = rng.randint(3, 12)
+    ans = start + weekly * weeks
+    sim = start
+    for _ in range(weeks):
+        sim += weekly
+    _check(sim == ans, "savings simulation")
+    meta = {"kind": "two_step", "mode": "savings", "start": start, "weekly": weekly, "weeks": weeks}
+    if lang == "en":
+        name, subj, obj, poss = _en_person(rng)
+        q = (f"{name} has ${start} and saves ${weekly} every week. "
+             f"How many dollars will {subj} have after {weeks} weeks?")
+        steps = [f"Saved in {weeks} weeks: {weeks} × ${weekly} = ${weekly * weeks}",
+                 f"Total: ${start} + ${weekly * weeks} = ${ans}"]
+    else:
+        name, pron = _zh_person(rng)
+        q = f"{name}现在有{start}元，每周再存{weekly}元。{weeks}周后{pron}一共有多少元？"
+        steps = [f"{weeks}周存入：{weeks} × {weekly} = {weekly * weeks}（元）",
+                 f"一共：{start} + {weekly * weeks} = {ans}（元）"]
+    return q, steps, ans, meta
+
+
+_TWO_STEP_MODES: dict[str, Callable[[random.Random, str], Built]] = {
+    "change": _change, "stock": _stock, "savings": _savings}
+
+
 def _two_step(rng: random.Random, lang: str) -> Built:
     mode = rng.choice(["change", "stock", "savings"])
-    if mode == "change":
-        k = rng.randint(2, 6)
-        p = rng.randint(2, 15)
-        cost = k * p
-        paid = rng.choice([b for b in (20, 50, 100) if b > cost])
-        ans = paid - cost
-        sim = paid
-        for _ in range(k):
-            sim -= p
-        _check(sim == ans and ans > 0, "change simulation")
-        meta = {"kind": "two_step", "mode": mode, "count": k, "price": p, "paid": paid}
-        if lang == "en":
-            name, subj, obj, poss = _en_person(rng)
-            pl, _, _ = rng.choice(_UNIT_GOODS)
-            q = (f"{name} buys {k} {pl} that cost ${p} each and pays with a ${paid} bill. "
-                 f"How many dollars of change should {subj} get?")
-            steps = [f"Cost: {k} × ${p} = ${cost}", f"Change: ${paid} - ${cost} = ${ans}"]
-        else:
-            name, pron = _zh_person(rng)
-            _, it, m = rng.choice(_UNIT_GOODS)
-            q = f"{name}买了{k}{m}{it}，每{m}{p}元，付了{paid}元。应该找回多少元？"
-            steps = [f"一共花费：{k} × {p} = {cost}（元）", f"找回：{paid} - {cost} = {ans}（元）"]
-    elif mode == "stock":
-        days = rng.randint(2, 7)
-        per_day = rng.randint(5, 20)
-        start = rng.randint(per_day * days + 10, 300)
-        delivery = rng.randint(20, 100)
-        ans = start - per_day * days + delivery
-        sim = start
-        for _ in range(days):
-            sim -= per_day
-            _check(sim >= 0, "stock never negative")
-        sim += delivery
-        _check(sim == ans, "stock simulation")
-        sold = per_day * days
-        meta = {"kind": "two_step", "mode": mode, "start": start, "per_day": per_day,
-                "days": days, "delivery": delivery}
-        if lang == "en":
-            q = (f"A store has {start} bottles of water. It sells {per_day} bottles every day for "
-                 f"{days} days and then receives a delivery of {delivery} bottles. "
-                 f"How many bottles does the store have now?")
-            steps = [f"Sold in {days} days: {per_day} × {days} = {sold}",
-                     f"After selling: {start} - {sold} = {start - sold}",
-                     f"After the delivery: {start - sold} + {delivery} = {ans}"]
-        else:
-            q = (f"一家商店有{start}瓶矿泉水，每天卖出{per_day}瓶，连续卖了{days}天，"
-                 f"然后又进货{delivery}瓶。现在商店有多少瓶矿泉水？")
-            steps = [f"{days}天卖出：{per_day} × {days} = {sold}（瓶）",
-                     f"卖出后还剩：{start} - {sold} = {start - sold}（瓶）",
-                     f"进货后：{start - sold} + {delivery} = {ans}（瓶）"]
-    else:
-        start = rng.randint(10, 100)
-        weekly = rng.randint(5, 30)
-        weeks = rng.randint(3, 12)
-        ans = start + weekly * weeks
-        sim = start
-        for _ in range(weeks):
-            sim += weekly
-        _check(sim == ans, "savings simulation")
-        meta = {"kind": "two_step", "mode": mode, "start": start, "weekly": weekly, "weeks": weeks}
-        if lang == "en":
-            name, subj, obj, poss = _en_person(rng)
-            q = (f"{name} has ${start} and saves ${weekly} every week. "
-                 f"How many dollars will {subj} have after {weeks} weeks?")
-            steps = [f"Saved in {weeks} weeks: {weeks} × ${weekly} = ${weekly * weeks}",
-                     f"Total: ${start} + ${weekly * weeks} = ${ans}"]
-        else:
-            name, pron = _zh_person(rng)
-            q = f"{name}现在有{start}元，每周再存{weekly}元。{weeks}周后{pron}一共有多少元？"
-            steps = [f"{weeks}周存入：{weeks} × {weekly} = {weekly * weeks}（元）",
-                     f"一共：{start} + {weekly * weeks} = {ans}（元）"]
-    return q, steps, ans, meta
+    return _TWO_STEP_MODES[mode](rng, lang)
 
 
 def _linear(rng: random.Random, lang: str) -> Built:

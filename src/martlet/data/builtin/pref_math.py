@@ -14,21 +14,13 @@ always give the same rows.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import random
 import re
 from fractions import Fraction
 
+from martlet.data.builtin import math_gen
+
 __all__ = ["generate", "wrong_value", "corrupt"]
-
-
-def _math_gen():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "math_gen.py")
-    spec = importlib.util.spec_from_file_location("martlet_math_gen", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
 
 
 def _check(cond: bool, what: str) -> None:
@@ -68,7 +60,7 @@ def generate(n: int, seed: int = 42, lang: str = "mixed") -> list[dict]:
     """`n` checked pairs (same problems as `math_gen.generate(n, seed, lang)`)."""
     rng = random.Random(f"pref-math-{seed}")
     rows = []
-    for row in _math_gen().generate(n, seed=seed, lang=lang):
+    for row in math_gen.generate(n, seed=seed, lang=lang):
         wrong = wrong_value(row["answer"], rng)
         rejected = corrupt(row["response"], row["answer"], wrong)
         last = rejected.rsplit("\n", 1)[-1]
