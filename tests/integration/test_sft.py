@@ -187,3 +187,25 @@ def test_tokenized_rows_are_cached_between_runs(tmp_path, tiny_llama, caplog):
         caplog.clear()
         sft_main(argv + ["--max_length", "100"])  # anything that shapes the tokens makes a new entry
         assert "from the cache" not in caplog.text
+
+
+def test_dry_run_shows_the_first_rows_loss_mask(tmp_path, tiny_models, capsys):
+    """`--dry_run true` prints the first training row with exactly its assistant replies marked, and writes nothing."""
+    from martlet.cli import main
+
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    out = tmp_path / "output"
+    for arch in ("llama", "gemma"):
+        assert main(["sft", "--model_id_or_path", tiny_models[arch], "--dataset", data, "--output_dir", str(out),
+                     "--dry_run", "true"]) == 0
+        printed = capsys.readouterr().out
+        assert printed.rstrip().endswith("arguments valid")
+        head, shown = printed[printed.index("martlet: the first training row"):].split("\n", 1)
+        line = int(re.search(r"data\.jsonl:(\d+)\)", head).group(1))  # the row it names ...
+        reply = ROWS[line - 1]["messages"][1]["content"]
+        assert re.findall(r"«(.*?)»", shown, flags=re.S) == [reply + ("<end_of_turn>" if arch == "gemma"
+                                                                     else "<|im_end|>")]  # ... and its reply alone
+        assert ROWS[line - 1]["messages"][0]["content"] in shown.split("«")[0]
+    assert not out.exists()
+    assert main(["sft", "--dataset", "alpaca-en", "--dry_run", "true"]) == 0
+    assert "loss mask not shown: alpaca-en is on the hub" in capsys.readouterr().out

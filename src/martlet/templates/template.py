@@ -207,13 +207,19 @@ class Template:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def mark_spans(spans: Sequence[tuple[str, bool]], style: str = "auto") -> str:
-    """(text, carries_loss) spans as one text, the loss spans marked in `style` (see Template.show)."""
+def resolve_style(style: str) -> str:
+    """'auto' is 'ansi' on a terminal (unless NO_COLOR is set), else 'plain'; other styles stay as they are."""
     if style not in SHOW_STYLES:
         raise MartletError(f"unknown style '{style}'.{did_you_mean(style, SHOW_STYLES)}",
                            hint=f"Choose one of {', '.join(SHOW_STYLES)}.")
     if style == "auto":
-        style = "ansi" if sys.stdout.isatty() and not os.environ.get("NO_COLOR") else "plain"
+        return "ansi" if sys.stdout.isatty() and not os.environ.get("NO_COLOR") else "plain"
+    return style
+
+
+def mark_spans(spans: Sequence[tuple[str, bool]], style: str = "auto") -> str:
+    """(text, carries_loss) spans as one text, the loss spans marked in `style` (see Template.show)."""
+    style = resolve_style(style)
     if style == "html":
         return "".join(f"<mark>{html.escape(t)}</mark>" if loss else html.escape(t) for t, loss in spans)
     if style == "plain":
