@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
 import time
 
@@ -122,6 +123,30 @@ def test_preview_shows_rows_as_martlet_reads_them(tmp_path):
     csv.write_text("query,response\nHow are you?,Fine.\n", encoding="utf-8")
     assert form.preview_table(form.preview_rows("sft", str(csv)))[1] == [["c.csv:2", "user: How are you?\n"
                                                                                      "assistant: Fine."]]
+
+
+
+def test_preview_marks_the_loss_spans_of_the_first_row(tmp_path, embedded_dir, tiny_models):
+    """The page's preview returns the table, the notes and the first row as training encodes it, the assistant
+    replies (and nothing else) in <mark>, the rest escaped."""
+    from martlet.ui import webui
+
+    rows = [{"messages": [{"role": "user", "content": "Is 2 < 3?"}, {"role": "assistant", "content": "Yes: 2 < 3."},
+                          {"role": "user", "content": "And 4 > 5?"}, {"role": "assistant", "content": "No."}]}]
+    data = write_jsonl(tmp_path / "m.jsonl", rows)
+    base = form.defaults("sft")
+    numbers = [base[name] for name in form.HYPERPARAMETERS]
+    for model, eot in (("", "&lt;|im_end|&gt;"), (tiny_models["gemma"], "&lt;end_of_turn&gt;")):
+        table, notes, page = webui.preview(str(tmp_path), "sft", "", model, "lora", [data], *numbers)
+        assert table.values.tolist()[0][0] == "m.jsonl:1" and notes == ""
+        marks = re.findall(r"<mark>(.*?)</mark>", page, flags=re.S)
+        assert marks == [f"Yes: 2 &lt; 3.{eot}", f"No.{eot}"]
+        assert "Is 2 &lt; 3?" in page and "<b" not in page.replace("<mark>", "").replace("</mark>", "")
+    # no mask for preference rows, a note when the model's files are not on this machine
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}])
+    assert webui.preview(str(tmp_path), "dpo", "", "", "lora", [pairs], *numbers)[2] == ""
+    page = webui.preview(str(tmp_path), "sft", "", "qwen2-7b-instruct", "lora", [data], *numbers)[2]
+    assert "Loss mask not shown" in page and "<mark>" not in page
 
 
 # runs on disk ---------------------------------------------------------------------------------------------

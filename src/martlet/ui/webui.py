@@ -16,10 +16,17 @@ import threading
 from typing import Any, Sequence
 
 from martlet.args.base import parse_cli
+from martlet.args.infer import InferArguments
 from martlet.args.serve import WebUIArguments
+from martlet.data.sources import dataset_registry
+from martlet.dryrun import local_template
 from martlet.errors import MartletError
+from martlet.infer.load import load_engine
+from martlet.models.registry import all_models
 from martlet.ui import webui_form as form
 from martlet.ui import webui_runs as runs
+from martlet.ui.app import serve_page
+from martlet.ui.chat import Settings, reply_stream
 from martlet.utils import setup_logging
 
 logger = logging.getLogger("martlet")
@@ -34,9 +41,6 @@ def chat_engine(checkpoint: str):
     """The inference engine of `checkpoint` (`martlet infer --ckpt_dir`'s), loaded once and kept."""
     with _engine_lock:
         if _engine.get("path") != checkpoint:
-            from martlet.args.infer import InferArguments
-            from martlet.infer.load import load_engine
-
             _engine.clear()  # let the previous model go before loading the next
             _engine.update(path=checkpoint, engine=load_engine(InferArguments(ckpt_dir=checkpoint).validate()))
         return _engine["engine"]
@@ -57,7 +61,8 @@ def show_command(output_dir: str, method: str, extra: str, *values: Any) -> tupl
 
 
 def preview(output_dir: str, method: str, extra: str, *values: Any):
-    """The first rows of the datasets as training reads them, and a note on the ones that cannot be read."""
+    """The first rows of the datasets as training reads them, a note on the ones that cannot be read, and
+    the first row as training encodes it with its loss spans marked (HTML)."""
     import pandas as pd
 
     datasets = dict(zip(FORM, values))["dataset"] or []
@@ -76,7 +81,25 @@ def preview(output_dir: str, method: str, extra: str, *values: Any):
             notes.append(f"`{spec}` is on the hub: the run downloads it.")
         rows += found[: 5 - len(rows)]
     header, cells = form.preview_table(rows)
-    return pd.DataFrame(cells, columns=header), "\n\n".join(notes)
+    return pd.DataFrame(cells, columns=header), "\n\n".join(notes), mask_html(method, args, rows)
+
+
+def mask_html(method: str, args: Any, rows: list[dict[str, Any]]) -> str:
+    """The first previewed row as the run's template encodes it, the spans that carry loss in <mark>
+    (Template.show: the labels themselves); '' when there is no sft row, a note when the model is not here."""
+    if method != "sft" or args is None or not rows:
+        return ""
+    row = rows[0]
+    try:
+        template = local_template(args)
+        shown = template.show(row["text"] if row.get("text") is not None else row["messages"], style="html")
+    except MartletError as exc:
+        return f'<div class="webui-mask-note">{html.escape(f"Loss mask not shown: {exc}")}</div>'
+    where = html.escape(os.path.basename(row.get("where") or "row 1"))
+    return (f'<div class="webui-mask-note">{where} as template <code>{html.escape(template.template_type)}</code> '
+            'encodes it; the highlighted text carries loss:</div>'
+            '<pre style="white-space:pre-wrap;font-size:12px;margin:4px 0;border:1px solid '
+            f'var(--border-color-primary);border-radius:4px;padding:6px">{shown.rstrip()}</pre>')
 
 
 def status_text(entry: runs.Entry | None, output_dir: str, ckpts: list[str]) -> str:
@@ -217,8 +240,6 @@ def respond(message: str, turns: list, checkpoint: str | None, max_new_tokens: f
     """Chat with the checkpoint: (box, chat shown, history, note), streamed."""
     import gradio as gr
 
-    from martlet.ui.chat import Settings, reply_stream
-
     if not message or not message.strip():
         yield "", turns, turns, gr.skip()
         return
@@ -259,8 +280,6 @@ def _help(method: str, name: str) -> str:
 
 
 def _dataset_choices(method: str) -> list[str]:
-    from martlet.data.sources import dataset_registry
-
     return [name for name, entry in dataset_registry().items() if method == "sft" or entry.get("preference")]
 
 
@@ -274,97 +293,139 @@ def _number(name: str, default: Any):
                      elem_id=f"webui-{name}")
 
 
+def _form_section(output_dir: str) -> dict[str, Any]:
+    """Model, method, data (with its preview), hyperparameters, the command and Start."""
+    import gradio as gr
+
+    base = form.defaults("sft")
+    page: dict[str, Any] = {"where": gr.State(output_dir)}
+    with gr.Row():
+        page["model"] = gr.Dropdown(sorted(all_models()), value=None, allow_custom_value=True, scale=3,
+                                    label="Model: a registered type, or type a local folder",
+                                    info="Empty: the embedded SmolLM2-135M-Instruct.", elem_id="webui-model")
+        page["method"] = gr.Radio(list(form.METHODS), value="sft", label="Method", elem_id="webui-method")
+        page["sft_type"] = gr.Radio(["lora", "full"], value=base["sft_type"], label="sft_type",
+                                    info=_help("sft", "sft_type"), elem_id="webui-sft-type")
+    with gr.Row():
+        page["datasets"] = gr.Dropdown(_dataset_choices("sft"), value=[], multiselect=True, allow_custom_value=True,
+                                       scale=3, label="Datasets", info=_help("sft", "dataset"),
+                                       elem_id="webui-datasets")
+        page["upload"] = gr.File(label="Or upload a dataset (.jsonl, .json, .csv)", scale=2, height=120,
+                                 file_types=[".jsonl", ".json", ".csv"], elem_id="webui-upload")
+    page["table"] = gr.Dataframe(label="First rows, as Martlet reads them", interactive=False, wrap=True,
+                                 max_height=260, elem_id="webui-preview")
+    page["notes"] = gr.Markdown(elem_id="webui-preview-notes")
+    page["mask"] = gr.HTML(elem_id="webui-preview-mask")
+    page["numbers"] = []
+    with gr.Accordion("Hyperparameters (the CLI's defaults)", open=True):
+        for group in (form.HYPERPARAMETERS[:5], form.HYPERPARAMETERS[5:]):
+            with gr.Row():
+                page["numbers"] += [_number(name, base[name]) for name in group]
+        page["extra"] = gr.Textbox(label="More arguments (--name value ...; `martlet sft --help` lists them)",
+                                   elem_id="webui-extra")
+    start_values = [None, base["sft_type"], [], *(base[name] for name in form.HYPERPARAMETERS)]
+    page["command"] = gr.Textbox(show_command(output_dir, "sft", "", *start_values)[0], label="Command",
+                                 interactive=False, buttons=["copy"], elem_id="webui-command")
+    page["command_note"] = gr.Markdown(elem_id="webui-command-note")
+    page["message"] = gr.Markdown(elem_id="webui-message")
+    page["start"] = gr.Button("Start", variant="primary", elem_id="webui-start")
+    return page
+
+
+def _runs_section() -> dict[str, Any]:
+    """The run list, Stop and Resume, status, progress, the two loss curves, the log and the arguments."""
+    import gradio as gr
+
+    page: dict[str, Any] = {}
+    gr.Markdown("### Runs")
+    with gr.Row():
+        page["run"] = gr.Dropdown([], label="Run", allow_custom_value=True, scale=4, elem_id="webui-runs")
+        page["stop"] = gr.Button("Stop", scale=1, elem_id="webui-stop")
+        page["resume"] = gr.Button("Resume", scale=1, elem_id="webui-resume")
+    page["status"] = gr.Markdown(elem_id="webui-status")
+    page["progress"] = gr.HTML(elem_id="webui-progress")
+    with gr.Row():  # two plots, as the run's own images/: one plot's legend would not grow with the data
+        page["curve"] = gr.LinePlot(x="step", y="loss", title="train loss", height=260, elem_id="webui-curve")
+        page["eval_curve"] = gr.LinePlot(x="step", y="eval_loss", title="eval loss", height=260,
+                                         elem_id="webui-eval-curve")
+    page["log"] = gr.HTML(label="Log (newest lines)", show_label=True, container=True, elem_id="webui-log")
+    with gr.Accordion("Arguments of the run (sft_args.json)", open=False):
+        page["arguments"] = gr.JSON(elem_id="webui-arguments")
+    return page
+
+
+def _chat_section() -> dict[str, Any]:
+    """Chat with a checkpoint, and merge it."""
+    import gradio as gr
+
+    page: dict[str, Any] = {}
+    gr.Markdown("### Chat with a checkpoint, merge it")
+    page["checkpoint"] = gr.Dropdown([], label="Checkpoint (or type a folder)", allow_custom_value=True,
+                                     elem_id="webui-checkpoint")
+    page["history"] = gr.State([])
+    page["chatbot"] = gr.Chatbot(label="Chat", height=300, elem_id="webui-chatbot")
+    with gr.Row():
+        page["box"] = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
+                                 elem_id="webui-chat-input")
+        page["send"] = gr.Button("Send", scale=1, elem_id="webui-send")
+        page["max_new"] = gr.Slider(1, 2048, value=256, step=1, label="max_new_tokens", scale=2,
+                                    elem_id="webui-max-new")
+        page["temperature"] = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0: greedy)", scale=2,
+                                        elem_id="webui-temperature")
+    page["chat_note"] = gr.Markdown(elem_id="webui-chat-note")
+    page["export"] = gr.Button("Merge LoRA (martlet export --merge_lora true)", elem_id="webui-export")
+    page["exported"] = gr.Markdown(elem_id="webui-exported")
+    return page
+
+
+def _wire_form(p: dict[str, Any]) -> None:
+    """The command follows the form, the preview follows the data; Start starts."""
+    import gradio as gr
+
+    inputs = [p["where"], p["method"], p["extra"], p["model"], p["sft_type"], p["datasets"], *p["numbers"]]
+    fields = [p["model"], p["method"], p["sft_type"], p["datasets"], p["extra"], *p["numbers"]]
+    gr.on([f.change for f in fields], show_command, inputs, [p["command"], p["command_note"]], show_progress="hidden")
+    gr.on([p["datasets"].change, p["method"].change], preview, inputs, [p["table"], p["notes"], p["mask"]],
+          show_progress="hidden")
+    p["method"].change(lambda m, d: gr.update(choices=_dataset_choices(m), value=d), [p["method"], p["datasets"]],
+                       p["datasets"])
+    p["upload"].upload(lambda where_, path, d: (gr.update(value=[*d, runs.keep_upload(where_, path)]), None),
+                       [p["where"], p["upload"], p["datasets"]], [p["datasets"], p["upload"]])
+    p["start"].click(start, inputs, [p["message"], p["run"]])
+
+
+def _wire_runs_and_chat(demo: Any, p: dict[str, Any]) -> None:
+    """Stop, Resume, the tick that watches the runs, the chat and the export."""
+    import gradio as gr
+
+    p["stop"].click(stop, [p["where"], p["run"]], p["message"])
+    p["resume"].click(resume, [p["where"], p["run"]], [p["message"], p["run"]])
+    outputs = [p[name] for name in ("run", "status", "progress", "curve", "eval_curve", "log", "checkpoint",
+                                    "arguments", "seen")]  # WATCHED, then what was seen
+    gr.on([demo.load, p["run"].change, p["timer"].tick], watch, [p["where"], p["run"], p["checkpoint"], p["seen"]],
+          outputs, show_progress="hidden")
+    chat_in = [p["box"], p["history"], p["checkpoint"], p["max_new"], p["temperature"]]
+    chat_out = [p["box"], p["chatbot"], p["history"], p["chat_note"]]
+    chat_events = [trigger(respond, chat_in, chat_out, concurrency_limit=1, concurrency_id="chat")
+                   for trigger in (p["box"].submit, p["send"].click)]
+    p["checkpoint"].input(lambda: ([], [], ""), None, [p["chatbot"], p["history"], p["chat_note"]],
+                          cancels=chat_events)
+    p["export"].click(export, p["checkpoint"], p["exported"], concurrency_limit=1)
+
+
 def build_web_ui(output_dir: str):
     """The gradio Blocks of the training page (not launched)."""
     import gradio as gr
 
-    from martlet.models.registry import all_models
-
-    base = form.defaults("sft")
     with gr.Blocks(title="Martlet web UI", analytics_enabled=False) as demo:
         gr.Markdown(f"## Martlet: train, watch, chat, export\nRuns go to `{os.path.abspath(output_dir)}`.")
-        where = gr.State(output_dir)
-        with gr.Row():
-            model = gr.Dropdown(sorted(all_models()), value=None, allow_custom_value=True, scale=3,
-                                label="Model: a registered type, or type a local folder",
-                                info="Empty: the embedded SmolLM2-135M-Instruct.", elem_id="webui-model")
-            method = gr.Radio(list(form.METHODS), value="sft", label="Method", elem_id="webui-method")
-            sft_type = gr.Radio(["lora", "full"], value=base["sft_type"], label="sft_type",
-                                info=_help("sft", "sft_type"), elem_id="webui-sft-type")
-        with gr.Row():
-            datasets = gr.Dropdown(_dataset_choices("sft"), value=[], multiselect=True, allow_custom_value=True,
-                                   scale=3, label="Datasets", info=_help("sft", "dataset"), elem_id="webui-datasets")
-            upload = gr.File(label="Or upload a dataset (.jsonl, .json, .csv)", file_types=[".jsonl", ".json", ".csv"],
-                             scale=2, height=120, elem_id="webui-upload")
-        table = gr.Dataframe(label="First rows, as Martlet reads them", interactive=False, wrap=True, max_height=260,
-                             elem_id="webui-preview")
-        notes = gr.Markdown(elem_id="webui-preview-notes")
-        numbers = []
-        with gr.Accordion("Hyperparameters (the CLI's defaults)", open=True):
-            for group in (form.HYPERPARAMETERS[:5], form.HYPERPARAMETERS[5:]):
-                with gr.Row():
-                    for name in group:
-                        numbers.append(_number(name, base[name]))
-            extra = gr.Textbox(label="More arguments (--name value ...; `martlet sft --help` lists them)",
-                               elem_id="webui-extra")
-        start_values = [None, base["sft_type"], [], *(base[name] for name in form.HYPERPARAMETERS)]
-        command = gr.Textbox(show_command(output_dir, "sft", "", *start_values)[0], label="Command",
-                             interactive=False, buttons=["copy"], elem_id="webui-command")
-        command_note = gr.Markdown(elem_id="webui-command-note")
-        message = gr.Markdown(elem_id="webui-message")
-        start_btn = gr.Button("Start", variant="primary", elem_id="webui-start")
-
-        gr.Markdown("### Runs")
-        with gr.Row():
-            run = gr.Dropdown([], label="Run", allow_custom_value=True, scale=4, elem_id="webui-runs")
-            stop_btn = gr.Button("Stop", scale=1, elem_id="webui-stop")
-            resume_btn = gr.Button("Resume", scale=1, elem_id="webui-resume")
-        status = gr.Markdown(elem_id="webui-status")
-        bar = gr.HTML(elem_id="webui-progress")
-        with gr.Row():  # two plots, as the run's own images/: one plot's legend would not grow with the data
-            curve = gr.LinePlot(x="step", y="loss", title="train loss", height=260, elem_id="webui-curve")
-            eval_curve = gr.LinePlot(x="step", y="eval_loss", title="eval loss", height=260,
-                                     elem_id="webui-eval-curve")
-        log = gr.HTML(label="Log (newest lines)", show_label=True, container=True, elem_id="webui-log")
-        with gr.Accordion("Arguments of the run (sft_args.json)", open=False):
-            arguments = gr.JSON(elem_id="webui-arguments")
-
-        gr.Markdown("### Chat with a checkpoint, merge it")
-        checkpoint = gr.Dropdown([], label="Checkpoint (or type a folder)", allow_custom_value=True,
-                                 elem_id="webui-checkpoint")
-        history = gr.State([])
-        chatbot = gr.Chatbot(label="Chat", height=300, elem_id="webui-chatbot")
-        with gr.Row():
-            box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
-                             elem_id="webui-chat-input")
-            send = gr.Button("Send", scale=1, elem_id="webui-send")
-            max_new = gr.Slider(1, 2048, value=256, step=1, label="max_new_tokens", scale=2, elem_id="webui-max-new")
-            temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0: greedy)", scale=2,
-                                    elem_id="webui-temperature")
-        chat_note = gr.Markdown(elem_id="webui-chat-note")
-        export_btn = gr.Button("Merge LoRA (martlet export --merge_lora true)", elem_id="webui-export")
-        exported = gr.Markdown(elem_id="webui-exported")
-        seen = gr.State({})
-        timer = gr.Timer(TICK_S)
-
-        inputs = [where, method, extra, model, sft_type, datasets, *numbers]
-        fields = [model, method, sft_type, datasets, extra, *numbers]
-        gr.on([f.change for f in fields], show_command, inputs, [command, command_note], show_progress="hidden")
-        gr.on([datasets.change, method.change], preview, inputs, [table, notes], show_progress="hidden")
-        method.change(lambda m, d: gr.update(choices=_dataset_choices(m), value=d), [method, datasets], datasets)
-        upload.upload(lambda where_, path, d: (gr.update(value=[*d, runs.keep_upload(where_, path)]), None),
-                      [where, upload, datasets], [datasets, upload])
-        start_btn.click(start, inputs, [message, run])
-        stop_btn.click(stop, [where, run], message)
-        resume_btn.click(resume, [where, run], [message, run])
-        outputs = [run, status, bar, curve, eval_curve, log, checkpoint, arguments, seen]
-        gr.on([demo.load, run.change, timer.tick], watch, [where, run, checkpoint, seen], outputs,
-              show_progress="hidden")
-        chat_events = [trigger(respond, [box, history, checkpoint, max_new, temperature],
-                               [box, chatbot, history, chat_note], concurrency_limit=1, concurrency_id="chat")
-                       for trigger in (box.submit, send.click)]
-        checkpoint.input(lambda: ([], [], ""), None, [chatbot, history, chat_note], cancels=chat_events)
-        export_btn.click(export, checkpoint, exported, concurrency_limit=1)
+        page = _form_section(output_dir)
+        page.update(_runs_section())
+        page.update(_chat_section())
+        page["seen"] = gr.State({})
+        page["timer"] = gr.Timer(TICK_S)
+        _wire_form(page)
+        _wire_runs_and_chat(demo, page)
     return demo
 
 
@@ -379,8 +440,6 @@ def launch_web_ui(args: WebUIArguments | Sequence[str] | None = None, *, block: 
         raise MartletError("the web UI needs gradio.", hint="pip install 'martlet[ui]'") from None
     demo = build_web_ui(args.output_dir)
     demo.queue(default_concurrency_limit=8)  # ticks of several tabs, a start, a chat and an export together
-    from martlet.ui.app import serve_page
-
     where = os.path.abspath(args.output_dir).replace("%", "%%")
     return serve_page(demo, args.server_name, args.server_port, block=block,
                       message=f"training page at %s; runs go to {where} (Ctrl-C stops the page, not the runs)")

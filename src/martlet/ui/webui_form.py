@@ -15,7 +15,12 @@ from typing import Any
 from martlet.args.base import parse_cli
 from martlet.args.rlhf import DPOArguments, ORPOArguments, RLHFArguments
 from martlet.args.sft import PtArguments, SftArguments
+from martlet.custom import apply_custom_registrations
+from martlet.data.preference import load_preference_rows
+from martlet.data.preprocess import conversation_rows
+from martlet.dryrun import looks_like_hub_id, on_hub
 from martlet.errors import MartletError
+from martlet.models.registry import get_model_info
 
 # the commands the page starts, and those a run found on disk may have been started with
 METHODS = {"sft": SftArguments, "dpo": DPOArguments, "orpo": ORPOArguments}
@@ -86,8 +91,6 @@ def check(command: str, argv: list[str]) -> Any:
     if command not in COMMANDS:
         raise MartletError(f"unknown method '{command}'.", hint=f"Choose one of {', '.join(METHODS)}.")
     args = parse_cli(COMMANDS[command], argv).validate()
-    from martlet.custom import apply_custom_registrations
-
     apply_custom_registrations(args)  # --custom_dataset_info / --custom_register_path in the extra arguments
     check_model(args.model_id_or_path)
     for spec in [*args.dataset, *args.val_dataset]:
@@ -106,35 +109,15 @@ def check_model(name: str | None) -> None:
             raise MartletError("this folder has no config.json: it is not a model folder.", file=path,
                                field="model_id_or_path")
         return
-    if _looks_like_hub_id(name):
+    if looks_like_hub_id(name):
         return
     if os.sep in name or name.startswith((".", "~")):
         raise MartletError("model folder not found.", file=path, field="model_id_or_path",
                            hint="Type a folder that exists, or pick a registered model type.")
-    from martlet.models.registry import get_model_info
-
     try:
         get_model_info(name)
     except MartletError as exc:
         raise MartletError(exc.message, field="model_id_or_path", hint=exc.hint) from None
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return (len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
-            and not os.path.exists(parts[0]))
-
-
-def on_hub(spec: str) -> bool:
-    """True for a dataset that the run downloads (a registered hub set or a hub id): it is not read here."""
-    from martlet.data.sources import dataset_registry, parse_spec
-
-    name, _ = parse_spec(spec)
-    registry = dataset_registry()
-    entry = registry.get(name) or registry.get(name.replace("_", "-"))
-    if entry is not None:
-        return not (entry.get("builtin") or entry.get("path") or entry.get("rows") is not None)
-    return not os.path.exists(os.path.expanduser(name)) and _looks_like_hub_id(name)
 
 
 def preview_rows(command: str, spec: str, args: Any = None) -> list[dict[str, Any]]:
@@ -145,11 +128,7 @@ def preview_rows(command: str, spec: str, args: Any = None) -> list[dict[str, An
     seed = getattr(args, "dataset_seed", 42)
     names = dict(model_name=getattr(args, "model_name", ()), model_author=getattr(args, "model_author", ()))
     if command in ("sft", "pt"):
-        from martlet.data.sources import load_dataset_rows
-
-        return load_dataset_rows(spec, seed=seed, **names)
-    from martlet.data.preference import load_preference_rows
-
+        return conversation_rows(spec, seed=seed, **names)
     return load_preference_rows(spec, kind="kto" if getattr(args, "rlhf_type", "") == "kto" else "pair", seed=seed,
                                 **names)
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import threading
 from typing import Any, Optional
 
 from martlet.train.outputs import ARGS_FILE, RUN_INFO_FILE
+from martlet.ui.webui_form import command_line
 
 WEBUI_DIR = "web-ui"  # the page's own files inside the output folder: jobs/ and uploads/
 _RUN_FOLDER = re.compile(r"run folder: (.+?)\s*$", re.M)
@@ -82,8 +85,6 @@ class Job:
 
 def start_job(output_dir: str, command: str, argv: list[str]) -> Job:
     """Start `martlet <command> argv` in a subprocess (its own session: a Ctrl-C of the server does not reach it)."""
-    from martlet.ui.webui_form import command_line
-
     with _LOCK:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         folder = os.path.join(os.path.abspath(output_dir), WEBUI_DIR, "jobs", stamp)
@@ -110,9 +111,6 @@ def _record_exit(job: Job, info: dict[str, Any]) -> None:
 def keep_upload(output_dir: str, path: str) -> str:
     """A copy of an uploaded dataset in `<output_dir>/web-ui/uploads/<hash>/<name>`, so that the runs using it
     (and their resumes) read a file that stays."""
-    import hashlib
-    import shutil
-
     with open(path, "rb") as fh:
         digest = hashlib.sha256(fh.read()).hexdigest()[:12]
     target = os.path.join(os.path.abspath(output_dir), WEBUI_DIR, "uploads", digest, os.path.basename(path))
@@ -265,8 +263,6 @@ class Export:
 
 def export_merged(checkpoint: str) -> Export:
     """Run `martlet export --ckpt_dir <checkpoint> --merge_lora true` and wait for it."""
-    from martlet.ui.webui_form import command_line
-
     argv = ["--ckpt_dir", checkpoint, "--merge_lora", "true"]
     done = subprocess.run([sys.executable, "-m", "martlet.cli", "export", *argv], capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
