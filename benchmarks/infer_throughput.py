@@ -65,7 +65,7 @@ def main() -> None:
     config = GenConfig(max_new_tokens=args.max_new_tokens, do_sample=False)
     engine.generate(prompts[:1], config)  # warm-up
     start = time.perf_counter()
-    batched = engine.generate(prompts, config)
+    batched = [output.text for output in engine.generate(prompts, config)]
     batched_s = time.perf_counter() - start
 
     plain_tokens = sum(count(t) for t in plain)

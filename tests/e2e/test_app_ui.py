@@ -84,11 +84,11 @@ def test_chat_page_streams_answers_keeps_turns_and_clears(chat_page, tmp_path):
     url, engine = chat_page
     config = GenConfig(max_new_tokens=MAX, temperature=0)
     first = [{"role": "user", "content": "Hello there"}]
-    first_reply = engine.generate([first], config)[0]
+    first_reply = engine.generate([first], config)[0].text
     second = first + [{"role": "assistant", "content": first_reply}, {"role": "user", "content": "And then?"}]
-    second_reply = engine.generate([second], config)[0]
+    second_reply = engine.generate([second], config)[0].text
     pirate = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Hello there"}]
-    pirate_reply = engine.generate([pirate], config)[0]
+    pirate_reply = engine.generate([pirate], config)[0].text
     assert len({first_reply, second_reply, pirate_reply}) == 3
 
     with sync_api.sync_playwright() as pw:

@@ -127,7 +127,7 @@ def reference(noisy):
 def greedy(engine, messages, max_new_tokens=MAX, **kwargs) -> str:
     from martlet.infer.generation import GenConfig
 
-    return engine.generate([messages], GenConfig(max_new_tokens=max_new_tokens, temperature=0, **kwargs))[0]
+    return engine.generate([messages], GenConfig(max_new_tokens=max_new_tokens, temperature=0, **kwargs))[0].text
 
 
 def ask(client, text, model="tiny", **kwargs):
@@ -273,9 +273,9 @@ def test_seeded_sampling_repeats_and_n_gives_several_choices(server):
 def test_closing_a_stream_stops_its_generation(server, monkeypatch):
     """A client that hangs up after a few chunks of a 980-token stream: generation ends there (the steps it ran
     are counted), not after all 980 tokens, and the adapter gate is free again."""
-    from martlet.serve import generation
+    from martlet.infer import engine as generation
 
-    gate = server.app.state.models[0].backend.gate
+    gate = server.app.state.models[0].engine.gate
     steps, ended = [], threading.Event()
     real = generation.generate_steps
 

@@ -9,7 +9,6 @@ import pytest
 from martlet.infer.engine import TransformersEngine
 from martlet.infer.generation import GenConfig, StreamText
 from martlet.models.loader import load_model, load_tokenizer, resolve_model
-from martlet.serve.generation import TransformersBackend
 from martlet.templates import get_template
 
 REPLIES = ["春天，晚天，春晚", "Hello 🌍! 你好🌍", "🌍🌏"]
@@ -64,7 +63,6 @@ def forcing(engine, ids):
 @pytest.mark.parametrize("text", REPLIES)
 def test_cut_replies_end_in_whole_characters_streamed_or_not(engine, text):
     ids = reply_ids(engine.tokenizer, text)
-    backend = TransformersBackend(engine)
     prompt = engine.template.encode_prompt(CONVERSATION)
     forcing(engine, ids)
     try:
@@ -72,11 +70,11 @@ def test_cut_replies_end_in_whole_characters_streamed_or_not(engine, text):
             expected = whole_prefix(text, engine.tokenizer.decode(ids[:cut]))
             config = GenConfig(max_new_tokens=cut, do_sample=False)
             replies = {
-                "infer": engine.generate([CONVERSATION], config)[0],
-                "infer stream": "".join(engine.stream(CONVERSATION, config)),
+                "infer": engine.generate([CONVERSATION], config)[0].text,
+                "infer stream": "".join(d.text for d in engine.stream([CONVERSATION], config)),
             }
-            (output,) = backend.generate([prompt], config)
-            deltas = list(backend.stream([prompt], config))
+            (output,) = engine.generate([prompt], config)  # the server sends token ids
+            deltas = list(engine.stream([prompt], config))
             replies["deploy"] = output.text
             replies["deploy stream"] = "".join(d.text for d in deltas)
             replies["deploy stream output"] = deltas[-1].output.text

@@ -5,6 +5,7 @@ import pytest
 
 from martlet.infer.engine import TransformersEngine
 from martlet.infer.generation import GenConfig
+from martlet.infer.protocol import replies
 from martlet.models.loader import load_model, load_tokenizer, resolve_model
 from martlet.templates import get_template
 
@@ -17,6 +18,11 @@ CONVERSATIONS = [
     [{"role": "user", "content": "x"}],
 ]
 GREEDY = GenConfig(max_new_tokens=16, do_sample=False)
+
+
+def streamed(engine, conversation, config):
+    """The text pieces the engine streams for one conversation."""
+    return [delta.text for delta in engine.stream([conversation], config) if delta.text]
 
 
 def scrambled_engine(folder, max_batch_size=8):
@@ -56,8 +62,8 @@ def plain_transformers(engine, conversation, max_new_tokens):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma"])
 def test_batched_greedy_equals_one_by_one(engines, arch):
     engine = engines[arch]
-    batched = engine.generate(CONVERSATIONS, GREEDY)
-    single = [engine.generate([c], GREEDY)[0] for c in CONVERSATIONS]
+    batched = replies(engine, CONVERSATIONS, GREEDY)
+    single = [replies(engine, [c], GREEDY)[0] for c in CONVERSATIONS]
     assert batched == single
     assert len(set(batched)) == len(batched)  # distinct replies: the comparison means something
     assert single[1] == plain_transformers(engine, CONVERSATIONS[1], 16)
@@ -66,42 +72,42 @@ def test_batched_greedy_equals_one_by_one(engines, arch):
 def test_small_batches_keep_the_order(engines):
     engine = engines["llama"]
     small = TransformersEngine(engine.model, engine.template, max_batch_size=2)
-    assert small.generate(CONVERSATIONS, GREEDY) == engine.generate(CONVERSATIONS, GREEDY)
+    assert replies(small, CONVERSATIONS, GREEDY) == replies(engine, CONVERSATIONS, GREEDY)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma"])
 def test_stream_equals_the_whole_reply(engines, arch):
     engine = engines[arch]
     for conversation in CONVERSATIONS[:3]:
-        deltas = list(engine.stream(conversation, GREEDY))
+        deltas = list(streamed(engine, conversation, GREEDY))
         assert len(deltas) > 3
-        assert "".join(deltas) == engine.generate([conversation], GREEDY)[0]
+        assert "".join(deltas) == replies(engine, [conversation], GREEDY)[0]
 
 
 def test_stop_words_end_the_reply(engines):
     engine = engines["llama"]
-    full = engine.generate(CONVERSATIONS[:2], GREEDY)
+    full = replies(engine, CONVERSATIONS[:2], GREEDY)
     word = full[0].strip().split()[2] if len(full[0].split()) > 3 else full[0][len(full[0]) // 2:][:4]
     stopped = GenConfig(max_new_tokens=16, do_sample=False, stop_words=[word])
     expected = full[0][: full[0].index(word)]
-    assert engine.generate(CONVERSATIONS[:2], stopped)[0] == expected
-    assert "".join(engine.stream(CONVERSATIONS[0], stopped)) == expected
+    assert replies(engine, CONVERSATIONS[:2], stopped)[0] == expected
+    assert "".join(streamed(engine, CONVERSATIONS[0], stopped)) == expected
     # the other row of the batch is cut only where the stop word appears in its own reply
-    assert engine.generate(CONVERSATIONS[:2], stopped)[1] == full[1].split(word)[0]
+    assert replies(engine, CONVERSATIONS[:2], stopped)[1] == full[1].split(word)[0]
 
 
 def test_sampling_with_a_seed_is_reproducible(engines):
     engine = engines["llama"]
     config = GenConfig(max_new_tokens=12, do_sample=True, temperature=1.0, top_k=50, seed=7)
-    first = engine.generate(CONVERSATIONS[:3], config)
-    assert engine.generate(CONVERSATIONS[:3], config) == first
-    assert first != engine.generate(CONVERSATIONS[:3], GREEDY)
+    first = replies(engine, CONVERSATIONS[:3], config)
+    assert replies(engine, CONVERSATIONS[:3], config) == first
+    assert first != replies(engine, CONVERSATIONS[:3], GREEDY)
 
 
 def test_max_new_tokens_bounds_the_reply(engines):
     engine = engines["qwen2"]
-    short = engine.generate(CONVERSATIONS[:1], GenConfig(max_new_tokens=3, do_sample=False))[0]
-    long = engine.generate(CONVERSATIONS[:1], GREEDY)[0]
+    short = replies(engine, CONVERSATIONS[:1], GenConfig(max_new_tokens=3, do_sample=False))[0]
+    long = replies(engine, CONVERSATIONS[:1], GREEDY)[0]
     assert len(engine.tokenizer(short, add_special_tokens=False)["input_ids"]) <= 4
     assert long.startswith(short) and len(long) > len(short)
 
@@ -109,5 +115,5 @@ def test_max_new_tokens_bounds_the_reply(engines):
 def test_beam_search_streams_the_reply_at_once(engines):
     engine = engines["llama"]
     config = GenConfig(max_new_tokens=8, num_beams=2, do_sample=False)
-    deltas = list(engine.stream(CONVERSATIONS[0], config))
-    assert deltas == engine.generate(CONVERSATIONS[:1], config)
+    deltas = list(streamed(engine, CONVERSATIONS[0], config))
+    assert deltas == replies(engine, CONVERSATIONS[:1], config)

@@ -11,6 +11,7 @@ from martlet.errors import MartletError
 from martlet.infer.chat import chat_loop
 from martlet.infer.evaluate import eval_rows, evaluate, metrics_path, result_path, to_request
 from martlet.infer.metrics import bleu_4, compute_metrics, rouge_l, words
+from martlet.infer.protocol import Delta, Output
 
 
 class FakeEngine:
@@ -22,11 +23,13 @@ class FakeEngine:
 
     def generate(self, conversations, config=None):
         self.seen += [list(c) for c in conversations]
-        return [self.replies.get(c[-1]["content"], "echo " + c[-1]["content"]) for c in conversations]
+        texts = [self.replies.get(c[-1]["content"], "echo " + c[-1]["content"]) for c in conversations]
+        return [Output(text, 0, 0, "stop") for text in texts]
 
-    def stream(self, conversation, config=None):
-        reply = self.generate([conversation], config)[0]
-        yield from reply.split(" ")[:1] + [" " + w for w in reply.split(" ")[1:]]
+    def stream(self, conversations, config=None):
+        reply = self.generate(conversations, config)[0].text
+        for piece in reply.split(" ")[:1] + [" " + w for w in reply.split(" ")[1:]]:
+            yield Delta(0, piece)
 
 
 # metrics on hand-made cases ------------------------------------------------------------------------------
@@ -151,8 +154,8 @@ def test_chat_multi_line_input_ends_with_hash():
 
 def test_ctrl_c_stops_a_reply_and_keeps_the_session(capsys):
     class Interrupted(FakeEngine):
-        def stream(self, conversation, config=None):
-            yield "partial"
+        def stream(self, conversations, config=None):
+            yield Delta(0, "partial")
             raise KeyboardInterrupt
 
     engine = Interrupted()

@@ -10,7 +10,7 @@ pytest.importorskip("fastapi")
 
 from martlet.args.serve import DeployArguments  # noqa: E402
 from martlet.errors import MartletError  # noqa: E402
-from martlet.serve.adapters import AdapterGate  # noqa: E402
+from martlet.infer.adapters import AdapterGate  # noqa: E402
 from martlet.serve.batching import Batcher, Job  # noqa: E402
 from martlet.serve.errors import APIError  # noqa: E402
 from martlet.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_body  # noqa: E402

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 from martlet.args.infer import InferArguments
 from martlet.args.serve import AppUIArguments
 from martlet.infer.generation import GenConfig
+from martlet.infer.protocol import Delta
 from martlet.ui.app import _arguments
 from martlet.ui.chat import Settings, reply_stream
 
@@ -13,14 +14,18 @@ from martlet.ui.chat import Settings, reply_stream
 class FakeEngine:
     def __init__(self, system=None, generation_config=None):
         self.template = SimpleNamespace(system=system)
-        self.model = SimpleNamespace(generation_config=generation_config)
+        self.defaults = GenConfig(**vars(generation_config or SimpleNamespace()))  # the model's generation config
         self.calls = []
         self.closed = False
 
-    def stream(self, messages, config):
+    def model_defaults(self):
+        return self.defaults
+
+    def stream(self, prompts, config):
+        (messages,) = prompts
         self.calls.append((messages, config))
         try:
-            yield from ["Hel", "lo", "!"]
+            yield from [Delta(0, "Hel"), Delta(0, "lo"), Delta(0, "!")]
         finally:
             self.closed = True
 

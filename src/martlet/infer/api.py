@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from martlet.infer.engine import TransformersEngine
 from martlet.infer.generation import GenConfig
+from martlet.templates.template import Template
 
 History = list  # [[query, response], ...]
 
@@ -28,23 +29,23 @@ def build_messages(query: str, history: Optional[Sequence[Sequence[str]]] = None
     return messages + [{"role": "user", "content": query}]
 
 
-def _engine(model: Any, template: Any) -> TransformersEngine:
+def _engine(model: Any, template: Template) -> TransformersEngine:
     return TransformersEngine(model, template, max_batch_size=1)  # a light wrapper: nothing is loaded
 
 
-def inference(model: Any, template: Any, query: str, history: Optional[History] = None,
+def inference(model: Any, template: Template, query: str, history: Optional[History] = None,
               system: Optional[str] = None, *, generation_config: Any = None, verbose: bool = False,
               **gen: Any) -> tuple[str, History]:
     """(response, history + [[query, response]])."""
     config = GenConfig.from_any(generation_config, **gen)
     messages = build_messages(query, history, system)
-    response = _engine(model, template).generate([messages], config)[0]
+    response = _engine(model, template).generate([messages], config)[0].text
     if verbose:
         print(f"[QUERY] {query}\n[RESPONSE] {response}", flush=True)
     return response, [list(pair) for pair in history or []] + [[query, response]]
 
 
-def inference_stream(model: Any, template: Any, query: str, history: Optional[History] = None,
+def inference_stream(model: Any, template: Template, query: str, history: Optional[History] = None,
                      system: Optional[str] = None, *, generation_config: Any = None,
                      **gen: Any) -> Iterator[tuple[str, History]]:
     """Yields (response so far, history with this turn so far) as the reply is generated."""
@@ -52,6 +53,7 @@ def inference_stream(model: Any, template: Any, query: str, history: Optional[Hi
     messages = build_messages(query, history, system)
     before = [list(pair) for pair in history or []]
     response = ""
-    for delta in _engine(model, template).stream(messages, config):
-        response += delta
-        yield response, before + [[query, response]]
+    for delta in _engine(model, template).stream([messages], config):
+        if delta.text:
+            response += delta.text
+            yield response, before + [[query, response]]

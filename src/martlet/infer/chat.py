@@ -8,8 +8,13 @@ while a reply is generated stops it and returns to the prompt; Ctrl-D (end of in
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
-from typing import Any, Callable, Optional, TextIO
+import threading
+from typing import Callable, Optional, TextIO
+
+from martlet.infer.generation import GenConfig
+from martlet.infer.protocol import Engine
 
 HELP = ("Chat with the model. Commands: `clear` (forget the history), `multi-line` / `single-line` (input mode; "
         "end a multi-line message with #), `exit` or `quit`. Ctrl-C stops a reply.")
@@ -30,7 +35,7 @@ def read_message(read: Callable[[str], str], multi_line: bool) -> str:
         lines.append(line)
 
 
-def chat_loop(engine: Any, config: Any = None, *, system: Optional[str] = None, stream: bool = True,
+def chat_loop(engine: Engine, config: Optional[GenConfig] = None, *, system: Optional[str] = None, stream: bool = True,
               read: Callable[[str], str] = input, out: Optional[TextIO] = None) -> list[dict]:
     """Chat until exit/quit or end of input; returns the conversation (messages) at the end."""
     with _ctrl_c_raises():
@@ -41,9 +46,6 @@ def chat_loop(engine: Any, config: Any = None, *, system: Optional[str] = None, 
 def _ctrl_c_raises():
     """Ctrl-C stops a reply even when the chat was started with SIGINT ignored (a process started in the
     background by a shell script inherits that, and Python then leaves it ignored)."""
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -54,7 +56,7 @@ def _ctrl_c_raises():
         signal.signal(signal.SIGINT, previous)
 
 
-def _chat(engine: Any, config: Any, system: Optional[str], stream: bool, read: Callable[[str], str],
+def _chat(engine: Engine, config: Optional[GenConfig], system: Optional[str], stream: bool, read: Callable[[str], str],
           out: TextIO) -> list[dict]:
     history: list[dict] = []
     multi_line = False
@@ -90,18 +92,19 @@ def _chat(engine: Any, config: Any, system: Optional[str], stream: bool, read: C
     return history
 
 
-def _reply(engine: Any, messages: list[dict], config: Any, stream: bool, out: TextIO) -> str:
+def _reply(engine: Engine, messages: list[dict], config: Optional[GenConfig], stream: bool, out: TextIO) -> str:
     """Show the reply as it is generated; Ctrl-C keeps what was shown so far."""
     reply = ""
     try:
         if stream:
-            with contextlib.closing(engine.stream(messages, config)) as deltas:
+            with contextlib.closing(engine.stream([messages], config)) as deltas:
                 for delta in deltas:
-                    reply += delta
-                    out.write(delta)
-                    out.flush()
+                    if delta.text:
+                        reply += delta.text
+                        out.write(delta.text)
+                        out.flush()
         else:
-            reply = engine.generate([messages], config)[0]
+            reply = engine.generate([messages], config)[0].text
             out.write(reply)
     except KeyboardInterrupt:
         out.write(" [stopped]")

@@ -1,8 +1,8 @@
-"""Inference engines: load once, generate replies for a batch of conversations, stream one.
+"""The transformers engine: load once, generate replies for a batch of prompts, stream them.
 
-`Engine` is the interface that dataset evaluation, the chat loop, the server and the UIs use.
-`TransformersEngine` runs a loaded transformers (or peft) model: prompts are rendered by the
-Template, left padded into batches and generated together; stop words end each reply.
+`TransformersEngine` is an `Engine` (infer/protocol.py) over a loaded transformers (or peft) model:
+prompts are rendered by the Template, left padded into batches and generated together; stop words end
+each reply. An adapter gate (infer/adapters.py) picks the LoRA adapter each generation runs with.
 """
 
 from __future__ import annotations
@@ -11,40 +11,54 @@ import contextlib
 import logging
 import queue
 import threading
-from typing import Any, Iterator, Optional, Protocol, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
+from martlet.infer.adapters import AS_LOADED, AdapterGate
 from martlet.infer.generation import GenConfig, StreamText, cut_at_stop, whole_text
+from martlet.infer.protocol import Conversation, Delta, Output, Prompt, is_token_ids
 from martlet.templates.template import Template
 
 logger = logging.getLogger("martlet")
-Conversation = Sequence[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...], ending with a user turn
 
 
-class Engine(Protocol):
-    """What every engine offers (transformers now; vLLM, or an HTTP client, with the same shape)."""
+class _Settings:
+    """What one generation call runs with: transformers' keyword arguments, the stop words, the stop token ids
+    and the reply's token budget."""
 
-    template: Template
-
-    def generate(self, conversations: Sequence[Conversation], config: Optional[GenConfig] = None) -> list[str]:
-        """One reply per conversation, in order."""
-
-    def stream(self, conversation: Conversation, config: Optional[GenConfig] = None) -> Iterator[str]:
-        """The reply to one conversation as text deltas; closing the iterator stops generation."""
+    def __init__(self, kwargs: dict[str, Any], words: list[str], stop_ids: list[int]):
+        self.kwargs = kwargs
+        self.words = words
+        self.stop_ids = stop_ids
+        self.max_new = kwargs["generation_config"].max_new_tokens
 
 
 class TransformersEngine:
     """An Engine over a loaded causal LM (plain or peft), its Template and batches of `max_batch_size`."""
 
-    def __init__(self, model: Any, template: Template, *, max_batch_size: int = 16):
+    def __init__(self, model: Any, template: Template, *, max_batch_size: int = 16,
+                 context_length: Optional[int] = None):
         self.model = model
         self.template = template
         self.tokenizer = template.tokenizer
         self.max_batch_size = max_batch_size
+        self.gate = AdapterGate(model)
+        config = getattr(model, "config", None)
+        self.context_length = context_length or getattr(config, "max_position_embeddings", None)
+        self.vocab_size = min(len(self.tokenizer), getattr(config, "vocab_size", None) or len(self.tokenizer))
 
     # prompts -------------------------------------------------------------------------------------------
-    def prompt_ids(self, conversation: Conversation) -> list[int]:
-        """Token ids of the rendered conversation plus the generation prompt (the oldest cut if too long)."""
-        ids = self.template.encode_prompt(conversation)
+    def encode_chat(self, messages: Conversation) -> list[int]:
+        return self.template.encode_prompt(messages)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: ids as they are; a conversation rendered with the generation prompt (its oldest
+        tokens cut if too long)."""
+        if is_token_ids(prompt):
+            return list(prompt)
+        ids = self.encode_chat(prompt)
         limit = self.template.max_length
         if limit and len(ids) > limit:
             logger.warning("prompt of %d tokens is longer than max_length=%d: its oldest tokens are dropped.",
@@ -52,7 +66,8 @@ class TransformersEngine:
             ids = ids[-limit:]
         return ids
 
-    def _left_pad(self, prompts: Sequence[list[int]]):
+    def left_pad(self, prompts: Sequence[list[int]]):
+        """(input_ids, attention_mask) of `prompts` left padded to one width, on the model's device."""
         import torch
 
         width = max(len(p) for p in prompts)
@@ -66,7 +81,10 @@ class TransformersEngine:
         device = _device_of(self.model)
         return input_ids.to(device), mask.to(device)
 
-    # stop words ----------------------------------------------------------------------------------------
+    # settings ------------------------------------------------------------------------------------------
+    def model_defaults(self) -> GenConfig:
+        return GenConfig.from_any(getattr(self.model, "generation_config", None))
+
     def _stops(self, config: GenConfig) -> tuple[list[str], list[int], list[str]]:
         """(all stop words, ids of those that are one special token, those that are not)."""
         words = list(dict.fromkeys([*self.template.stop_words, *config.stop_words]))
@@ -80,7 +98,8 @@ class TransformersEngine:
                 strings.append(word)
         return words, ids, strings
 
-    def _generate_kwargs(self, config: GenConfig) -> tuple[dict[str, Any], list[str], list[int]]:
+    def _settings(self, config: GenConfig) -> _Settings:
+        """The generation settings of `config` on the model's own; reseeds when `config.seed` is set."""
         words, ids, strings = self._stops(config)
         hf_config = config.to_hf(getattr(self.model, "generation_config", None), eos_token_ids=ids,
                                  pad_token_id=self.tokenizer.pad_token_id)
@@ -92,51 +111,110 @@ class TransformersEngine:
             import torch
 
             torch.manual_seed(config.seed)
-        return kwargs, words, list(hf_config.eos_token_id)
+        return _Settings(kwargs, words, list(hf_config.eos_token_id))
 
-    def _decode(self, ids: Sequence[int], words: Sequence[str], stop_ids: Sequence[int]) -> str:
-        stop_ids = set(stop_ids)
-        end = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
-        return cut_at_stop(whole_text(self.tokenizer, ids[:end]), words)[0]
+    def _beams(self, config: GenConfig) -> bool:
+        return (config.num_beams or getattr(self.model.generation_config, "num_beams", 1) or 1) > 1
+
+    # outputs -------------------------------------------------------------------------------------------
+    def _finish(self, ids: list[int], prompt_tokens: int, settings: _Settings) -> Output:
+        """The Output of a row's generated ids: cut at the first stop token or stop word."""
+        words, stops = settings.words, set(settings.stop_ids)
+        end = next((i for i, t in enumerate(ids) if t in stops), None)
+        kept = ids[:end] if end is not None else ids
+        text, cut = cut_at_stop(whole_text(self.tokenizer, kept), words)
+        if end is not None and not cut:
+            return Output(text, prompt_tokens, end + 1, "stop")
+        if cut:  # a stop word in the text: count the tokens up to the one that completed it
+            return Output(text, prompt_tokens, self._tokens_to_stop(kept, words), "stop")
+        return Output(text, prompt_tokens, len(ids), "length" if len(ids) >= settings.max_new else "stop")
+
+    def _tokens_to_stop(self, ids: list[int], words: Sequence[str]) -> int:
+        low, high = 1, len(ids)  # the smallest prefix whose text holds a stop word (binary search)
+        while low < high:
+            mid = (low + high) // 2
+            if cut_at_stop(self.tokenizer.decode(ids[:mid], skip_special_tokens=False), words)[1]:
+                high = mid
+            else:
+                low = mid + 1
+        return low
 
     # the interface -------------------------------------------------------------------------------------
-    def generate(self, conversations: Sequence[Conversation], config: Optional[GenConfig] = None) -> list[str]:
+    def generate(self, prompts: Sequence[Prompt], config: Optional[GenConfig] = None, *,
+                 adapter: Optional[str] = AS_LOADED) -> list[Output]:
+        """One Output per prompt, in order; prompts of similar lengths share a batch (less padding)."""
         import torch
 
-        if not conversations:
+        if not prompts:
             return []
-        config = config or GenConfig()
-        kwargs, words, stop_ids = self._generate_kwargs(config)
-        prompts = [self.prompt_ids(c) for c in conversations]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-        replies: list[str] = [""] * len(prompts)
-        for start in range(0, len(order), self.max_batch_size):
-            chunk = order[start: start + self.max_batch_size]
-            input_ids, mask = self._left_pad([prompts[i] for i in chunk])
-            with torch.inference_mode():
-                out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-            for row, index in enumerate(chunk):
-                replies[index] = self._decode(out[row, input_ids.shape[1]:].tolist(), words, stop_ids)
-        return replies
+        settings = self._settings(config or GenConfig())
+        ids = [self.prompt_ids(p) for p in prompts]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        outputs: list[Optional[Output]] = [None] * len(ids)
+        with self.gate.use(adapter):
+            for start in range(0, len(order), self.max_batch_size):
+                chunk = order[start: start + self.max_batch_size]
+                input_ids, mask = self.left_pad([ids[i] for i in chunk])
+                with torch.inference_mode():
+                    out = self.model.generate(input_ids=input_ids, attention_mask=mask, **settings.kwargs)
+                width = input_ids.shape[1]
+                for row, index in enumerate(chunk):
+                    outputs[index] = self._finish(out[row, width:].tolist(), len(ids[index]), settings)
+        return outputs
 
-    def stream(self, conversation: Conversation, config: Optional[GenConfig] = None) -> Iterator[str]:
+    def stream(self, prompts: Sequence[Prompt], config: Optional[GenConfig] = None, *,
+               adapter: Optional[str] = AS_LOADED, cancel: Optional[threading.Event] = None) -> Iterator[Delta]:
+        """Deltas of every prompt's reply (all in one batch); closing the iterator or setting `cancel` stops it.
+        Beam search cannot stream: each reply then comes whole."""
         config = config or GenConfig()
-        if (config.num_beams or getattr(self.model.generation_config, "num_beams", 1) or 1) > 1:
-            yield self.generate([conversation], config)[0]  # beam search cannot stream: the reply at once
+        if not prompts:
             return
-        kwargs, words, stop_ids = self._generate_kwargs(config)
-        input_ids, mask = self._left_pad([self.prompt_ids(conversation)])
-        text = StreamText(self.tokenizer, words, stop_ids)
-        with contextlib.closing(generate_steps(self.model, input_ids, mask, kwargs)) as steps:
-            for ids in steps:
-                delta = text.add(ids)
-                if delta:
-                    yield delta
-                if text.stopped:
-                    break
-        tail = text.finish()
-        if tail:
-            yield tail
+        if self._beams(config):
+            for index, output in enumerate(self.generate(prompts, config, adapter=adapter)):
+                yield Delta(index, output.text, output)
+            return
+        settings = self._settings(config)
+        ids = [self.prompt_ids(p) for p in prompts]
+        input_ids, mask = self.left_pad(ids)
+        rows = [_StreamRow(StreamText(self.tokenizer, settings.words, settings.stop_ids), len(p)) for p in ids]
+        steps = generate_steps(self.model, input_ids, mask, settings.kwargs, halt=cancel or threading.Event(),
+                               context=lambda: self.gate.use(adapter))
+        with contextlib.closing(steps):
+            for step in steps:
+                for index, token in enumerate(step):
+                    delta = rows[index].add(index, token)
+                    if delta is not None:
+                        yield delta
+                if all(row.done for row in rows):
+                    break  # stop strings were matched in the text: closing ends generation
+        for index, row in enumerate(rows):
+            if not row.done:
+                yield row.end(index, "length" if row.count >= settings.max_new else "stop")
+
+
+class _StreamRow:
+    """One streamed reply: its text so far, its token count and whether it has ended."""
+
+    def __init__(self, text: StreamText, prompt_tokens: int):
+        self.text = text
+        self.prompt_tokens = prompt_tokens
+        self.count = 0
+        self.done = False
+
+    def add(self, index: int, token: int) -> Optional[Delta]:
+        """The Delta this token makes (None: nothing to show yet, or the row had ended)."""
+        if self.done:
+            return None
+        self.count += 1
+        delta = self.text.add([token])
+        if self.text.stopped:
+            return self.end(index, "stop", delta)
+        return Delta(index, delta) if delta else None
+
+    def end(self, index: int, reason: str, delta: str = "") -> Delta:
+        self.done = True
+        delta += self.text.finish()
+        return Delta(index, delta, Output(self.text.sent, self.prompt_tokens, self.count, reason))
 
 
 def generate_steps(model: Any, input_ids: Any, mask: Any, kwargs: dict[str, Any], *,

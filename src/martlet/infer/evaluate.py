@@ -13,8 +13,9 @@ import datetime
 import json
 import logging
 import os
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
+from martlet.args.infer import InferArguments
 from martlet.args.rlhf import RLHFArguments
 from martlet.args.sft import SftArguments
 from martlet.custom import apply_custom_registrations
@@ -22,11 +23,14 @@ from martlet.data.preference import preference_train_val_rows, reference_convers
 from martlet.data.preprocess import train_val_rows
 from martlet.errors import MartletError
 from martlet.infer.checkpoint import Checkpoint
+from martlet.infer.generation import GenConfig
+from martlet.infer.metrics import compute_metrics
+from martlet.infer.protocol import Engine, replies
 
 logger = logging.getLogger("martlet")
 
 
-def eval_rows(args: Any, ckpt: Optional[Checkpoint]) -> list[dict]:
+def eval_rows(args: InferArguments, ckpt: Optional[Checkpoint]) -> list[dict]:
     """The rows to evaluate: the training run's held-out rows (--load_dataset_config), or --dataset's."""
     if args.load_dataset_config and not (args.dataset or args.val_dataset):
         if ckpt is None or not ckpt.sft_args:
@@ -96,7 +100,7 @@ def to_request(row: dict) -> Request:
     return Request(head + prompt, prompt[-1]["content"], history, system, label)
 
 
-def result_path(args: Any) -> str:
+def result_path(args: InferArguments) -> str:
     """<result_dir or ckpt_dir/infer_result or output/infer_result>/<YYYYMMDD-HHMMSS>.jsonl (a new file)."""
     folder = args.result_dir or (os.path.join(args.ckpt_dir, "infer_result") if args.ckpt_dir
                                  else os.path.join("output", "infer_result"))
@@ -113,11 +117,9 @@ def metrics_path(results: str) -> str:
     return results[: -len(".jsonl")] + "_metrics.json"
 
 
-def evaluate(engine: Any, rows: Sequence[dict], config: Any, *, batch_size: int, path: Optional[str] = None,
+def evaluate(engine: Engine, rows: Sequence[dict], config: Optional[GenConfig], *, batch_size: int, path: Optional[str] = None,
              verbose: bool = True) -> tuple[list[dict], dict]:
     """Generate a reply per row; write each result to `path` (JSONL) as it comes; return (results, metrics)."""
-    from martlet.infer.metrics import compute_metrics
-
     requests = [to_request(row) for row in rows]
     chunk = batch_size * 4  # the engine sorts each chunk by length, so batches pad little
     results: list[dict] = []
@@ -128,9 +130,9 @@ def evaluate(engine: Any, rows: Sequence[dict], config: Any, *, batch_size: int,
         progress = tqdm(total=len(requests), desc="Inferring", unit="row")
     for start in range(0, len(requests), chunk):
         part = requests[start: start + chunk]
-        replies = engine.generate([r.messages for r in part], config)
+        texts = replies(engine, [r.messages for r in part], config)
         done = [{"query": r.query, "response": reply, "label": r.label, "history": r.history, "system": r.system}
-                for r, reply in zip(part, replies)]
+                for r, reply in zip(part, texts)]
         if path:
             with open(path, "a", encoding="utf-8") as fh:
                 fh.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in done)

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Optional
 
+from martlet.args.infer import InferArguments
 from martlet.infer.checkpoint import InferPlan, plan_inference
+from martlet.infer.engine import TransformersEngine
+from martlet.infer.protocol import Engine
+from martlet.infer.vllm_engine import VllmEngine
+from martlet.models.attention import check_flash_attn
+from martlet.models.dtype import resolve_dtype
+from martlet.models.loader import load_model, load_tokenizer, resolve_model
+from martlet.models.quant import bnb_config
+from martlet.templates import get_template
+from martlet.tuners import Swift
 
 logger = logging.getLogger("martlet")
 
 
-def load_engine(args: Any, plan: Optional[InferPlan] = None):
-    """A TransformersEngine (or VllmEngine with --infer_backend vllm) for the plan of `args`."""
-    import torch
+def load_engine(args: InferArguments, plan: Optional[InferPlan] = None) -> Engine:
+    """A TransformersEngine (or VllmEngine with --infer_backend vllm) for the plan of `args`.
 
-    from martlet.models.dtype import resolve_dtype
-    from martlet.models.loader import load_model, load_tokenizer, resolve_model
-    from martlet.templates import get_template
+    `args` is InferArguments or one of its subclasses (DeployArguments, AppUIArguments)."""
+    import torch
 
     plan = plan or plan_inference(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,36 +37,27 @@ def load_engine(args: Any, plan: Optional[InferPlan] = None):
     logger.info("model: %s (%s), adapter: %s, template: %s, dtype: %s", spec.model_type, spec.model_dir,
                 plan.adapter_dir or "none", template.template_type, dtype)
     if args.infer_backend == "vllm":
-        from martlet.infer.vllm_engine import VllmEngine
-
         return VllmEngine(spec.model_dir, template, dtype=dtype, adapter_dir=plan.adapter_dir,
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len)
-    from martlet.infer.engine import TransformersEngine
-
     model = load_model(spec, dtype=dtype, device_map="auto" if device == "cuda" else None,
                        trust_remote_code=args.trust_remote_code, attn_impl=_attn(args),
                        quantization_config=_quantization(args, dtype))
     if plan.adapter_dir:
-        from martlet.tuners import Swift
-
         model = Swift.from_pretrained(model, plan.adapter_dir, inference_mode=True)
     model.eval()
-    return TransformersEngine(model, template, max_batch_size=args.max_batch_size)
+    return TransformersEngine(model, template, max_batch_size=args.max_batch_size,
+                              context_length=args.max_model_len)
 
 
-def _attn(args: Any) -> Optional[str]:
+def _attn(args: InferArguments) -> Optional[str]:
     if args.use_flash_attn:
-        from martlet.models.attention import check_flash_attn
-
         check_flash_attn()
         return "flash_attention_2"
     return args.attn_impl
 
 
-def _quantization(args: Any, dtype: str):
+def _quantization(args: InferArguments, dtype: str):
     if not args.quantization_bit:
         return None
-    from martlet.models.quant import bnb_config
-
     return bnb_config(args, dtype)

@@ -11,9 +11,14 @@ from typing import Any, Sequence
 
 from martlet.args.base import parse_cli
 from martlet.args.infer import InferArguments
+from martlet.custom import apply_custom_registrations
 from martlet.errors import MartletError
+from martlet.infer.chat import chat_loop
 from martlet.infer.checkpoint import plan_inference
+from martlet.infer.evaluate import eval_rows, evaluate, metrics_path, result_path
 from martlet.infer.generation import GenConfig
+from martlet.infer.load import load_engine
+from martlet.infer.merge import merge_lora
 from martlet.utils import setup_logging
 
 logger = logging.getLogger("martlet")
@@ -25,34 +30,22 @@ def infer_main(args: InferArguments | Sequence[str] | None = None) -> dict[str, 
     if not isinstance(args, InferArguments):
         args = parse_cli(InferArguments, args)
     args.validate()
-    from martlet.custom import apply_custom_registrations
-
     apply_custom_registrations(args)  # before any model, template or dataset name is resolved
     from transformers import set_seed
 
     set_seed(args.seed)
     if args.merge_lora:
-        from martlet.infer.merge import merge_lora
-
         args = dataclasses.replace(args, ckpt_dir=merge_lora(args), merge_lora=False)
     plan = plan_inference(args)
     rows = None
     if args.wants_dataset():  # read the rows before loading the model: a bad dataset fails fast
-        from martlet.infer.evaluate import eval_rows
-
         rows = eval_rows(args, plan.checkpoint)
         logger.info("evaluating %d rows", len(rows))
-
-    from martlet.infer.load import load_engine
 
     engine = load_engine(args, plan)
     config = GenConfig.from_args(args)
     if rows is None:
-        from martlet.infer.chat import chat_loop
-
         return {"history": chat_loop(engine, config, stream=args.stream)}
-
-    from martlet.infer.evaluate import evaluate, metrics_path, result_path
 
     path = result_path(args) if args.save_result else None
     results, metrics = evaluate(engine, rows, config, batch_size=args.max_batch_size, path=path,
@@ -77,7 +70,5 @@ def merge_cli(argv: Sequence[str] | None = None) -> int:
     if not args.ckpt_dir:
         raise MartletError("needs the LoRA checkpoint to merge.", field="ckpt_dir")
     args.validate()
-    from martlet.infer.merge import merge_lora
-
     print(merge_lora(args))
     return 0

@@ -1,5 +1,8 @@
 """The OpenAI-compatible HTTP app: `create_app(models)` returns a FastAPI app; nothing is global.
 
+The app speaks HTTP only: it turns a request into prompts and a GenConfig for an Engine
+(infer/protocol.py) and the engine's Outputs and Deltas into OpenAI responses.
+
     GET  /health                 200 once the app is up (no key needed)
     GET  /v1/models              the served models (the base or checkpoint, and each --lora_modules name)
     POST /v1/chat/completions    chat, streamed (SSE, ending `data: [DONE]`) or not
@@ -18,63 +21,94 @@ import hmac
 import json
 import logging
 import threading
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from martlet.errors import MartletError
+from martlet.infer.adapters import AS_LOADED
 from martlet.infer.generation import DEFAULT_MAX_NEW_TOKENS, GenConfig
+from martlet.infer.protocol import Delta, Engine, Output
 from martlet.serve import protocol as P
 from martlet.serve.batching import Batcher, Job
 from martlet.serve.errors import APIError, bad_request, install_error_handlers
 
 logger = logging.getLogger("martlet")
+Req = Union[P.ChatCompletionRequest, P.CompletionRequest]
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 
 
 @dataclasses.dataclass
 class ServedModel:
-    """A name clients ask for: a backend (the loaded model), and which adapter of it (None: as loaded)."""
+    """A name clients ask for: an engine (the loaded model), and which adapter of it (None: the base model)."""
 
     name: str
-    backend: Any  # TransformersBackend or VllmBackend
-    adapter: Optional[str] = None
+    engine: Engine
+    adapter: Optional[str] = AS_LOADED
     defaults: GenConfig = dataclasses.field(default_factory=GenConfig)  # the server's generation settings
     created: int = dataclasses.field(default_factory=P.now)
 
 
-def as_served_models(models: Any, name: str = "default") -> list[ServedModel]:
+def as_served_models(models: Union[ServedModel, Engine, Sequence[Any]], name: str = "default"
+                     ) -> list[ServedModel]:
     """ServedModels from a ServedModel, a list of them, or an engine (served as `name`)."""
     if isinstance(models, ServedModel):
         return [models]
     if isinstance(models, (list, tuple)):
         return [m for item in models for m in as_served_models(item, name)]
-    from martlet.serve.backends import backend_for
-
-    return [ServedModel(name, backend_for(models))]
+    return [ServedModel(name, models)]
 
 
-def create_app(models: Any, *, api_key: Optional[str] = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               batch_window_s: float = 0.005, served_model_name: str = "default"):
+def create_app(models: Union[ServedModel, Engine, Sequence[Any]], *, api_key: Optional[str] = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, batch_window_s: float = 0.005,
+               served_model_name: str = "default"):
     """The FastAPI app serving `models` (see as_served_models); `api_key` makes every /v1 call need it."""
     served = as_served_models(models, served_model_name)
     by_name = {m.name: m for m in served}
     if len(by_name) != len(served):
         raise MartletError("two served models have the same name.", field="served_model_name")
-    backends = list({id(m.backend): m.backend for m in served}.values())
+    app = FastAPI(title="martlet", lifespan=_lifespan(served, batch_window_s), docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.models = served
+    install_error_handlers(app)
+    authorize = _authorizer(api_key)
+
+    def lookup(name: str) -> ServedModel:
+        if name not in by_name:
+            raise APIError(404, f"The model '{name}' does not exist. Served: {', '.join(by_name)}.", param="model",
+                           code="model_not_found")
+        return by_name[name]
+
+    _add_model_routes(app, served, lookup, authorize)
+    _add_completion_routes(app, lookup, authorize, max_body_bytes)
+    return app
+
+
+def _lifespan(served: list[ServedModel], batch_window_s: float):
+    """A Batcher per engine while the app runs; at shutdown each finishes what is queued."""
+    engines = list({id(m.engine): m.engine for m in served}.values())
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        app.state.batchers = {id(b): Batcher(b.generate, max_rows=b.max_batch_size, window_s=batch_window_s)
-                              for b in backends}
+        app.state.batchers = {id(e): Batcher(_batch_generate(e), max_rows=e.max_batch_size, window_s=batch_window_s)
+                              for e in engines}
         yield
         for batcher in app.state.batchers.values():  # requests in flight are done: finish what is queued
             await asyncio.to_thread(batcher.close)
 
-    app = FastAPI(title="martlet", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.models = served
-    install_error_handlers(app)
+    return lifespan
+
+
+def _batch_generate(engine: Engine) -> Callable[[Sequence[list], GenConfig, Optional[str]], list[Output]]:
+    def generate(rows: Sequence[list], config: GenConfig, adapter: Optional[str]) -> list[Output]:
+        return engine.generate(rows, config, adapter=adapter)
+
+    return generate
+
+
+def _authorizer(api_key: Optional[str]):
+    """The dependency that checks the bearer key of a /v1 call (none needed without `api_key`)."""
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -85,15 +119,16 @@ def create_app(models: Any, *, api_key: Optional[str] = None, max_body_bytes: in
         if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
-    def lookup(name: str) -> ServedModel:
-        if name not in by_name:
-            raise APIError(404, f"The model '{name}' does not exist. Served: {', '.join(by_name)}.", param="model",
-                           code="model_not_found")
-        return by_name[name]
+    return authorize
+
+
+def _add_model_routes(app: FastAPI, served: list[ServedModel], lookup: Callable[[str], ServedModel],
+                      authorize: Any) -> None:
+    names = [m.name for m in served]
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": list(by_name)}
+        return {"status": "ok", "models": names}
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def list_models():
@@ -104,13 +139,16 @@ def create_app(models: Any, *, api_key: Optional[str] = None, max_body_bytes: in
         model = lookup(name)
         return P.model_card(model.name, model.created, served[0].name)
 
+
+def _add_completion_routes(app: FastAPI, lookup: Callable[[str], ServedModel], authorize: Any,
+                           max_body_bytes: int) -> None:
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(request: Request):
         req = P.parse_body(P.ChatCompletionRequest, await _read_body(request, max_body_bytes))
         model = lookup(req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
-        prompt = await asyncio.to_thread(_encode, model.backend.encode_chat, messages, "messages")
+        prompt = await asyncio.to_thread(_encode, model.engine.encode_chat, messages, "messages")
         config, rows = _plan(model, req, [prompt], "messages")
         if req.stream:
             events = _chat_events(model, req, rows, config, len(prompt))
@@ -122,8 +160,8 @@ def create_app(models: Any, *, api_key: Optional[str] = None, max_body_bytes: in
     async def completions(request: Request):
         req = P.parse_body(P.CompletionRequest, await _read_body(request, max_body_bytes))
         model = lookup(req.model)
-        prompts = [await asyncio.to_thread(_encode, model.backend.encode_text, p, "prompt") if isinstance(p, str)
-                   else _check_ids(p, model.backend.vocab_size) for p in req.prompts()]
+        prompts = [await asyncio.to_thread(_encode, model.engine.encode_text, p, "prompt") if isinstance(p, str)
+                   else _check_ids(p, model.engine.vocab_size) for p in req.prompts()]
         config, rows = _plan(model, req, prompts, "prompt")
         prompt_tokens = sum(len(p) for p in prompts)
         if req.stream:
@@ -132,14 +170,12 @@ def create_app(models: Any, *, api_key: Optional[str] = None, max_body_bytes: in
         outputs = await _generate(request.app, model, req, rows, config)
         return P.text_completion(P.new_id("cmpl"), model.name, outputs, prompt_tokens)
 
-    return app
-
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 # the request, checked ---------------------------------------------------------------------------------
-async def _read_body(request: Any, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused with a 413 as soon as it is known to pass `limit` bytes."""
     length = request.headers.get("content-length", "")
     too_large = APIError(413, f"The request body is larger than the limit of {limit} bytes.",
@@ -155,7 +191,7 @@ async def _read_body(request: Any, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _encode(encode: Any, value: Any, param: str) -> list[int]:
+def _encode(encode: Callable[[Any], list[int]], value: Any, param: str) -> list[int]:
     try:
         return encode(value)
     except MartletError as exc:  # e.g. a template that refuses this order of roles
@@ -168,10 +204,10 @@ def _check_ids(ids: list[int], vocab_size: int) -> list[int]:
     return ids
 
 
-def _plan(model: ServedModel, req: Any, prompts: list[list[int]], param: str) -> tuple[GenConfig, list[list[int]]]:
+def _plan(model: ServedModel, req: Req, prompts: list[list[int]], param: str) -> tuple[GenConfig, list[list[int]]]:
     """The request's generation settings and its rows (each prompt n times), within the model's limits."""
-    backend = model.backend
-    context, limit = backend.context_length, backend.template.max_length
+    engine = model.engine
+    context, limit = engine.context_length, engine.template.max_length
     longest = max(len(p) for p in prompts)
     if (limit and longest > limit) or (context and longest >= context):
         bound = min(x for x in (limit, context - 1 if context else None) if x)
@@ -184,7 +220,7 @@ def _plan(model: ServedModel, req: Any, prompts: list[list[int]], param: str) ->
     if wanted and room is not None and wanted > room:
         raise bad_request(f"max_tokens={wanted} does not fit: the prompt has {longest} tokens and the context "
                           f"{context}; ask for at most {room}.", "max_tokens", "context_length_exceeded")
-    default = model.defaults.max_new_tokens or backend.default_max_tokens() or DEFAULT_MAX_NEW_TOKENS
+    default = model.defaults.max_new_tokens or engine.model_defaults().max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     overrides = {"max_new_tokens": wanted or (min(default, room) if room else default), "seed": req.seed,
                  "top_p": req.top_p, "top_k": req.top_k, "repetition_penalty": req.repetition_penalty,
                  "stop_words": list(dict.fromkeys([*model.defaults.stop_words, *req.stop_words()]))}
@@ -196,18 +232,18 @@ def _plan(model: ServedModel, req: Any, prompts: list[list[int]], param: str) ->
 
 
 # generation -------------------------------------------------------------------------------------------
-async def _generate(app: Any, model: ServedModel, req: Any, rows: list, config: GenConfig) -> list:
+async def _generate(app: FastAPI, model: ServedModel, req: Req, rows: list, config: GenConfig) -> list[Output]:
     key = (model.adapter, repr(config)) if req.seed is None else object()  # a seeded request runs alone
     job = Job(key, rows, config, model.adapter)
     try:
-        future = app.state.batchers[id(model.backend)].submit(job)
+        future = app.state.batchers[id(model.engine)].submit(job)
     except RuntimeError:
         raise APIError(503, "The server is shutting down.", code="shutting_down") from None
     return await asyncio.wrap_future(future)
 
 
-async def _stream(model: ServedModel, rows: list, config: GenConfig) -> AsyncIterator[Any]:
-    """The backend's stream of Deltas, produced in a thread; leaving early stops generation."""
+async def _stream(model: ServedModel, rows: list, config: GenConfig) -> AsyncIterator[Delta]:
+    """The engine's stream of Deltas, produced in a thread; leaving early stops generation."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
@@ -219,7 +255,7 @@ async def _stream(model: ServedModel, rows: list, config: GenConfig) -> AsyncIte
 
     def produce() -> None:
         try:
-            for delta in model.backend.stream(rows, config, model.adapter, cancel):
+            for delta in model.engine.stream(rows, config, adapter=model.adapter, cancel=cancel):
                 hand(delta)
         except BaseException as exc:
             hand(exc)
@@ -240,7 +276,7 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _events(model: ServedModel, req: Any, rows: list, config: GenConfig, prompt_tokens: int, rid: str,
+async def _events(model: ServedModel, req: Req, rows: list, config: GenConfig, prompt_tokens: int, rid: str,
                   chunk: Any, piece: Any, first: Optional[Any]) -> AsyncIterator[str]:
     """SSE lines for a stream: chunks built by `chunk(choices)`, one per delta, then usage and [DONE]."""
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -267,7 +303,7 @@ async def _events(model: ServedModel, req: Any, rows: list, config: GenConfig, p
     yield "data: [DONE]\n\n"
 
 
-def _chat_events(model: ServedModel, req: Any, rows: list, config: GenConfig, prompt_tokens: int):
+def _chat_events(model: ServedModel, req: Req, rows: list, config: GenConfig, prompt_tokens: int):
     def first(index: int) -> dict:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}
@@ -279,7 +315,7 @@ def _chat_events(model: ServedModel, req: Any, rows: list, config: GenConfig, pr
     return _events(model, req, rows, config, prompt_tokens, P.new_id("chatcmpl"), P.chat_chunk, piece, first)
 
 
-def _text_events(model: ServedModel, req: Any, rows: list, config: GenConfig, prompt_tokens: int):
+def _text_events(model: ServedModel, req: Req, rows: list, config: GenConfig, prompt_tokens: int):
     def piece(index: int, text: Optional[str], finish: Optional[str]) -> dict:
         return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
 

@@ -19,8 +19,14 @@ from typing import Any, Optional, Sequence
 from martlet.args.base import parse_cli
 from martlet.args.serve import DeployArguments, is_loopback
 from martlet.errors import MartletError
+from martlet.infer.adapters import attach_adapters
 from martlet.infer.checkpoint import InferPlan, plan_inference
+from martlet.infer.engine import TransformersEngine
 from martlet.infer.generation import GenConfig
+from martlet.infer.load import load_engine
+from martlet.infer.merge import merge_lora
+from martlet.models.embedded import EMBEDDED_MODEL_TYPE
+from martlet.serve.app import ServedModel, create_app
 from martlet.utils import setup_logging
 
 logger = logging.getLogger("martlet")
@@ -37,8 +43,6 @@ def deploy_main(args: DeployArguments | Sequence[str] | None = None) -> None:
 
     set_seed(args.seed)
     if args.merge_lora:
-        from martlet.infer.merge import merge_lora
-
         args = dataclasses.replace(args, ckpt_dir=merge_lora(args), merge_lora=False)
     app = create_deploy_app(args)
     if not is_loopback(args.host) and args.api_key is None:
@@ -49,25 +53,17 @@ def deploy_main(args: DeployArguments | Sequence[str] | None = None) -> None:
 
 def create_deploy_app(args: DeployArguments, plan: Optional[InferPlan] = None):
     """The app for these arguments: the model of --ckpt_dir / --model_id_or_path plus --lora_modules."""
-    from martlet.infer.load import load_engine
-    from martlet.serve.app import ServedModel, create_app
-    from martlet.serve.backends import backend_for
-
     plan = plan or plan_inference(args)
     engine = load_engine(args, plan)
     pairs = args.lora_pairs()
     if pairs:
-        from martlet.infer.engine import TransformersEngine
-        from martlet.serve.adapters import attach_adapters
-
         internal = [(f"lora_{i}", path) for i, (_, path) in enumerate(pairs)]  # never "default" (--ckpt_dir's)
         engine = TransformersEngine(attach_adapters(engine.model, internal), engine.template,
-                                    max_batch_size=args.max_batch_size)
-    backend = backend_for(engine, context_length=args.max_model_len)
+                                    max_batch_size=args.max_batch_size, context_length=args.max_model_len)
     defaults = GenConfig.from_args(args)
-    primary = ServedModel(args.served_model_name or served_name(plan), backend,
+    primary = ServedModel(args.served_model_name or served_name(plan), engine,
                           "default" if plan.adapter_dir else None, defaults)
-    models = [primary] + [ServedModel(name, backend, f"lora_{i}", defaults) for i, (name, _) in enumerate(pairs)]
+    models = [primary] + [ServedModel(name, engine, f"lora_{i}", defaults) for i, (name, _) in enumerate(pairs)]
     logger.info("serving: %s", ", ".join(m.name for m in models))
     return create_app(models, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
 
@@ -79,8 +75,6 @@ def served_name(plan: InferPlan) -> str:
     path = (plan.checkpoint.path if plan.checkpoint else None) or plan.model_id_or_path
     if path:
         return os.path.basename(os.path.normpath(path))
-    from martlet.models.embedded import EMBEDDED_MODEL_TYPE
-
     return EMBEDDED_MODEL_TYPE
 
 

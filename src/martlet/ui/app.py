@@ -18,12 +18,16 @@ from martlet.args.serve import AppUIArguments
 from martlet.errors import MartletError
 from martlet.infer.checkpoint import plan_inference
 from martlet.infer.generation import GenConfig
+from martlet.infer.load import load_engine
+from martlet.infer.merge import merge_lora
+from martlet.serve.main import served_name
+from martlet.ui.chat import build_chat_ui
 from martlet.utils import setup_logging
 
 logger = logging.getLogger("martlet")
 
 
-def _arguments(args: Any) -> AppUIArguments:
+def _arguments(args: AppUIArguments | InferArguments | Sequence[str] | None) -> AppUIArguments:
     if isinstance(args, AppUIArguments):
         return args
     if isinstance(args, InferArguments):
@@ -31,7 +35,7 @@ def _arguments(args: Any) -> AppUIArguments:
     return parse_cli(AppUIArguments, args)
 
 
-def launch_app_ui(args: Any, *, block: bool = True):
+def launch_app_ui(args: AppUIArguments | InferArguments | Sequence[str] | None, *, block: bool = True):
     """Load the model and serve the page; returns the launched gradio app (at once when block=False)."""
     setup_logging()
     args = _arguments(args).validate()
@@ -44,14 +48,8 @@ def launch_app_ui(args: Any, *, block: bool = True):
 
     set_seed(args.seed)
     if args.merge_lora:
-        from martlet.infer.merge import merge_lora
-
         args = dataclasses.replace(args, ckpt_dir=merge_lora(args), merge_lora=False)
     plan = plan_inference(args)
-    from martlet.infer.load import load_engine
-    from martlet.serve.main import served_name
-    from martlet.ui.chat import build_chat_ui
-
     engine = load_engine(args, plan)
     demo = build_chat_ui(engine, GenConfig.from_args(args), title=args.title or served_name(plan))
     demo.queue(default_concurrency_limit=1)  # one reply at a time: they would share the CPU/GPU anyway

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 from martlet.infer.generation import GenConfig
+from martlet.infer.protocol import Engine
 
 DEFAULT_UI_MAX_NEW_TOKENS = 512
 
@@ -26,19 +27,19 @@ class Settings:
     top_p: float
 
     @classmethod
-    def initial(cls, engine: Any, defaults: GenConfig) -> "Settings":
+    def initial(cls, engine: Engine, defaults: GenConfig) -> "Settings":
         """The server's --arguments first, else the model's generation config (greedy when it does not sample)."""
-        own = getattr(getattr(engine, "model", None), "generation_config", None)
-        samples = defaults.do_sample if defaults.do_sample is not None else bool(getattr(own, "do_sample", False))
+        own = engine.model_defaults()
+        samples = defaults.do_sample if defaults.do_sample is not None else bool(own.do_sample)
         temperature = defaults.temperature
         if temperature is None:
-            temperature = (getattr(own, "temperature", None) or 1.0) if samples else 0.0
-        top_p = defaults.top_p or getattr(own, "top_p", None) or 1.0
+            temperature = (own.temperature or 1.0) if samples else 0.0
+        top_p = defaults.top_p or own.top_p or 1.0
         return cls(engine.template.system or "", defaults.max_new_tokens or DEFAULT_UI_MAX_NEW_TOKENS,
                    float(temperature), float(top_p))
 
 
-def reply_stream(engine: Any, history: list[dict], message: str, settings: Settings,
+def reply_stream(engine: Engine, history: list[dict], message: str, settings: Settings,
                  defaults: Optional[GenConfig] = None) -> Iterator[str]:
     """The reply to `message` after `history` (plain {role, content} turns), growing as it is generated.
 
@@ -49,13 +50,14 @@ def reply_stream(engine: Any, history: list[dict], message: str, settings: Setti
                                  temperature=float(settings.temperature), do_sample=settings.temperature > 0,
                                  top_p=float(settings.top_p))
     reply = ""
-    with contextlib.closing(engine.stream(messages, config)) as deltas:  # closing it stops generation
+    with contextlib.closing(engine.stream([messages], config)) as deltas:  # closing it stops generation
         for delta in deltas:
-            reply += delta
-            yield reply
+            if delta.text:
+                reply += delta.text
+                yield reply
 
 
-def build_chat_ui(engine: Any, defaults: Optional[GenConfig] = None, *, title: str = "Martlet chat"):
+def build_chat_ui(engine: Engine, defaults: Optional[GenConfig] = None, *, title: str = "Martlet chat"):
     """The gradio Blocks of the chat page (not launched)."""
     import gradio as gr
 

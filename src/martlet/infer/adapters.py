@@ -1,7 +1,8 @@
 """Several LoRA adapters on one base model, and which of them a generation runs with.
 
 `attach_adapters` loads each `--lora_modules name=path` into the (peft) model under its name.
-`AdapterGate.use(name)` switches the model to that adapter (None: the base model, adapters off) and
+`AdapterGate.use(name)` switches the model to that adapter (None: the base model, adapters off;
+AS_LOADED: the adapter that was active when the gate was made, if any) and
 holds it there while generating. Requests for the adapter that is active run side by side; a request
 for another adapter waits until they are done, and newcomers queue behind it (first come, first served),
 so no adapter starves.
@@ -17,6 +18,8 @@ import warnings
 from typing import Any, Iterator, Optional, Sequence
 
 from martlet.errors import MartletError
+
+AS_LOADED = "<as loaded>"  # not an adapter name: the model as it was loaded (its active adapter, if any)
 
 
 def is_peft(model: Any) -> bool:
@@ -53,6 +56,7 @@ class AdapterGate:
         self.model = model
         self.peft = is_peft(model)
         self.active: Optional[str] = model.active_adapter if self.peft else None
+        self.loaded = self.active
         self.holders = 0
         self.cond = threading.Condition()
         self.waiting: list[tuple[int, Optional[str]]] = []
@@ -74,6 +78,7 @@ class AdapterGate:
 
     @contextlib.contextmanager
     def use(self, name: Optional[str]) -> Iterator[None]:
+        name = self.loaded if name == AS_LOADED else name
         if not self.peft:
             if name is not None:
                 raise ValueError(f"adapter {name!r} asked of a model without adapters")
