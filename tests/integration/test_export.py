@@ -99,6 +99,41 @@ def test_f32_gguf_round_trip_through_transformers_is_exact(tmp_path, tiny_models
     assert (back_tokenizer.bos_token, back_tokenizer.eos_token) == (tokenizer.bos_token, tokenizer.eos_token)
 
 
+# What llama.cpp's convert_hf_to_gguf.py writes for these models (beyond the model card's own fields: license,
+# organization, languages, ...), with ARCH for the architecture's prefix
+LLAMA_CPP_KEYS = {
+    "general.architecture", "general.type", "general.name", "general.basename", "general.size_label",
+    "general.file_type", "general.quantization_version",
+    "ARCH.block_count", "ARCH.context_length", "ARCH.embedding_length", "ARCH.feed_forward_length",
+    "ARCH.attention.head_count", "ARCH.attention.head_count_kv", "ARCH.attention.key_length",
+    "ARCH.attention.value_length", "ARCH.attention.layer_norm_rms_epsilon", "ARCH.rope.freq_base",
+    "ARCH.rope.dimension_count", "ARCH.vocab_size",
+    "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.add_bos_token", "tokenizer.chat_template"}
+
+
+@pytest.mark.parametrize("arch,gguf_arch,basename", [("llama", "llama", "llama"), ("qwen2", "qwen2", "qwen2"),
+                                                     ("mistral", "llama", "Mistral")])
+def test_gguf_metadata_keys_are_llama_cpp_s(tmp_path, tiny_models, arch, gguf_arch, basename):
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    path = export_main(ExportArguments(model_id_or_path=tiny_models[arch], gguf_type="f16",
+                                       output_dir=str(tmp_path)))["gguf"]
+    fields = gguf.GGUFReader(path).fields
+    missing = {key.replace("ARCH", gguf_arch) for key in LLAMA_CPP_KEYS} - set(fields)
+    assert not missing, sorted(missing)
+    config = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert fields[f"{gguf_arch}.attention.key_length"].contents() == head_dim
+    assert fields[f"{gguf_arch}.attention.value_length"].contents() == head_dim
+    assert fields["general.quantization_version"].contents() == 2
+    assert fields["general.basename"].contents() == basename
+    count = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_models[arch]).parameters())
+    assert fields["general.size_label"].contents() == gguf.utility.size_label(count, 0, 0, 0)
+
+
 def simulated(model_dir, gguf_type):
     """The float model with every weight rounded as the GGUF type rounds it (quantize, then dequantize)."""
     import gguf

@@ -133,18 +133,24 @@ def _rope(config: Any) -> tuple[float, dict[str, Any]]:
     return float(theta), rope
 
 
-def add_model_metadata(writer: Any, config: Any, gguf_type: str, name: str) -> tuple[int, list[float] | None]:
-    """Shape, attention and rotary settings; returns (head_dim, rope factors to store or None)."""
-    from gguf import RopeScalingType
+def add_model_metadata(writer: Any, config: Any, gguf_type: str, name: str,
+                       parameters: int) -> tuple[int, list[float] | None]:
+    """Names, shape, attention and rotary settings, with the keys llama.cpp's converter writes; returns (head_dim,
+    rope factors to store or None). `parameters` (the weights' count) gives the size label ('135M')."""
+    from gguf import GGML_QUANT_VERSION, RopeScalingType
+    from gguf.metadata import Metadata
+    from gguf.utility import size_label as size_label_of
 
     _, types = _ggml_types()
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     writer.add_type("model")
     writer.add_name(name)
+    _, _, basename, _, _, size_label = Metadata.get_model_id_components(name, parameters)  # as llama.cpp names
+    writer.add_basename(basename or name)  # a one-word name ('llama') is its own basename
+    writer.add_size_label(size_label or size_label_of(parameters, 0, 0, 0))
     writer.add_file_type(types[gguf_type][1])
-    if gguf_type in ("q8_0", "q4_0"):
-        writer.add_quantization_version(2)
+    writer.add_quantization_version(GGML_QUANT_VERSION)  # every file, float ones too (llama.cpp's converter)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -154,9 +160,8 @@ def add_model_metadata(writer: Any, config: Any, gguf_type: str, name: str) -> t
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     theta, rope = _rope(config)
     writer.add_rope_freq_base(theta)
     kind = rope.get("rope_type", rope.get("type", "default"))
@@ -193,7 +198,8 @@ def write_gguf(model_dir: str, path: str, gguf_type: str, tokenizer: Any, *, cha
         # transformers reads a llama-architecture file named exactly "mistral" as a Mistral model and then
         # cannot map its tensors (transformers 5.24): any other spelling loads (as Llama, the same maths)
         name = "Mistral" if name == "mistral" else name
-        head_dim, rope_factors = add_model_metadata(writer, config, gguf_type, name)
+        parameters = sum(math.prod(plan.shape) for plan in plans)
+        head_dim, rope_factors = add_model_metadata(writer, config, gguf_type, name, parameters)
         kind = add_tokenizer(writer, tokenizer, config.vocab_size, chat_template, eot_token)
         extra = {}
         if rope_factors is not None:
