@@ -1,27 +1,28 @@
 """Registrations that come with a run: `--custom_register_path my_register.py` (a Python file that calls
 `register_dataset`, `register_model` or `register_template`) and `--custom_dataset_info my_datasets.json`.
 
-Applied at the start of every command, before the model, template and data are resolved, so a registered
-name works wherever a built-in one does. Each file runs once per process.
+Applied once, at the start of every command that takes them (sft, pt, rlhf, infer), before the model, template
+and data are resolved, so a registered name works wherever a built-in one does; a checkpoint's held-out rows are
+read with the registrations of the run that wrote it. Each file runs once per process.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any
 
+from martlet.args.data import DataArguments
+from martlet.data.sources import register_dataset_info
 from martlet.errors import MartletError
 
 _loaded: set[str] = set()
 
 
-def apply_custom_registrations(args: Any) -> None:
-    for path in getattr(args, "custom_register_path", None) or []:
+def apply_custom_registrations(args: DataArguments) -> None:
+    """Run every --custom_register_path file (once per process), then register --custom_dataset_info."""
+    for path in args.custom_register_path or []:
         run_register_file(path)
-    if getattr(args, "custom_dataset_info", None):
-        from martlet.data.sources import register_dataset_info
-
+    if args.custom_dataset_info:
         register_dataset_info(args.custom_dataset_info)
 
 

@@ -157,12 +157,12 @@ def test_a_cache_entry_written_by_another_process_first_is_kept_quietly(tmp_path
     because the entry exists; that is no error and costs nothing."""
     import datasets
 
-    from martlet.data.preprocess import _save
+    from martlet.data.cache import save_entry
 
     folder = tmp_path / "tokenized" / "entry"
-    _save(datasets.Dataset.from_dict({"input_ids": [[1, 2]]}), {"rows": 1}, str(folder))
+    save_entry(datasets.Dataset.from_dict({"input_ids": [[1, 2]]}), {"rows": 1}, str(folder))
     first = sorted(os.listdir(folder))
-    _save(datasets.Dataset.from_dict({"input_ids": [[3, 4]]}), {"rows": 1}, str(folder))
+    save_entry(datasets.Dataset.from_dict({"input_ids": [[3, 4]]}), {"rows": 1}, str(folder))
     assert sorted(os.listdir(folder)) == first == ["data", "stats.json"]
     assert datasets.load_from_disk(str(folder / "data"))["input_ids"] == [[1, 2]]
     assert "could not cache" not in caplog.text

@@ -183,9 +183,9 @@ def test_preference_sets_are_registered():
 
 
 def test_sft_on_a_preference_set_learns_the_chosen_replies():
-    from martlet.data.sources import load_dataset_rows
+    from martlet.data.preprocess import conversation_rows
 
-    rows = load_dataset_rows("pref-math#6", seed=3)
+    rows = conversation_rows("pref-math#6", seed=3)
     pairs = load_preference_rows("pref-math#6", seed=3)
     assert [r["messages"] for r in rows] == [p["prompt"] + [{"role": "assistant", "content": p["chosen"]}]
                                              for p in pairs]

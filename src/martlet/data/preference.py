@@ -24,10 +24,11 @@ import os
 import random
 from typing import Any, Sequence
 
+from martlet.args.rlhf import RLHFArguments
 from martlet.data.builtin import pref_identity, pref_math
+from martlet.data.cache import cached_encoding, length_stats
 from martlet.data.formats import RowError, to_canonical
-from martlet.data.preprocess import cached_encoding, length_stats, split_train_val
-from martlet.data.sources import READERS, dataset_registry, parse_spec, sample_rows
+from martlet.data.sources import READERS, dataset_registry, find_registered, parse_spec, sample_rows, split_train_val
 from martlet.errors import DatasetErrors, MartletError, did_you_mean
 from martlet.templates.template import IGNORE_INDEX, Template
 
@@ -161,14 +162,6 @@ def _builtin(name: str, entry: dict[str, Any], count: int | None, seed: int, nam
     return pref_identity.generate(names, authors, seed=seed)
 
 
-def _registered(name: str) -> tuple[str, dict[str, Any]] | None:
-    registry = dataset_registry()
-    for key in (name, name.replace("_", "-")):
-        if key in registry:
-            return key, registry[key]
-    return next(((k, e) for k, e in registry.items() if name in (e.get("hf_id"), e.get("ms_id"))), None)
-
-
 def _raw_rows(name: str, entry: dict[str, Any] | None) -> list[tuple[str, int | None, Any]]:
     """(file, line, raw row) of a registered file/rows/hub entry or of a local file."""
     if entry is not None and entry.get("rows") is not None:
@@ -201,7 +194,7 @@ def load_preference_rows(spec: str, *, kind: str = "pair", seed: int = 42, model
                          model_author: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Canonical preference rows (pairs, or KTO rows when kind='kto') of one --dataset entry (`name#N` too)."""
     name, count = parse_spec(spec)
-    found = _registered(name)
+    found = find_registered(name)
     if found is not None and found[1].get("builtin"):
         raws = [(found[0], i, r) for i, r in enumerate(_builtin(*found, count, seed, model_name, model_author), 1)]
         if found[1]["builtin"] == "pref_math":
@@ -224,7 +217,21 @@ def load_preference_rows(spec: str, *, kind: str = "pair", seed: int = 42, model
     return [row for unit in sample_rows(units, count, seed) for row in unit]
 
 
-def preference_train_val_rows(args: Any) -> tuple[list[dict], list[dict]]:
+def is_preference_set(spec: str) -> bool:
+    """True for a built-in preference set (pref-*: generated chosen/rejected pairs)."""
+    found = find_registered(parse_spec(spec)[0])
+    return found is not None and str(found[1].get("builtin", "")).startswith("pref_")
+
+
+def chosen_conversations(spec: str, *, seed: int = 42, model_name: Sequence[str] = (),
+                         model_author: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """A preference set read as conversations (`martlet sft` on pref-*): each pair's prompt and chosen reply."""
+    pairs = load_preference_rows(spec, seed=seed, model_name=model_name, model_author=model_author)
+    return [{"messages": p["prompt"] + [{"role": "assistant", "content": p["chosen"]}], "where": p["where"]}
+            for p in pairs]
+
+
+def preference_train_val_rows(args: RLHFArguments) -> tuple[list[dict], list[dict]]:
     """Training and validation rows for preference training, split like SFT's."""
     kind = "kto" if args.rlhf_type == "kto" else "pair"
     load = lambda specs: [r for s in specs for r in load_preference_rows(  # noqa: E731

@@ -1,55 +1,56 @@
-"""Rows -> token ids and labels, with a reproducible validation split and length statistics."""
+"""Rows -> token ids and labels, with a reproducible validation split and length statistics.
+
+`conversation_rows` reads one --dataset entry as conversations (a preference set gives its chosen replies);
+`train_val_rows` splits what the arguments name; `encode_rows` tokenizes, through the cache of `data.cache`.
+Custom registrations (--custom_register_path, --custom_dataset_info) are applied once, at the start of the
+command, before anything here runs.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import random
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
+from martlet.args.data import DataArguments
 from martlet.args.sft import PtArguments, SftArguments
+from martlet.data.cache import cached_encoding, length_stats
 from martlet.data.formats import RowError, check_replies
-from martlet.data.sources import load_dataset_rows
+from martlet.data.preference import chosen_conversations, is_preference_set
+from martlet.data.sources import load_dataset_rows, split_train_val
 from martlet.errors import DatasetErrors, MartletError
-from martlet.models.embedded import cache_dir
-from martlet.templates.template import IGNORE_INDEX, Template
+from martlet.templates.template import Template
 
+__all__ = ["conversation_rows", "load_rows", "split_train_val", "train_val_rows", "encode_rows",
+           "check_conversations"]
 logger = logging.getLogger("martlet")
+
+
+def conversation_rows(spec: str, *, seed: int = 42, model_name: Sequence[str] = (), model_author: Sequence[str] = (),
+                      needs_reply: bool = False) -> list[dict[str, Any]]:
+    """Canonical conversation rows of one --dataset entry (see `sources.load_dataset_rows`); a built-in
+    preference set gives each pair's prompt and chosen reply (SFT on it learns the chosen replies)."""
+    if is_preference_set(spec):
+        return chosen_conversations(spec, seed=seed, model_name=model_name, model_author=model_author)
+    return load_dataset_rows(spec, seed=seed, model_name=model_name, model_author=model_author,
+                             needs_reply=needs_reply)
 
 
 def load_rows(specs: Sequence[str], *, seed: int, model_name: Sequence[str] = (), model_author: Sequence[str] = (),
               needs_reply: bool = False) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for spec in specs:
-        rows += load_dataset_rows(spec, seed=seed, model_name=model_name, model_author=model_author,
+        rows += conversation_rows(spec, seed=seed, model_name=model_name, model_author=model_author,
                                   needs_reply=needs_reply)
     return rows
 
 
-def split_train_val(rows: list[dict[str, Any]], ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out round(len * ratio) rows (at least one when ratio > 0), chosen by `seed`."""
-    if ratio <= 0 or len(rows) < 2:
-        return rows, []
-    n_val = min(len(rows) - 1, max(1, round(len(rows) * ratio)))
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    val_index = set(order[:n_val])
-    train = [r for i, r in enumerate(rows) if i not in val_index]
-    val = [rows[i] for i in sorted(val_index)]
-    return train, val
-
-
-def train_val_rows(args: Any) -> tuple[list[dict], list[dict]]:
+def train_val_rows(args: DataArguments) -> tuple[list[dict], list[dict]]:
     """The training and validation rows that the arguments describe (the same for the same seed).
 
     For `martlet sft` (SftArguments) every conversation must end with the assistant's reply; `martlet pt`
     renders whole conversations and `martlet infer` generates the reply, so their rows may end with a user turn.
     """
-    from martlet.custom import apply_custom_registrations
-
-    apply_custom_registrations(args)
     needs_reply = isinstance(args, SftArguments) and not isinstance(args, PtArguments)
     names = dict(model_name=args.model_name, model_author=args.model_author, needs_reply=needs_reply)
     rows = load_rows(args.dataset, seed=args.dataset_seed, **names)
@@ -110,7 +111,7 @@ def encode_rows(rows: list[dict[str, Any]], template: Template, *, mode: str = "
         return kept, stats
 
     return cached_encoding(rows, template, [mode], build, lambda stats: _report(stats, what, template),
-                           what=what, cache=cache)
+                           what=what, cache=cache, code=[__file__])
 
 
 def check_conversations(rows: Sequence[dict[str, Any]], *, needs_reply: bool) -> None:
@@ -127,28 +128,6 @@ def check_conversations(rows: Sequence[dict[str, Any]], *, needs_reply: bool) ->
         raise DatasetErrors(errors)
 
 
-def cached_encoding(rows: list[dict[str, Any]], template: Template, key: list[Any], build: Callable[[], tuple],
-                    report: Callable[[dict], None], *, what: str, cache: bool = True, code: Sequence[str] = ()):
-    """`build()` -> (dataset, stats), kept in Martlet's cache under a hash of the rows, the template, `key` and
-    the encoding code (this module, the template module and the files in `code`). `report(stats)` logs the
-    statistics (and raises when nothing is left) before anything is written. Under torchrun, call it inside
-    `main_process_first()`: rank 0 encodes and writes, the other ranks read."""
-    import datasets
-
-    folder = os.path.join(cache_dir(), "tokenized", _fingerprint(rows, template, key, code)) if cache else None
-    if folder and os.path.isfile(os.path.join(folder, "stats.json")):
-        with open(os.path.join(folder, "stats.json"), encoding="utf-8") as fh:
-            stats = json.load(fh)
-        logger.info("%s: tokenized rows from the cache (%s)", what, folder)
-        report(stats)
-        return datasets.load_from_disk(os.path.join(folder, "data")), stats
-    dataset, stats = build()
-    report(stats)
-    if folder:
-        _save(dataset, stats, folder)
-    return dataset, stats
-
-
 def _report(stats: dict[str, Any], what: str, template: Template) -> None:
     if stats["rows"] and stats["dropped"]:
         logger.warning("%s: %d of %d rows are longer than max_length=%s and were dropped "
@@ -159,63 +138,3 @@ def _report(stats: dict[str, Any], what: str, template: Template) -> None:
         raise MartletError(f"no {what} rows left: all {stats['rows']} are longer than max_length="
                            f"{template.max_length}.", field="max_length",
                            hint="Raise --max_length or use --truncation_strategy truncation_left.")
-
-
-CACHE_FORMAT = 1  # bump when encoding changes what it produces for the same inputs
-
-
-def _code_hash(code: Sequence[str] = ()) -> str:
-    """The encoding code itself is part of the key, so an edited template module never reads stale rows."""
-    from martlet.templates import template as template_module
-
-    h = hashlib.sha256()
-    for path in (__file__, template_module.__file__, *code):
-        with open(path, "rb") as fh:
-            h.update(fh.read())
-    return h.hexdigest()
-
-
-def _fingerprint(rows: list[dict[str, Any]], template: Template, key: list[Any], code: Sequence[str] = ()) -> str:
-    import martlet
-
-    tok = template.tokenizer
-    backend = getattr(tok, "backend_tokenizer", None)
-    h = hashlib.sha256(json.dumps([CACHE_FORMAT, martlet.__version__, _code_hash(code), key, template.template_type,
-                                   template.chat_template, template.eot, template.system, template.max_length,
-                                   template.truncation_strategy, type(tok).__name__, len(tok)]).encode())
-    h.update(backend.to_str().encode() if backend is not None else str(sorted(tok.get_vocab().items())).encode())
-    for row in rows:
-        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode())
-    return h.hexdigest()[:32]
-
-
-def _save(dataset: Any, stats: dict[str, Any], folder: str) -> None:
-    """Written beside the target and renamed into place, so a killed run never leaves half a cache entry."""
-    import shutil
-    import tempfile
-
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(folder))
-    try:
-        dataset.save_to_disk(os.path.join(tmp, "data"))
-        with open(os.path.join(tmp, "stats.json"), "w", encoding="utf-8") as fh:
-            json.dump(stats, fh)
-        os.replace(tmp, folder)
-    except OSError as exc:  # a full or read-only cache only costs the next run some time
-        if not os.path.isfile(os.path.join(folder, "stats.json")):  # (else another process cached them first)
-            logger.warning("could not cache the tokenized rows in %s: %s", folder, exc)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def length_stats(lengths: Sequence[int]) -> dict[str, Any]:
-    if not lengths:
-        return {"tokens": 0}
-    ordered = sorted(lengths)
-    return {"tokens": sum(ordered), "mean_len": round(sum(ordered) / len(ordered), 1), "min_len": ordered[0],
-            "p50_len": ordered[len(ordered) // 2], "p95_len": ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))],
-            "max_len": ordered[-1]}
-
-
-def label_tokens(labels: Sequence[int]) -> list[int]:
-    return [t for t in labels if t != IGNORE_INDEX]

@@ -3,7 +3,8 @@
 `load_dataset_rows(spec)` returns canonical rows; each keeps `where` ("file:line") so that any later
 error names it; a file, a registered set or a hub set is checked whole and every bad row is reported. With
 `needs_reply` (training rows) every conversation must end with the assistant's reply. `name#N` samples N rows
-(more than the set holds: the set is repeated, then topped up with a random sample).
+(more than the set holds: the set is repeated, then topped up with a random sample); `split_train_val` holds
+rows out for validation. Conversation rows only: preference sets are read by `data.preference`.
 """
 
 from __future__ import annotations
@@ -220,18 +221,14 @@ def _names(values: Sequence[str], what: str, dataset: str) -> tuple[str, str]:
 def _builtin_rows(name: str, entry: dict[str, Any], count: int | None, seed: int,
                   model_name: Sequence[str], model_author: Sequence[str]) -> list[dict[str, Any]]:
     kind = entry["builtin"]
-    if kind.startswith("pref_"):  # preference pairs (martlet dpo/orpo/rlhf): SFT learns the chosen replies
-        from martlet.data.preference import load_preference_rows
-
-        pairs = load_preference_rows(f"{name}#{count}" if count else name, seed=seed, model_name=model_name,
-                                     model_author=model_author)
-        return [{"messages": p["prompt"] + [{"role": "assistant", "content": p["chosen"]}], "where": p["where"]}
-                for p in pairs]
     if kind == "math":
         raws = math_gen.generate(count or entry.get("count", 2000), seed=seed, lang=entry.get("lang", "mixed"))
         return canonical_rows((name, i, {"query": r["query"], "response": r["response"]})
                               for i, r in enumerate(raws, start=1))
     path = os.path.join(_BUILTIN_DIR, f"{kind}.jsonl")
+    if not os.path.isfile(path):  # e.g. the preference sets: `data.preference` reads them
+        raise MartletError(f"built-in dataset '{name}' holds no conversations.", field="dataset",
+                           hint="`martlet list-datasets` lists the built-in names.")
     if kind != "self_cognition":
         return read_file(path, needs_reply=True)
     names = _names(model_name, "model_name", name)
@@ -271,7 +268,8 @@ def _hub_rows(name: str, entry: dict[str, Any], needs_reply: bool = False) -> li
                           entry.get("columns"), needs_reply)
 
 
-def _find_registered(name: str) -> tuple[str, dict[str, Any]] | None:
+def find_registered(name: str) -> tuple[str, dict[str, Any]] | None:
+    """(registered name, entry) of a name (`_` read as `-`) or of a hub id, or None."""
     registry = dataset_registry()
     if name in registry:
         return name, registry[name]
@@ -295,12 +293,25 @@ def sample_rows(rows: list[dict[str, Any]], count: int | None, seed: int) -> lis
     return rows * whole + [rows[i] for i in sorted(rng.sample(range(len(rows)), rest))]
 
 
+def split_train_val(rows: list[Any], ratio: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """Hold out round(len * ratio) rows (at least one when ratio > 0), chosen by `seed`."""
+    if ratio <= 0 or len(rows) < 2:
+        return rows, []
+    n_val = min(len(rows) - 1, max(1, round(len(rows) * ratio)))
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    val_index = set(order[:n_val])
+    train = [r for i, r in enumerate(rows) if i not in val_index]
+    val = [rows[i] for i in sorted(val_index)]
+    return train, val
+
+
 def load_dataset_rows(spec: str, *, seed: int = 42, model_name: Sequence[str] = (), model_author: Sequence[str] = (),
                       needs_reply: bool = False) -> list[dict[str, Any]]:
     """Canonical rows of one --dataset entry (a name, a hub id or a file, optionally with #N); with
     `needs_reply` (training rows) every conversation must end with the assistant's reply."""
     name, count = parse_spec(spec)
-    found = _find_registered(name)
+    found = find_registered(name)
     if found is not None:
         key, entry = found
         if entry.get("builtin"):

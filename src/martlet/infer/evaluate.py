@@ -60,8 +60,8 @@ def held_out_rows(ckpt: Checkpoint, sample: Optional[int] = None) -> list[dict]:
     saved = cls(**{k: v for k, v in ckpt.sft_args.items() if k in known})
     if sample is not None:  # counted in evaluated rows (a pair gives two KTO rows, evaluated as one)
         saved = dataclasses.replace(saved, val_dataset_sample=None)
+    apply_custom_registrations(saved)  # the run's own registrations name its datasets
     if preference:
-        apply_custom_registrations(saved)
         val = reference_conversations(preference_train_val_rows(saved)[1])
     else:
         val = train_val_rows(saved)[1]
