@@ -14,13 +14,19 @@ import re
 import sys
 import types
 import typing
-from typing import Any, Literal, Sequence, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, Literal, Protocol, Sequence, TypeVar, get_args, get_origin
 
 from martlet.errors import MartletError, did_you_mean
 
 T = TypeVar("T")
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
+
+
+class Arguments(Protocol):
+    """Any argument dataclass (SftArguments, InferArguments, ...)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +170,7 @@ def _check_range(cls: type, name: str, value: Any, where: str = "command line") 
                            field=name)
 
 
-def check_ranges(args: Any) -> None:
+def check_ranges(args: Arguments) -> None:
     """MartletError naming the first field whose value lies outside its declared range (see `arg`)."""
     for f in dataclasses.fields(args):
         _check_range(type(args), f.name, getattr(args, f.name))
@@ -322,6 +328,6 @@ def format_help(cls: type, prog: str) -> str:
     return "\n".join(lines)
 
 
-def to_dict(args: Any) -> dict[str, Any]:
+def to_dict(args: Arguments) -> dict[str, Any]:
     """A JSON-able dict of the arguments (what `sft_args.json` holds)."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}

@@ -12,6 +12,8 @@ from martlet.args.lora import TunerArguments
 from martlet.args.model import ModelArguments
 from martlet.args.train import TrainArguments
 from martlet.errors import MartletError, require_package
+from martlet.train.deepspeed import resolve_deepspeed
+from martlet.train.fsdp import resolve_fsdp
 
 
 @dataclass
@@ -42,14 +44,10 @@ class SftArguments(ModelArguments, DataArguments, TemplateArguments, TunerArgume
             require_package("bitsandbytes", "--quantization_bit needs the bitsandbytes package.",
                             field="quantization_bit", hint="pip install 'martlet[bnb]' (4-bit training wants a GPU).")
         if self.fsdp:
-            from martlet.train.fsdp import resolve_fsdp
-
             if self.deepspeed:
                 raise MartletError("choose one of --deepspeed and --fsdp.", field="fsdp")
             resolve_fsdp(self.fsdp, self.fsdp_config)
         if self.deepspeed:
-            from martlet.train.deepspeed import resolve_deepspeed
-
             resolve_deepspeed(self.deepspeed)
         resume = self.resume_from_checkpoint
         if resume and resume.lower() != "true" and not os.path.isdir(resume):

@@ -8,6 +8,7 @@ leaves a folder that looks like a model.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -70,8 +71,6 @@ def _whole(folder: str) -> bool:
 
 
 def _convert(gguf_file: str, out_dir: str) -> None:
-    import json
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 

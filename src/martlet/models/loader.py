@@ -8,8 +8,9 @@ import os
 from typing import Any
 
 from martlet.errors import MartletError
+from martlet.models.dtype import torch_dtype
 from martlet.models.embedded import EMBEDDED_MODEL_TYPE, embedded_model_dir
-from martlet.models.registry import ModelInfo, find_by_hub_id, get_model_info
+from martlet.models.registry import ModelInfo, all_models, find_by_hub_id, get_model_info
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +122,6 @@ def _infer_info(path: str) -> ModelInfo | None:
             return get_model_info(candidate)
         except MartletError:
             pass
-    from martlet.models.registry import all_models
-
     for info in all_models().values():
         for hub in (info.hf_id, info.ms_id):
             if hub and hub.split("/")[-1].lower() == name:
@@ -159,8 +158,6 @@ def load_model(spec: ModelSpec, *, dtype: str = "fp32", device_map: Any = None, 
                attn_impl: str | None = None, quantization_config: Any = None, **kwargs: Any):
     """Load the weights (safetensors only) in `dtype`; refuse remote code unless asked for."""
     from transformers import AutoModelForCausalLM
-
-    from martlet.models.dtype import torch_dtype
 
     if needs_remote_code(spec.model_dir) and not trust_remote_code:
         raise MartletError(f"model '{spec.model_type}' ({spec.model_dir}) ships its own Python code.",
