@@ -28,7 +28,8 @@ from martlet.args.rlhf import RLHFArguments
 from martlet.data.builtin import pref_identity, pref_math
 from martlet.data.cache import cached_encoding, length_stats
 from martlet.data.formats import RowError, to_canonical
-from martlet.data.sources import READERS, dataset_registry, find_registered, parse_spec, sample_rows, split_train_val
+from martlet.data.sources import (READERS, dataset_registry, find_registered, looks_like_hub_id, parse_spec,
+                                  sample_rows, split_train_val)
 from martlet.errors import DatasetErrors, MartletError, did_you_mean
 from martlet.templates.template import IGNORE_INDEX, Template
 
@@ -172,9 +173,7 @@ def _raw_rows(name: str, entry: dict[str, Any] | None) -> list[tuple[str, int | 
         if ext not in READERS:
             raise MartletError(f"unsupported file type '{ext}': use .jsonl, .json or .csv.", file=path)
         return [(path, line, raw) for line, raw in READERS[ext](path)]
-    parts = name.split("/")
-    looks_like_hub_id = len(parts) == 2 and all(parts) and not os.path.exists(parts[0])
-    hub_id = entry.get("hf_id") if entry is not None else (name if looks_like_hub_id else None)
+    hub_id = entry.get("hf_id") if entry is not None else (name if looks_like_hub_id(name) else None)
     if hub_id is None:
         if path and (entry is not None or os.path.splitext(name)[1].lower() in READERS or os.sep in name):
             raise MartletError("dataset file not found.", file=path, field="dataset")

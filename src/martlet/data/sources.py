@@ -328,14 +328,15 @@ def load_dataset_rows(spec: str, *, seed: int = 42, model_name: Sequence[str] = 
     path = os.path.expanduser(name)
     if os.path.isfile(path):
         return sample_rows(read_file(path, needs_reply=needs_reply), count, seed)
-    if os.path.splitext(name)[1].lower() in READERS or os.sep in name and not _looks_like_hub_id(name):
+    if os.path.splitext(name)[1].lower() in READERS or os.sep in name and not looks_like_hub_id(name):
         raise MartletError("dataset file not found.", file=name, field="dataset")
-    if _looks_like_hub_id(name):
+    if looks_like_hub_id(name):
         return sample_rows(_hub_rows(name, {"hf_id": name, "ms_id": name}, needs_reply), count, seed)
     raise MartletError(f"unknown dataset '{name}'.{did_you_mean(name, dataset_registry())}", field="dataset",
                        hint="`martlet list-datasets` lists the built-in names; a file path must exist.")
 
 
-def _looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str) -> bool:
+    """'owner/name' where no folder 'owner' exists here."""
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not os.path.exists(parts[0])
