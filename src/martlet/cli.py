@@ -7,6 +7,8 @@ import os
 import sys
 from typing import Sequence
 
+from martlet.utils import quiet_library_lines
+
 # command -> (entry point, arguments class for --help, one-line description)
 COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "sft": ("martlet.train.sft:main", "martlet.args.sft:SftArguments", "Supervised fine-tuning (LoRA or full)."),
@@ -58,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_library_lines()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0

@@ -8,8 +8,34 @@ import stat
 import sys
 
 
+# Library log lines that tell a user nothing to act on in a normal run: logger -> the start of the message.
+# bitsandbytes (0.50, with the `kernels` package) tries, at import, to fetch a CPU kernel from a hub, offline or
+# not, even when nothing is quantized; its own code runs without it, and `kernels` says why it could not.
+QUIET_LIBRARY_LINES = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+                       "kernels._internals.hf_hub": "Skipping publisher trust check for 'kernels-community/"}
+
+
+class _QuietLines(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+def quiet_library_lines() -> None:
+    """Drop the lines of `QUIET_LIBRARY_LINES` (before the libraries are imported: some speak at import)."""
+    for name, start in QUIET_LIBRARY_LINES.items():
+        library_logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietLines) for f in library_logger.filters):
+            library_logger.addFilter(_QuietLines(start))
+
+
 def setup_logging(level: int = logging.INFO) -> logging.Logger:
-    """Martlet's log lines on stdout, once; the libraries' own chatter kept at warnings."""
+    """Martlet's log lines on stdout, once; the libraries' own chatter kept at warnings, and the lines of
+    `QUIET_LIBRARY_LINES` dropped."""
+    quiet_library_lines()
     logger = logging.getLogger("martlet")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stdout)
