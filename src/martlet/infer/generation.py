@@ -10,6 +10,9 @@ import copy
 import dataclasses
 from typing import Any, Optional, Sequence
 
+from martlet.args.infer import GenerationArguments
+from martlet.errors import MartletError
+
 DEFAULT_MAX_NEW_TOKENS = 2048
 _SAMPLING = ("temperature", "top_k", "top_p")
 
@@ -27,8 +30,8 @@ class GenConfig:
     seed: Optional[int] = None  # reseed before this request (reproducible sampling)
 
     @classmethod
-    def from_args(cls, args: Any) -> "GenConfig":
-        """The generation fields of InferArguments (or of any object that has them)."""
+    def from_args(cls, args: GenerationArguments) -> "GenConfig":
+        """The generation fields of InferArguments (GenerationArguments and the classes built on it)."""
         names = [f.name for f in dataclasses.fields(cls) if f.name != "seed"]
         return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})
 
@@ -46,8 +49,6 @@ class GenConfig:
             base = cls(**{f.name: diff[f.name] for f in dataclasses.fields(cls) if f.name in diff})
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            from martlet.errors import MartletError
-
             raise MartletError(f"unknown generation setting(s): {', '.join(sorted(unknown))}.",
                                hint=f"Known: {', '.join(f.name for f in dataclasses.fields(cls))}.")
         return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})

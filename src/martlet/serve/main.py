@@ -14,7 +14,10 @@ import os
 import signal
 import socket
 import threading
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
+
+import uvicorn
+from fastapi import FastAPI
 
 from martlet.args.base import parse_cli
 from martlet.args.serve import DeployArguments, is_loopback
@@ -94,11 +97,9 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(app: Any, sock: socket.socket, *, shutdown_timeout: int = 30, access_log: bool = False) -> None:
+def serve(app: FastAPI, sock: socket.socket, *, shutdown_timeout: int = 30, access_log: bool = False) -> None:
     """Run `app` on `sock` until SIGTERM or Ctrl-C (uvicorn finishes the requests in flight, then the app
     finishes its queued batches)."""
-    import uvicorn
-
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     config = uvicorn.Config(app, log_level="info" if access_log else "warning", access_log=access_log,
@@ -109,13 +110,11 @@ def serve(app: Any, sock: socket.socket, *, shutdown_timeout: int = 30, access_l
     logger.info("server stopped.")
 
 
-def _server(config: Any):
+def _server(config: uvicorn.Config) -> uvicorn.Server:
     """A uvicorn Server whose graceful stop is a normal exit.
 
     uvicorn (0.54) re-raises the signal it caught once it has shut down gracefully, so the process dies of
     SIGTERM (status -15) before it can say so. This subclass restores the previous handlers and returns."""
-    import uvicorn
-
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self):
