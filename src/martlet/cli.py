@@ -3,37 +3,43 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from typing import Sequence
 
+from martlet.errors import MartletError, did_you_mean
 from martlet.utils import quiet_library_lines
 
-# command -> (entry point, arguments class for --help, one-line description)
-COMMANDS: dict[str, tuple[str, str | None, str]] = {
-    "sft": ("martlet.train.sft:main", "martlet.args.sft:SftArguments", "Supervised fine-tuning (LoRA or full)."),
-    "pt": ("martlet.train.sft:pt_cli", "martlet.args.sft:PtArguments", "Continued pre-training on plain text."),
+# command -> (entry point, arguments class for --help, one-line description, the extra it needs or None)
+COMMANDS: dict[str, tuple[str, str | None, str, str | None]] = {
+    "sft": ("martlet.train.sft:main", "martlet.args.sft:SftArguments", "Supervised fine-tuning (LoRA or full).", None),
+    "pt": ("martlet.train.sft:pt_cli", "martlet.args.sft:PtArguments", "Continued pre-training on plain text.", None),
     "rlhf": ("martlet.train.rlhf:main", "martlet.args.rlhf:RLHFArguments",
-             "Preference training: --rlhf_type dpo, orpo, simpo, cpo or kto."),
-    "dpo": ("martlet.train.rlhf:dpo_cli", "martlet.args.rlhf:DPOArguments", "Direct Preference Optimization."),
+             "Preference training: --rlhf_type dpo, orpo, simpo, cpo or kto.", None),
+    "dpo": ("martlet.train.rlhf:dpo_cli", "martlet.args.rlhf:DPOArguments", "Direct Preference Optimization.", None),
     "orpo": ("martlet.train.rlhf:orpo_cli", "martlet.args.rlhf:ORPOArguments",
-             "Odds Ratio Preference Optimization (no reference model)."),
+             "Odds Ratio Preference Optimization (no reference model).", None),
     "infer": ("martlet.infer.main:main", "martlet.args.infer:InferArguments",
-              "Chat with a model or checkpoint, or evaluate it on a dataset."),
+              "Chat with a model or checkpoint, or evaluate it on a dataset.", None),
     "merge-lora": ("martlet.infer.main:merge_cli", "martlet.args.infer:InferArguments",
-                   "Merge a LoRA checkpoint into its base model (<ckpt_dir>-merged)."),
+                   "Merge a LoRA checkpoint into its base model (<ckpt_dir>-merged).", None),
     "export": ("martlet.export.main:main", "martlet.args.export:ExportArguments",
-               "Merge LoRA, quantize (GGUF for llama.cpp/Ollama, bnb, GPTQ, AWQ), push to a hub."),
+               "Merge LoRA, quantize (GGUF for llama.cpp/Ollama, bnb, GPTQ, AWQ), push to a hub.", None),
     "deploy": ("martlet.serve.main:main", "martlet.args.serve:DeployArguments",
-               "Serve a model or checkpoint over an OpenAI-compatible HTTP API."),
+               "Serve a model or checkpoint over an OpenAI-compatible HTTP API.", "serve"),
     "app-ui": ("martlet.ui.app:main", "martlet.args.serve:AppUIArguments",
-               "Chat with a model or checkpoint in the browser (gradio)."),
+               "Chat with a model or checkpoint in the browser (gradio).", "ui"),
     "web-ui": ("martlet.ui.webui:main", "martlet.args.serve:WebUIArguments",
-               "Train, watch, chat and export in the browser (gradio)."),
-    "list-models": ("martlet.commands:list_models", None, "List the registered model types."),
-    "list-datasets": ("martlet.commands:list_datasets", None, "List the registered datasets."),
-    "list-templates": ("martlet.commands:list_templates", None, "List the named chat templates."),
+               "Train, watch, chat and export in the browser (gradio).", "ui"),
+    "download-embedded": ("martlet.models.download:main", None,
+                          "Fetch the embedded SmolLM2-135M-Instruct (98 MB) into Martlet's cache.", None),
+    "list-models": ("martlet.commands:list_models", None, "List the registered model types.", None),
+    "list-datasets": ("martlet.commands:list_datasets", None, "List the registered datasets.", None),
+    "list-templates": ("martlet.commands:list_templates", None, "List the named chat templates.", None),
 }
+# extra of pyproject.toml -> the modules a command of that extra imports
+EXTRAS: dict[str, tuple[str, ...]] = {"serve": ("fastapi", "uvicorn"), "ui": ("gradio",)}
 
 
 def _load(target: str):
@@ -41,9 +47,18 @@ def _load(target: str):
     return getattr(importlib.import_module(module), attr)
 
 
+def check_extra(command: str) -> None:
+    """Stop before anything loads when the command's extra is not installed, naming the pip command."""
+    extra = COMMANDS[command][3]
+    missing = [name for name in EXTRAS.get(extra or "", ()) if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MartletError(f"'martlet {command}' needs {' and '.join(missing)}, not installed here.",
+                           hint=f"Install it with: pip install 'martlet[{extra}]'")
+
+
 def usage() -> str:
     lines = ["usage: martlet <command> [--name value ...]", "", "commands:"]
-    lines += [f"  {name:<15} {desc}" for name, (_, _, desc) in COMMANDS.items()]
+    lines += [f"  {name:<17} {desc}" for name, (_, _, desc, _) in COMMANDS.items()]
     lines += ["", "`martlet <command> --help` lists a command's arguments."]
     return "\n".join(lines)
 
@@ -71,25 +86,22 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        from martlet.errors import did_you_mean
-
         print(f"martlet: error: unknown command '{command}'.{did_you_mean(command, COMMANDS)}", file=sys.stderr)
         print(usage(), file=sys.stderr)
         return 2
-    entry, args_cls, _ = COMMANDS[command]
+    entry, args_cls, _, _ = COMMANDS[command]
     if args_cls and any(a in ("-h", "--help") for a in rest):
         from martlet.args.base import format_help
 
         print(format_help(_load(args_cls), f"martlet {command}"))
         return 0
-    from martlet.errors import MartletError
-
     try:
         from martlet.dryrun import dry_run, wants_dry_run
         from martlet.launch import launch, wants_launch
 
         if args_cls and wants_dry_run(rest):  # check a command (a script for other hardware) without running it
             return dry_run(command, _load(args_cls), rest)
+        check_extra(command)
         if wants_launch(command):  # NPROC_PER_NODE / NNODES: the same command under torchrun
             return launch(command, rest)
         return int(_load(entry)(rest) or 0)

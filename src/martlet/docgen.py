@@ -27,7 +27,7 @@ def _class(target: str):
 def render(lang: str = "en") -> str:
     parts = [HEADER[lang]]
     seen: dict[str, str] = {}
-    for command, (_, args_cls, desc) in COMMANDS.items():
+    for command, (_, args_cls, desc, _) in COMMANDS.items():
         if not args_cls:
             continue
         cls = _class(args_cls)

