@@ -30,7 +30,7 @@ def main() -> None:
 
     from martlet import patches
     from martlet.models.embedded import embedded_model_dir
-    from martlet.train.attention import register
+    from martlet.train.varlen_attention import register
     from martlet.train.batching import PaddingFreeCollator
 
     torch.manual_seed(0)

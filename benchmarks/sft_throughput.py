@@ -31,6 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
+
+from martlet.templates import IGNORE_INDEX
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -45,6 +48,20 @@ COMMON = ["--max_length", "512", "--batch_size", "4", "--gradient_accumulation_s
           "--lora_target_modules", "ALL", "--dataset_test_ratio", "0", "--logging_steps", "1",
           "--warmup_ratio", "0", "--lr_scheduler_type", "constant", "--seed", "42", "--report_to", "none",
           "--disable_tqdm", "true", "--model_name", "Martlet", "--model_author", "Birdhouse"]
+
+
+def padding_tokens(inputs: dict[str, Any]) -> int:
+    """How many tokens of a padding-free row are `PaddingFreeCollator`'s padding: its last sample, when that is
+    one token repeated with no label (no real sample is)."""
+    position_ids, input_ids, labels = inputs.get("position_ids"), inputs.get("input_ids"), inputs.get("labels")
+    if position_ids is None or input_ids is None or labels is None or position_ids.shape[0] != 1:
+        return 0
+    starts = (position_ids[0] == 0).nonzero().flatten()
+    if len(starts) < 2:
+        return 0
+    start = int(starts[-1])
+    tail_ids, tail_labels = input_ids[0, start:], labels[0, start:]
+    return len(tail_ids) if bool((tail_ids == tail_ids[0]).all() and (tail_labels == IGNORE_INDEX).all()) else 0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -62,8 +79,6 @@ def instrument(record: dict) -> None:
         if masks:
             tokens = int(sum(m.sum() for m in masks))
         else:  # a padding-free row: every token, but the padding that rounds the row up (Martlet on a CPU)
-            from martlet.train.batching import padding_tokens
-
             tokens = int(sum(v.numel() for k, v in inputs.items() if k.endswith("input_ids") and torch.is_tensor(v)))
             tokens -= padding_tokens(inputs)
         start = time.perf_counter()

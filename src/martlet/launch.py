@@ -8,6 +8,7 @@ beyond building the torchrun command line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -74,8 +75,6 @@ def is_main_process() -> bool:
 
 def main_process_first():
     """A context: rank 0 runs the body first (tokenizing, caching, creating folders), then the others."""
-    import contextlib
-
     if not is_distributed():
         return contextlib.nullcontext()
     return _state().main_process_first()

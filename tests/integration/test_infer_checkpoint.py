@@ -23,14 +23,14 @@ def trained(tmp_path_factory, tiny_llama):
     data = write_jsonl(root / "data.jsonl", [{"query": q, "response": f"It is {2 * i}."}
                                              for i, q in enumerate(QUESTIONS)])
     captured = {}
-    build = sft_module._build_trainer
+    build = sft_module.build_sft_trainer
 
     def capture(*args, **kwargs):
         captured["trainer"] = build(*args, **kwargs)
         return captured["trainer"]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sft_module, "_build_trainer", capture)
+        mp.setattr(sft_module, "build_sft_trainer", capture)
         result = sft_main(SftArguments(model_id_or_path=tiny_llama, dataset=[data], max_steps=3, batch_size=2,
                                        gradient_accumulation_steps=1, output_dir=str(root / "out"),
                                        dataset_test_ratio=0.25, eval_steps=2, report_to=["none"], dtype="fp32",

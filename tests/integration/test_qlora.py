@@ -18,12 +18,12 @@ from martlet.llm import SftArguments, sft_main  # noqa: E402
 @pytest.mark.parametrize("bits, quant_type, double", [(4, "nf4", True), (4, "fp4", False), (8, None, None)])
 def test_base_loads_quantized_with_lora_on_top(tiny_llama, bits, quant_type, double):
     from martlet.models.loader import resolve_model
-    from martlet.train.sft import _load_for_training
+    from martlet.train.model_setup import load_for_training
 
     extra = dict(bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double) if bits == 4 else {}
     args = SftArguments(model_id_or_path=tiny_llama, dataset=["x"], quantization_bit=bits,
                         lora_target_modules=["ALL"], **extra).validate()
-    model = _load_for_training(args, resolve_model(None, tiny_llama), "fp32", "cpu")
+    model = load_for_training(args, resolve_model(None, tiny_llama), "fp32", "cpu")
     layer_type = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
     quantized = [m for m in model.modules() if isinstance(m, layer_type)]
     assert len(quantized) == 14  # 7 projections x 2 layers, each under a LoRA adapter

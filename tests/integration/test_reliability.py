@@ -26,10 +26,38 @@ def argv(model, data, out, **extra):
     return [item for key, value in base.items() for item in (f"--{key}", value)]
 
 
-def start(args, env_extra=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", **(env_extra or {}))
-    return subprocess.Popen([sys.executable, "-m", "martlet", "sft", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+# `martlet sft` in a process that SIGKILLs itself mid-save at step N: the checkpoint's staging folder is written
+# whole, and the process dies as it would rename it into place (the rename is `os.replace` of
+# .tmp-checkpoint-N/checkpoint-N; the staged files' own writes replace other paths)
+KILL_IN_SAVE = """
+import os, signal, sys
+
+from martlet.cli import main
+
+STAGED = os.path.join(".tmp-checkpoint-{step}", "checkpoint-{step}")
+rename = os.replace
+
+
+def replace_or_die(src, dst, *args, **kwargs):
+    if os.fspath(src).endswith(STAGED):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rename(src, dst, *args, **kwargs)
+
+
+os.replace = replace_or_die
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def start(args, kill_in_save_at=None, tmp_path=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "martlet"]
+    if kill_in_save_at is not None:
+        script = tmp_path / "kill_in_save.py"
+        script.write_text(KILL_IN_SAVE.format(step=kill_in_save_at))
+        command = [sys.executable, str(script)]
+    return subprocess.Popen([*command, "sft", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def wait_for_step(out, step, proc, timeout=240):
@@ -62,7 +90,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_llama, referenc
         wait_for_step(out, 3, proc)  # checkpoint-2 exists, step 3 or 4 is running
         proc.send_signal(signal.SIGKILL)
     else:
-        proc = start(argv(tiny_llama, data, out), {"MARTLET_FAULT_KILL_IN_SAVE": "4"})
+        proc = start(argv(tiny_llama, data, out), kill_in_save_at=4, tmp_path=tmp_path)
     proc.wait(timeout=240)
     assert proc.returncode == -signal.SIGKILL
     (run,) = run_dirs(out)

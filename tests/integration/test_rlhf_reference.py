@@ -12,7 +12,8 @@ from martlet.data.preference import encode_preference_rows, to_pair
 from martlet.models.loader import load_tokenizer, resolve_model
 from martlet.templates import get_template
 from martlet.train.rlhf_trainers import build_trainer
-from martlet.train.sft import _load_for_training, _training_kwargs
+from martlet.train.model_setup import load_for_training
+from martlet.train.training_args import training_kwargs
 
 PAIRS = [{"prompt": f"What is {a} plus {b}?", "chosen": f"{a} plus {b} is {a + b}.",
           "rejected": f"I think it is {a + b + 1}, more or less."} for a, b in ((2, 3), (10, 7), (4, 4), (1, 9))]
@@ -30,8 +31,8 @@ def make_trainer(model_dir, tmp_path, **kw):
                  for p, key in zip(pairs, ("chosen", "rejected", "rejected", "chosen"))]
     data, _ = encode_preference_rows(pairs, template, max_length=None)
     torch.manual_seed(0)
-    model = _load_for_training(args, spec, "fp32", "cpu")
-    kwargs = _training_kwargs(args, str(tmp_path), "fp32", "cpu", False, model)
+    model = load_for_training(args, spec, "fp32", "cpu")
+    kwargs = training_kwargs(args, str(tmp_path), "fp32", "cpu", False, model)
     trainer = build_trainer(args, model, None, tokenizer, data, None, kwargs, [])
     with torch.no_grad():  # a trained-looking adapter: LoRA B starts at zero, which would hide a wrong reference
         for name, param in trainer.model.named_parameters():

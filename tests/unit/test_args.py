@@ -18,7 +18,7 @@ def test_names_aliases_and_types():
 def test_defaults_follow_the_spec():
     from types import SimpleNamespace
 
-    from martlet.train.sft import uses_gradient_checkpointing
+    from martlet.train.model_setup import uses_gradient_checkpointing
 
     args = SftArguments(dataset=["x"])
     assert args.sft_type == "lora" and args.dtype == "AUTO"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +12,15 @@ from martlet.train.batching import PaddingFreeCollator, pack_rows
 from martlet.train.loss import causal_lm_loss, lean_loss_supported
 
 IGNORE = -100
+
+
+def _benchmark(name: str):
+    """A script of benchmarks/ as a module (benchmarks/ is no package)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _samples(vocab: int, lengths=(7, 19, 3, 12), seed: int = 0):
@@ -51,13 +63,13 @@ def _grads(model, loss):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-# sdpa: transformers' block mask; martlet_varlen: each sample alone (what CPU training uses, train/attention.py)
+# sdpa: transformers' block mask; martlet_varlen: each sample alone (what CPU training uses, train/varlen_attention.py)
 @pytest.fixture(scope="module", params=[(arch, attn) for attn in ("sdpa", "martlet_varlen")
                                         for arch in ("llama", "qwen2", "gemma")], ids="-".join)
 def model(request, tiny_models):
     from transformers import AutoModelForCausalLM
 
-    from martlet.train.attention import register
+    from martlet.train.varlen_attention import register
 
     arch, attn = request.param
     m = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32,
@@ -82,8 +94,7 @@ def test_padding_free_row_matches_padded_batch(model):
 
 def test_a_row_rounded_up_with_a_padding_sample_gives_the_same_loss_and_gradients(model):
     """What CPU training does (rows in steps of 64 tokens): the padding is a sample of its own with no labels."""
-    from martlet.train.batching import padding_tokens
-
+    padding_tokens = _benchmark("sft_throughput").padding_tokens  # (what the benchmark counts as padding)
     samples = _samples(model.config.vocab_size)  # 41 tokens
     plain, rounded = PaddingFreeCollator()(samples), PaddingFreeCollator(16, pad_token_id=3)(samples)
     assert rounded["input_ids"].shape == (1, 48) and padding_tokens(rounded) == 7 and padding_tokens(plain) == 0
@@ -102,7 +113,7 @@ def test_varlen_attention_pads_short_bf16_samples_to_repeating_shapes_with_the_s
     causality; the padded queries dropped): the fp32 result (unpadded) within bf16 rounding, gradients too."""
     import types
 
-    from martlet.train.attention import varlen_attention
+    from martlet.train.varlen_attention import varlen_attention
 
     lengths = [9, 30, 4, 16]
     g = torch.Generator().manual_seed(5)
@@ -125,7 +136,7 @@ def test_varlen_attention_equals_the_block_mask_on_long_and_short_samples(model)
     sdpa-with-the-block-mask's logits and gradients; a padded batch (several rows, a mask) falls back to sdpa."""
     from transformers import AutoModelForCausalLM
 
-    from martlet.train.attention import EAGER_MAX_LEN
+    from martlet.train.varlen_attention import EAGER_MAX_LEN
 
     reference = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=torch.float32,
                                                      attn_implementation="sdpa", use_cache=False).train()
@@ -229,7 +240,7 @@ def test_varlen_attention_cuts_rows_at_position_restarts(tiny_llama, monkeypatch
     import transformers.integrations.sdpa_attention as sdpa_module
     from transformers import AutoModelForCausalLM
 
-    from martlet.train.attention import register, sample_lengths
+    from martlet.train.varlen_attention import register, sample_lengths
 
     assert sample_lengths(torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3]])) == [3, 2, 1, 4]
     assert sample_lengths(torch.tensor([[5, 6, 7]])) == [3]  # one sample that starts later still is one sample

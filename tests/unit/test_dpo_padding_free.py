@@ -36,7 +36,7 @@ def models(request, tiny_llama):
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from martlet.train.attention import register
+    from martlet.train.varlen_attention import register
 
     attn = register() if request.param != "sdpa" else "sdpa"
     padded = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation=attn,

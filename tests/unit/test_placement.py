@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from martlet.args import SftArguments, parse_cli
-from martlet.train.sft import _placement, model_parallel_gpus
+from martlet.train.model_setup import model_parallel_gpus, placement
 
 
 @pytest.mark.parametrize("count, world, expected", [
@@ -45,29 +45,29 @@ def test_one_process(gpus, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     args = parse_cli(SftArguments, [])
-    assert _placement(args, "cpu", False) == {}
+    assert placement(args, "cpu", False) == {}
     gpus(1)
-    assert _placement(args, "cuda", False) == {}
-    assert _placement(args, "cuda", True) == {"device_map": "auto"}
+    assert placement(args, "cuda", False) == {}
+    assert placement(args, "cuda", True) == {"device_map": "auto"}
     gpus(4)
-    assert _placement(args, "cuda", False) == {"device_map": "auto"}  # the *_mp scripts
+    assert placement(args, "cuda", False) == {"device_map": "auto"}  # the *_mp scripts
 
 
 def test_model_parallel_groups_under_ddp(gpus, monkeypatch):
     gpus(4)
     _torchrun(monkeypatch, 1, 2)
-    placement = _placement(parse_cli(SftArguments, []), "cuda", False)
-    assert placement == {"device_map": "auto", "max_memory": {1: 81 * 2**30, 3: 83 * 2**30}}
+    placed = placement(parse_cli(SftArguments, []), "cuda", False)
+    assert placed == {"device_map": "auto", "max_memory": {1: 81 * 2**30, 3: 83 * 2**30}}
     assert os.environ["ACCELERATE_BYPASS_DEVICE_MAP"] == "true"  # accelerate wraps it in DDP(device_ids=None)
 
 
 def test_one_gpu_per_process_when_groups_cannot_be_used(gpus, monkeypatch):
     _torchrun(monkeypatch, 1, 2)
     gpus(2)
-    assert _placement(parse_cli(SftArguments, []), "cuda", False) == {}  # plain DDP: the Trainer places it
-    assert _placement(parse_cli(SftArguments, []), "cuda", True) == {"device_map": {"": 1}}
+    assert placement(parse_cli(SftArguments, []), "cuda", False) == {}  # plain DDP: the Trainer places it
+    assert placement(parse_cli(SftArguments, []), "cuda", True) == {"device_map": {"": 1}}
     gpus(4)  # quantized weights and ZeRO keep one GPU per process
-    assert _placement(parse_cli(SftArguments, []), "cuda", True) == {"device_map": {"": 1}}
+    assert placement(parse_cli(SftArguments, []), "cuda", True) == {"device_map": {"": 1}}
     zero2 = parse_cli(SftArguments, ["--deepspeed", "default-zero2"])
-    assert _placement(zero2, "cuda", False) == {}
+    assert placement(zero2, "cuda", False) == {}
     assert "ACCELERATE_BYPASS_DEVICE_MAP" not in os.environ

@@ -70,20 +70,6 @@ def rounded_row(input_ids: Any, position_ids: Any, multiple: int, labels: Any = 
     return input_ids, torch.cat([position_ids, filler.to(position_ids.dtype)]), labels
 
 
-def padding_tokens(inputs: dict[str, Any]) -> int:
-    """How many tokens of a padding-free row are `PaddingFreeCollator`'s padding: its last sample, when that is
-    one token repeated with no label (no real sample is)."""
-    position_ids, input_ids, labels = inputs.get("position_ids"), inputs.get("input_ids"), inputs.get("labels")
-    if position_ids is None or input_ids is None or labels is None or position_ids.shape[0] != 1:
-        return 0
-    starts = (position_ids[0] == 0).nonzero().flatten()
-    if len(starts) < 2:
-        return 0
-    start = int(starts[-1])
-    tail_ids, tail_labels = input_ids[0, start:], labels[0, start:]
-    return len(tail_ids) if bool((tail_ids == tail_ids[0]).all() and (tail_labels == IGNORE_INDEX).all()) else 0
-
-
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Indices grouped into bins of at most `capacity` tokens: first fit over the rows, longest first."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))

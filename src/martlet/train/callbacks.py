@@ -1,4 +1,5 @@
-"""Trainer callbacks: logging.jsonl, run files in every checkpoint, a last save at the last step."""
+"""Trainer callbacks: logging.jsonl and a last save at the last step (each checkpoint's run files are the
+trainer's: `AtomicCheckpointMixin`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
-
-from martlet.train.outputs import save_run_files
 
 
 class JsonlLogger(TrainerCallback, ExportableState):
@@ -62,20 +61,6 @@ def _drop_summaries(path: str) -> None:
     os.replace(tmp, path)
 
 
-class RunFilesInCheckpoint(TrainerCallback):
-    """Writes the arguments and run info into each checkpoint, so `--ckpt_dir` alone is enough later."""
-
-    def __init__(self, args: Any, info: dict[str, Any]):
-        self.run_args = args
-        self.info = info
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if os.path.isdir(folder):
-                save_run_files(folder, self.run_args, self.info)
-
-
 class FinalStep(TrainerCallback):
     """Evaluate and save at the last step too, whatever eval_steps/save_steps say."""
 
@@ -88,3 +73,8 @@ class FinalStep(TrainerCallback):
             control.should_log = True
             control.should_evaluate = self.has_eval
         return control
+
+
+def training_callbacks(run_dir: str, has_eval: bool) -> list[TrainerCallback]:
+    """The callbacks of every training command: logging.jsonl in the run folder, and the last step's save."""
+    return [JsonlLogger(os.path.join(run_dir, "logging.jsonl")), FinalStep(has_eval)]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from martlet.train.kernels import LinearCrossEntropy, cast_head
+
 IGNORE_INDEX = -100
 CHUNK = 1024
 
@@ -68,8 +70,6 @@ def causal_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any =
 def summed_cross_entropy(hidden: Any, target: Any, head: Any):
     """Sum of the cross-entropies of `head(hidden)` against `target`, CHUNK positions at a time."""
     import torch
-
-    from martlet.train.kernels import LinearCrossEntropy, cast_head
 
     weight, bias = head.weight, head.bias
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):

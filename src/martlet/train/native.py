@@ -14,7 +14,7 @@ small torch operations, each a pass over the activations. Here each is one paral
 - `rotary`: llama's rotary position embedding of q and k, forward and backward;
 - `cross_entropy_grad_`: the loss of a chunk of logits and, in place, its gradient (the lean loss's inner step);
 - `causal_softmax` / `causal_softmax_backward`: scaling, causal mask and softmax of one sample's attention scores
-  (`train/attention.py`).
+  (`train/varlen_attention.py`).
 
 The source is compiled once per machine, torch version and source text, with the system's C++ compiler
 (`$CXX`, else `c++`), into Martlet's cache (`native/`), written beside its final name and renamed into place,

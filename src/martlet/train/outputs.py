@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import importlib.metadata
 import json
 import os
 import re
 from typing import Any
 
+from martlet.args import SftArguments
 from martlet.args.base import to_dict
+from martlet.models.loader import ModelSpec
+from martlet.templates import Template
 
 ARGS_FILE = "sft_args.json"
 RUN_INFO_FILE = "martlet_run.json"
@@ -26,13 +31,11 @@ def new_run_dir(output_dir: str, model_type: str, add_suffix: bool = True) -> st
 
 
 def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
     versions = {}
     for name in ("martlet", "torch", "transformers", "peft", "trl", "datasets", "accelerate"):
         try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             pass
     return versions
 
@@ -44,12 +47,38 @@ def write_json(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def run_info(args: Any, spec: Any, template: Any, *, command: str) -> dict[str, Any]:
-    """What reproduces the run and what later commands need (`--ckpt_dir` alone is enough)."""
-    return {"command": command, "model_type": spec.model_type, "model_dir": spec.model_dir,
-            "template_type": template.template_type, "system": template.system, "eot": template.eot,
-            "stop_words": template.stop_words, "sft_type": getattr(args, "sft_type", None),
-            "versions": library_versions()}
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """What reproduces the run and what later commands need (`--ckpt_dir` alone is enough): martlet_run.json.
+
+    Built once, when the data and the model are known, and given to the trainer when it is built."""
+
+    command: str
+    model_type: str
+    model_dir: str
+    template_type: str
+    system: str | None
+    eot: Any
+    stop_words: Any
+    sft_type: str | None
+    dtype: str
+    data: dict[str, Any]
+    reference: str | None = None  # preference training: what the reference model is
+    versions: dict[str, str] = dataclasses.field(default_factory=library_versions)
+
+    @classmethod
+    def of(cls, args: SftArguments, spec: ModelSpec, template: Template, *, command: str, dtype: str, data: dict[str, Any],
+           reference: str | None = None) -> "RunInfo":
+        return cls(command=command, model_type=spec.model_type, model_dir=spec.model_dir,
+                   template_type=template.template_type, system=template.system, eot=template.eot,
+                   stop_words=template.stop_words, sft_type=args.sft_type, dtype=dtype, data=data,
+                   reference=reference)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file's keys, in the order the file has always had them (`reference` only where there is one)."""
+        keys = ("command", "model_type", "model_dir", "template_type", "system", "eot", "stop_words", "sft_type",
+                "versions", "dtype", "data") + (("reference",) if self.reference is not None else ())
+        return {key: getattr(self, key) for key in keys}
 
 
 def _absolute_files(specs: list[str]) -> list[str]:
@@ -61,13 +90,25 @@ def _absolute_files(specs: list[str]) -> list[str]:
     return out
 
 
-def save_run_files(folder: str, args: Any, info: dict[str, Any]) -> None:
+def save_run_files(folder: str, args: SftArguments, info: RunInfo) -> None:
+    """sft_args.json (the arguments, dataset files made absolute) and martlet_run.json in `folder`."""
     saved = to_dict(args)
     for key in ("dataset", "val_dataset"):
         if isinstance(saved.get(key), list):
             saved[key] = _absolute_files(saved[key])
     write_json(os.path.join(folder, ARGS_FILE), saved)
-    write_json(os.path.join(folder, RUN_INFO_FILE), info)
+    write_json(os.path.join(folder, RUN_INFO_FILE), info.to_dict())
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFiles:
+    """The run files a trainer writes into each checkpoint it saves (see `save_run_files`)."""
+
+    args: SftArguments
+    info: RunInfo
+
+    def write(self, folder: str) -> None:
+        save_run_files(folder, self.args, self.info)
 
 
 def plot_history(log_history: list[dict[str, Any]], images_dir: str) -> list[str]:

@@ -2,8 +2,8 @@
 
 parse -> validate -> model files -> tokenizer and template -> preference data -> model (+LoRA) -> reference
 -> run folder -> trainer -> train -> curves -> result. Everything but the data, the reference and the trainer
-is SFT's (train/run.py: resume, whole checkpoints, stop on a signal); checkpoints have SFT's layout, so
-`martlet infer`, `export` and `deploy` read them as they are.
+is the shared pipeline's (train/pipeline.py: resume, whole checkpoints, stop on a signal); checkpoints have
+SFT's layout, so `martlet infer`, `export` and `deploy` read them as they are.
 """
 
 from __future__ import annotations
@@ -11,13 +11,16 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+import matplotlib
+
 from martlet.args import parse_cli
 from martlet.args.rlhf import DPOArguments, ORPOArguments, RLHFArguments
 from martlet.data.preference import encode_preference_rows, preference_train_val_rows
-from martlet.launch import main_process_first
+from martlet.launch import is_main_process, main_process_first
 from martlet.models.loader import load_model, resolve_model
-from martlet.templates import get_template
-from martlet.train.sft import _attn, _callbacks, _load_for_training, _training_kwargs
+from martlet.train.model_setup import attention_implementation
+from martlet.train.pipeline import EncodedData, Reference, RunSetup, TrainingRun, run_training
+from martlet.train.rlhf_trainers import build_trainer
 from martlet.utils import setup_logging
 
 METRICS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
@@ -30,42 +33,43 @@ def rlhf_main(args: RLHFArguments | Sequence[str] | None = None, *, cls: type = 
     if not isinstance(args, RLHFArguments):
         args = parse_cli(cls, args)
     args.validate()
-    from martlet.train.run import prepare_run
-
-    device, dtype, spec, tokenizer = prepare_run(args)
-    # lengths are checked per pair (prompt + longer reply), so the template itself does not cut
-    template = get_template(args.template_type, tokenizer, args.system, None, fallback=spec.template_type)
-    tokenizer.chat_template = template.chat_template  # saved with every checkpoint
-
-    train_rows, val_rows = preference_train_val_rows(args)
-    encode = dict(max_length=args.max_length, truncation_strategy=args.truncation_strategy,
-                  interleave_seed=args.seed if args.rlhf_type == "kto" else None, cache=args.load_from_cache_file)
-    with main_process_first():  # under torchrun, rank 0 tokenizes and caches; the others read the cache
-        train_set, train_stats = encode_preference_rows(train_rows, template, **encode)
-        val_set, val_stats = (encode_preference_rows(val_rows, template, what="val", **encode) if val_rows
-                              else (None, None))
-
-    model = _load_for_training(args, spec, dtype, device)
-    ref_model = _reference_model(args, spec, dtype, device)
-    from martlet.train.outputs import run_info
-    from martlet.train.rlhf_trainers import build_trainer
-    from martlet.train.run import open_run_dir, resume_checkpoint, train_and_report
-
-    checkpoint = resume_checkpoint(args)
-    info = run_info(args, spec, template, command=args.rlhf_type)
-    info.update(dtype=dtype, data={"train": train_stats, "val": val_stats},
-                reference=_describe_reference(args, ref_model))
-    run_dir = open_run_dir(args, spec.model_type, info, checkpoint)
-    has_eval = val_set is not None
-    trainer = build_trainer(args, model, ref_model, tokenizer, train_set, val_set,
-                            _training_kwargs(args, run_dir, dtype, device, has_eval, model),
-                            _callbacks(args, info, run_dir, has_eval))
-    if args.precompute_ref_log_probs:
-        trainer.ref_model = None  # its log-probs are in the data now
-    result = train_and_report(trainer, args, run_dir, info, checkpoint)
-    if trainer.is_world_process_zero():  # as the loss curves (train/run.py): one writer, which made the folder
-        result["images"] += _plot_metrics(result["log_history"], os.path.join(run_dir, "images"))
+    result = run_training(args, PreferenceMethod())
+    if is_main_process():  # as the loss curves (train/pipeline.py): one writer, which made the folder
+        result["images"] += _plot_metrics(result["log_history"], os.path.join(result["output_dir"], "images"))
     return result
+
+
+class PreferenceMethod:
+    """The preference methods' part of the pipeline: pairs (KTO: single replies with a label) encoded by
+    `martlet.data.preference`, a frozen reference where the method needs one, trl's or Martlet's trainer."""
+
+    cut_in_template = False  # lengths are checked per pair (prompt + longer reply), not by the template
+
+    def command(self, args: RLHFArguments) -> str:
+        return args.rlhf_type
+
+    def encode(self, setup: RunSetup) -> EncodedData:
+        args = setup.args
+        train_rows, val_rows = preference_train_val_rows(args)
+        encode = dict(max_length=args.max_length, truncation_strategy=args.truncation_strategy,
+                      interleave_seed=args.seed if args.rlhf_type == "kto" else None, cache=args.load_from_cache_file)
+        with main_process_first():  # under torchrun, rank 0 tokenizes and caches; the others read the cache
+            train_set, train_stats = encode_preference_rows(train_rows, setup.template, **encode)
+            val_set, val_stats = (encode_preference_rows(val_rows, setup.template, what="val", **encode) if val_rows
+                                  else (None, None))
+        return EncodedData(train_set, val_set, {"train": train_stats, "val": val_stats})
+
+    def reference(self, setup: RunSetup) -> Reference:
+        model = _reference_model(setup)
+        return Reference(model, _describe_reference(setup.args, model))
+
+    def build_trainer(self, run: TrainingRun, model: Any, reference: Reference, data: EncodedData) -> Any:
+        has_eval = data.val is not None
+        trainer = build_trainer(run.args, model, reference.model, run.tokenizer, data.train, data.val,
+                                run.training_kwargs(model, has_eval), run.callbacks(has_eval), run.run_files)
+        if run.args.precompute_ref_log_probs:
+            trainer.ref_model = None  # its log-probs are in the data now
+        return trainer
 
 
 def dpo_main(args: DPOArguments | Sequence[str] | None = None) -> dict[str, Any]:
@@ -76,19 +80,20 @@ def orpo_main(args: ORPOArguments | Sequence[str] | None = None) -> dict[str, An
     return rlhf_main(args, cls=ORPOArguments)
 
 
-def _reference_model(args: RLHFArguments, spec: Any, dtype: str, device: str):
+def _reference_model(setup: RunSetup) -> Any:
     """A frozen reference model, or None: the LoRA model with its adapter off, precomputed log-probs (full
     training with --precompute_ref_log_probs), or a method that needs no reference."""
+    args, device = setup.args, setup.device
     if not args.uses_reference():
         return None
     if args.ref_model_id_or_path is None and (args.sft_type == "lora" or args.precompute_ref_log_probs):
         return None
-    ref_spec = spec
+    ref_spec = setup.spec
     if args.ref_model_id_or_path is not None:
         ref_spec = resolve_model(args.ref_model_type, args.ref_model_id_or_path, revision=None,
                                  check_model_is_latest=args.check_model_is_latest, hub_token=args.hub_token)
-    model = load_model(ref_spec, dtype="fp32" if device == "cpu" else dtype, trust_remote_code=args.trust_remote_code,
-                       attn_impl=_attn(args, device))
+    model = load_model(ref_spec, dtype="fp32" if device == "cpu" else setup.dtype,
+                       trust_remote_code=args.trust_remote_code, attn_impl=attention_implementation(args, device))
     model.config.use_cache = False
     return model.eval().requires_grad_(False)
 
@@ -106,8 +111,6 @@ def _describe_reference(args: RLHFArguments, ref_model: Any) -> str:
 
 def _plot_metrics(log_history: list[dict[str, Any]], images_dir: str) -> list[str]:
     """One PNG per preference metric (train and eval curves), next to SFT's loss curves."""
-    import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -21,8 +21,12 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import disable_dropout_in_model
 
 from martlet import patches
+from martlet.args.rlhf import RLHFArguments
 from martlet.train import rlhf_losses
 from martlet.train.batching import rounded_row
+from martlet.train.kernels import shape_multiple
+from martlet.train.loss import is_wrapped, lean_loss_supported, summed_cross_entropy, unwrap_causal_lm
+from martlet.train.outputs import RunFiles
 from martlet.train.trainer import AtomicCheckpointMixin
 
 
@@ -67,8 +71,6 @@ def _row_layout(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def _row_multiple(model: Any, device_type: str) -> int:
     """What to round a padding-free row's length up to (`kernels.shape_multiple`, for the activations' dtype)."""
-    from martlet.train.kernels import shape_multiple
-
     autocast = torch.is_autocast_enabled(device_type)
     return shape_multiple(device_type, torch.get_autocast_dtype(device_type) if autocast else model.dtype)
 
@@ -174,8 +176,6 @@ def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
 def padding_free_sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """`sequence_logps` on one padding-free row: the decoder sees only real tokens, and only reply tokens go through
     the LM head (with the lean loss's chunked, no-recompute cross-entropy), one sequence at a time."""
-    from martlet.train.loss import summed_cross_entropy, unwrap_causal_lm
-
     ids, reply = batch["input_ids"], batch["completion_mask"].bool()
     keep, positions, row_index = _row_layout(batch["attention_mask"])
     lm = unwrap_causal_lm(model)
@@ -198,16 +198,12 @@ class RefFreeTrainer(AtomicCheckpointMixin, Trainer):
 
     def __init__(self, *args: Any, loss_fn: Any, padding_free: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        from martlet.train.loss import lean_loss_supported
-
         self.padding_free = padding_free and lean_loss_supported(self.model)
         disable_dropout_in_model(self.model)  # as trl's trainers do: the loss compares deterministic log-probs
         self.loss_fn = loss_fn
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from martlet.train.loss import is_wrapped
-
         lean = self.padding_free and not is_wrapped(model)
         logps, tokens = (padding_free_sequence_logps if lean else sequence_logps)(model, inputs)
         (chosen, rejected), (n_chosen, n_rejected) = logps.chunk(2), tokens.chunk(2)  # the batch is [chosen, rejected]
@@ -235,11 +231,12 @@ class RefFreeTrainer(AtomicCheckpointMixin, Trainer):
         super().log(logs, start_time)
 
 
-def build_trainer(args: Any, model: Any, ref_model: Any, tokenizer: Any, train_set: Any, val_set: Any,
-                  training_kwargs: dict[str, Any], callbacks: list[Any]):
-    """The trainer for `args.rlhf_type`, configured from the SFT training keywords plus the preference ones."""
+def build_trainer(args: RLHFArguments, model: Any, ref_model: Any, tokenizer: Any, train_set: Any, val_set: Any,
+                  training_kwargs: dict[str, Any], callbacks: list[Any], run_files: RunFiles | None = None):
+    """The trainer for `args.rlhf_type`, configured from the SFT training keywords plus the preference ones;
+    `run_files` go into every checkpoint."""
     common = dict(model=model, train_dataset=train_set, eval_dataset=val_set, processing_class=tokenizer,
-                  callbacks=callbacks)
+                  callbacks=callbacks, run_files=run_files)
     kind, beta, loss_type = args.rlhf_type, args.effective_beta(), args.effective_loss_type()
     reference = dict(beta=beta, max_length=None, precompute_ref_log_probs=args.precompute_ref_log_probs)
     if kind == "dpo":

@@ -1,5 +1,5 @@
-"""The part every training command shares: the run folder (new, or the one being resumed), training
-under signal handling, and the result (best/last checkpoint, curves)."""
+"""The run folder every training command shares: checked before any work (writable, room for a checkpoint, no
+other run in it), the checkpoint to resume from, and the folder opened (new, or the one being resumed)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import fnmatch
 import logging
 import os
 import shutil
-from typing import Any
+import tempfile
 
+from martlet.args import SftArguments
 from martlet.errors import MartletError
-from martlet.train.outputs import ARGS_FILE, RUN_INFO_FILE, new_run_dir, plot_history, save_run_files
+from martlet.launch import broadcast, is_main_process
+from martlet.train.outputs import ARGS_FILE, RUN_INFO_FILE, RunFiles, new_run_dir
+from martlet.train.trainer import checkpoint_problem, checkpoints_newest_first, trim_log
 
 logger = logging.getLogger("martlet")
 # what a run leaves in its folder: another run written there would mix with it
@@ -19,33 +22,11 @@ ONLY_MODEL_HINT = ("Resume from a whole checkpoint, or pass --resume_only_model 
                    "weights alone (fresh optimizer and learning-rate schedule).")
 
 
-def prepare_run(args: Any) -> tuple[str, str, Any, Any]:
-    """(device, dtype, model spec, tokenizer) of validated training arguments: registrations applied first,
-    then the model resolved and the output folder checked before any work."""
-    import torch
-
-    from martlet.custom import apply_custom_registrations
-    from martlet.models.dtype import resolve_dtype
-    from martlet.models.loader import load_tokenizer, resolve_model
-
-    apply_custom_registrations(args)  # before any model, template or dataset name is resolved
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = resolve_dtype(args.dtype, device)
-    spec = resolve_model(args.model_type, args.model_id_or_path, check_model_is_latest=args.check_model_is_latest,
-                         revision=args.model_revision, hub_token=args.hub_token)
-    check_output_dir(args, spec.model_dir)  # writable, with room for a checkpoint
-    pick_checkpoint(args)  # a checkpoint that is not whole stops the run here, before any work
-    check_run_folder(args)  # no mixing with another run written into the same folder
-    return device, dtype, spec, load_tokenizer(spec.model_dir, trust_remote_code=args.trust_remote_code)
-
-
-def pick_checkpoint(args: Any) -> tuple[str | None, list[str]]:
+def pick_checkpoint(args: SftArguments) -> tuple[str | None, list[str]]:
     """(the checkpoint to resume from, absolute, or None; the newer checkpoints passed over, each with why).
 
     `true` picks the newest whole checkpoint under --output_dir; a folder named explicitly must be whole. With
     --resume_only_model only the weights are asked for."""
-    from martlet.train.trainer import checkpoint_problem, checkpoints_newest_first
-
     value, only_model = args.resume_from_checkpoint, args.resume_only_model
     if not value:
         if only_model:
@@ -72,7 +53,7 @@ def pick_checkpoint(args: Any) -> tuple[str | None, list[str]]:
                        hint=ONLY_MODEL_HINT if skipped and not only_model else "Start without --resume_from_checkpoint.")
 
 
-def resume_checkpoint(args: Any) -> str | None:
+def resume_checkpoint(args: SftArguments) -> str | None:
     """The checkpoint to resume from (see `pick_checkpoint`), saying which newer ones were skipped and why."""
     checkpoint, skipped = pick_checkpoint(args)
     for line in skipped:
@@ -89,11 +70,9 @@ def previous_run_files(folder: str) -> list[str]:
     return sorted(n for n in names if any(fnmatch.fnmatch(n, pattern) for pattern in RUN_FILES))
 
 
-def check_run_folder(args: Any) -> None:
+def check_run_folder(args: SftArguments) -> None:
     """A new run written straight into --output_dir (--add_output_dir_suffix false) finds no other run there,
     or is told to replace it (--overwrite_output_dir). A resumed run continues in its own folder."""
-    from martlet.launch import is_main_process
-
     resuming = args.resume_from_checkpoint and not args.resume_only_model
     if args.add_output_dir_suffix or resuming or not is_main_process():
         return
@@ -108,15 +87,12 @@ def check_run_folder(args: Any) -> None:
                            file=folder, field="overwrite_output_dir", hint="Choose another --output_dir.")
 
 
-def open_run_dir(args: Any, model_type: str, info: dict[str, Any], checkpoint: str | None) -> str:
-    """A new run folder, or the resumed checkpoint's own (its log cut back to the checkpoint's step)."""
-    from martlet.launch import broadcast, is_main_process
-
+def open_run_dir(args: SftArguments, model_type: str, run_files: RunFiles, checkpoint: str | None) -> str:
+    """A new run folder, or the resumed checkpoint's own (its log cut back to the checkpoint's step), with the
+    run files written in it."""
     if not is_main_process():  # under torchrun only rank 0 writes; the others learn its folder
         return broadcast(None)
     if checkpoint and not args.resume_only_model:
-        from martlet.train.trainer import trim_log
-
         run_dir = os.path.dirname(checkpoint)
         trim_log(os.path.join(run_dir, "logging.jsonl"), int(os.path.basename(checkpoint).split("-")[1]))
         logger.info("resuming %s from %s", run_dir, checkpoint)
@@ -132,62 +108,14 @@ def open_run_dir(args: Any, model_type: str, info: dict[str, Any], checkpoint: s
         if replaced:
             logger.warning("--overwrite_output_dir: deleted the previous run's %s in %s", ", ".join(replaced), run_dir)
         os.makedirs(run_dir, exist_ok=True)
-    save_run_files(run_dir, args, info)
+    run_files.write(run_dir)
     logger.info("run folder: %s", run_dir)
     return broadcast(run_dir)
 
 
-def train_and_report(trainer: Any, args: Any, run_dir: str, info: dict[str, Any],
-                     checkpoint: str | None) -> dict[str, Any]:
-    """Train (a signal saves and stops), plot the curves and return the result dict."""
-    from martlet.train.trainer import StopOnSignal
-
-    trainer.martlet_run_args, trainer.martlet_run_info = args, info
-    stopper = StopOnSignal()
-    trainer.add_callback(stopper)
-    if checkpoint and args.resume_only_model:
-        trainer._load_from_checkpoint(checkpoint)  # the weights alone, by transformers' own loader
-        checkpoint = None
-    finished = _finished_state(trainer, checkpoint) if checkpoint else None
-    if finished is not None:  # the Trainer would still take one more step
-        trainer.state = finished
-        logger.info("%s is already at step %d: nothing left to train (raise --max_steps or "
-                    "--num_train_epochs to train on).", checkpoint, finished.global_step)
-    else:
-        with stopper.installed():
-            trainer.train(resume_from_checkpoint=checkpoint)
-    state = trainer.state
-    last = os.path.join(run_dir, f"checkpoint-{state.global_step}")
-    # absolute, as a fresh run's (the state read back from a checkpoint holds the paths of the run that wrote it)
-    best = os.path.join(run_dir, os.path.basename(state.best_model_checkpoint)) if state.best_model_checkpoint else last
-    images = plot_history(state.log_history, os.path.join(run_dir, "images")) if trainer.is_world_process_zero() else []
-    result = {"best_model_checkpoint": best, "last_model_checkpoint": last, "best_metric": state.best_metric,
-              "global_step": state.global_step, "log_history": state.log_history, "output_dir": run_dir,
-              "images": images, "dataset_info": info.get("data"), "interrupted": stopper.received is not None}
-    if stopper.received is not None:
-        logger.warning("stopped at step %d; resume with: --resume_from_checkpoint %s", state.global_step, last)
-    logger.info("best_model_checkpoint: %s", best)
-    logger.info("last_model_checkpoint: %s", last)
-    return result
-
-
-def _finished_state(trainer: Any, checkpoint: str) -> Any:
-    """The checkpoint's TrainerState when it already holds every step this run asks for (as the Trainer counts
-    them), else None."""
-    from transformers import TrainerState
-
-    state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
-    total = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
-    return state if state.global_step >= total else None
-
-
-def check_output_dir(args: Any, model_dir: str) -> None:
+def check_output_dir(args: SftArguments, model_dir: str) -> None:
     """Before any work: the output folder can be created and written, and has room for a checkpoint
     (full training: about 4x the model files, for weights and optimizer state; LoRA: a tenth)."""
-    import tempfile
-
-    from martlet.launch import is_main_process
-
     if not is_main_process():
         return
     target = os.path.abspath(args.output_dir)
@@ -206,7 +134,7 @@ def check_output_dir(args: Any, model_dir: str) -> None:
         raise MartletError(f"cannot write there ({exc.strerror or exc}).", file=target, field="output_dir") from None
     model_bytes = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(model_dir)
                       for f in files if f.endswith((".safetensors", ".bin")))
-    needed = int(model_bytes * (4 if getattr(args, "sft_type", "lora") == "full" else 0.1)) + 50 * 2**20
+    needed = int(model_bytes * (4 if args.sft_type == "full" else 0.1)) + 50 * 2**20
     free = shutil.disk_usage(probe_dir).free
     if free < needed:
         raise MartletError(f"only {free / 2**30:.2f} GiB free, a checkpoint needs about {needed / 2**30:.2f} GiB.",

@@ -18,13 +18,16 @@ import logging
 import os
 import shutil
 import signal
+import threading
 from typing import Any, Iterator
 
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
 from martlet import patches
-from martlet.train.outputs import save_run_files
+from martlet.train.loss import causal_lm_loss
+from martlet.train.outputs import RunFiles
 from martlet.utils import follow_umask
 
 logger = logging.getLogger("martlet")
@@ -33,14 +36,20 @@ TRAINER_STATE = "trainer_state.json"
 
 
 class AtomicCheckpointMixin:
-    """Mix into a Trainer subclass: checkpoints appear whole or not at all."""
+    """Mix into a Trainer subclass: checkpoints appear whole or not at all, each with the run's files
+    (`run_files`: the arguments and martlet_run.json, so `--ckpt_dir` alone is enough later; None writes none)."""
 
-    martlet_run_args: Any = None
-    martlet_run_info: dict[str, Any] | None = None
+    def __init__(self, *args: Any, run_files: RunFiles | None = None, **kwargs: Any):
+        self.run_files = run_files
+        super().__init__(*args, **kwargs)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:  # transformers' hook: patch `atomic_checkpoint`
         if not patches.usable("atomic_checkpoint", Trainer, key=Trainer):
-            return super()._save_checkpoint(model, trial)
+            super()._save_checkpoint(model, trial)
+            final = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            if self.args.should_save and self.run_files is not None and os.path.isdir(final):
+                self.run_files.write(final)
+            return None
         run_dir = self._get_output_dir(trial=trial)
         step = self.state.global_step
         final = os.path.join(run_dir, f"checkpoint-{step}")
@@ -59,14 +68,10 @@ class AtomicCheckpointMixin:
             best = os.path.join(run_dir, f"checkpoint-{self.state.best_global_step}")
             if self.state.best_global_step == step or os.path.isdir(best):
                 self.state.best_model_checkpoint = best
-        if os.environ.get("MARTLET_FAULT_KILL_IN_SAVE") == str(step):  # fault injection for the tests
-            os.kill(os.getpid(), signal.SIGKILL)
         if self.args.should_save:
-            from transformers.trainer import TRAINER_STATE_NAME
-
             self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))  # with the final paths
-            if self.martlet_run_args is not None:
-                save_run_files(staged, self.martlet_run_args, self.martlet_run_info or {})
+            if self.run_files is not None:
+                self.run_files.write(staged)
             if os.path.isdir(final):  # saved again at the same step (e.g. the last one)
                 shutil.rmtree(final)
             follow_umask(staged)  # safetensors writes its files 0600
@@ -80,14 +85,14 @@ class MartletTrainer(AtomicCheckpointMixin, Trainer):
     """transformers' Trainer with whole-or-nothing checkpoints and, when `lean_loss` is on, the memory-lean
     causal LM loss of `martlet.train.loss` (same value as the library's, without full logits)."""
 
-    lean_loss: bool = False
+    def __init__(self, *args: Any, lean_loss: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.lean_loss = lean_loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.lean_loss or "labels" not in inputs or self.label_smoother is not None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        from martlet.train.loss import causal_lm_loss
-
         with self.accelerator.autocast():  # the mixed precision accelerate gives a model's own forward
             loss = causal_lm_loss(model, inputs, num_items_in_batch)
         # normalised over the whole accumulated batch when the Trainer counted its tokens (as the library's loss)
@@ -112,8 +117,6 @@ class StopOnSignal(TrainerCallback):
     @contextlib.contextmanager
     def installed(self) -> Iterator["StopOnSignal"]:
         """Handle the signals while training runs (main thread only), then restore the old handlers."""
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             yield self
             return

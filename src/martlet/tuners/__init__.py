@@ -1,7 +1,8 @@
 """`from martlet.tuners import Swift`: the spec's adapter API, with peft doing the work.
 
 `Swift.from_pretrained(model, ckpt_dir, inference_mode=True)` puts the LoRA adapter saved in a
-checkpoint of `martlet sft` on a loaded base model (a `peft.PeftModel`).
+checkpoint of `martlet sft` on a loaded base model (a `peft.PeftModel`). This is the user's side of adapters:
+loading and merging trained ones. Setting up new adapters for training is `martlet.train.lora_setup`.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from martlet.train import native
+from martlet.train.kernels import shape_multiple
+
 NAME = "martlet_varlen"
 EAGER_MAX_LEN = 160  # below this many tokens plain matmul + softmax beats the CPU sdpa kernel (fwd + bwd, bf16)
 
@@ -51,9 +54,6 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     import torch
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from martlet.train import native
-    from martlet.train.kernels import shape_multiple
 
     lengths = sample_lengths(kwargs.get("position_ids"))
     window = kwargs.get("sliding_window")

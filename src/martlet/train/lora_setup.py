@@ -1,9 +1,12 @@
-"""LoRA (and full) preparation of a loaded model, with peft doing the work."""
+"""LoRA set-up of a model about to be trained (`martlet sft`, `martlet rlhf`): the adapters wrapped around the
+modules the arguments name, with peft doing the work. (Loading a trained adapter onto a model, the spec's
+`Swift.from_pretrained`, is `martlet.tuners`.)"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from martlet.args.lora import TunerArguments
 from martlet.errors import MartletError
 
 
@@ -19,7 +22,7 @@ def lora_targets(requested: list[str], default: tuple[str, ...] | None) -> str |
     return list(requested)
 
 
-def apply_lora(model: Any, args: Any, default_targets: tuple[str, ...] | None):
+def apply_lora(model: Any, args: TunerArguments, default_targets: tuple[str, ...] | None):
     """Wrap `model` in a peft LoRA model as the arguments say; trainable weights stay in fp32."""
     import torch
     from peft import LoraConfig, get_peft_model
