@@ -71,10 +71,14 @@ def test_merged_model_gives_base_plus_adapter_logits(lora_ckpt, tiny_llama):
 def test_spec_command_line_runs_as_written(lora_ckpt):
     # CUDA_VISIBLE_DEVICES=0 swift export --ckpt_dir 'xxx/vx-xxx/checkpoint-xxx' --merge_lora true
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="0", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "martlet", "export", "--ckpt_dir", lora_ckpt, "--merge_lora", "true",
-                           "--replace_if_exists", "true"], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"merged: {lora_ckpt}-merged" in proc.stdout
+    for again in ("true", "false"):  # merging, then reusing the merged folder
+        proc = subprocess.run([sys.executable, "-m", "martlet", "export", "--ckpt_dir", lora_ckpt, "--merge_lora",
+                               "true", "--replace_if_exists", again], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"merged: {lora_ckpt}-merged" in proc.stdout
+        naming = [line for line in (proc.stdout + proc.stderr).splitlines() if f"{lora_ckpt}-merged" in line]
+        assert len(naming) == 1, naming  # the result path, printed once
     assert os.path.isfile(os.path.join(lora_ckpt + "-merged", "model.safetensors"))
 
 

@@ -43,7 +43,6 @@ def export_main(args: ExportArguments | Sequence[str] | None = None) -> dict[str
     result: dict[str, Any] = {"source": source.path}
     if source.checkpoint is not None and source.path != source.checkpoint.path:
         result["merged"] = source.path
-        logger.info("merged model: %s", source.path)
     if method == "gguf":
         result.update(export_gguf(args, source))
     elif method is not None:
@@ -174,7 +173,9 @@ def _atomic_dir(target: str) -> Iterator[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     result = export_main(argv)
-    for key in ("source", "merged", "gguf", "modelfile", "quantized", "hub_url"):
-        if result.get(key):
+    printed = set()
+    for key in ("merged", "source", "gguf", "modelfile", "quantized", "hub_url"):  # each path once
+        if result.get(key) and result[key] not in printed:
             print(f"{key}: {result[key]}")
+            printed.add(result[key])
     return 0

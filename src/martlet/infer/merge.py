@@ -46,7 +46,8 @@ def merge_lora(args: Any, replace_if_exists: bool = False, device_map: Optional[
         return ckpt.path
     target = merged_dir(ckpt.path)
     if os.path.isdir(target) and not (replace_if_exists or getattr(args, "replace_if_exists", False)):
-        logger.info("using the merged model already in %s (pass --replace_if_exists true to merge again).", target)
+        logger.info("%s has a merged model already: using it (pass --replace_if_exists true to merge again).",
+                    ckpt.path)
         return target
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}-", dir=os.path.dirname(target))
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the merged model is an ordinary folder
@@ -63,7 +64,7 @@ def merge_lora(args: Any, replace_if_exists: bool = False, device_map: Optional[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("merged model: %s", target)
+    logger.info("merged %s into its base model.", ckpt.path)  # where to: the caller says (it has the path)
     return target
 
 
