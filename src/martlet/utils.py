@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
 import sys
+import warnings
+from typing import Iterator
 
 
 # Library log lines that tell a user nothing to act on in a normal run: logger -> the start of the message.
@@ -22,6 +25,15 @@ class _QuietLines(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.start)
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Around peft's model wrapping: peft 0.21 asks transformers 5 a deprecated question
+    (`is_gradient_checkpointing`, a FutureWarning every user would see), which is not the user's to answer."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def quiet_library_lines() -> None:

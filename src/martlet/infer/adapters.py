@@ -14,10 +14,10 @@ import contextlib
 import itertools
 import os
 import threading
-import warnings
 from typing import Any, Iterator, Optional, Sequence
 
 from martlet.errors import MartletError
+from martlet.utils import peft_quietly
 
 AS_LOADED = "<as loaded>"  # not an adapter name: the model as it was loaded (its active adapter, if any)
 
@@ -35,8 +35,7 @@ def attach_adapters(model: Any, modules: Sequence[tuple[str, str]]) -> Any:
             raise MartletError("this folder holds no LoRA adapter (adapter_config.json).", file=folder,
                                field="lora_modules")
         try:
-            with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            with peft_quietly():
                 if is_peft(model):
                     model.load_adapter(folder, adapter_name=name, is_trainable=False)
                 else:

@@ -8,10 +8,10 @@ loading and merging trained ones. Setting up new adapters for training is `martl
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 from martlet.errors import MartletError
+from martlet.utils import peft_quietly
 
 
 class Swift:
@@ -26,8 +26,7 @@ class Swift:
             raise MartletError("this folder holds no LoRA adapter (adapter_config.json).", file=folder,
                                hint="A full or -merged checkpoint is a whole model: load it with "
                                     "get_model_tokenizer(model_type, model_id_or_path=folder) instead.")
-        with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question; not the user's
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with peft_quietly():
             model = PeftModel.from_pretrained(model, folder if os.path.isdir(folder) else model_id,
                                               adapter_name=adapter_name, is_trainable=not inference_mode,
                                               revision=revision, **kwargs)
