@@ -102,7 +102,8 @@ def test_f32_gguf_round_trip_through_transformers_is_exact(tmp_path, tiny_models
     for text in ("Hello, world! <|im_start|>user\nWhat is 2 + 3?<|im_end|>\n 二十。<start_of_turn>",
                  "In 2024, 12345 + 678 = 13023.", "Steps:\n\n1. add  7\n    42"):
         assert back_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"], text
-    assert tokenizer.tokenize("x  42") == ["x", "ĠĠ", "4", "2"]  # SmolLM2's split (GPT-2's: 'Ġ', 'Ġ', '4', '2')
+    if arch != "qwen2":  # (transformers' Qwen2Tokenizer, picked from the config, brings Qwen2's own split)
+        assert tokenizer.tokenize("x  42") == ["x", "ĠĠ", "4", "2"]  # SmolLM2's split (GPT-2's: 'Ġ', 'Ġ', '4', '2')
     assert back_tokenizer.chat_template == tokenizer.chat_template
     assert (back_tokenizer.bos_token, back_tokenizer.eos_token) == (tokenizer.bos_token, tokenizer.eos_token)
 
