@@ -1,0 +1,111 @@
+"""The built-in suites: held-out questions with the answer each reply is graded against, all offline.
+
+* `math-en`, `math-zh`: generated word problems of every kind (math_gen), seeded apart from training.
+* `math-easy-en`, `math-easy-zh`: two-number arithmetic only (addition, subtraction, multiplication).
+* `self-cognition`: "who are you?" / "who made you?" phrasings that the training set does not hold; a reply
+  passes when it contains the expected name or author (the Chinese one for a Chinese question).
+
+Held out means: no question equals one of the first `TRAIN_ROWS_CHECKED` rows the math built-ins
+(`--dataset math-word-problems[-en|-zh]`, and an easy set drawn the same way) give at the default
+`--dataset_seed`; such a row is dropped from a suite. The same arguments always give the same questions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import random
+from typing import Sequence
+
+from martlet.args.data import DataArguments
+from martlet.data.builtin import math_gen
+from martlet.errors import MartletError
+from martlet.evaluation.grading import is_correct_number, names_expected
+
+EVAL_SEED = 20261211  # far from the seeds people train with (42, 0, 1, ...)
+TRAIN_SEED = next(f.default for f in dataclasses.fields(DataArguments) if f.name == "dataset_seed")
+TRAIN_ROWS_CHECKED = 10000
+DEFAULT_LIMIT = 100
+EASY_KINDS = ("add", "sub", "mul")
+MATH_SUITES = {"math-en": ("en", False), "math-zh": ("zh", False), "math-easy-en": ("en", True),
+               "math-easy-zh": ("zh", True)}
+_HELDOUT_FILE = os.path.join(os.path.dirname(__file__), "self_cognition_heldout.jsonl")
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """One question of a suite: the conversation to answer and what a correct reply holds."""
+
+    messages: tuple  # ({"role": "user", "content": ...},)
+    expected: str  # the exact answer ("38", "5/6"), or the name or author the reply must contain
+    grading: str  # "number": the reply's final number equals `expected`; "contains": the reply contains it
+
+    def is_correct(self, reply: str) -> bool:
+        if self.grading == "number":
+            return is_correct_number(reply, self.expected)
+        return names_expected(reply, self.expected)
+
+
+def easy_rows(n: int, seed: int, lang: str) -> list[dict]:
+    """`n` two-number arithmetic word problems ({query, answer}), distinct, drawn like math_gen's rows."""
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < n:
+        query, _, answer, _ = math_gen.KINDS[EASY_KINDS[len(rows) % len(EASY_KINDS)]](rng, lang)
+        if query not in seen:
+            seen.add(query)
+            rows.append({"query": query, "answer": str(answer)})
+    return rows
+
+
+@functools.lru_cache(maxsize=None)
+def training_queries() -> frozenset:
+    """The questions of the first TRAIN_ROWS_CHECKED rows the math built-ins train on by default."""
+    queries = set()
+    for lang in math_gen.LANGS:
+        queries.update(row["query"] for row in math_gen.generate(TRAIN_ROWS_CHECKED, seed=TRAIN_SEED, lang=lang))
+    for lang in ("en", "zh"):
+        queries.update(row["query"] for row in easy_rows(TRAIN_ROWS_CHECKED, TRAIN_SEED, lang))
+    return frozenset(queries)
+
+
+def math_questions(suite: str, limit: int) -> list[Question]:
+    """The first `limit` held-out questions of a math suite (the same ones for every run)."""
+    lang, easy = MATH_SUITES[suite]
+    pool = limit * 2 + 50
+    rows = easy_rows(pool, EVAL_SEED, lang) if easy else math_gen.generate(pool, seed=EVAL_SEED, lang=lang)
+    seen = training_queries()
+    kept = [row for row in rows if row["query"] not in seen][:limit]
+    return [Question(({"role": "user", "content": row["query"]},), row["answer"], "number") for row in kept]
+
+
+def self_cognition_questions(limit: int, model_name: Sequence[str], model_author: Sequence[str]) -> list[Question]:
+    """Held-out identity questions; a Chinese question expects the first name given, an English one the last."""
+    for field, values in (("model_name", model_name), ("model_author", model_author)):
+        if not values:
+            raise MartletError("the self-cognition suite needs the name and author the model should give.",
+                               field=field, hint="Pass --model_name and --model_author (e.g. --model_name 小鹦 "
+                                                 "Martlet --model_author 鸟社 Birdhouse), or a --ckpt_dir "
+                                                 "trained with them.")
+    questions = []
+    with open(_HELDOUT_FILE, encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            values = model_name if row["expect"] == "name" else model_author
+            expected = values[0] if row["lang"] == "zh" else values[-1]
+            questions.append(Question(({"role": "user", "content": row["query"]},), expected, "contains"))
+    return questions[:limit]
+
+
+def builtin_questions(suite: str, limit: int | None = None, *, model_name: Sequence[str] = (),
+                      model_author: Sequence[str] = ()) -> list[Question]:
+    """The questions of a built-in suite: at most `limit` (default DEFAULT_LIMIT)."""
+    limit = limit or DEFAULT_LIMIT
+    if suite == "self-cognition":
+        return self_cognition_questions(limit, model_name, model_author)
+    if suite not in MATH_SUITES:
+        raise MartletError(f"unknown built-in suite '{suite}'.", field="eval_dataset",
+                           hint=f"Built-in suites: {', '.join([*MATH_SUITES, 'self-cognition'])}.")
+    return math_questions(suite, limit)
