@@ -14,6 +14,8 @@ _EXPORTS = {
     "sft_main": "martlet.train.sft", "pt_main": "martlet.train.sft",
     "RLHFArguments": "martlet.args.rlhf", "DPOArguments": "martlet.args.rlhf", "ORPOArguments": "martlet.args.rlhf",
     "rlhf_main": "martlet.train.rlhf", "dpo_main": "martlet.train.rlhf", "orpo_main": "martlet.train.rlhf",
+    "GRPOArguments": "martlet.args.rlhf", "grpo_main": "martlet.train.rlhf",
+    "RewardModel": "martlet.train.reward_model", "register_reward_func": "martlet.train.rewards",
     # models, templates, data
     "ModelType": "martlet.models.registry", "register_model": "martlet.models.registry",
     "get_model_info": "martlet.models.registry",

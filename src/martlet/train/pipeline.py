@@ -100,7 +100,8 @@ def run_training(args: SftArguments, method: TrainingMethod) -> dict[str, Any]:
     """Train with validated `args` as `method` says; returns {best_model_checkpoint, last_model_checkpoint, ...}."""
     setup = prepare_run(args, cut_in_template=method.cut_in_template)
     data = method.encode(setup)
-    model = load_for_training(args, setup.spec, setup.dtype, setup.device)
+    load = getattr(method, "load_model", load_for_training)  # (a reward model: a score head, not an LM head)
+    model = load(args, setup.spec, setup.dtype, setup.device)
     reference = method.reference(setup)
     checkpoint = resume_checkpoint(args)
     info = RunInfo.of(args, setup.spec, setup.template, command=method.command(args), dtype=setup.dtype,

@@ -1,4 +1,5 @@
-"""`martlet rlhf` / `rlhf_main` (DPO, ORPO, SimPO, CPO, KTO), `martlet dpo` and `martlet orpo`: read top to bottom.
+"""`martlet rlhf` / `rlhf_main` (DPO, ORPO, SimPO, CPO, KTO; GRPO and reward models: train/grpo.py,
+train/reward_model.py), `martlet dpo`, `martlet orpo` and `martlet grpo`: read top to bottom.
 
 parse -> validate -> model files -> tokenizer and template -> preference data -> model (+LoRA) -> reference
 -> run folder -> trainer -> train -> curves -> result. Everything but the data, the reference and the trainer
@@ -14,17 +15,20 @@ from typing import Any, Sequence
 import matplotlib
 
 from martlet.args import parse_cli
-from martlet.args.rlhf import DPOArguments, ORPOArguments, RLHFArguments
+from martlet.args.rlhf import DPOArguments, GRPOArguments, ORPOArguments, RLHFArguments
 from martlet.data.preference import encode_preference_rows, preference_train_val_rows
 from martlet.launch import is_main_process, main_process_first
 from martlet.models.loader import load_model, resolve_model
+from martlet.train.grpo import GrpoMethod
 from martlet.train.model_setup import attention_implementation
 from martlet.train.pipeline import EncodedData, Reference, RunSetup, TrainingRun, run_training
+from martlet.train.reward_model import RewardModelMethod
 from martlet.train.rlhf_trainers import build_trainer
 from martlet.utils import setup_logging
 
 METRICS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
-           "logps/rejected")
+           "logps/rejected", "reward", "reward_std", "frac_reward_zero_std", "kl", "completions/mean_length",
+           "accuracy")  # (grpo: trl's names, and each reward's mean: rewards/<name>/mean, added per run)
 
 
 def rlhf_main(args: RLHFArguments | Sequence[str] | None = None, *, cls: type = RLHFArguments) -> dict[str, Any]:
@@ -33,7 +37,8 @@ def rlhf_main(args: RLHFArguments | Sequence[str] | None = None, *, cls: type = 
     if not isinstance(args, RLHFArguments):
         args = parse_cli(cls, args)
     args.validate()
-    result = run_training(args, PreferenceMethod())
+    method = {"grpo": GrpoMethod, "rm": RewardModelMethod}.get(args.rlhf_type, PreferenceMethod)()
+    result = run_training(args, method)
     if is_main_process():  # as the loss curves (train/pipeline.py): one writer, which made the folder
         result["images"] += _plot_metrics(result["log_history"], os.path.join(result["output_dir"], "images"))
     return result
@@ -80,6 +85,10 @@ def orpo_main(args: ORPOArguments | Sequence[str] | None = None) -> dict[str, An
     return rlhf_main(args, cls=ORPOArguments)
 
 
+def grpo_main(args: GRPOArguments | Sequence[str] | None = None) -> dict[str, Any]:
+    return rlhf_main(args, cls=GRPOArguments)
+
+
 def _reference_model(setup: RunSetup) -> Any:
     """A frozen reference model, or None: the LoRA model with its adapter off, precomputed log-probs (full
     training with --precompute_ref_log_probs), or a method that needs no reference."""
@@ -115,7 +124,9 @@ def _plot_metrics(log_history: list[dict[str, Any]], images_dir: str) -> list[st
     import matplotlib.pyplot as plt
 
     written = []
-    for key in METRICS:
+    keys = dict.fromkeys(METRICS + tuple(k for h in log_history for k in h if k.startswith("rewards/")
+                                         and k.endswith("/mean")))
+    for key in keys:
         curves = {name: [(h["step"], h[k]) for h in log_history if k in h and "step" in h]
                   for name, k in (("train", key), ("eval", f"eval_{key}"))}
         if not any(curves.values()):
@@ -147,3 +158,7 @@ def dpo_cli(argv: Sequence[str] | None = None) -> int:
 
 def orpo_cli(argv: Sequence[str] | None = None) -> int:
     return 130 if orpo_main(argv)["interrupted"] else 0
+
+
+def grpo_cli(argv: Sequence[str] | None = None) -> int:
+    return 130 if grpo_main(argv)["interrupted"] else 0
