@@ -14,7 +14,7 @@ import re
 import sys
 import types
 import typing
-from typing import Any, ClassVar, Literal, Protocol, Sequence, TypeVar, get_args, get_origin
+from typing import Any, Callable, ClassVar, Collection, Literal, Protocol, Sequence, TypeVar, get_args, get_origin
 
 from martlet.errors import MartletError, did_you_mean
 
@@ -27,6 +27,21 @@ class Arguments(Protocol):
     """Any argument dataclass (SftArguments, InferArguments, ...)."""
 
     __dataclass_fields__: ClassVar[dict[str, Any]]
+
+
+class ExtraKeys(Protocol):
+    """The keys a dict field takes besides the class's own fields (e.g. transformers' TrainingArguments fields):
+    any such key on the command line or in a config file is routed into that field."""
+
+    def names(self) -> Collection[str]:
+        """Every accepted key (may import a heavy library: called only when a key is not the class's own)."""
+
+    def convert(self, values: dict[str, Any], where: str) -> dict[str, Any]:
+        """The values typed as their keys want; MartletError naming the key for a bad key or value."""
+
+
+# An option whose values go to one or more fields, by their form: raw value -> {field: raw value}
+Route = Callable[[Any], dict[str, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,16 +87,22 @@ def _number(value: float) -> str:
 
 
 def arg(default: Any = None, help: str = "", *, aliases: Sequence[str] = (), choices: Sequence[Any] | None = None,
-        bounds: str | None = None, unset: Sequence[float] = ()) -> Any:
+        bounds: str | None = None, unset: Sequence[float] = (), spellings: dict[str, Any] | None = None,
+        extra_keys: ExtraKeys | None = None) -> Any:
     """A dataclass field with its help text, CLI aliases and allowed values.
 
     `bounds` is the interval a number must lie in ("[0, 1)", "[1, inf)"), `unset` the values outside it that
     mean "not set" (e.g. -1). The help (so `--help` and the argument reference) ends with the range, and a
-    value outside it is an error naming the field, when parsed and in `validate()`.
+    value outside it is an error naming the field, when parsed and in `validate()`. `spellings` maps other
+    names of a value to Martlet's (ms-swift 3's "bfloat16" -> "bf16"), read as Martlet's when parsed.
+    `extra_keys` (a dict field) takes the keys outside the class's own fields that it accepts (see ExtraKeys).
     """
     rng = Range.parse(bounds, unset) if bounds else None
     text = f"{help} Must be {rng}." if rng else help
-    meta = {"help": text, "aliases": tuple(aliases), "choices": tuple(choices) if choices else None, "range": rng}
+    if spellings:
+        text += " Also accepted: " + ", ".join(f"{k} ({v})" for k, v in spellings.items()) + "."
+    meta = {"help": text, "aliases": tuple(aliases), "choices": tuple(choices) if choices else None, "range": rng,
+            "spellings": dict(spellings or {}), "extra_keys": extra_keys}
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -137,7 +158,7 @@ def convert(value: Any, tp: Any, name: str, where: str = "command line") -> Any:
             return float(value)
         if tp is str or tp is Any:
             return str(value) if not isinstance(value, (dict, list)) else value
-        if tp is dict:
+        if tp is dict or get_origin(tp) is dict:
             return json.loads(value) if isinstance(value, str) else dict(value)
         return tp(value)
     except (ValueError, TypeError, json.JSONDecodeError) as exc:
@@ -192,31 +213,104 @@ def _spellings(names: dict[str, str]) -> list[str]:
     return fields + sorted(n for n in names if "-" not in n and n not in fields)
 
 
-def by_field(cls: type, values: dict[str, Any], where: str = "command line") -> dict[str, Any]:
-    """Raw values keyed by field name. Every unknown key is reported at once (each with its "did you mean");
-    one field given under two spellings (a name and an alias) is an error naming both."""
-    names = option_names(cls)
-    file = None if where == "command line" else where
-    unknown = [key for key in values if key not in names]
+def _extra_field(cls: type) -> tuple[str, ExtraKeys] | None:
+    """(name, keys) of the class's dict field that takes keys outside its own fields, if it has one."""
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("extra_keys") is not None:
+            return f.name, f.metadata["extra_keys"]
+    return None
+
+
+def _refuse_unknown(unknown: list[str], choices: list[str], file: str | None) -> None:
+    """Every unknown key at once, each with its "did you mean" among `choices`."""
     if len(unknown) == 1:
         key = unknown[0]
-        raise MartletError(f"unknown argument '{key}'.{did_you_mean(key.replace('-', '_'), _spellings(names))}",
+        raise MartletError(f"unknown argument '{key}'.{did_you_mean(key.replace('-', '_'), choices)}",
                            file=file, hint="Run with --help to list the arguments.")
     if unknown:
-        suggestions = [did_you_mean(key.replace("-", "_"), _spellings(names)).strip() for key in unknown]
+        suggestions = [did_you_mean(key.replace("-", "_"), choices).strip() for key in unknown]
         listed = ", ".join(f"'{key}'" + (f" ({hint})" if hint else "") for key, hint in zip(unknown, suggestions))
         raise MartletError(f"{len(unknown)} unknown arguments: {listed}.", file=file,
                            hint="Run with --help to list the arguments.")
+
+
+def _split_known(cls: type, values: dict[str, Any], names: dict[str, str],
+                 file: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the values under the class's own spellings, those its extra-keys field takes, by key); MartletError
+    for the rest, with a "did you mean" among both."""
+    unknown = [key for key in values if key not in names]
+    extra = _extra_field(cls)
+    routed: dict[str, Any] = {}
+    choices = _spellings(names)
+    if unknown and extra:
+        accepted = set(extra[1].names())
+        routed = {key.replace("-", "_"): values[key] for key in unknown if key.replace("-", "_") in accepted}
+        unknown = [key for key in unknown if key.replace("-", "_") not in accepted]
+        choices += sorted(accepted - set(choices))
+    _refuse_unknown(unknown, choices, file)
+    return {k: v for k, v in values.items() if k in names}, routed
+
+
+def _as_mapping(raw: Any, file: str | None, field: str) -> dict[str, Any]:
+    """A dict field's raw value (a JSON object as text, or a mapping from a config file) as a dict."""
+    if isinstance(raw, list):
+        if len(raw) != 1:
+            raise MartletError(f"expects one JSON object, got {len(raw)} values.", file=file, field=field)
+        raw = raw[0]
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none", "null")):
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise MartletError(f"invalid JSON: {exc}.", file=file, field=field) from None
+    if not isinstance(raw, dict):
+        raise MartletError(f"expects a JSON object of name: value, got {raw!r}.", file=file, field=field)
+    return dict(raw)
+
+
+def _targets(cls: type, key: str, raw: Any, names: dict[str, str]) -> list[tuple[str, Any]]:
+    """(field, raw value) pairs an option gives: its field, or those a route of the class (ROUTES) picks."""
+    route: Route | None = getattr(cls, "ROUTES", {}).get(key.replace("-", "_"))
+    return list(route(raw).items()) if route else [(names[key], raw)]
+
+
+def by_field(cls: type, values: dict[str, Any], where: str = "command line") -> dict[str, Any]:
+    """Raw values keyed by field name. Every unknown key is reported at once (each with its "did you mean");
+    one field given under two spellings (a name and an alias) is an error naming both. Keys the class's
+    extra-keys field takes (see ExtraKeys) are gathered into it as a dict."""
+    names = option_names(cls)
+    file = None if where == "command line" else where
+    own, routed = _split_known(cls, values, names, file)
     dash = "--" if file is None else ""
     out: dict[str, Any] = {}
     given_as: dict[str, str] = {}
-    for key, raw in values.items():
-        name = names[key]
-        if name in out:
-            raise MartletError(f"given twice, as {dash}{given_as[name]} and as {dash}{key}: give it once.",
-                               file=file, field=name)
-        out[name], given_as[name] = raw, key
+    for key, raw in own.items():
+        for name, part in _targets(cls, key, raw, names):
+            if name in out:
+                raise MartletError(f"given twice, as {dash}{given_as[name]} and as {dash}{key}: give it once.",
+                                   file=file, field=name)
+            out[name], given_as[name] = part, key
+    extra = _extra_field(cls)
+    if extra and (routed or extra[0] in out):
+        merged = _as_mapping(out.get(extra[0]), file, extra[0])
+        for key, raw in routed.items():
+            if key in merged:
+                raise MartletError(f"given twice, as {dash}{key} and in {dash}{extra[0]}: give it once.",
+                                   file=file, field=key)
+            merged[key] = raw
+        out[extra[0]] = merged
     return out
+
+
+def _respelled(cls: type, name: str, value: Any) -> Any:
+    """The value with another spelling of it (the field's `spellings`) read as Martlet's."""
+    spellings = {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("spellings")
+    if not spellings or value is None:
+        return value
+    if isinstance(value, list):
+        return [spellings.get(v, v) for v in value]
+    return spellings.get(value, value)
 
 
 def build(cls: type[T], values: dict[str, Any], where: str = "command line",
@@ -224,8 +318,12 @@ def build(cls: type[T], values: dict[str, Any], where: str = "command line",
     """An instance of `cls` from raw values keyed by any accepted spelling; unknown keys are errors. A bad value
     names `sources[field]` (the config file it came from), else `where`."""
     kwargs: dict[str, Any] = {}
+    extra = _extra_field(cls)
     for name, raw in by_field(cls, values, where).items():
         where_from = (sources or {}).get(name, where)
+        if extra and name == extra[0]:
+            kwargs[name] = extra[1].convert(raw, where_from)
+            continue
         tp, _, is_list = field_kind(cls, name)
         if is_list:
             items = raw if isinstance(raw, list) else [raw]
@@ -236,6 +334,7 @@ def build(cls: type[T], values: dict[str, Any], where: str = "command line",
                     raise MartletError(f"expects one value, got {len(raw)}: {raw}", field=name)
                 raw = raw[0]
             value = convert(raw, tp, name, where_from)
+        value = _respelled(cls, name, value)
         _check_choice(cls, name, value)
         _check_range(cls, name, value, where_from)
         kwargs[name] = value
@@ -292,6 +391,8 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None) -> T:
         values.update(build_dict(cls, _read_config(path), where=path))
     sources = dict.fromkeys(values, config[0]) if config else {}
     for name, value in by_field(cls, raw).items():
+        if isinstance(value, dict) and isinstance(values.get(name), dict):
+            value = {**values[name], **value}  # an extra-keys field: the config's keys, the command line's win
         values[name] = value
         sources.pop(name, None)
     return build(cls, values, sources=sources)
@@ -300,7 +401,7 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None) -> T:
 def build_dict(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
     """Check a config mapping's keys now (all of them), so an unknown key names the config file; keyed by field."""
     data = by_field(cls, data, where)
-    return {k: (v if isinstance(v, list) else [v]) if v is not None else ["none"] for k, v in data.items()}
+    return {k: (v if isinstance(v, (list, dict)) else [v]) if v is not None else ["none"] for k, v in data.items()}
 
 
 def format_help(cls: type, prog: str) -> str:

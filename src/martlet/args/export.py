@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import ClassVar, List, Optional
 
-from martlet.args.base import arg, check_ranges
+from martlet.args.base import Route, arg, check_ranges
+from martlet.args.infer import one_adapter
 from martlet.args.model import ModelArguments
 from martlet.errors import MartletError
 
@@ -19,8 +20,10 @@ GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 class ExportArguments(ModelArguments):
     """Merge a LoRA checkpoint, quantize it (GGUF, bnb, GPTQ, AWQ), write an Ollama Modelfile, push it to a hub."""
 
+    ROUTES: ClassVar[dict[str, Route]] = {"adapters": one_adapter}
+
     ckpt_dir: Optional[str] = arg(None, "A checkpoint of `martlet sft` (LoRA or full). Without it, --model_id_or_path "
-                                        "(default: the embedded SmolLM2) is exported.")
+                                        "(default: the embedded SmolLM2) is exported.", aliases=("adapters",))
     merge_lora: bool = arg(False, "Merge the LoRA checkpoint into its base model: writes <ckpt_dir>-merged (a plain "
                                   "transformers model). Quantizing a LoRA checkpoint merges it first anyway.",
                            aliases=("merge_lora_and_save",))

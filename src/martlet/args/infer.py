@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, ClassVar, List, Optional
 
-from martlet.args.base import arg, check_ranges
+from martlet.args.base import Route, arg, check_ranges
 from martlet.args.data import DataArguments, TemplateArguments
 from martlet.args.model import ModelArguments
 from martlet.errors import MartletError
+
+
+def one_adapter(raw: Any) -> dict[str, Any]:
+    """ms-swift 3's `--adapters` (a list) where Martlet loads one adapter: its one folder is --ckpt_dir."""
+    items = raw if isinstance(raw, list) else [raw]
+    if len(items) != 1:
+        raise MartletError(f"--adapters takes one checkpoint folder here (it is --ckpt_dir), got {len(items)}: "
+                           f"{' '.join(map(str, items))}.", field="ckpt_dir",
+                           hint="Merge them into one, or serve several with `martlet deploy --adapters "
+                                "name=path ...`.")
+    return {"ckpt_dir": items}
 
 
 @dataclass
@@ -36,9 +47,11 @@ class GenerationArguments:
 class InferArguments(ModelArguments, DataArguments, TemplateArguments, GenerationArguments):
     """Chat with a model or a fine-tuned checkpoint, or evaluate it on a dataset."""
 
+    ROUTES: ClassVar[dict[str, Route]] = {"adapters": one_adapter}
+
     ckpt_dir: Optional[str] = arg(None, "A checkpoint from `martlet sft` (LoRA, full or `-merged`). Its saved "
                                         "arguments supply the base model, template and system prompt; values given "
-                                        "here win.")
+                                        "here win.", aliases=("adapters",))
     load_dataset_config: bool = arg(False, "Evaluate on exactly the validation rows the training run of --ckpt_dir "
                                            "held out (its datasets, seed and ratio).")
     merge_lora: bool = arg(False, "Merge the LoRA checkpoint into its base model first (written to "

@@ -14,7 +14,8 @@ class TunerArguments:
                         aliases=("train_type",), choices=("lora", "full"))
     lora_target_modules: List[str] = arg(["DEFAULT"], "Where LoRA goes: DEFAULT (the model type's usual "
                                                       "attention projections), ALL (every linear layer) or "
-                                                      "module names.", aliases=("target_modules",))
+                                                      "module names.", aliases=("target_modules",),
+                                         spellings={"all-linear": "ALL"})
     lora_rank: int = arg(8, "LoRA rank r.", aliases=("lora_r",), bounds="[1, inf)")
     lora_alpha: int = arg(32, "LoRA scaling alpha (the update is scaled by alpha / rank).",
                           bounds="(0, inf)")

@@ -18,8 +18,8 @@ class ModelArguments:
     model_revision: Optional[str] = arg(None, "Hub revision (branch, tag or commit) to download.")
     dtype: str = arg("AUTO", "Compute dtype. AUTO: bf16 where the hardware computes it natively (Ampere+ GPUs, "
                              "CPUs with AVX512-BF16/AMX), fp16 on older GPUs (V100), else fp32.",
-                     aliases=("torch_dtype",),
-                     choices=("AUTO", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"))
+                     aliases=("torch_dtype",), choices=("AUTO", "bf16", "fp16", "fp32"),
+                     spellings={"auto": "AUTO", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"})
     check_model_is_latest: bool = arg(True, "Ask the hub for the newest files. false: use only local files "
                                             "(for machines without network).")
     trust_remote_code: bool = arg(False, "Allow a model's own Python code to run. Off by default: read the code "

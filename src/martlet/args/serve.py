@@ -7,9 +7,9 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, ClassVar, List, Optional
 
-from martlet.args.base import arg, check_ranges
+from martlet.args.base import Route, arg, check_ranges
 from martlet.args.infer import InferArguments
 from martlet.errors import MartletError
 
@@ -19,6 +19,19 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def deploy_adapters(raw: Any) -> dict[str, Any]:
+    """ms-swift 3's `martlet deploy --adapters`: name=path entries are --lora_modules; one folder without a name
+    is --ckpt_dir (served as the model)."""
+    items = [str(item) for item in (raw if isinstance(raw, list) else [raw])]
+    folders = [item for item in items if "=" not in item]
+    if len(folders) > 1:
+        raise MartletError(f"--adapters takes at most one folder without a name (it is --ckpt_dir), got "
+                           f"{len(folders)}: {' '.join(folders)}.", field="ckpt_dir",
+                           hint="Name the others, each as name=path: --adapters a=DIR1 b=DIR2.")
+    pairs = [item for item in items if "=" in item]
+    return {**({"ckpt_dir": folders} if folders else {}), **({"lora_modules": pairs} if pairs else {})}
 
 
 @dataclass
@@ -33,7 +46,8 @@ class ServerArguments:
                                                  "model type, else the model or checkpoint folder's name.")
     lora_modules: List[str] = arg([], "More LoRA adapters of the same base model, each as name=path; a request "
                                       "picks one by its `model`. The model of --ckpt_dir / --model_id_or_path "
-                                      "stays served under its own name.")
+                                      "stays served under its own name. ms-swift 3's --adapters name=path ... "
+                                      "lands here (and a folder given there without a name in --ckpt_dir).")
     max_body_bytes: int = arg(2 * 1024 * 1024, "Largest request body in bytes; a larger one is refused (413).",
                               bounds="[1024, inf)")
     shutdown_timeout: int = arg(30, "On SIGTERM, seconds to let requests in flight finish before closing.",
@@ -44,6 +58,8 @@ class ServerArguments:
 @dataclass
 class DeployArguments(ServerArguments, InferArguments):
     """Serve a model or checkpoint over an OpenAI-compatible HTTP API (`/v1/chat/completions`, ...)."""
+
+    ROUTES: ClassVar[dict[str, Route]] = {"adapters": deploy_adapters}
 
     def validate(self) -> "DeployArguments":
         super().validate()

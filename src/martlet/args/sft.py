@@ -6,11 +6,12 @@ import math
 import os
 from dataclasses import dataclass
 
-from martlet.args.base import check_ranges
+from martlet.args.base import check_ranges, option_names
 from martlet.args.data import DataArguments, TemplateArguments
 from martlet.args.lora import TunerArguments
 from martlet.args.model import ModelArguments
 from martlet.args.train import TrainArguments
+from martlet.args.training_passthrough import check_training_args
 from martlet.errors import MartletError, require_package
 from martlet.train.deepspeed import resolve_deepspeed
 from martlet.train.fsdp import resolve_fsdp
@@ -53,6 +54,9 @@ class SftArguments(ModelArguments, DataArguments, TemplateArguments, TunerArgume
         if resume and resume.lower() != "true" and not os.path.isdir(resume):
             raise MartletError("checkpoint folder not found.", file=self.resume_from_checkpoint,
                                field="resume_from_checkpoint")
+        check_training_args(self.training_args, option_names(type(self)),
+                            dict(learning_rate=self.effective_learning_rate(), weight_decay=self.weight_decay,
+                                 max_grad_norm=self.max_grad_norm, lr_scheduler_type=self.lr_scheduler_type))
         return self
 
     # values derived from the arguments (never written back into them)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from martlet.args.base import arg
+from martlet.args.training_passthrough import TRAINING_ARGS_KEYS
 
 
 @dataclass
@@ -53,6 +54,12 @@ class TrainArguments:
                                          "new run from them: step 0, a fresh optimizer and learning-rate schedule, "
                                          "a new run folder.")
     seed: int = arg(42, "Seed of model initialisation and data order.", bounds="[0, 4294967295]")
+    training_args: Dict[str, Any] = arg({}, "Fields of transformers' TrainingArguments that Martlet does not set "
+                                            "itself, as a JSON object, e.g. '{\"optim\": \"adafactor\"}'. Each may "
+                                            "also be given as its own argument (--optim adamw_torch_fused, "
+                                            "--adam_beta2 0.95, --lr_scheduler_kwargs '{\"min_lr\": 1e-6}'), "
+                                            "typed as transformers types it and checked by transformers before "
+                                            "the run starts.", extra_keys=TRAINING_ARGS_KEYS)
     report_to: List[str] = arg(["tensorboard"], "Where metrics go besides logging.jsonl: tensorboard, wandb, none.")
     dataloader_num_workers: int = arg(0, "Data loader worker processes.", bounds="[0, inf)")
     disable_tqdm: bool = arg(False, "Hide the progress bar.")

@@ -14,11 +14,13 @@ from martlet.train.model_setup import uses_gradient_checkpointing
 
 def training_kwargs(args: SftArguments, run_dir: str, dtype: str, device: str, has_eval: bool,
                     model: Any) -> dict[str, Any]:
-    """TrainingArguments keywords shared by every training command (also fed to trl's DPOConfig/KTOConfig)."""
+    """TrainingArguments keywords shared by every training command (also fed to trl's DPOConfig/KTOConfig); the
+    pass-through fields (--training_args, --optim, ...) on top: none is one of Martlet's own arguments, and one
+    that Martlet derives here (e.g. --warmup_steps, else from --warmup_ratio) is the user's to replace."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     checkpointing = uses_gradient_checkpointing(args, device, model.config)
     report_to = [r for r in args.report_to if r != "none"] or "none"
-    return dict(
+    kwargs = dict(
         output_dir=run_dir,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.eval_batch_size or args.batch_size,
@@ -58,3 +60,4 @@ def training_kwargs(args: SftArguments, run_dir: str, dtype: str, device: str, h
         ddp_find_unused_parameters=False,  # LoRA and full training use every trainable weight
         **({"fsdp": True, "fsdp_config": resolve_fsdp(args.fsdp, args.fsdp_config)} if args.fsdp else {}),
     )
+    return {**kwargs, **args.training_args}
