@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import random
@@ -89,14 +90,16 @@ def self_cognition_questions(limit: int, model_name: Sequence[str], model_author
                                field=field, hint="Pass --model_name and --model_author (e.g. --model_name 小鹦 "
                                                  "Martlet --model_author 鸟社 Birdhouse), or a --ckpt_dir "
                                                  "trained with them.")
-    questions = []
+    groups: dict[tuple, list[Question]] = {}  # (lang, expect) -> questions, taken in turn: any limit mixes them
     with open(_HELDOUT_FILE, encoding="utf-8") as fh:
         for line in fh:
             row = json.loads(line)
             values = model_name if row["expect"] == "name" else model_author
             expected = values[0] if row["lang"] == "zh" else values[-1]
-            questions.append(Question(({"role": "user", "content": row["query"]},), expected, "contains"))
-    return questions[:limit]
+            question = Question(({"role": "user", "content": row["query"]},), expected, "contains")
+            groups.setdefault((row["expect"], row["lang"]), []).append(question)
+    mixed = [q for turn in itertools.zip_longest(*groups.values()) for q in turn if q is not None]
+    return mixed[:limit]
 
 
 def builtin_questions(suite: str, limit: int | None = None, *, model_name: Sequence[str] = (),
