@@ -84,3 +84,16 @@ def test_help_has_every_field_once():
 
     for f in dataclasses.fields(SftArguments):
         assert text.count(f"  --{f.name} ") + text.count(f"  --{f.name},") == 1, f.name
+
+
+def test_a_runs_saved_arguments_read_back_as_a_config(tmp_path):
+    """sft_args.json holds null for an unset text field with choices (attn_impl): read back, it is unset again."""
+    import json
+
+    from martlet.args import to_dict
+
+    saved = tmp_path / "sft_args.json"
+    saved.write_text(json.dumps(to_dict(SftArguments(dataset=["x"], training_args={"optim": "sgd"}))))
+    args = parse_cli(SftArguments, ["--config", str(saved), "--attn_impl", "null"])
+    assert args == SftArguments(dataset=["x"], training_args={"optim": "sgd"})
+    assert parse_cli(SftArguments, ["--config", str(saved), "--system", "none"]).system is None

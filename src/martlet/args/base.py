@@ -324,7 +324,7 @@ def build(cls: type[T], values: dict[str, Any], where: str = "command line",
         if extra and name == extra[0]:
             kwargs[name] = extra[1].convert(raw, where_from)
             continue
-        tp, _, is_list = field_kind(cls, name)
+        tp, optional, is_list = field_kind(cls, name)
         if is_list:
             items = raw if isinstance(raw, list) else [raw]
             value = [convert(v, tp, name, where_from) for v in items]
@@ -333,7 +333,8 @@ def build(cls: type[T], values: dict[str, Any], where: str = "command line",
                 if len(raw) != 1:
                     raise MartletError(f"expects one value, got {len(raw)}: {raw}", field=name)
                 raw = raw[0]
-            value = convert(raw, tp, name, where_from)
+            unset = optional and isinstance(raw, str) and raw.lower() in ("none", "null")  # a text field too
+            value = None if unset else convert(raw, tp, name, where_from)
         value = _respelled(cls, name, value)
         _check_choice(cls, name, value)
         _check_range(cls, name, value, where_from)
