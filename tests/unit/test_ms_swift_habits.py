@@ -129,3 +129,12 @@ def test_training_kwargs_carry_the_pass_through_values():
     assert kwargs["adam_beta2"] == 0.9 and kwargs["optim"] == "adafactor"
     assert kwargs["warmup_steps"] == 3  # the user's, over Martlet's default from --warmup_ratio
     assert kwargs["learning_rate"] == args.effective_learning_rate() and kwargs["remove_unused_columns"] is False
+
+
+def test_the_web_ui_repeats_a_run_with_its_pass_through_values():
+    from martlet.args import to_dict
+    from martlet.ui.webui_form import saved_command
+
+    saved = to_dict(SftArguments(dataset=["x"], training_args={"optim": "sgd", "adam_beta2": 0.9}))
+    command, argv = saved_command(saved, "sft")
+    assert command == "sft" and parse_cli(SftArguments, argv).training_args == {"optim": "sgd", "adam_beta2": 0.9}

@@ -8,6 +8,7 @@ the argv, so the command line shown on the page is the short one a person would 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 from typing import Any
@@ -49,6 +50,8 @@ def _token(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+    if isinstance(value, dict):
+        return json.dumps(value)  # --training_args
     return str(value)
 
 
