@@ -6,12 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from martlet.args import SftArguments, parse_cli
+from martlet.args import SftArguments, parse_cli, to_dict
 from martlet.args.export import ExportArguments
 from martlet.args.infer import InferArguments
 from martlet.args.serve import AppUIArguments, DeployArguments
 from martlet.errors import MartletError
 from martlet.train.training_args import training_kwargs
+from martlet.ui.webui_form import saved_command
 
 
 def sft(*argv):
@@ -132,9 +133,6 @@ def test_training_kwargs_carry_the_pass_through_values():
 
 
 def test_the_web_ui_repeats_a_run_with_its_pass_through_values():
-    from martlet.args import to_dict
-    from martlet.ui.webui_form import saved_command
-
     saved = to_dict(SftArguments(dataset=["x"], training_args={"optim": "sgd", "adam_beta2": 0.9}))
     command, argv = saved_command(saved, "sft")
     assert command == "sft" and parse_cli(SftArguments, argv).training_args == {"optim": "sgd", "adam_beta2": 0.9}
