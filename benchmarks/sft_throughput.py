@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -230,6 +231,52 @@ def table(what: str, base: dict, ours: dict) -> str:
     return "\n".join(lines)
 
 
+def bf16_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
+    """This host's bf16 matrix product speed (FLOP/s, best of `repeats`), measured now: the roofline's ceiling."""
+    import torch
+
+    a, b = torch.randn(size, size, dtype=torch.bfloat16), torch.randn(size, size, dtype=torch.bfloat16)
+    a @ b  # warm-up (oneDNN builds its kernel)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def model_parameters() -> int:
+    from safetensors import safe_open
+
+    from martlet.models.embedded import embedded_model_dir
+
+    folder, total = embedded_model_dir(), 0
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="pt") as fh:
+                for key in fh.keys():
+                    shape = fh.get_slice(key).get_shape()
+                    total += math.prod(shape)
+    return total
+
+
+def host_report() -> float:
+    """Print the CPU features, the kernel path and the roofline; return the roofline in tokens/s (LoRA training
+    costs about 4 x parameters FLOP a token: the frozen weights' forward and input-gradient products)."""
+    import platform
+
+    from martlet.train import native
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
+    print(f"CPU features: {', '.join(native.cpu_features()) or 'none of avx2/avx512/amx/asimd/sve'}")
+    print(f"kernel path: {native.kernel_path()}")
+    flops, params = bf16_matmul_flops(), model_parameters()
+    roofline = flops / (4 * params)
+    print(f"bf16 matmul here: {flops / 1e9:.0f} GFLOP/s; {params / 1e6:.1f} M parameters -> roofline "
+          f"{roofline:.0f} tokens/s for LoRA training", flush=True)
+    return roofline
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=16)
@@ -250,9 +297,7 @@ def main() -> None:
             json.dump(result, fh)
         return
 
-    import platform
-
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
+    roofline = host_report()
     results = {}
     for what in (("sft", "dpo") if args.what == "both" else (args.what,)):
         rounds = [(run_side(f"baseline-{what}", args.steps), run_side(f"martlet-{what}", args.steps))
@@ -260,6 +305,8 @@ def main() -> None:
         base, ours = median_round([r[0] for r in rounds]), median_round([r[1] for r in rounds])
         results[what] = {"baseline": base, "martlet": ours, "rounds": rounds}
         print(table(what.upper(), base, ours), flush=True)
+        print(f"Martlet at {ours['tokens_per_s'] / roofline:.0%} of this host's roofline "
+              f"({ours['tokens_per_s']:.0f} of {roofline:.0f} tokens/s)", flush=True)
         if args.rounds > 1:
             print("tokens/s ratio of each round: " + ", ".join(f"{o['tokens_per_s'] / b['tokens_per_s']:.2f}x"
                                                               for b, o in rounds), flush=True)

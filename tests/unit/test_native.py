@@ -489,3 +489,17 @@ def test_the_library_is_built_once_and_named_by_what_it_was_built_from(kernels):
     assert library.parent.resolve() == (native.Path(cache_dir()) / "native").resolve()
     assert library.exists() and library.name.startswith("martlet_native-")
     assert not [p for p in library.parent.iterdir() if p.name.endswith(".partial")]
+
+
+def test_the_kernel_path_says_which_code_runs(monkeypatch):
+    """What benchmarks/sft_throughput.py prints: the CPU features the kernels depend on and the path taken."""
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile")
+    assert native.cpu_features() == ["avx2", "avx512f", "avx512_bf16", "amx_tile"]
+    monkeypatch.setattr(native, "ops", lambda: object())
+    assert native.kernel_path() == "native, AVX-512 with AVX512-BF16 (vcvtneps2bf16)"
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags\t\t: fpu sse2 avx2")
+    assert native.kernel_path() == "native, generic vectors (AVX2)"
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "Features\t: fp asimd sve")
+    assert native.cpu_features() == ["asimd", "sve"] and native.kernel_path().startswith("native, generic vectors")
+    monkeypatch.setattr(native, "ops", lambda: None)
+    assert native.kernel_path().startswith("plain torch")

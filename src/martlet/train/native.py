@@ -123,6 +123,24 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
+def cpu_features() -> list[str]:
+    """The CPU features the kernels' code paths depend on, as /proc/cpuinfo names them (x86: avx2, avx512f,
+    avx512_bf16, amx_bf16; ARM: asimd, sve)."""
+    flags = set(_cpu_flags().split(":", 1)[-1].split())
+    return [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve")
+            if name in flags]
+
+
+def kernel_path() -> str:
+    """Which code the native kernels run here: the path -march=native compiles for this CPU, or plain torch."""
+    if ops() is None:
+        return "plain torch (native kernels off: MARTLET_NATIVE=0, no compiler, or a failed build)"
+    features = cpu_features()
+    if "avx512f" in features:
+        return "native, AVX-512" + (" with AVX512-BF16 (vcvtneps2bf16)" if "avx512_bf16" in features else "")
+    return f"native, generic vectors ({'AVX2' if 'avx2' in features else platform.machine()})"
+
+
 def _first_lines(error: Exception) -> str:
     text = str(error).strip().splitlines()
     return " ".join(text[:3])[:300] or type(error).__name__
