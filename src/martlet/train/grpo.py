@@ -42,6 +42,7 @@ class GRPOTrainer(AtomicCheckpointMixin, trl.GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.completions_path = completions_path
         self.log_completions_steps = log_completions_steps
+        self._completions_written_at = -1  # (the end-of-training summary logs at the last step again)
 
     def _generate_single_turn(self, *args: Any, **kwargs: Any):
         # bf16 base weights with fp32 adapters (Martlet's CPU LoRA) generate under the training autocast, as they train
@@ -50,9 +51,10 @@ class GRPOTrainer(AtomicCheckpointMixin, trl.GRPOTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         step, every = self.state.global_step, self.log_completions_steps
-        if (every and step % every == 0 and self.completions_path and self.accelerator.is_main_process
-                and self.model.training and self._logs["prompt"]):
+        if (every and step % every == 0 and step != self._completions_written_at and self.completions_path
+                and self.accelerator.is_main_process and self.model.training and self._logs["prompt"]):
             write_completions(self.completions_path, step, self._logs)
+            self._completions_written_at = step
         super().log(logs, start_time)
 
 
