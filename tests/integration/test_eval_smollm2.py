@@ -11,7 +11,7 @@ from martlet.evaluation.grading import is_correct_number
 pytestmark = pytest.mark.slow
 
 
-def test_smollm2_easy_arithmetic_accuracy(embedded_dir, tmp_path, capsys):
+def test_smollm2_easy_arithmetic_accuracy(embedded_dir, tmp_path):
     result = evaluate(model_id_or_path=embedded_dir, eval_dataset=["math-easy-en"], eval_limit=16,
                       max_new_tokens=48, max_batch_size=16, output_dir=str(tmp_path))
     score = result["models"]["base"]["math-easy-en"]
