@@ -16,7 +16,17 @@ from typing import Any, Iterator, Sequence
 from martlet.args.base import parse_cli, to_dict
 from martlet.args.export import ExportArguments
 from martlet.errors import MartletError
+from martlet.export import quantize
+from martlet.export.ollama import write_modelfile
+from martlet.export.push import push_folder
+from martlet.export.quantize import check_calibrated
 from martlet.export.source import Source, quantization_of, resolve_source
+from martlet.export.to_gguf import write_gguf
+from martlet.infer.checkpoint import registered
+from martlet.models.loader import load_tokenizer
+from martlet.models.registry import get_model_info
+from martlet.templates import get_template
+from martlet.train.outputs import ARGS_FILE, RUN_INFO_FILE, library_versions, write_json
 from martlet.utils import follow_umask, setup_logging
 
 logger = logging.getLogger("martlet")
@@ -31,8 +41,6 @@ def export_main(args: ExportArguments | Sequence[str] | None = None) -> dict[str
     args.validate()
     method = args.effective_quant_method()
     if method in ("gptq", "awq"):  # fail before a long merge when this machine cannot do it
-        from martlet.export.quantize import check_calibrated
-
         check_calibrated(method)
 
     source = resolve_source(args, needs_weights=method is not None)
@@ -48,8 +56,6 @@ def export_main(args: ExportArguments | Sequence[str] | None = None) -> dict[str
     elif method is not None:
         result["quantized"] = export_quantized(method, args, source)
     if args.push_to_hub:
-        from martlet.export.push import push_folder
-
         folder = result.get("gguf_dir") or result.get("quantized") or source.path
         result["hub_url"] = push_folder(folder, args.hub_model_id, hub=args.effective_hub(), token=args.hub_token,
                                         private=args.hub_private_repo, commit_message=args.commit_message)
@@ -58,11 +64,6 @@ def export_main(args: ExportArguments | Sequence[str] | None = None) -> dict[str
 
 def _load_template(args: ExportArguments, source: Source):
     """The tokenizer of the source and the chat template training used (or --template_type)."""
-    from martlet.infer.checkpoint import registered
-    from martlet.models.loader import load_tokenizer
-    from martlet.models.registry import get_model_info
-    from martlet.templates import get_template
-
     tokenizer = load_tokenizer(source.path, trust_remote_code=args.trust_remote_code)
     run = source.checkpoint.run if source.checkpoint is not None else {}
     name = args.template_type
@@ -86,8 +87,6 @@ def _output_dir(args: ExportArguments, source: Source, suffix: str) -> str:
 
 def export_gguf(args: ExportArguments, source: Source) -> dict[str, Any]:
     """<out>/<name>-<type>.gguf, and a Modelfile beside it with --to_ollama."""
-    from martlet.export.to_gguf import write_gguf
-
     tokenizer, template = _load_template(args, source)
     out_dir = _output_dir(args, source, "gguf")
     os.makedirs(out_dir, exist_ok=True)
@@ -103,8 +102,6 @@ def export_gguf(args: ExportArguments, source: Source) -> dict[str, Any]:
     _save_args(out_dir, args)
     result = {"gguf_dir": out_dir, "gguf": path, "gguf_bytes": info["bytes"]}
     if args.to_ollama:
-        from martlet.export.ollama import write_modelfile
-
         modelfile = write_modelfile(out_dir, os.path.basename(path), template, system=template.system,
                                     model_dir=source.path)
         logger.info("Ollama Modelfile: %s (ollama create NAME -f %s)", modelfile["path"], modelfile["path"])
@@ -114,8 +111,6 @@ def export_gguf(args: ExportArguments, source: Source) -> dict[str, Any]:
 
 def export_quantized(method: str, args: ExportArguments, source: Source) -> str:
     """A bnb, GPTQ or AWQ model folder, <ckpt>-<method>-int<bits> by default; returns it."""
-    from martlet.export import quantize
-
     target = _output_dir(args, source, f"{method}-int{args.quant_bits}")
     tokenizer, template = _load_template(args, source)
     samples = quantize.calibration_rows(args, source, tokenizer, template) if method != "bnb" else None
@@ -132,8 +127,6 @@ def export_quantized(method: str, args: ExportArguments, source: Source) -> str:
 
 
 def _copy_run_files(source: Source, folder: str) -> None:
-    from martlet.train.outputs import ARGS_FILE, RUN_INFO_FILE
-
     for base in {source.path, source.checkpoint.path if source.checkpoint else source.path}:
         for name in (ARGS_FILE, RUN_INFO_FILE, "generation_config.json"):
             path = os.path.join(base, name)
@@ -142,8 +135,6 @@ def _copy_run_files(source: Source, folder: str) -> None:
 
 
 def _save_args(folder: str, args: ExportArguments) -> None:
-    from martlet.train.outputs import library_versions, write_json
-
     values = to_dict(args)
     values["hub_token"] = None if values.get("hub_token") is None else "<hidden>"
     write_json(os.path.join(folder, EXPORT_ARGS_FILE), {"arguments": values, "versions": library_versions()})

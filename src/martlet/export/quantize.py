@@ -13,21 +13,22 @@ import importlib.util
 import logging
 from typing import Any
 
+from martlet.args.export import ExportArguments
+from martlet.data.preprocess import load_rows
 from martlet.errors import MartletError
+from martlet.models.dtype import resolve_dtype, torch_dtype
+from martlet.models.loader import ModelSpec, load_model
 
 logger = logging.getLogger("martlet")
 
 
-def quantize_bnb(source_dir: str, out_dir: str, args: Any) -> None:
+def quantize_bnb(source_dir: str, out_dir: str, args: ExportArguments) -> None:
     """Load `source_dir` with bitsandbytes at --quant_bits and save the quantized weights to `out_dir`."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise MartletError("--quant_method bnb needs the bitsandbytes package.", field="quant_method",
                            hint="pip install 'martlet[bnb]' (recent releases quantize on a CPU too).")
     import torch
     from transformers import BitsAndBytesConfig
-
-    from martlet.models.dtype import resolve_dtype, torch_dtype
-    from martlet.models.loader import ModelSpec, load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype(args.dtype, device)
@@ -64,10 +65,8 @@ def check_calibrated(method: str) -> None:
                            hint="pip install gptqmodel (it matches your torch and CUDA versions).")
 
 
-def calibration_rows(args: Any, source: Any, tokenizer: Any, template: Any) -> list[dict[str, Any]]:
+def calibration_rows(args: ExportArguments, source: Any, tokenizer: Any, template: Any) -> list[dict[str, Any]]:
     """Up to --quant_n_samples rows of --dataset (default: the training data), rendered and tokenized."""
-    from martlet.data.preprocess import load_rows
-
     datasets = list(args.dataset) or list((source.checkpoint.sft_args.get("dataset") if source.checkpoint else None)
                                           or [])
     if not datasets:
@@ -86,7 +85,7 @@ def calibration_rows(args: Any, source: Any, tokenizer: Any, template: Any) -> l
     return samples
 
 
-def quantize_calibrated(method: str, source_dir: str, out_dir: str, args: Any, samples: list[dict[str, Any]]) -> None:
+def quantize_calibrated(method: str, source_dir: str, out_dir: str, args: ExportArguments, samples: list[dict[str, Any]]) -> None:
     """GPTQ or AWQ with GPTQModel: load, calibrate on `samples`, save to `out_dir`."""
     from gptqmodel import GPTQModel, QuantizeConfig
 

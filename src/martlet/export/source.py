@@ -13,7 +13,12 @@ import logging
 import os
 from typing import Any, Optional
 
+from martlet.args.export import ExportArguments
+from martlet.args.infer import InferArguments
 from martlet.errors import MartletError
+from martlet.infer.checkpoint import plan_inference, read_checkpoint, registered
+from martlet.infer.merge import merge_lora
+from martlet.models.loader import resolve_model
 from martlet.utils import follow_umask
 
 logger = logging.getLogger("martlet")
@@ -27,10 +32,8 @@ class Source:
     model_type: Optional[str]  # the model type (registered, or the config's model_type), when known
 
 
-def infer_arguments(args: Any):
+def infer_arguments(args: ExportArguments):
     """The InferArguments that describe the same checkpoint and model (what merge_lora reads)."""
-    from martlet.args.infer import InferArguments
-
     same = ("ckpt_dir", "model_type", "model_id_or_path", "model_revision", "dtype", "check_model_is_latest",
             "trust_remote_code", "hub_token", "template_type", "system", "merge_device_map", "replace_if_exists")
     return InferArguments(**{name: getattr(args, name) for name in same})
@@ -67,21 +70,15 @@ def refuse_quantized_merge(ckpt: Any, base_dir: Optional[str]) -> None:
                                 "the adapter as it is.")
 
 
-def _base_dir(args: Any) -> Optional[str]:
-    from martlet.infer.checkpoint import plan_inference
-    from martlet.models.loader import resolve_model
-
+def _base_dir(args: ExportArguments) -> Optional[str]:
     plan = plan_inference(infer_arguments(args))
     spec = resolve_model(plan.model_type, plan.model_id_or_path, check_model_is_latest=args.check_model_is_latest,
                          revision=args.model_revision, hub_token=args.hub_token)
     return spec.model_dir
 
 
-def merge_checkpoint(args: Any) -> str:
+def merge_checkpoint(args: ExportArguments) -> str:
     """Merge the LoRA checkpoint `args.ckpt_dir` into its base model; returns the `-merged` folder."""
-    from martlet.infer.checkpoint import read_checkpoint
-    from martlet.infer.merge import merge_lora
-
     ckpt = read_checkpoint(args.ckpt_dir)
     refuse_quantized_merge(ckpt, _base_dir(args) if ckpt.is_adapter else None)
     merged = merge_lora(infer_arguments(args), replace_if_exists=args.replace_if_exists,
@@ -90,10 +87,8 @@ def merge_checkpoint(args: Any) -> str:
     return merged
 
 
-def resolve_source(args: Any, needs_weights: bool) -> Source:
+def resolve_source(args: ExportArguments, needs_weights: bool) -> Source:
     """The folder to export: the merged model when asked or needed, else the checkpoint or model as it is."""
-    from martlet.infer.checkpoint import read_checkpoint, registered
-
     if args.ckpt_dir:
         ckpt = read_checkpoint(args.ckpt_dir)
         model_type = registered(ckpt.run.get("model_type")) or registered(ckpt.sft_args.get("model_type"))
@@ -104,7 +99,6 @@ def resolve_source(args: Any, needs_weights: bool) -> Source:
         if args.merge_lora and not ckpt.is_adapter:
             logger.info("%s holds full weights: nothing to merge.", ckpt.path)
         return Source(ckpt.path, ckpt.is_adapter, ckpt, model_type)
-    from martlet.models.loader import resolve_model
 
     spec = resolve_model(args.model_type, args.model_id_or_path, check_model_is_latest=args.check_model_is_latest,
                          revision=args.model_revision, hub_token=args.hub_token)

@@ -15,6 +15,7 @@ import os
 from typing import Any, Optional
 
 from martlet.errors import MartletError
+from martlet.models.registry import get_model_info
 from martlet.train.outputs import ARGS_FILE, RUN_INFO_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -78,8 +79,6 @@ def registered(model_type: Optional[str]) -> Optional[str]:
     """`model_type` when the registry knows it (a checkpoint of an unregistered folder records e.g. 'llama')."""
     if not model_type:
         return None
-    from martlet.models.registry import get_model_info
-
     try:
         return get_model_info(model_type).model_type
     except MartletError:

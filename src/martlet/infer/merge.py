@@ -17,7 +17,10 @@ from typing import Any, Optional
 
 from martlet.errors import MartletError
 from martlet.infer.checkpoint import plan_inference, read_checkpoint, registered
+from martlet.models.dtype import torch_dtype
+from martlet.models.loader import load_model, load_tokenizer, resolve_model
 from martlet.train.outputs import ARGS_FILE, RUN_INFO_FILE
+from martlet.tuners import Swift
 from martlet.utils import current_umask, follow_umask
 
 logger = logging.getLogger("martlet")
@@ -70,10 +73,6 @@ def merge_lora(args: Any, replace_if_exists: bool = False, device_map: Optional[
 
 def _write_merged(args: Any, ckpt: Any, out_dir: str, device_map: str, max_shard_size: str = "5GB"):
     """Load the base in fp32, add the adapter in, save in the base's own dtype (or --dtype) to `out_dir`."""
-    from martlet.models.dtype import torch_dtype
-    from martlet.models.loader import load_model, load_tokenizer, resolve_model
-    from martlet.tuners import Swift
-
     plan = plan_inference(args)
     spec = resolve_model(plan.model_type, plan.model_id_or_path, check_model_is_latest=args.check_model_is_latest,
                          revision=args.model_revision, hub_token=args.hub_token)
