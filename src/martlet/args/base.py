@@ -73,7 +73,9 @@ class Range:
 
     def __str__(self) -> str:
         low, high = _number(self.low), _number(self.high)
-        if self.high == math.inf:
+        if self.low == -math.inf and self.high == math.inf:
+            text = "a number (not nan)"
+        elif self.high == math.inf:
             text = f"greater than {low}" if self.low_open else f"at least {low}"
         else:
             text = f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
@@ -180,6 +182,10 @@ def _check_range(cls: type, name: str, value: Any, where: str = "command line") 
     field = {f.name: f for f in dataclasses.fields(cls)}[name]
     rng = field.metadata.get("range")
     if rng is None:
+        return
+    if isinstance(value, (list, tuple)):  # a list of numbers: each one
+        for item in value:
+            _check_range(cls, name, item, where)
         return
     if value is None:
         if not field_kind(cls, name)[1]:

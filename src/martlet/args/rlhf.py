@@ -64,8 +64,9 @@ class GrpoArguments:
                                       "row's solution), format (the reply ends with the answer line the prompt "
                                       "asks for), or a name registered with martlet.train.rewards."
                                       "register_reward_func (e.g. in a --custom_register_path file).")
-    reward_weights: List[float] = arg([], "grpo: one weight per reward (--reward_funcs, then --reward_model). "
-                                          "Default: 1 each.")
+    reward_weights: List[float] = arg([], "grpo: one weight per reward (--reward_funcs, then --reward_model); "
+                                          "a negative weight makes a penalty. Default: 1 each.",
+                                      bounds="(-inf, inf)")
     reward_model: List[str] = arg([], "grpo: reward models trained with --rlhf_type rm (checkpoint folders), "
                                       "each scoring every completion.")
     num_generations: int = arg(4, "grpo: completions sampled per prompt (a group). --batch_size counts "
