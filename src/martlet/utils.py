@@ -44,13 +44,29 @@ def quiet_library_lines() -> None:
             library_logger.addFilter(_QuietLines(start))
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is when a line is logged, not the stream it was at set-up: a caller that
+    redirects or captures stdout, and closes it after, leaves no handler writing to a closed file."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> logging.Logger:
     """Martlet's log lines on stdout, once; the libraries' own chatter kept at warnings, and the lines of
     `QUIET_LIBRARY_LINES` dropped."""
     quiet_library_lines()
     logger = logging.getLogger("martlet")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("[martlet %(levelname)s] %(message)s"))
         logger.addHandler(handler)
         # under torchrun the other ranks only speak up for warnings

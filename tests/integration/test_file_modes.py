@@ -82,9 +82,12 @@ def test_gguf_follows_the_umask(tmp_path, tiny_llama, umask):
 
 
 def test_the_model_cache_follows_the_umask(tmp_path, monkeypatch):
-    from martlet.models.embedded import embedded_model_dir
+    from martlet.models.embedded import cached_gguf_path, embedded_model_dir, gguf_path
 
+    source = gguf_path()  # the downloaded GGUF (make install), found before the cache moves
     monkeypatch.setenv("MARTLET_CACHE", str(tmp_path / "cache"))
+    os.makedirs(os.path.dirname(cached_gguf_path()))
+    os.symlink(source, cached_gguf_path())  # the new cache holds the GGUF, not yet the converted model
     old = os.umask(0o027)
     try:
         folder = embedded_model_dir()  # converts the embedded GGUF into this empty cache
