@@ -17,6 +17,7 @@ from martlet.evaluation import harness
 from martlet.evaluation.grading import final_number, is_correct_number, names_expected
 from martlet.evaluation.report import format_table
 from martlet.evaluation.suites import EASY_KINDS, builtin_questions, math_questions
+from martlet.train import rewards
 
 
 @pytest.mark.parametrize("reply, number", [
@@ -73,6 +74,16 @@ def test_easy_suite_is_two_number_arithmetic():
         a, b = numbers
         assert int(question.expected) in (a + b, a - b, a * b), text
     assert EASY_KINDS == ("add", "sub", "mul")
+
+
+@pytest.mark.parametrize("suite, line", [("math-easy-en", "'Answer: <number>'"), ("math-zh", "答案：<数字>")])
+def test_answer_instruction_ends_each_question_as_grpo_prompts_do(suite, line):
+    plain, asked = math_questions(suite, 20), math_questions(suite, 20, answer_instruction=True)
+    assert [q.expected for q in asked] == [q.expected for q in plain]
+    for p, a in zip(plain, asked):
+        assert a.messages[0]["content"] == rewards.with_answer_instruction(p.messages[0]["content"])
+        assert a.messages[0]["content"].startswith(p.messages[0]["content"] + "\n") and line in a.messages[0]["content"]
+    assert EvalArguments(eval_dataset=["math-easy-en"], answer_instruction=True).validate().answer_instruction
 
 
 def test_self_cognition_suite_asks_new_questions_and_expects_the_right_language():

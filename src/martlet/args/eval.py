@@ -33,6 +33,10 @@ class EvalArguments(ModelArguments, TemplateArguments):
     eval_base: bool = arg(False, "Also evaluate the base model of --ckpt_dir, side by side with the checkpoint.")
     eval_limit: Optional[int] = arg(None, "Questions per suite (default: 100 for a built-in suite, all of a "
                                           "standard one).", bounds="[1, inf)")
+    answer_instruction: bool = arg(False, "Math suites: end each question with the answer-line instruction that "
+                                          "`martlet grpo` adds to its prompts (\"... write the final line as "
+                                          "'Answer: <number>'\"), to evaluate a GRPO-tuned model on the prompt it "
+                                          "trained with.")
     max_new_tokens: int = arg(256, "Longest reply in tokens; decoding is greedy.", bounds="[1, inf)")
     max_batch_size: int = arg(16, "Questions generated together in one batch.", aliases=("batch_size",),
                               bounds="[1, inf)")

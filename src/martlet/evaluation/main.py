@@ -82,7 +82,8 @@ def suite_questions(args: EvalArguments, plan: InferPlan) -> dict[str, list[Ques
     saved = plan.checkpoint.sft_args if plan.checkpoint else {}
     names = args.model_name or saved.get("model_name") or []
     authors = args.model_author or saved.get("model_author") or []
-    return {suite: builtin_questions(suite, args.eval_limit, model_name=names, model_author=authors)
+    return {suite: builtin_questions(suite, args.eval_limit, model_name=names, model_author=authors,
+                                     answer_instruction=args.answer_instruction)
             for suite in args.eval_dataset if suite not in HARNESS_SUITES}
 
 

@@ -24,6 +24,7 @@ from martlet.args.data import DataArguments
 from martlet.data.builtin import math_gen
 from martlet.errors import MartletError
 from martlet.evaluation.grading import is_correct_number, names_expected
+from martlet.train import rewards
 
 EVAL_SEED = 20261211  # far from the seeds people train with (42, 0, 1, ...)
 TRAIN_SEED = next(f.default for f in dataclasses.fields(DataArguments) if f.name == "dataset_seed")
@@ -72,14 +73,16 @@ def training_queries() -> frozenset:
     return frozenset(queries)
 
 
-def math_questions(suite: str, limit: int) -> list[Question]:
-    """The first `limit` held-out questions of a math suite (the same ones for every run)."""
+def math_questions(suite: str, limit: int, answer_instruction: bool = False) -> list[Question]:
+    """The first `limit` held-out questions of a math suite (the same ones for every run); with
+    `answer_instruction`, each ends with the answer-line instruction GRPO's prompts carry."""
     lang, easy = MATH_SUITES[suite]
     pool = limit * 2 + 50
     rows = easy_rows(pool, EVAL_SEED, lang) if easy else math_gen.generate(pool, seed=EVAL_SEED, lang=lang)
     seen = training_queries()
     kept = [row for row in rows if row["query"] not in seen][:limit]
-    return [Question(({"role": "user", "content": row["query"]},), row["answer"], "number") for row in kept]
+    ask = rewards.with_answer_instruction if answer_instruction else str
+    return [Question(({"role": "user", "content": ask(row["query"])},), row["answer"], "number") for row in kept]
 
 
 def self_cognition_questions(limit: int, model_name: Sequence[str], model_author: Sequence[str]) -> list[Question]:
@@ -103,7 +106,7 @@ def self_cognition_questions(limit: int, model_name: Sequence[str], model_author
 
 
 def builtin_questions(suite: str, limit: int | None = None, *, model_name: Sequence[str] = (),
-                      model_author: Sequence[str] = ()) -> list[Question]:
+                      model_author: Sequence[str] = (), answer_instruction: bool = False) -> list[Question]:
     """The questions of a built-in suite: at most `limit` (default DEFAULT_LIMIT)."""
     limit = limit or DEFAULT_LIMIT
     if suite == "self-cognition":
@@ -111,4 +114,4 @@ def builtin_questions(suite: str, limit: int | None = None, *, model_name: Seque
     if suite not in MATH_SUITES:
         raise MartletError(f"unknown built-in suite '{suite}'.", field="eval_dataset",
                            hint=f"Built-in suites: {', '.join([*MATH_SUITES, 'self-cognition'])}.")
-    return math_questions(suite, limit)
+    return math_questions(suite, limit, answer_instruction)
