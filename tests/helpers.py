@@ -76,3 +76,17 @@ def adapter_copy(ckpt: str, folder: str, b_std: float, seed: int = 0) -> str:
             weights[name] = (torch.randn(tensor.shape, generator=generator) * b_std).to(tensor.dtype)
     save_file(weights, path, metadata={"format": "pt"})
     return folder
+
+
+# A small SFT job for the resume and reliability tests: twelve spelling rows, 6 steps, a checkpoint every 2
+SPELL_ROWS = [{"query": f"Spell {w}", "response": " ".join(w)} for w in
+              ("cat", "dog", "bird", "fish", "lion", "mouse", "horse", "sheep", "goat", "camel", "zebra", "panda")]
+
+
+def spell_argv(model, data, out, **extra) -> list[str]:
+    """`martlet sft` arguments of that job; `extra` overrides or adds (--name value)."""
+    base = {"model_id_or_path": model, "dataset": data, "output_dir": out, "max_steps": "6", "batch_size": "2",
+            "gradient_accumulation_steps": "1", "save_steps": "2", "eval_steps": "2", "dataset_test_ratio": "0",
+            "report_to": "none", "learning_rate": "5e-3", "save_total_limit": "10", "logging_steps": "1"}
+    base.update(extra)
+    return [item for key, value in base.items() for item in (f"--{key}", value)]

@@ -11,19 +11,8 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from helpers import run_dirs, write_jsonl
-from martlet.llm import SftArguments, sft_main
-
-ROWS = [{"query": f"Spell {w}", "response": " ".join(w)} for w in
-        ("cat", "dog", "bird", "fish", "lion", "mouse", "horse", "sheep", "goat", "camel", "zebra", "panda")]
-
-
-def argv(model, data, out, **extra):
-    base = {"model_id_or_path": model, "dataset": data, "output_dir": out, "max_steps": "6", "batch_size": "2",
-            "gradient_accumulation_steps": "1", "save_steps": "2", "eval_steps": "2", "dataset_test_ratio": "0",
-            "report_to": "none", "learning_rate": "5e-3", "save_total_limit": "10", "logging_steps": "1"}
-    base.update(extra)
-    return [item for key, value in base.items() for item in (f"--{key}", value)]
+from helpers import SPELL_ROWS, run_dirs, spell_argv, write_jsonl
+from martlet.llm import sft_main
 
 
 # `martlet sft` in a process that SIGKILLs itself mid-save at step N: the checkpoint's staging folder is written
@@ -76,8 +65,8 @@ def wait_for_step(out, step, proc, timeout=240):
 def reference(tmp_path_factory, tiny_models):
     """The uninterrupted run's final adapter."""
     tmp = tmp_path_factory.mktemp("reference")
-    data = write_jsonl(tmp / "data.jsonl", ROWS)
-    result = sft_main(argv(tiny_models["llama"], data, str(tmp / "out")))
+    data = write_jsonl(tmp / "data.jsonl", SPELL_ROWS)
+    result = sft_main(spell_argv(tiny_models["llama"], data, str(tmp / "out")))
     return data, load_file(os.path.join(result["last_model_checkpoint"], "adapter_model.safetensors"))
 
 
@@ -86,11 +75,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_llama, referenc
     data, expected = reference
     out = str(tmp_path / "out")
     if where == "during_step":
-        proc = start(argv(tiny_llama, data, out))
+        proc = start(spell_argv(tiny_llama, data, out))
         wait_for_step(out, 3, proc)  # checkpoint-2 exists, step 3 or 4 is running
         proc.send_signal(signal.SIGKILL)
     else:
-        proc = start(argv(tiny_llama, data, out), kill_in_save_at=4, tmp_path=tmp_path)
+        proc = start(spell_argv(tiny_llama, data, out), kill_in_save_at=4, tmp_path=tmp_path)
     proc.wait(timeout=240)
     assert proc.returncode == -signal.SIGKILL
     (run,) = run_dirs(out)
@@ -100,7 +89,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_llama, referenc
         assert whole == ["checkpoint-2"] and os.path.isdir(os.path.join(run, ".tmp-checkpoint-4"))
 
     resumed = subprocess.run([sys.executable, "-m", "martlet", "sft",
-                              *argv(tiny_llama, data, out, resume_from_checkpoint="true")],
+                              *spell_argv(tiny_llama, data, out, resume_from_checkpoint="true")],
                              env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     got = load_file(os.path.join(run, "checkpoint-6", "adapter_model.safetensors"))
@@ -114,9 +103,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_llama, referenc
 
 
 def test_sigterm_saves_and_says_how_to_resume(tmp_path, tiny_llama):
-    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    data = write_jsonl(tmp_path / "data.jsonl", SPELL_ROWS)
     out = str(tmp_path / "out")
-    proc = start(argv(tiny_llama, data, out, max_steps="500", save_steps="1000"))
+    proc = start(spell_argv(tiny_llama, data, out, max_steps="500", save_steps="1000"))
     run = wait_for_step(out, 2, proc)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)

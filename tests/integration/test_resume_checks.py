@@ -15,23 +15,14 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from helpers import write_jsonl
+from helpers import SPELL_ROWS, spell_argv, write_jsonl
 from martlet.errors import MartletError
 from martlet.llm import SftArguments, sft_main
 
-ROWS = [{"query": f"Spell {w}", "response": " ".join(w)} for w in
-        ("cat", "dog", "bird", "fish", "lion", "mouse", "horse", "sheep", "goat", "camel", "zebra", "panda")]
 DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs")
 DOC_SENTENCE = ("`--resume_from_checkpoint true` continues from the newest whole checkpoint under `--output_dir`, "
                 "and names each newer one it skipped and why.")
 
-
-def options(model, data, out, **extra):
-    base = {"model_id_or_path": model, "dataset": data, "output_dir": out, "max_steps": "6", "batch_size": "2",
-            "gradient_accumulation_steps": "1", "save_steps": "2", "eval_steps": "2", "dataset_test_ratio": "0",
-            "report_to": "none", "learning_rate": "5e-3", "save_total_limit": "10", "logging_steps": "1"}
-    base.update(extra)
-    return [item for key, value in base.items() for item in (f"--{key}", value)]
 
 
 def log_lines(run):
@@ -43,8 +34,8 @@ def log_lines(run):
 def trained(tmp_path_factory, tiny_models):
     """A finished 6-step run with checkpoints 2, 4 and 6; each test breaks a copy of it."""
     tmp = tmp_path_factory.mktemp("trained")
-    data = write_jsonl(tmp / "data.jsonl", ROWS)
-    result = sft_main(options(tiny_models["llama"], data, str(tmp / "out"), add_output_dir_suffix="false"))
+    data = write_jsonl(tmp / "data.jsonl", SPELL_ROWS)
+    result = sft_main(spell_argv(tiny_models["llama"], data, str(tmp / "out"), add_output_dir_suffix="false"))
     return data, result["output_dir"]
 
 
@@ -84,7 +75,7 @@ def test_a_named_checkpoint_that_is_not_whole_is_refused(run_copy, tiny_llama, p
     data, run = run_copy
     checkpoint = os.path.join(run, "checkpoint-6")
     os.remove(os.path.join(checkpoint, part))
-    argv = options(tiny_llama, data, run, add_output_dir_suffix="false", max_steps="8",
+    argv = spell_argv(tiny_llama, data, run, add_output_dir_suffix="false", max_steps="8",
                    resume_from_checkpoint=checkpoint)
     with pytest.raises(MartletError) as caught:
         sft_main(argv)
@@ -98,7 +89,7 @@ def test_missing_weights_is_one_line_on_the_command_line(run_copy, tiny_llama):
     data, run = run_copy
     checkpoint = os.path.join(run, "checkpoint-6")
     os.remove(os.path.join(checkpoint, "adapter_model.safetensors"))
-    argv = options(tiny_llama, data, run, max_steps="8", resume_from_checkpoint=checkpoint)
+    argv = spell_argv(tiny_llama, data, run, max_steps="8", resume_from_checkpoint=checkpoint)
     done = subprocess.run([sys.executable, "-m", "martlet", "sft", *argv],
                           env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
@@ -118,7 +109,7 @@ def test_resume_only_model_loads_the_weights_alone_into_a_new_run(tmp_path, trai
     os.remove(os.path.join(broken, "trainer_state.json"))
     out = str(tmp_path / "out")
     # a learning rate too small to move the weights: the new run ends where the checkpoint's weights are
-    argv = options(tiny_llama, data, out, max_steps="2", learning_rate="1e-12", resume_from_checkpoint=broken,
+    argv = spell_argv(tiny_llama, data, out, max_steps="2", learning_rate="1e-12", resume_from_checkpoint=broken,
                    resume_only_model="true")
     with caplog.at_level(logging.WARNING, logger="martlet"):
         result = sft_main(argv)
@@ -133,7 +124,7 @@ def test_resume_only_model_loads_the_weights_alone_into_a_new_run(tmp_path, trai
     assert all(got[k].allclose(expected[k], atol=1e-6) for k in expected)
 
     with pytest.raises(MartletError, match=r"field 'resume_only_model': needs --resume_from_checkpoint"):
-        sft_main(options(tiny_llama, data, out, resume_only_model="true"))
+        sft_main(spell_argv(tiny_llama, data, out, resume_only_model="true"))
 
 
 def test_a_second_run_refuses_the_folder_of_another(tmp_path, tiny_llama, run_copy):
@@ -142,7 +133,7 @@ def test_a_second_run_refuses_the_folder_of_another(tmp_path, tiny_llama, run_co
     with pytest.raises(MartletError, match=r"field 'output_dir': already holds another run \(checkpoint-2, "
                                            r"checkpoint-4, checkpoint-6, images\)\. Resume it with "
                                            r"--resume_from_checkpoint true, .* or pass --overwrite_output_dir true"):
-        sft_main(options(tiny_llama, data, run, add_output_dir_suffix="false"))
+        sft_main(spell_argv(tiny_llama, data, run, add_output_dir_suffix="false"))
     assert (sorted(os.listdir(run)), open(os.path.join(run, "logging.jsonl")).read()) == before
     # resuming that run is not another run
     from martlet.train.run import check_run_folder
@@ -150,7 +141,7 @@ def test_a_second_run_refuses_the_folder_of_another(tmp_path, tiny_llama, run_co
     check_run_folder(SftArguments(dataset=[data], output_dir=run, add_output_dir_suffix=False,
                                   resume_from_checkpoint="true"))
 
-    result = sft_main(options(tiny_llama, data, run, add_output_dir_suffix="false", overwrite_output_dir="true",
+    result = sft_main(spell_argv(tiny_llama, data, run, add_output_dir_suffix="false", overwrite_output_dir="true",
                               max_steps="1"))
     assert result["output_dir"] == run
     assert sorted(d for d in os.listdir(run) if d.startswith("checkpoint-")) == ["checkpoint-1"]
@@ -159,9 +150,9 @@ def test_a_second_run_refuses_the_folder_of_another(tmp_path, tiny_llama, run_co
 
 
 def test_a_run_stopped_by_sigint_then_resumed_reads_as_one_run(tmp_path, tiny_llama, monkeypatch, caplog):
-    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    data = write_jsonl(tmp_path / "data.jsonl", SPELL_ROWS)
     monkeypatch.chdir(tmp_path)
-    argv = options(tiny_llama, data, "out", max_steps="500", save_steps="1000", eval_steps="1000",
+    argv = spell_argv(tiny_llama, data, "out", max_steps="500", save_steps="1000", eval_steps="1000",
                    disable_tqdm="true")
     proc = subprocess.Popen([sys.executable, "-m", "martlet", "sft", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
@@ -182,7 +173,7 @@ def test_a_run_stopped_by_sigint_then_resumed_reads_as_one_run(tmp_path, tiny_ll
     assert sum("train_runtime" in r for r in log_lines(run)) == 1
 
     with caplog.at_level(logging.INFO, logger="martlet"):
-        result = sft_main(options(tiny_llama, data, "out", max_steps=str(step + 2), save_steps="1000",
+        result = sft_main(spell_argv(tiny_llama, data, "out", max_steps=str(step + 2), save_steps="1000",
                                   eval_steps="1000", resume_from_checkpoint="true"))
     # paths as absolute as a fresh run's
     assert result["output_dir"] == run

@@ -19,6 +19,7 @@ from transformers import Trainer, TrainerState
 
 from martlet.args import SftArguments
 from martlet.custom import apply_custom_registrations
+from martlet.launch import main_process_first
 from martlet.models.dtype import resolve_dtype
 from martlet.models.loader import ModelSpec, load_tokenizer, resolve_model
 from martlet.templates import Template, get_template
@@ -72,6 +73,15 @@ class EncodedData:
     train: Any
     val: Any
     stats: dict[str, Any]
+
+
+def encode_split(encode: Any, train_rows: list, val_rows: list, template: Template, **options: Any) -> EncodedData:
+    """Tokenize the training and validation rows with `encode(rows, template, [what=], **options)` -> (set, stats);
+    under torchrun rank 0 tokenizes and caches first, the others read its cache."""
+    with main_process_first():
+        train_set, train_stats = encode(train_rows, template, **options)
+        val_set, val_stats = encode(val_rows, template, what="val", **options) if val_rows else (None, None)
+    return EncodedData(train_set, val_set, {"train": train_stats, "val": val_stats})
 
 
 @dataclasses.dataclass(frozen=True)

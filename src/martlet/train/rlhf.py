@@ -17,11 +17,11 @@ import matplotlib
 from martlet.args import parse_cli
 from martlet.args.rlhf import DPOArguments, GRPOArguments, ORPOArguments, RLHFArguments
 from martlet.data.preference import encode_preference_rows, preference_train_val_rows
-from martlet.launch import is_main_process, main_process_first
+from martlet.launch import is_main_process
 from martlet.models.loader import load_model, resolve_model
 from martlet.train.grpo import GrpoMethod
 from martlet.train.model_setup import attention_implementation
-from martlet.train.pipeline import EncodedData, Reference, RunSetup, TrainingRun, run_training
+from martlet.train.pipeline import EncodedData, Reference, RunSetup, TrainingRun, encode_split, run_training
 from martlet.train.reward_model import RewardModelMethod
 from martlet.train.rlhf_trainers import build_trainer
 from martlet.utils import setup_logging
@@ -56,13 +56,10 @@ class PreferenceMethod:
     def encode(self, setup: RunSetup) -> EncodedData:
         args = setup.args
         train_rows, val_rows = preference_train_val_rows(args)
-        encode = dict(max_length=args.max_length, truncation_strategy=args.truncation_strategy,
-                      interleave_seed=args.seed if args.rlhf_type == "kto" else None, cache=args.load_from_cache_file)
-        with main_process_first():  # under torchrun, rank 0 tokenizes and caches; the others read the cache
-            train_set, train_stats = encode_preference_rows(train_rows, setup.template, **encode)
-            val_set, val_stats = (encode_preference_rows(val_rows, setup.template, what="val", **encode) if val_rows
-                                  else (None, None))
-        return EncodedData(train_set, val_set, {"train": train_stats, "val": val_stats})
+        return encode_split(encode_preference_rows, train_rows, val_rows, setup.template,
+                            max_length=args.max_length, truncation_strategy=args.truncation_strategy,
+                            interleave_seed=args.seed if args.rlhf_type == "kto" else None,
+                            cache=args.load_from_cache_file)
 
     def reference(self, setup: RunSetup) -> Reference:
         model = _reference_model(setup)

@@ -14,12 +14,11 @@ from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
 from martlet.args import PtArguments, SftArguments, parse_cli
 from martlet.data.preprocess import encode_rows, train_val_rows
-from martlet.launch import main_process_first
 from martlet.models.dtype import torch_dtype
 from martlet.train.batching import PaddingFreeCollator, pack_dataset
 from martlet.train.kernels import shape_multiple
 from martlet.train.loss import lean_loss_supported
-from martlet.train.pipeline import EncodedData, Reference, RunSetup, TrainingRun, run_training
+from martlet.train.pipeline import EncodedData, Reference, RunSetup, TrainingRun, encode_split, run_training
 from martlet.train.trainer import MartletTrainer
 from martlet.utils import setup_logging
 
@@ -55,12 +54,8 @@ class SftMethod:
     def encode(self, setup: RunSetup) -> EncodedData:
         args = setup.args
         train_rows, val_rows = train_val_rows(args)
-        encode = dict(mode=self.mode, num_proc=args.preprocess_num_proc, cache=args.load_from_cache_file)
-        with main_process_first():  # under torchrun, rank 0 tokenizes and caches; the others read the cache
-            train_set, train_stats = encode_rows(train_rows, setup.template, **encode)
-            val_set, val_stats = (encode_rows(val_rows, setup.template, what="val", **encode) if val_rows
-                                  else (None, None))
-        return EncodedData(train_set, val_set, {"train": train_stats, "val": val_stats})
+        return encode_split(encode_rows, train_rows, val_rows, setup.template, mode=self.mode,
+                            num_proc=args.preprocess_num_proc, cache=args.load_from_cache_file)
 
     def reference(self, setup: RunSetup) -> Reference:
         return Reference()  # SFT compares with no reference model
