@@ -166,6 +166,48 @@ def fake_run(output_dir, name: str, records: list[dict], checkpoints=(), command
     return run_dir
 
 
+def test_grpo_is_a_method_with_its_prompts_previewed(tmp_path):
+    from martlet.ui import webui
+
+    assert "grpo" in form.METHODS
+    argv = form.build_argv("grpo", {"dataset": ["math-word-problems-en#4"], "max_steps": 3,
+                                    "output_dir": str(tmp_path)}, "--num_generations 4 --reward_funcs format accuracy")
+    args = form.check("grpo", argv)
+    assert args.rlhf_type == "grpo" and args.num_generations == 4
+    assert form.command_line("grpo", argv).startswith("martlet grpo --dataset 'math-word-problems-en#4' --max_steps 3")
+    header, cells = form.preview_table(form.preview_rows("grpo", "math-word-problems-en#4", args))
+    assert header == ["where", "prompt", "columns"] and len(cells) == 4
+    # the prompt as training sends it (the answer instruction the rewards check), the solution the rewards read
+    assert all(c[1].startswith("user: ") and c[1].endswith("'Answer: <number>'.") for c in cells)
+    assert all(json.loads(c[2])["solution"] for c in cells)
+    data = write_jsonl(tmp_path / "q.jsonl", [{"messages": [{"role": "user", "content": "2+2?"}], "solution": "4",
+                                                       "level": 1}])
+    args = form.check("grpo", ["--dataset", data, "--reward_funcs", "accuracy"])
+    assert form.preview_table(form.preview_rows("grpo", data, args))[1] == [
+        ["q.jsonl", "user: 2+2?\nSolve it in one or two short lines, then write the final line as 'Answer: <number>'.",
+         '{"solution": "4", "level": 1}']]
+    choices = webui._dataset_choices("grpo")
+    assert "math-word-problems-en" in choices and "pref-identity" not in choices and "self-cognition" not in choices
+
+
+def test_grpo_logs_give_reward_curves(tmp_path):
+    from martlet.ui import webui
+
+    records = [{"step": 1, "max_steps": 2, "loss": 0.0, "reward": 0.5, "rewards/format/mean": 0.25,
+                "rewards/format/std": 0.4, "rewards/accuracy/mean": 0.25},
+               {"step": 2, "max_steps": 2, "loss": 0.1, "reward": 1.0, "rewards/format/mean": 0.75,
+                "rewards/accuracy/mean": 0.25}]
+    assert runs.reward_curve(records) == [(1, "total", 0.5), (1, "format", 0.25), (1, "accuracy", 0.25),
+                                          (2, "total", 1.0), (2, "format", 0.75), (2, "accuracy", 0.25)]
+    assert runs.reward_curve([{"step": 1, "loss": 2.0}]) == []
+    frame = webui.reward_frame(records)
+    assert list(frame.columns) == ["step", "reward function", "reward"] and len(frame) == 6
+    assert webui.reward_frame([{"step": 1, "loss": 2.0}]) is None
+    fake_run(str(tmp_path), "v0-1", records, command="grpo")
+    shown = webui.watch(str(tmp_path), None, None, None)
+    assert webui.WATCHED[5] == "reward_curve" and len(shown[5]) == 6  # the page's reward plot gets the frame
+
+
 def test_runs_are_found_in_the_output_folder(tmp_path):
     out = str(tmp_path / "out")
     old = fake_run(out, "v0-20250101-100000", [{"step": 6, "max_steps": 6, "loss": 1.0}], checkpoints=(3, 6))

@@ -1,7 +1,7 @@
 """`martlet web-ui`: train, watch, chat and export in the browser.
 
 parse -> validate -> build the page -> serve it on 127.0.0.1 (by default) until Ctrl-C. The page holds no
-training logic: it turns a form into a `martlet sft|dpo|orpo ...` command (webui_form), starts that command
+training logic: it turns a form into a `martlet sft|dpo|orpo|grpo ...` command (webui_form), starts that command
 as a subprocess and watches its run folder (webui_runs). The jobs live in the server, not in the page: every
 tab sees the same runs, and closing a tab (or stopping the server) does not stop a run.
 """
@@ -32,7 +32,7 @@ from martlet.utils import setup_logging
 logger = logging.getLogger("martlet")
 TICK_S = 1.0  # how often the page reads the runs again
 FORM = ("model_id_or_path", "sft_type", "dataset", *form.HYPERPARAMETERS)  # form fields, in command-line order
-WATCHED = ("runs", "status", "progress", "curve", "eval_curve", "log", "checkpoint", "arguments")
+WATCHED = ("runs", "status", "progress", "curve", "eval_curve", "reward_curve", "log", "checkpoint", "arguments")
 _engine: dict[str, Any] = {}  # the checkpoint being chatted with, shared by the tabs: {"path", "engine"}
 _engine_lock = threading.Lock()
 
@@ -148,6 +148,14 @@ def curve_frame(records: list[dict[str, Any]], series: str):
     return pd.DataFrame(points, columns=["step", series]) if points else None
 
 
+def reward_frame(records: list[dict[str, Any]]):
+    """GRPO's reward curves (one line per reward function, and the total); None for other runs."""
+    import pandas as pd
+
+    points = runs.reward_curve(records)
+    return pd.DataFrame(points, columns=["step", "reward function", "reward"]) if points else None
+
+
 def watch(output_dir: str, key: str | None, current_ckpt: str | None, seen: dict | None):
     """Everything the runs panel shows for the selected run; parts unchanged since `seen` are skipped, so
     that a tick does not redraw (or close) what the user is looking at."""
@@ -172,12 +180,13 @@ def watch(output_dir: str, key: str | None, current_ckpt: str | None, seen: dict
         "progress": progress_html(entry, records),
         "curve": curve_frame(records, "loss"),
         "eval_curve": curve_frame(records, "eval_loss"),
+        "reward_curve": reward_frame(records),
         "log": log_html(log),
         "checkpoint": gr.update(choices=ckpts, value=keep or newest),
         "arguments": saved or None,
     }
     marks = {"runs": (tuple(choices), entry.key if entry else None), "curve": (run_dir, len(records)),
-             "eval_curve": (run_dir, len(records)), "checkpoint": (run_dir, tuple(ckpts), keep),
+             "eval_curve": (run_dir, len(records)), "reward_curve": (run_dir, len(records)), "checkpoint": (run_dir, tuple(ckpts), keep),
              "arguments": (run_dir, bool(saved))}  # the text parts are their own marks
     marks = {k: repr(marks.get(k, values[k])) for k in WATCHED}
     old = seen.get("marks", {})
@@ -280,6 +289,8 @@ def _help(method: str, name: str) -> str:
 
 
 def _dataset_choices(method: str) -> list[str]:
+    if method == "grpo":  # prompts with a checked answer (the built-in rewards read `solution`)
+        return [name for name, entry in dataset_registry().items() if entry.get("builtin") == "math"]
     return [name for name, entry in dataset_registry().items() if method == "sft" or entry.get("preference")]
 
 
@@ -348,6 +359,8 @@ def _runs_section() -> dict[str, Any]:
         page["curve"] = gr.LinePlot(x="step", y="loss", title="train loss", height=260, elem_id="webui-curve")
         page["eval_curve"] = gr.LinePlot(x="step", y="eval_loss", title="eval loss", height=260,
                                          elem_id="webui-eval-curve")
+    page["reward_curve"] = gr.LinePlot(x="step", y="reward", color="reward function", title="rewards (GRPO)",
+                                       height=260, elem_id="webui-reward-curve")
     page["log"] = gr.HTML(label="Log (newest lines)", show_label=True, container=True, elem_id="webui-log")
     with gr.Accordion("Arguments of the run (sft_args.json)", open=False):
         page["arguments"] = gr.JSON(elem_id="webui-arguments")
@@ -400,8 +413,8 @@ def _wire_runs_and_chat(demo: Any, p: dict[str, Any]) -> None:
 
     p["stop"].click(stop, [p["where"], p["run"]], p["message"])
     p["resume"].click(resume, [p["where"], p["run"]], [p["message"], p["run"]])
-    outputs = [p[name] for name in ("run", "status", "progress", "curve", "eval_curve", "log", "checkpoint",
-                                    "arguments", "seen")]  # WATCHED, then what was seen
+    outputs = [p[name] for name in ("run", "status", "progress", "curve", "eval_curve", "reward_curve", "log",
+                                    "checkpoint", "arguments", "seen")]  # WATCHED, then what was seen
     gr.on([demo.load, p["run"].change, p["timer"].tick], watch, [p["where"], p["run"], p["checkpoint"], p["seen"]],
           outputs, show_progress="hidden")
     chat_in = [p["box"], p["history"], p["checkpoint"], p["max_new"], p["temperature"]]

@@ -14,7 +14,7 @@ import shlex
 from typing import Any
 
 from martlet.args.base import parse_cli
-from martlet.args.rlhf import DPOArguments, ORPOArguments, RLHFArguments
+from martlet.args.rlhf import DPOArguments, GRPOArguments, ORPOArguments, RLHFArguments
 from martlet.args.sft import PtArguments, SftArguments
 from martlet.custom import apply_custom_registrations
 from martlet.data.preference import load_preference_rows
@@ -22,9 +22,10 @@ from martlet.data.preprocess import conversation_rows
 from martlet.dryrun import looks_like_hub_id, on_hub
 from martlet.errors import MartletError
 from martlet.models.registry import get_model_info
+from martlet.train.grpo_data import ANSWER_REWARDS, grpo_rows, with_instruction
 
 # the commands the page starts, and those a run found on disk may have been started with
-METHODS = {"sft": SftArguments, "dpo": DPOArguments, "orpo": ORPOArguments}
+METHODS = {"sft": SftArguments, "dpo": DPOArguments, "orpo": ORPOArguments, "grpo": GRPOArguments}
 COMMANDS = {**METHODS, "pt": PtArguments, "rlhf": RLHFArguments}
 # the hyperparameters on the page, in the order of the command line
 HYPERPARAMETERS = ("learning_rate", "num_train_epochs", "max_steps", "batch_size", "max_length", "lora_rank",
@@ -125,13 +126,16 @@ def check_model(name: str | None) -> None:
 
 def preview_rows(command: str, spec: str, args: Any = None) -> list[dict[str, Any]]:
     """The rows of one --dataset entry as training reads them ([] for a hub set): conversations for sft,
-    prompt/chosen/rejected pairs for the preference methods."""
+    prompt/chosen/rejected pairs for the preference methods, prompts with the reward functions' columns for grpo."""
     if on_hub(spec):
         return []
     seed = getattr(args, "dataset_seed", 42)
     names = dict(model_name=getattr(args, "model_name", ()), model_author=getattr(args, "model_author", ()))
     if command in ("sft", "pt"):
         return conversation_rows(spec, seed=seed, **names)
+    if command == "grpo":
+        asks = any(name in ANSWER_REWARDS for name in getattr(args, "reward_funcs", ANSWER_REWARDS))
+        return [{"where": spec, **(with_instruction(row) if asks else row)} for row in grpo_rows(spec, seed=seed)]
     return load_preference_rows(spec, kind="kto" if getattr(args, "rlhf_type", "") == "kto" else "pair", seed=seed,
                                 **names)
 
@@ -146,6 +150,10 @@ def preview_table(rows: list[dict[str, Any]], limit: int = 5) -> tuple[list[str]
     if rows and "chosen" in rows[0]:
         return (["where", "prompt", "chosen", "rejected"],
                 [[r["where"], _turns(r["prompt"]), r["chosen"], r["rejected"]] for r in rows])
+    if rows and "prompt" in rows[0] and "chosen" not in rows[0] and "completion" not in rows[0]:  # grpo
+        return (["where", "prompt", "columns"],
+                [[r["where"], _turns(r["prompt"]), json.dumps({k: v for k, v in r.items() if k not in ("where", "prompt")},
+                                                              ensure_ascii=False)] for r in rows])
     if rows and "completion" in rows[0]:
         return (["where", "prompt", "completion", "label"],
                 [[r["where"], _turns(r["prompt"]), r["completion"], str(r["label"])] for r in rows])

@@ -234,6 +234,21 @@ def curve(records: list[dict[str, Any]]) -> list[tuple[int, str, float]]:
             if isinstance(r.get(key), (int, float)) and "step" in r]
 
 
+def reward_curve(records: list[dict[str, Any]]) -> list[tuple[int, str, float]]:
+    """(step, reward function, mean) points of a GRPO run: trl's `rewards/<name>/mean`, and `reward` (their
+    weighted sum) as "total"."""
+    points = []
+    for r in records:
+        if "step" not in r:
+            continue
+        for key, value in r.items():
+            if isinstance(value, (int, float)) and (key == "reward" or (key.startswith("rewards/")
+                                                                        and key.endswith("/mean"))):
+                points.append((int(r["step"]), "total" if key == "reward" else key[len("rewards/"):-len("/mean")],
+                               float(value)))
+    return points
+
+
 def parse_run_dir(log_text: str) -> Optional[str]:
     """The folder in the CLI's "run folder: <path>" line."""
     match = _RUN_FOLDER.search(log_text)
