@@ -18,7 +18,7 @@ import os
 import re
 from typing import Any, Sequence
 
-from martlet.args.base import parse_cli, to_dict
+from martlet.args.base import Arguments, parse_cli, to_dict
 from martlet.custom import apply_custom_registrations
 from martlet.data.preprocess import train_val_rows
 from martlet.data.sources import dataset_registry, parse_spec
@@ -62,7 +62,7 @@ def dry_run(command: str, args_cls: type, argv: Sequence[str]) -> int:
     return 0
 
 
-def _derived(command: str, args: Any) -> dict[str, Any]:
+def _derived(command: str, args: Arguments) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if command in TRAINING_COMMANDS:
         world = int(os.environ.get("NPROC_PER_NODE", "1") or 1) * int(os.environ.get("NNODES", "1") or 1)
@@ -84,7 +84,7 @@ def _derived(command: str, args: Any) -> dict[str, Any]:
     return out
 
 
-def _model_info(args: Any) -> dict[str, Any] | None:
+def _model_info(args: Arguments) -> dict[str, Any] | None:
     """What the registry says about the model (no download)."""
     model_type = getattr(args, "model_type", None)
     if not model_type:
@@ -118,7 +118,7 @@ def looks_like_hub_id(name: str) -> bool:
             and not os.path.exists(parts[0]))
 
 
-def local_template(args: Any) -> Template:
+def local_template(args: Arguments) -> Template:
     """The template the run would encode with (its tokenizer, --template_type, --system, --max_length),
     from files on this machine; MartletError when the model would first be downloaded (or converted)."""
     apply_custom_registrations(args)
@@ -133,7 +133,7 @@ def local_template(args: Any) -> Template:
                         fallback=spec.template_type)
 
 
-def first_row_mask(args: Any, style: str = "auto") -> str:
+def first_row_mask(args: Arguments, style: str = "auto") -> str:
     """The first training row as the template encodes it, the spans that carry loss marked; or a line
     saying why it cannot be shown without downloading."""
     hub = [spec for spec in (*args.dataset, *args.val_dataset) if on_hub(spec)]

@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Optional
+from typing import Optional
 
+from martlet.args.infer import InferArguments
 from martlet.errors import MartletError
 from martlet.models.registry import get_model_info
 from martlet.train.outputs import ARGS_FILE, RUN_INFO_FILE
@@ -85,7 +86,7 @@ def registered(model_type: Optional[str]) -> Optional[str]:
         return None
 
 
-def plan_inference(args: Any) -> InferPlan:
+def plan_inference(args: InferArguments) -> InferPlan:
     """The plan for InferArguments `args`; with --ckpt_dir, explicit arguments win over the checkpoint."""
     if not args.ckpt_dir:
         return InferPlan(args.model_type, args.model_id_or_path, None, None, args.template_type, args.system, None)

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from typing import Any, Optional
 
+from martlet.args.infer import InferArguments
 from martlet.errors import MartletError
 from martlet.infer.checkpoint import plan_inference, read_checkpoint, registered
 from martlet.models.dtype import torch_dtype
@@ -31,7 +32,7 @@ def merged_dir(ckpt_dir: str) -> str:
     return os.path.abspath(os.path.expanduser(ckpt_dir)).rstrip(os.sep) + "-merged"
 
 
-def merge_lora(args: Any, replace_if_exists: bool = False, device_map: Optional[str] = None,
+def merge_lora(args: InferArguments, replace_if_exists: bool = False, device_map: Optional[str] = None,
                max_shard_size: str = "5GB", **_: Any) -> str:
     """Merge the LoRA checkpoint `args.ckpt_dir` (InferArguments) and return the merged folder.
 
@@ -71,7 +72,7 @@ def merge_lora(args: Any, replace_if_exists: bool = False, device_map: Optional[
     return target
 
 
-def _write_merged(args: Any, ckpt: Any, out_dir: str, device_map: str, max_shard_size: str = "5GB"):
+def _write_merged(args: InferArguments, ckpt: Any, out_dir: str, device_map: str, max_shard_size: str = "5GB"):
     """Load the base in fp32, add the adapter in, save in the base's own dtype (or --dtype) to `out_dir`."""
     plan = plan_inference(args)
     spec = resolve_model(plan.model_type, plan.model_id_or_path, check_model_is_latest=args.check_model_is_latest,

@@ -15,7 +15,7 @@ import os
 import threading
 from typing import Any, Sequence
 
-from martlet.args.base import parse_cli
+from martlet.args.base import Arguments, parse_cli
 from martlet.args.infer import InferArguments
 from martlet.args.serve import WebUIArguments
 from martlet.data.sources import dataset_registry
@@ -84,7 +84,7 @@ def preview(output_dir: str, method: str, extra: str, *values: Any):
     return pd.DataFrame(cells, columns=header), "\n\n".join(notes), mask_html(method, args, rows)
 
 
-def mask_html(method: str, args: Any, rows: list[dict[str, Any]]) -> str:
+def mask_html(method: str, args: Arguments | None, rows: list[dict[str, Any]]) -> str:
     """The first previewed row as the run's template encodes it, the spans that carry loss in <mark>
     (Template.show: the labels themselves); '' when there is no sft row, a note when the model is not here."""
     if method != "sft" or args is None or not rows:

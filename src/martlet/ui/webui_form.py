@@ -13,7 +13,7 @@ import os
 import shlex
 from typing import Any
 
-from martlet.args.base import parse_cli
+from martlet.args.base import Arguments, parse_cli
 from martlet.args.rlhf import DPOArguments, GRPOArguments, ORPOArguments, RLHFArguments
 from martlet.args.sft import PtArguments, SftArguments
 from martlet.custom import apply_custom_registrations
@@ -124,7 +124,7 @@ def check_model(name: str | None) -> None:
         raise MartletError(exc.message, field="model_id_or_path", hint=exc.hint) from None
 
 
-def preview_rows(command: str, spec: str, args: Any = None) -> list[dict[str, Any]]:
+def preview_rows(command: str, spec: str, args: Arguments | None = None) -> list[dict[str, Any]]:
     """The rows of one --dataset entry as training reads them ([] for a hub set): conversations for sft,
     prompt/chosen/rejected pairs for the preference methods, prompts with the reward functions' columns for grpo."""
     if on_hub(spec):
