@@ -37,9 +37,11 @@ PROMPTS, GENERATIONS, BATCH, COMPLETION, LR, SEED = 16, 4, 8, 32, 1e-4, 42
 
 def prompt_rows() -> list[dict]:
     """The 16 easy math rows both sides train on: {query, solution}."""
-    from martlet.evaluation.suites import TRAIN_SEED, easy_rows
+    from martlet.data.builtin import math_gen
+    from martlet.evaluation.suites import TRAIN_SEED
 
-    return [{"query": r["query"], "solution": r["answer"]} for r in easy_rows(PROMPTS, TRAIN_SEED, "en")]
+    rows = math_gen.generate(PROMPTS, seed=TRAIN_SEED, lang="en", level="easy")
+    return [{"query": r["query"], "solution": r["answer"]} for r in rows]
 
 
 # --------------------------------------------------------------------------------------------------------

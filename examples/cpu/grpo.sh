@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
-# GRPO with LoRA on the embedded SmolLM2: the built-in English math word problems, rewarded for the right final
-# number (accuracy) and for ending with the 'Answer: <number>' line the prompt asks for (format).
+# GRPO with LoRA on the embedded SmolLM2: the built-in one-digit arithmetic word problems, rewarded for the right
+# final number (accuracy). About 2 minutes for 14 steps on a 2-core CPU. Then score the base model and the
+# checkpoint side by side on held-out questions of the same kind (measured: 13/60 -> 30/60):
+#   martlet eval --ckpt_dir output/.../checkpoint-14 --eval_base true --eval_dataset math-small-en \
+#       --eval_limit 60 --answer_instruction true --max_new_tokens 48
 # Hardware: any CPU.
 set -euo pipefail
+OUTPUT_DIR="${OUTPUT_DIR:-output}"
 martlet grpo \
     --model_type smollm2-135m-instruct \
     --sft_type lora \
     --lora_target_modules ALL \
-    --dataset math-word-problems-en#400 \
-    --reward_funcs accuracy format \
-    --num_generations 4 \
-    --max_completion_length 32 \
-    --temperature 1.0 \
+    --dataset math-word-problems-small-en#400 \
+    --reward_funcs accuracy \
+    --num_generations 8 \
+    --max_completion_length 48 \
+    --temperature 0.7 \
     --beta 0 \
-    --batch_size 8 \
+    --batch_size 24 \
     --gradient_accumulation_steps 1 \
-    --learning_rate 1e-4 \
-    --max_steps "${MAX_STEPS:-40}" \
+    --learning_rate 5e-4 \
+    --lr_scheduler_type constant \
+    --warmup_ratio 0 \
+    --max_steps "${MAX_STEPS:-14}" \
     --log_completions_steps 5 \
-    --output_dir "${OUTPUT_DIR:-output}"
+    --output_dir "$OUTPUT_DIR"

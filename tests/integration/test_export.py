@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ARCH_TEMPLATES, write_jsonl
+from helpers import write_jsonl
 from martlet.errors import MartletError
 from martlet.export.gguf_vocab import load_gguf_tokenizer
 from martlet.llm import ExportArguments, export_main

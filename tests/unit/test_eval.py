@@ -16,7 +16,7 @@ from martlet.errors import MartletError
 from martlet.evaluation import harness
 from martlet.evaluation.grading import final_number, is_correct_number, names_expected
 from martlet.evaluation.report import format_table
-from martlet.evaluation.suites import EASY_KINDS, builtin_questions, math_questions
+from martlet.evaluation.suites import MATH_SUITES, builtin_questions, math_questions
 from martlet.train import rewards
 
 
@@ -36,6 +36,10 @@ from martlet.train import rewards
     ("Natalia sold 48/2 = 24 clips in May.\n#### 72", 72),
     ("So the result is \\boxed{15}. Check: 3 * 5 = 15 in 2 steps.", 15),
     ("The answer is 7.", 7),
+    ("So, the answer is 3 + 8 = 11 pages. Jack had 3 more.", 11),  # after the marker, the equation's result
+    ("Answer: 14 - 7 = 7", 7),
+    ("答案是 3 × 4 = 12。共 3 步。", 12),
+    ("The answer is 2.5. Then 4 more.", Fraction(5, 2)),  # a decimal point ends no sentence
 ])
 def test_final_number(reply, number):
     assert final_number(reply) == Fraction(number)
@@ -50,30 +54,34 @@ def test_no_number_and_grading():
     assert names_expected("我是小燕。", "小燕")
 
 
-@pytest.mark.parametrize("suite", ["math-easy-en", "math-easy-zh", "math-en", "math-zh"])
+@pytest.mark.parametrize("suite", sorted(MATH_SUITES))
 def test_math_suites_are_deterministic_checked_and_held_out(suite):
     questions = math_questions(suite, 100)
     assert questions == math_questions(suite, 100) and math_questions(suite, 30) == questions[:30]
     assert len(questions) == 100 and len({q.messages[0]["content"] for q in questions}) == 100
     lang = suite.rsplit("-", 1)[1]
     trained = set()
-    for name in ("math-word-problems", f"math-word-problems-{lang}"):  # what `--dataset` trains on by default
+    names = [f"math-word-problems{tier}{suffix}" for tier in ("", "-easy", "-small") for suffix in ("", f"-{lang}")]
+    for name in names:  # what `--dataset` trains on by default
         trained.update(row["messages"][0]["content"] for row in load_dataset_rows(name))
     assert not trained & {q.messages[0]["content"] for q in questions}
     # the grader accepts each generated row's own worked solution
-    rows = {row["query"]: row for row in math_gen.generate(2000, seed=7, lang=lang)}
+    rows = {row["query"]: row for row in math_gen.generate(2000, seed=7, lang=lang, level=MATH_SUITES[suite][1])}
     for row in list(rows.values())[:200]:
         assert is_correct_number(row["response"], row["answer"]), row
 
 
-def test_easy_suite_is_two_number_arithmetic():
-    for question in builtin_questions("math-easy-en", 30):
+@pytest.mark.parametrize("suite, largest", [("math-easy-en", 200), ("math-small-en", 9), ("math-small-zh", 9)])
+def test_easy_and_small_suites_are_two_number_arithmetic(suite, largest):
+    kinds = {"+": 0, "-": 0, "*": 0}
+    for question in builtin_questions(suite, 30):
         text = question.messages[0]["content"]
-        numbers = [int(n) for n in re.findall(r"\d+", text)]
+        a, b = numbers = [int(n) for n in re.findall(r"\d+", text)]
         assert len(numbers) == 2, text
-        a, b = numbers
-        assert int(question.expected) in (a + b, a - b, a * b), text
-    assert EASY_KINDS == ("add", "sub", "mul")
+        op = next(op for op, value in {"+": a + b, "-": a - b, "*": a * b}.items() if value == int(question.expected))
+        kinds[op] += 1
+        assert (b if op == "-" else max(a, b)) <= largest, text  # small: one-digit numbers, a difference of two
+    assert min(kinds.values()) >= 5, kinds  # all three kinds (a product can be a training question of math-word-problems)
 
 
 @pytest.mark.parametrize("suite, line", [("math-easy-en", "'Answer: <number>'"), ("math-zh", "答案：<数字>")])

@@ -12,7 +12,8 @@ from martlet.args.model import ModelArguments
 from martlet.errors import MartletError
 
 # built into Martlet, offline: held-out generated math problems and self-cognition questions
-BUILTIN_SUITES = ("math-easy-en", "math-easy-zh", "math-en", "math-zh", "self-cognition")
+BUILTIN_SUITES = ("math-easy-en", "math-easy-zh", "math-small-en", "math-small-zh", "math-en", "math-zh",
+                  "self-cognition")
 # run by lm-evaluation-harness (the eval-harness extra); their data is downloaded from the hub
 HARNESS_SUITES = ("gsm8k", "mmlu", "ceval", "cmmlu")
 
@@ -26,7 +27,8 @@ class EvalArguments(ModelArguments, TemplateArguments):
                                         "the self-cognition names; values given here win.")
     eval_dataset: List[str] = arg(["math-easy-en", "math-en", "math-zh"],
                                   "Suites to run: built-in (offline) math-easy-en, math-easy-zh (two-number "
-                                  "arithmetic), math-en, math-zh (every kind of generated problem), "
+                                  "arithmetic), math-small-en, math-small-zh (the same with one-digit "
+                                  "numbers), math-en, math-zh (every kind of generated problem), "
                                   "self-cognition; or through lm-evaluation-harness (needs a network and "
                                   "martlet[eval-harness]) gsm8k, mmlu, ceval, cmmlu.",
                                   aliases=("eval_datasets",), choices=BUILTIN_SUITES + HARNESS_SUITES)

@@ -218,11 +218,17 @@ def _names(values: Sequence[str], what: str, dataset: str) -> tuple[str, str]:
     return (values[0], values[-1])
 
 
+def math_entry_rows(entry: dict[str, Any], count: int | None, seed: int) -> list[dict[str, Any]]:
+    """The generated rows of a built-in math entry of datasets.json (its language, level and default count)."""
+    return math_gen.generate(count or entry.get("count", 2000), seed=seed, lang=entry.get("lang", "mixed"),
+                             level=entry.get("level", "all"))
+
+
 def _builtin_rows(name: str, entry: dict[str, Any], count: int | None, seed: int,
                   model_name: Sequence[str], model_author: Sequence[str]) -> list[dict[str, Any]]:
     kind = entry["builtin"]
     if kind == "math":
-        raws = math_gen.generate(count or entry.get("count", 2000), seed=seed, lang=entry.get("lang", "mixed"))
+        raws = math_entry_rows(entry, count, seed)
         return canonical_rows((name, i, {"query": r["query"], "response": r["response"]})
                               for i, r in enumerate(raws, start=1))
     path = os.path.join(_BUILTIN_DIR, f"{kind}.jsonl")

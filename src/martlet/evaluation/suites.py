@@ -2,12 +2,17 @@
 
 * `math-en`, `math-zh`: generated word problems of every kind (math_gen), seeded apart from training.
 * `math-easy-en`, `math-easy-zh`: two-number arithmetic only (addition, subtraction, multiplication).
+* `math-small-en`, `math-small-zh`: the same with one-digit numbers (sums, differences of numbers up to 18, the
+  times table): easy enough that a 135M model gets some right, so that training can show a gain.
+
+The easy and small suites draw their questions from a share that those levels' training rows never hold
+(`math_gen.held_out`): their few distinct questions would otherwise nearly all be training questions.
 * `self-cognition`: "who are you?" / "who made you?" phrasings that the training set does not hold; a reply
   passes when it contains the expected name or author (the Chinese one for a Chinese question).
 
 Held out means: no question equals one of the first `TRAIN_ROWS_CHECKED` rows the math built-ins
-(`--dataset math-word-problems[-en|-zh]`, and an easy set drawn the same way) give at the default
-`--dataset_seed`; such a row is dropped from a suite. The same arguments always give the same questions.
+(`--dataset math-word-problems[-easy|-small][-en|-zh]`) give at the default `--dataset_seed`; such a row is
+dropped from a suite. The same arguments always give the same questions.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import functools
 import itertools
 import json
 import os
-import random
 from typing import Sequence
 
 from martlet.args.data import DataArguments
@@ -30,9 +34,9 @@ EVAL_SEED = 20261211  # far from the seeds people train with (42, 0, 1, ...)
 TRAIN_SEED = next(f.default for f in dataclasses.fields(DataArguments) if f.name == "dataset_seed")
 TRAIN_ROWS_CHECKED = 10000
 DEFAULT_LIMIT = 100
-EASY_KINDS = ("add", "sub", "mul")
-MATH_SUITES = {"math-en": ("en", False), "math-zh": ("zh", False), "math-easy-en": ("en", True),
-               "math-easy-zh": ("zh", True)}
+# suite -> (language, math_gen level)
+MATH_SUITES = {"math-en": ("en", "all"), "math-zh": ("zh", "all"), "math-easy-en": ("en", "easy"),
+               "math-easy-zh": ("zh", "easy"), "math-small-en": ("en", "small"), "math-small-zh": ("zh", "small")}
 _HELDOUT_FILE = os.path.join(os.path.dirname(__file__), "self_cognition_heldout.jsonl")
 
 
@@ -50,37 +54,26 @@ class Question:
         return names_expected(reply, self.expected)
 
 
-def easy_rows(n: int, seed: int, lang: str) -> list[dict]:
-    """`n` two-number arithmetic word problems ({query, answer}), distinct, drawn like math_gen's rows."""
-    rng = random.Random(seed)
-    rows, seen = [], set()
-    while len(rows) < n:
-        query, _, answer, _ = math_gen.KINDS[EASY_KINDS[len(rows) % len(EASY_KINDS)]](rng, lang)
-        if query not in seen:
-            seen.add(query)
-            rows.append({"query": query, "answer": str(answer)})
-    return rows
+def suite_rows(suite: str, n: int) -> list[dict]:
+    """`n` rows ({query, answer, ...}) of a math suite's kind drawn with EVAL_SEED (easy and small levels: from the
+    share of questions their training rows never hold)."""
+    lang, level = MATH_SUITES[suite]
+    return math_gen.generate(n, seed=EVAL_SEED, lang=lang, level=level, heldout=level != "all")
 
 
 @functools.lru_cache(maxsize=None)
 def training_queries() -> frozenset:
-    """The questions of the first TRAIN_ROWS_CHECKED rows the math built-ins train on by default."""
-    queries = set()
-    for lang in math_gen.LANGS:
-        queries.update(row["query"] for row in math_gen.generate(TRAIN_ROWS_CHECKED, seed=TRAIN_SEED, lang=lang))
-    for lang in ("en", "zh"):
-        queries.update(row["query"] for row in easy_rows(TRAIN_ROWS_CHECKED, TRAIN_SEED, lang))
-    return frozenset(queries)
+    """The questions of the first TRAIN_ROWS_CHECKED rows the math built-ins of every level and language give at
+    the default seed (levels share questions: a small product can be an easy one)."""
+    return frozenset(row["query"] for level in math_gen.LEVELS for lang in math_gen.LANGS
+                     for row in math_gen.generate(TRAIN_ROWS_CHECKED, seed=TRAIN_SEED, lang=lang, level=level))
 
 
 def math_questions(suite: str, limit: int, answer_instruction: bool = False) -> list[Question]:
     """The first `limit` held-out questions of a math suite (the same ones for every run); with
     `answer_instruction`, each ends with the answer-line instruction GRPO's prompts carry."""
-    lang, easy = MATH_SUITES[suite]
-    pool = limit * 2 + 50
-    rows = easy_rows(pool, EVAL_SEED, lang) if easy else math_gen.generate(pool, seed=EVAL_SEED, lang=lang)
     seen = training_queries()
-    kept = [row for row in rows if row["query"] not in seen][:limit]
+    kept = [row for row in suite_rows(suite, limit * 2 + 50) if row["query"] not in seen][:limit]
     ask = rewards.with_answer_instruction if answer_instruction else str
     return [Question(({"role": "user", "content": ask(row["query"])},), row["answer"], "number") for row in kept]
 

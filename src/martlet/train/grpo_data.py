@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from martlet.data.builtin import math_gen
 from martlet.data.formats import FORMATS
 from martlet.data.preprocess import load_rows
-from martlet.data.sources import READERS, canonical_rows, find_registered, parse_spec, sample_rows, split_train_val
+from martlet.data.sources import (READERS, canonical_rows, find_registered, math_entry_rows, parse_spec, sample_rows,
+                                  split_train_val)
 from martlet.errors import MartletError
 from martlet.train import rewards
 
@@ -24,7 +24,7 @@ ANSWER_REWARDS = ("accuracy", "format")
 
 def math_rows(entry: dict[str, Any], count: int | None, seed: int) -> list[dict[str, Any]]:
     """The built-in math word problems as GRPO rows: the question, and its checked answer as `solution`."""
-    raws = math_gen.generate(count or entry.get("count", 2000), seed=seed, lang=entry.get("lang", "mixed"))
+    raws = math_entry_rows(entry, count, seed)
     return [{"prompt": [{"role": "user", "content": r["query"]}], "solution": r["answer"]} for r in raws]
 
 

@@ -8,7 +8,6 @@ in `tests/unit/test_kernels.py` and `tests/unit/test_batching.py`.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 

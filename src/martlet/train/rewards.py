@@ -85,12 +85,15 @@ def _expression_equal(predicted: str, solution: str) -> bool | None:
 
 
 def is_correct(text: str, solution: Any) -> bool:
-    """The reply's final number equals the solution's (exact fractions); a solution that is not a number is
-    compared by math-verify when installed, else as text."""
-    predicted = final_answer(text)
+    """The reply's final number equals the solution's (exact fractions), read as `martlet eval` grades it, so the
+    reward and the evaluation agree; a solution that is not a number is compared by math-verify when installed,
+    else as text."""
+    from martlet.evaluation.grading import final_number  # here: martlet.evaluation imports this module
+
     wanted = parse_number(str(solution))
     if wanted is not None and _NUMBER.fullmatch(str(solution).strip().replace(" ", "")):
-        return parse_number(predicted) == wanted
+        return final_number(text) == wanted
+    predicted = final_answer(text)
     verdict = _expression_equal(predicted, str(solution))
     return verdict if verdict is not None else predicted.strip() == str(solution).strip()
 

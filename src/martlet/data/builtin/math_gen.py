@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import math
 import random
+import zlib
 from fractions import Fraction
 from typing import Callable
 
-__all__ = ["generate", "KINDS", "LANGS"]
+__all__ = ["generate", "KINDS", "EASY_KINDS", "LANGS", "LEVELS"]
 
 LANGS = ("en", "zh", "mixed")
 
@@ -118,9 +119,8 @@ Built = tuple  # (str, list[str], Fraction | int, dict)
 # ----------------------------------------------------------------------------
 
 
-def _add(rng: random.Random, lang: str) -> Built:
-    a = rng.randint(12, 95)
-    b = rng.randint(5, 60)
+def _add(rng: random.Random, lang: str, small: bool = False) -> Built:
+    a, b = (rng.randint(1, 9), rng.randint(1, 9)) if small else (rng.randint(12, 95), rng.randint(5, 60))
     ans = a + b
     _check(ans - b == a and ans - a == b and ans > max(a, b), "add inverse")
     variant = rng.randrange(3)
@@ -155,9 +155,13 @@ def _add(rng: random.Random, lang: str) -> Built:
     return q, steps, ans, {"kind": "add", "a": a, "b": b}
 
 
-def _sub(rng: random.Random, lang: str) -> Built:
-    a = rng.randint(30, 200)
-    b = rng.randint(5, a - 5)
+def _sub(rng: random.Random, lang: str, small: bool = False) -> Built:
+    if small:  # a one-digit number taken from at most 18, leaving a one-digit number
+        b = rng.randint(1, 9)
+        a = b + rng.randint(1, 9)
+    else:
+        a = rng.randint(30, 200)
+        b = rng.randint(5, a - 5)
     ans = a - b
     _check(ans + b == a and 0 < ans < a, "sub inverse")
     variant = rng.randrange(3)
@@ -194,9 +198,8 @@ def _sub(rng: random.Random, lang: str) -> Built:
     return q, steps, ans, {"kind": "sub", "a": a, "b": b}
 
 
-def _mul(rng: random.Random, lang: str) -> Built:
-    a = rng.randint(3, 12)
-    b = rng.randint(4, 25)
+def _mul(rng: random.Random, lang: str, small: bool = False) -> Built:
+    a, b = (rng.randint(2, 9), rng.randint(2, 9)) if small else (rng.randint(3, 12), rng.randint(4, 25))
     ans = a * b
     total = 0
     for _ in range(a):  # repeated addition as the independent route
@@ -691,10 +694,14 @@ KINDS: dict[str, Callable[[random.Random, str], Built]] = {
     "two_step": _two_step,
     "linear": _linear,
 }
+EASY_KINDS = ("add", "sub", "mul")  # two-number arithmetic, the kinds that take `small`
+# level -> None (every kind) or whether the easy kinds draw one-digit numbers
+LEVELS: dict[str, bool | None] = {"all": None, "easy": False, "small": True}
+HELD_OUT_EVERY = 8
 
 
-def _make_row(kind: str, rng: random.Random, lang: str) -> dict:
-    query, steps, ans, meta = KINDS[kind](rng, lang)
+def _make_row(kind: str, rng: random.Random, lang: str, small: bool = False) -> dict:
+    query, steps, ans, meta = KINDS[kind](rng, lang, small=True) if small else KINDS[kind](rng, lang)
     answer = _fmt(ans)
     _check(Fraction(answer) == Fraction(ans), "answer formatting round-trip")
     final = f"Answer: {answer}" if lang == "en" else f"答案：{answer}"
@@ -707,7 +714,15 @@ def _make_row(kind: str, rng: random.Random, lang: str) -> dict:
     }
 
 
-def generate(n: int, seed: int = 42, lang: str = "mixed") -> list[dict]:
+def held_out(query: str) -> bool:
+    """Whether an easy- or small-level question belongs to the evaluation share: one in HELD_OUT_EVERY, by a hash
+    of its text. These levels have few distinct questions (the small one 9 x 9 number pairs), so training rows of
+    some thousands would hold most of them; their training rows never hold a question of this share, their
+    evaluation rows only those."""
+    return zlib.crc32(query.encode("utf-8")) % HELD_OUT_EVERY == 0
+
+
+def generate(n: int, seed: int = 42, lang: str = "mixed", level: str = "all", heldout: bool = False) -> list[dict]:
     """Generate ``n`` checked arithmetic word problems.
 
     Args:
@@ -715,6 +730,11 @@ def generate(n: int, seed: int = 42, lang: str = "mixed") -> list[dict]:
         seed: seed of the private ``random.Random``; same seed -> identical rows.
         lang: ``"en"``, ``"zh"`` or ``"mixed"`` (alternating English / Chinese,
             so exactly half of each, English first).
+        level: ``"all"`` (every kind, each once per ``len(KINDS)`` rows in random
+            order), ``"easy"`` (two-number arithmetic: add, sub and mul in turn) or
+            ``"small"`` (the easy kinds with one-digit numbers), see :data:`LEVELS`.
+        heldout: easy and small levels: draw the evaluation share of the questions
+            (:func:`held_out`) instead of the training share.
 
     Returns:
         A list of dicts with keys ``query``, ``response``, ``answer``, ``lang``
@@ -724,20 +744,30 @@ def generate(n: int, seed: int = 42, lang: str = "mixed") -> list[dict]:
         raise ValueError(f"n must be a non-negative integer, got {n!r}")
     if lang not in LANGS:
         raise ValueError(f"lang must be one of {LANGS}, got {lang!r}")
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {tuple(LEVELS)}, got {level!r}")
+    if heldout and LEVELS[level] is None:
+        raise ValueError("heldout applies to the easy and small levels only")
     rng = random.Random(seed)
     kinds = list(KINDS)
+    easy = LEVELS[level]
     deck: list[str] = []
     seen: set[str] = set()
     rows: list[dict] = []
     for i in range(n):
         row_lang = lang if lang != "mixed" else ("en" if i % 2 == 0 else "zh")
-        if not deck:  # every kind appears once per len(KINDS) rows, in random order
-            deck = kinds[:]
-            rng.shuffle(deck)
-        kind = deck.pop()
-        for _ in range(50):  # avoid duplicate questions
-            row = _make_row(kind, rng, row_lang)
-            if row["query"] not in seen:
+        if easy is not None:
+            kind = EASY_KINDS[i % len(EASY_KINDS)]
+        else:
+            if not deck:  # every kind appears once per len(KINDS) rows, in random order
+                deck = kinds[:]
+                rng.shuffle(deck)
+            kind = deck.pop()
+        for attempt in range(1, 100_000):  # avoid duplicate questions (and, easy and small, the other share)
+            row = _make_row(kind, rng, row_lang, small=bool(easy))
+            if easy is not None and held_out(row["query"]) != heldout:
+                continue
+            if row["query"] not in seen or attempt >= 50:
                 break
         seen.add(row["query"])
         rows.append(row)
