@@ -83,3 +83,31 @@ def test_a_reward_model_trains_scores_and_serves_as_a_grpo_reward(tiny_llama, tm
     (logged,) = [h for h in grpo["log_history"] if "reward" in h]
     name = os.path.basename(checkpoint)
     assert f"rewards/{name}/mean" in logged and logged["reward_std"] > 0  # the model's scores differ per completion
+
+
+def test_full_parameter_grpo_with_a_kl_term_moves_every_weight_it_trains(tiny_llama, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from martlet.train.rewards import register_reward_func
+
+    def characters(completions, **kwargs):  # random tiny-model text: the length varies within a group: a signal
+        return [float(len(c[0]["content"])) for c in completions]
+
+    register_reward_func("characters", characters)
+    result = rlhf_main(RLHFArguments(rlhf_type="grpo", model_id_or_path=tiny_llama, sft_type="full",
+                                     dataset=["math-word-problems-small-en#8"], reward_funcs=["characters"],
+                                     num_generations=4, batch_size=4, gradient_accumulation_steps=1, max_steps=2,
+                                     max_completion_length=8, beta=0.04, learning_rate=1e-3, warmup_ratio=0.0,
+                                     lr_scheduler_type="constant", logging_steps=1, temperature=1.0,
+                                     gradient_checkpointing=False, report_to=["none"], disable_tqdm=True,
+                                     output_dir=str(tmp_path / "out")))
+    ckpt = result["last_model_checkpoint"]
+    assert not os.path.exists(os.path.join(ckpt, "adapter_config.json"))
+    before, after = load_file(os.path.join(tiny_llama, "model.safetensors")), load_file(
+        os.path.join(ckpt, "model.safetensors"))
+    moved = [k for k in before if k in after and not torch.equal(before[k].float(), after[k].float())]
+    assert "model.layers.0.self_attn.q_proj.weight" in moved and len(moved) >= len(before) // 2, moved
+    logs = [h for h in result["log_history"] if "kl" in h]
+    assert len(logs) == 2 and logs[0]["kl"] == 0 < logs[1]["kl"], logs  # the reference stays where training began
+    assert logs[0]["grad_norm"] > 1e-3, logs  # the rewards differed within the group: a real gradient

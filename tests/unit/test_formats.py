@@ -74,8 +74,21 @@ def test_json_rows_know_their_lines(tmp_path):
     path = tmp_path / "d.json"
     path.write_text('[\n  {"query": "a", "response": "b"},\n\n  {"query": "c"}\n]\n', encoding="utf-8")
     with pytest.raises(MartletError) as err:
-        read_file(str(path))
+        read_file(str(path), needs_reply=True)  # training rows
     assert (err.value.file, err.value.line, err.value.field) == (str(path), 4, "response")
+    assert "missing" in err.value.message
+
+
+def test_a_query_without_response_is_a_prompt_where_no_reply_is_needed(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"query": "2 + 3?", "solution": "5"}\n{"instruction": "Add", "input": "2 and 3"}\n',
+                    encoding="utf-8")
+    rows = read_file(str(path))  # GRPO prompts, inference rows
+    assert [r["messages"] for r in rows] == [[{"role": "user", "content": "2 + 3?"}],
+                                             [{"role": "user", "content": "Add\n2 and 3"}]]
+    with pytest.raises(MartletError) as err:
+        read_file(str(path), needs_reply=True)
+    assert (err.value.line, err.value.field) == (1, "response")
 
 
 @pytest.mark.parametrize("content, line, field, words", [
@@ -90,7 +103,7 @@ def test_bad_rows_name_file_line_and_field(tmp_path, content, line, field, words
     path = tmp_path / "bad.jsonl"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(MartletError) as err:
-        read_file(str(path))
+        read_file(str(path), needs_reply=True)
     assert err.value.file == str(path) and err.value.line == line and err.value.field == field
     assert words in str(err.value)
     assert f"{path}:{line}:" in str(err.value)
@@ -161,7 +174,7 @@ def test_every_bad_row_is_reported_first_few_then_a_count(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"query": "\xff\xfe", "response": "x"}\n')
     with pytest.raises(DatasetErrors) as info:
-        read_file(str(path))
+        read_file(str(path), needs_reply=True)
     err = info.value
     assert [e.line for e in err.errors] == [2, 3, 5, 6, 7, 8, 9, 11]
     text = str(err)

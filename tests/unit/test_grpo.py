@@ -178,3 +178,13 @@ def test_extra_columns_reach_the_reward_functions(tmp_path):
     assert train[0]["prompt"][-1]["content"].endswith(rewards.ANSWER_INSTRUCTION["en"])
     math, _ = grpo_train_val_rows(["math-word-problems-en#5"], [], seed=1, test_ratio=0.0, reward_names=["format"])
     assert all(json.dumps(row["solution"]) and row["solution"] for row in math)
+
+
+@pytest.mark.parametrize("prompt", [{"query": "What is 2 + 3?"}, {"instruction": "What is 2 + 3?"},
+                                    {"messages": [{"role": "user", "content": "What is 2 + 3?"}]}])
+def test_a_prompt_row_needs_no_reply(tmp_path, prompt):
+    from martlet.train.grpo_data import grpo_train_val_rows
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{**prompt, "solution": "5"}] * 3)
+    train, _ = grpo_train_val_rows([data], [], seed=1, test_ratio=0.0, reward_names=["my_reward"])
+    assert train == [{"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "solution": "5"}] * 3

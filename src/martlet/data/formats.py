@@ -110,16 +110,22 @@ def from_alpaca(row: dict[str, Any]) -> dict[str, Any]:
     instruction = _text(row, "instruction")
     extra = _text(row, "input", required=False)
     query = f"{instruction}\n{extra}" if extra and extra.strip() else instruction
-    output = _text(row, "output")
-    return {"messages": _with_system(row, _history(row) + [{"role": "user", "content": query},
-                                                            {"role": "assistant", "content": output}])}
+    return {"messages": _with_system(row, _history(row) + _exchange(row, query, "output"))}
+
+
+def _exchange(row: dict[str, Any], query: str, reply_key: str) -> list[dict[str, str]]:
+    """The user's turn and the reply under `reply_key`; a row without that key is a prompt alone (GRPO and
+    inference read those; a training row is refused where to_canonical checks for the reply)."""
+    turns = [{"role": "user", "content": query}]
+    if reply_key in row:
+        turns.append({"role": "assistant", "content": _text(row, reply_key)})
+    return turns
 
 
 def from_query_response(row: dict[str, Any]) -> dict[str, Any]:
-    query = _text(row, "query")
-    response = _text(row, "response")
-    return {"messages": _with_system(row, _history(row) + [{"role": "user", "content": query},
-                                                            {"role": "assistant", "content": response}])}
+    if "query" not in row:
+        raise RowError("is missing: a query/response row needs the user's query.", field="query")
+    return {"messages": _with_system(row, _history(row) + _exchange(row, _text(row, "query"), "response"))}
 
 
 def from_text(row: dict[str, Any]) -> dict[str, Any]:
@@ -137,6 +143,9 @@ FORMATS: list[tuple[str, tuple[str, ...], Callable[[dict[str, Any]], dict[str, A
 ]
 
 
+_REPLY_FIELD = {"query": "response", "instruction": "output"}  # where a row of these formats keeps its reply
+
+
 def to_canonical(row: Any, *, needs_reply: bool = False) -> dict[str, Any]:
     """The canonical form of one row, or RowError naming the field. `needs_reply` (training rows): a
     conversation must end with the assistant's reply."""
@@ -144,9 +153,12 @@ def to_canonical(row: Any, *, needs_reply: bool = False) -> dict[str, Any]:
         raise RowError(f"a row must be a JSON object, got {type(row).__name__}.")
     for _, keys, convert in FORMATS:
         if all(k in row for k in keys):
+            reply = _REPLY_FIELD.get(keys[0])
+            if needs_reply and reply and reply not in row:
+                raise RowError("is missing: a training row needs the assistant's reply.", field=reply)
             canonical = convert(row)
             if needs_reply and "messages" in canonical:
-                check_replies(canonical["messages"], keys[0], needs_reply=True)
+                check_replies(canonical["messages"], _REPLY_FIELD.get(keys[0], keys[0]), needs_reply=True)
             return canonical
     keys = ", ".join(sorted(map(str, row))) or "none"
     raise RowError(f"unknown row format (keys: {keys}); expected messages, conversations (sharegpt), "
