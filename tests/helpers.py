@@ -90,3 +90,15 @@ def spell_argv(model, data, out, **extra) -> list[str]:
             "report_to": "none", "learning_rate": "5e-3", "save_total_limit": "10", "logging_steps": "1"}
     base.update(extra)
     return [item for key, value in base.items() for item in (f"--{key}", value)]
+
+
+def register_length_reward() -> str:
+    """Register (once) a GRPO reward that tiny random models give a signal on: the length of each completion's text
+    varies within a group. Returns its name."""
+    from martlet.train.rewards import register_reward_func
+
+    def characters(completions, **kwargs):
+        return [float(len(c[0]["content"])) for c in completions]
+
+    register_reward_func("characters", characters)
+    return "characters"

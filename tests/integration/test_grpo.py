@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from helpers import run_dirs, write_jsonl
+from helpers import register_length_reward, run_dirs, write_jsonl
 from martlet.llm import RewardModel, RLHFArguments, rlhf_main
 
 PAIRS = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
@@ -89,14 +89,8 @@ def test_full_parameter_grpo_with_a_kl_term_moves_every_weight_it_trains(tiny_ll
     import torch
     from safetensors.torch import load_file
 
-    from martlet.train.rewards import register_reward_func
-
-    def characters(completions, **kwargs):  # random tiny-model text: the length varies within a group: a signal
-        return [float(len(c[0]["content"])) for c in completions]
-
-    register_reward_func("characters", characters)
     result = rlhf_main(RLHFArguments(rlhf_type="grpo", model_id_or_path=tiny_llama, sft_type="full",
-                                     dataset=["math-word-problems-small-en#8"], reward_funcs=["characters"],
+                                     dataset=["math-word-problems-small-en#8"], reward_funcs=[register_length_reward()],
                                      num_generations=4, batch_size=4, gradient_accumulation_steps=1, max_steps=2,
                                      max_completion_length=8, beta=0.04, learning_rate=1e-3, warmup_ratio=0.0,
                                      lr_scheduler_type="constant", logging_steps=1, temperature=1.0,

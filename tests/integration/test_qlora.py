@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 bnb = pytest.importorskip("bitsandbytes")
 
+from helpers import register_length_reward  # noqa: E402
 from martlet.llm import SftArguments, sft_main  # noqa: E402
 
 
@@ -48,3 +49,21 @@ def test_qlora_trains_and_its_checkpoint_says_so(tiny_llama, tmp_path):
         assert json.load(fh)["quantization_bit"] == 4  # export refuses to merge it (test_export.py)
     losses = [h["loss"] for h in result["log_history"] if "loss" in h]
     assert len(losses) == 3 and all(loss == loss for loss in losses)  # finite
+
+
+def test_qlora_grpo_trains_the_adapter_on_a_4bit_base(tiny_llama, tmp_path):
+    from martlet.llm import RLHFArguments, rlhf_main
+    result = rlhf_main(RLHFArguments(rlhf_type="grpo", model_id_or_path=tiny_llama, quantization_bit=4,
+                                     dataset=["math-word-problems-small-en#8"], reward_funcs=[register_length_reward()],
+                                     lora_target_modules=["ALL"], num_generations=4, batch_size=4,
+                                     gradient_accumulation_steps=1, max_steps=2, max_completion_length=8, beta=0.04,
+                                     learning_rate=5e-3, warmup_ratio=0.0, logging_steps=1,
+                                     gradient_checkpointing=False, report_to=["none"], disable_tqdm=True,
+                                     output_dir=str(tmp_path / "out")))
+    ckpt = result["last_model_checkpoint"]
+    weights = load_file(os.path.join(ckpt, "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())
+    with open(os.path.join(ckpt, "sft_args.json"), encoding="utf-8") as fh:
+        assert json.load(fh)["quantization_bit"] == 4
+    steps = [h for h in result["log_history"] if "kl" in h]
+    assert len(steps) == 2 and steps[0]["grad_norm"] > 1e-3, steps  # a real gradient through the 4-bit base
