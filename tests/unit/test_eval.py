@@ -81,7 +81,7 @@ def test_easy_and_small_suites_are_two_number_arithmetic(suite, largest):
         op = next(op for op, value in {"+": a + b, "-": a - b, "*": a * b}.items() if value == int(question.expected))
         kinds[op] += 1
         assert (b if op == "-" else max(a, b)) <= largest, text  # small: one-digit numbers, a difference of two
-    assert min(kinds.values()) >= 5, kinds  # all three kinds (a product can be a training question of math-word-problems)
+    assert min(kinds.values()) >= 5, kinds  # all three kinds (some products are math-word-problems questions)
 
 
 @pytest.mark.parametrize("suite, line", [("math-easy-en", "'Answer: <number>'"), ("math-zh", "答案：<数字>")])
