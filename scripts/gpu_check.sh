@@ -52,6 +52,17 @@ if has deepspeed; then
   check deepspeed_zero3 $PY "${SFT[@]}" --deepspeed default-zero3 --output_dir "$WORK/z3"
 else skip deepspeed "deepspeed not installed"; fi
 
+GRPO=(-m martlet grpo --dataset math-word-problems-small-en#64 --reward_funcs accuracy format --num_generations 4
+      --batch_size 8 --gradient_accumulation_steps 1 --max_completion_length 48 --max_steps 4
+      --lora_target_modules ALL --report_to none --dtype bf16)
+check grpo_bf16 $PY "${GRPO[@]}" --beta 0.04 --output_dir "$WORK/grpo"
+if has bitsandbytes; then check grpo_qlora $PY "${GRPO[@]}" --quantization_bit 4 --output_dir "$WORK/grpo_q4"
+else skip grpo_qlora "bitsandbytes not installed"; fi
+if has vllm; then
+  check grpo_vllm_colocate $PY "${GRPO[@]}" --use_vllm true --vllm_gpu_memory_utilization 0.3 \
+    --output_dir "$WORK/grpo_vllm"
+else skip grpo_vllm "vllm not installed"; fi
+
 CKPT=$(ls -d "$WORK"/bf16/*/v*/checkpoint-* 2>/dev/null | tail -1)
 if [ -n "$CKPT" ]; then
   check infer_transformers $PY -m martlet infer --ckpt_dir "$CKPT" --dataset general-instruct#16 \
