@@ -188,3 +188,19 @@ def test_a_prompt_row_needs_no_reply(tmp_path, prompt):
     data = write_jsonl(tmp_path / "p.jsonl", [{**prompt, "solution": "5"}] * 3)
     train, _ = grpo_train_val_rows([data], [], seed=1, test_ratio=0.0, reward_names=["my_reward"])
     assert train == [{"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "solution": "5"}] * 3
+
+
+def test_use_vllm_asks_trl_for_colocated_generation_and_is_refused_without_a_gpu(tiny_llama, tmp_path):
+    """The CPU sibling of scripts/gpu_check.sh's grpo_vllm_colocate: the GRPOConfig trl gets, and the refusal."""
+    args = RLHFArguments(rlhf_type="grpo", dataset=["x"], reward_funcs=["accuracy"], num_generations=4,
+                         batch_size=4, use_vllm=True, vllm_gpu_memory_utilization=0.25).validate()
+    config = trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
+                            **grpo_config_kwargs(args))
+    assert (config.use_vllm, config.vllm_mode, config.vllm_gpu_memory_utilization) == (True, "colocate", 0.25)
+    assert not grpo_config_kwargs(RLHFArguments(rlhf_type="grpo", dataset=["x"], reward_funcs=["accuracy"],
+                                                num_generations=4, batch_size=4).validate())["use_vllm"]
+    with pytest.raises(MartletError) as err:
+        rlhf_main(RLHFArguments(rlhf_type="grpo", model_id_or_path=tiny_llama, dataset=["math-word-problems-en#8"],
+                                reward_funcs=["accuracy"], num_generations=4, batch_size=4, max_steps=1,
+                                use_vllm=True, report_to=["none"], output_dir=str(tmp_path / "out")))
+    assert err.value.field == "use_vllm" and "GPU" in err.value.message
