@@ -34,6 +34,12 @@ import tempfile
 import time
 from typing import Any
 
+# --cpu_isa avx2 acts before torch loads (here and in the sides' processes, which inherit the environment)
+EMULATE = {"avx2": {"MARTLET_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                    "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+if "--cpu_isa" in sys.argv[:-1]:
+    os.environ.update(EMULATE.get(sys.argv[sys.argv.index("--cpu_isa") + 1], {}))
+
 from martlet.templates import IGNORE_INDEX
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,6 +71,18 @@ def padding_tokens(inputs: dict[str, Any]) -> int:
     return len(tail_ids) if bool((tail_ids == tail_ids[0]).all() and (tail_labels == IGNORE_INDEX).all()) else 0
 
 
+def labelled_tokens(inputs: dict[str, Any]) -> int:
+    """Tokens the loss reads (the LM head runs on those alone, at least): labels other than IGNORE_INDEX, or trl's
+    completion mask."""
+    import torch
+
+    labels = [v for k, v in inputs.items() if k.endswith("labels") and torch.is_tensor(v) and v.dtype != torch.bool]
+    if labels:
+        return int(sum((v != IGNORE_INDEX).sum() for v in labels))
+    masks = [v for k, v in inputs.items() if k.endswith("completion_mask") and torch.is_tensor(v)]
+    return int(sum(m.sum() for m in masks))
+
+
 # --------------------------------------------------------------------------------------------------------
 # the instrument: identical for both sides
 def instrument(record: dict) -> None:
@@ -84,7 +102,8 @@ def instrument(record: dict) -> None:
             tokens -= padding_tokens(inputs)
         start = time.perf_counter()
         loss = original(self, model, inputs, *args, **kwargs)
-        record["steps"].append({"seconds": time.perf_counter() - start, "tokens": tokens})
+        record["steps"].append({"seconds": time.perf_counter() - start, "tokens": tokens,
+                                "labelled": labelled_tokens(inputs)})
         return loss
 
     Trainer.training_step = timed
@@ -94,8 +113,10 @@ def summary(record: dict, log_history: list[dict]) -> dict:
     timed = record["steps"][WARMUP:]
     seconds = sum(s["seconds"] for s in timed)
     losses = [h["loss"] for h in log_history if "loss" in h]
+    tokens = sum(s["tokens"] for s in timed)
     return {"steps": len(record["steps"]), "s_per_step": seconds / max(1, len(timed)),
-            "tokens_per_s": sum(s["tokens"] for s in timed) / max(seconds, 1e-9),
+            "tokens_per_s": tokens / max(seconds, 1e-9),
+            "labelled_share": sum(s.get("labelled", 0) for s in timed) / max(tokens, 1),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "losses": losses, "final_loss": sum(losses[-4:]) / max(1, len(losses[-4:]))}
 
@@ -201,13 +222,14 @@ SIDES = {"baseline-sft": baseline_sft, "martlet-sft": martlet_sft,
 
 
 # --------------------------------------------------------------------------------------------------------
-def run_side(side: str, steps: int) -> dict:
+def run_side(side: str, steps: int, env: dict[str, str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result_file = os.path.join(tmp, "result.json")
         cmd = [sys.executable, __file__, "--side", side, "--steps", str(steps), "--result", result_file,
                "--out", os.path.join(tmp, "out"), "--lora_dropout", str(DROPOUT[0])]
         print(f"running {side} ...", flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if not os.environ.get("BENCH_VERBOSE") else None)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if not os.environ.get("BENCH_VERBOSE") else None,
+                       env={**os.environ, **(env or {})})
         with open(result_file, encoding="utf-8") as fh:
             return json.load(fh)
 
@@ -231,11 +253,13 @@ def table(what: str, base: dict, ours: dict) -> str:
     return "\n".join(lines)
 
 
-def bf16_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
-    """This host's bf16 matrix product speed (FLOP/s, best of `repeats`), measured now: the roofline's ceiling."""
+def matmul_flops(dtype_name: str, size: int = 2048, repeats: int = 5) -> float:
+    """This host's matrix product speed in the dtype training computes in (FLOP/s, best of `repeats`), measured
+    now: the roofline's ceiling."""
     import torch
 
-    a, b = torch.randn(size, size, dtype=torch.bfloat16), torch.randn(size, size, dtype=torch.bfloat16)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up (oneDNN builds its kernel)
     best = float("inf")
     for _ in range(repeats):
@@ -245,24 +269,37 @@ def bf16_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size ** 3 / best
 
 
-def model_parameters() -> int:
+def model_shapes() -> tuple[int, int]:
+    """(parameters of the decoder layers' matrices, parameters of the LM head) of the embedded model."""
     from safetensors import safe_open
 
     from martlet.models.embedded import embedded_model_dir
 
-    folder, total = embedded_model_dir(), 0
+    folder, layers, head = embedded_model_dir(), 0, 0
     for name in os.listdir(folder):
         if name.endswith(".safetensors"):
             with safe_open(os.path.join(folder, name), framework="pt") as fh:
                 for key in fh.keys():
                     shape = fh.get_slice(key).get_shape()
-                    total += math.prod(shape)
-    return total
+                    if len(shape) == 2 and ".layers." in key:
+                        layers += math.prod(shape)
+                    elif len(shape) == 2 and ("embed_tokens" in key or "lm_head" in key):
+                        head = max(head, math.prod(shape))  # tied: one matrix
+    return layers, head
+
+
+def flop_per_token(what: str, labelled_share: float) -> float:
+    """The matrix-product FLOP a real token costs in LoRA training (the adapters' and the attention's own products,
+    a few percent here, left out): the frozen layers' forward and input-gradient products (2 + 2 FLOP a
+    parameter), the LM head the same at the tokens the loss reads; DPO adds the reference's forward (2 more)."""
+    layers, head = model_shapes()
+    per_parameter = 6 if what == "dpo" else 4
+    return per_parameter * (layers + head * labelled_share)
 
 
 def host_report() -> float:
-    """Print the CPU features, the kernel path and the roofline; return the roofline in tokens/s (LoRA training
-    costs about 4 x parameters FLOP a token: the frozen weights' forward and input-gradient products)."""
+    """Print the CPU features, the kernel path and this host's matrix-product speed in the training dtype (the
+    roofline's ceiling, FLOP/s), and return that speed."""
     import platform
 
     from martlet.train import native
@@ -270,11 +307,14 @@ def host_report() -> float:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
     print(f"CPU features: {', '.join(native.cpu_features()) or 'none of avx2/avx512/amx/asimd/sve'}")
     print(f"kernel path: {native.kernel_path()}")
-    flops, params = bf16_matmul_flops(), model_parameters()
-    roofline = flops / (4 * params)
-    print(f"bf16 matmul here: {flops / 1e9:.0f} GFLOP/s; {params / 1e6:.1f} M parameters -> roofline "
-          f"{roofline:.0f} tokens/s for LoRA training", flush=True)
-    return roofline
+    from martlet.models.dtype import resolve_dtype
+
+    dtype = resolve_dtype("AUTO", "cpu")  # what --dtype AUTO trains in here: bf16 with AVX512-BF16 or AMX, else fp32
+    flops = matmul_flops(dtype)
+    layers, head = model_shapes()
+    print(f"{dtype} matmul here: {flops / 1e9:.0f} GFLOP/s (2048 x 2048); model: {layers / 1e6:.1f} M parameters in "
+          f"the decoder layers' matrices, {head / 1e6:.1f} M in the LM head", flush=True)
+    return flops
 
 
 def main() -> None:
@@ -286,6 +326,13 @@ def main() -> None:
                              "side's median round: the host's speed drifts by ~20%% over minutes")
     parser.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout of both sides")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--cpu_isa", choices=["native", *EMULATE],
+                        help="avx2: both sides run as on a CPU with AVX2 and no AVX-512/AMX (torch's kernels limited "
+                             "by ONEDNN_MAX_CPU_ISA and ATEN_CPU_CAPABILITY, Martlet's built for x86-64-v3, dtype "
+                             "AUTO fp32)")
+    parser.add_argument("--baseline", choices=("plain", "martlet-torch"), default="plain",
+                        help="plain: transformers Trainer / trl + peft; martlet-torch: Martlet with its native "
+                             "kernels off (MARTLET_NATIVE=0), to see what the kernels themselves give on this CPU")
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -297,16 +344,23 @@ def main() -> None:
             json.dump(result, fh)
         return
 
-    roofline = host_report()
+    flops = host_report()
     results = {}
     for what in (("sft", "dpo") if args.what == "both" else (args.what,)):
-        rounds = [(run_side(f"baseline-{what}", args.steps), run_side(f"martlet-{what}", args.steps))
+        baseline = ((f"baseline-{what}", None) if args.baseline == "plain"
+                    else (f"martlet-{what}", {"MARTLET_NATIVE": "0"}))
+        rounds = [(run_side(baseline[0], args.steps, baseline[1]), run_side(f"martlet-{what}", args.steps))
                   for _ in range(args.rounds)]
         base, ours = median_round([r[0] for r in rounds]), median_round([r[1] for r in rounds])
         results[what] = {"baseline": base, "martlet": ours, "rounds": rounds}
+        print(f"baseline: {'transformers Trainer / trl + peft' if args.baseline == 'plain' else 'Martlet, MARTLET_NATIVE=0'}"
+              f"{'; emulated CPU: ' + args.cpu_isa if args.cpu_isa not in (None, 'native') else ''}")
         print(table(what.upper(), base, ours), flush=True)
+        roofline = flops / flop_per_token(what, ours["labelled_share"] or base["labelled_share"])
         print(f"Martlet at {ours['tokens_per_s'] / roofline:.0%} of this host's roofline "
-              f"({ours['tokens_per_s']:.0f} of {roofline:.0f} tokens/s)", flush=True)
+              f"({ours['tokens_per_s']:.0f} of {roofline:.0f} tokens/s: {flops / 1e9:.0f} GFLOP/s over "
+              f"{flop_per_token(what, ours['labelled_share'] or base['labelled_share']) / 1e6:.0f} MFLOP a token, "
+              f"{ours['labelled_share'] or base['labelled_share']:.0%} of tokens labelled)", flush=True)
         if args.rounds > 1:
             print("tokens/s ratio of each round: " + ", ".join(f"{o['tokens_per_s'] / b['tokens_per_s']:.2f}x"
                                                               for b, o in rounds), flush=True)

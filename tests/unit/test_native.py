@@ -503,3 +503,27 @@ def test_the_kernel_path_says_which_code_runs(monkeypatch):
     assert native.cpu_features() == ["asimd", "sve"] and native.kernel_path().startswith("native, generic vectors")
     monkeypatch.setattr(native, "ops", lambda: None)
     assert native.kernel_path().startswith("plain torch")
+
+
+def test_an_avx2_cpu_can_be_emulated(monkeypatch):
+    """MARTLET_CPU_ISA=avx2 (benchmarks/sft_throughput.py --cpu_isa avx2): built for x86-64-v3, reported without
+    AVX-512 or AMX, and `--dtype AUTO` trains in fp32 as on such a laptop."""
+    from martlet.models import dtype
+
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16")
+    monkeypatch.delenv("MARTLET_CPU_BF16", raising=False)
+    monkeypatch.setenv("MARTLET_CPU_ISA", "avx2")
+    dtype.cpu_has_bf16.cache_clear()
+    try:
+        assert native.cpu_features() == ["avx2"]
+        assert "-march=x86-64-v3" in native.compile_flags() and "-march=native" not in native.compile_flags()
+        assert not dtype.cpu_has_bf16() and dtype.resolve_dtype("AUTO", "cpu") == "fp32"
+        monkeypatch.setattr(native, "ops", lambda: object())
+        assert native.kernel_path() == "native, generic vectors (AVX2) (emulated: MARTLET_CPU_ISA)"
+        monkeypatch.setenv("MARTLET_CPU_ISA", "avx1")
+        with pytest.raises(ValueError, match="avx2"):
+            native.compile_flags()
+        monkeypatch.setenv("MARTLET_CPU_ISA", "native")
+        assert native.compile_flags() == native.FLAGS and "avx512f" in native.cpu_features()
+    finally:
+        dtype.cpu_has_bf16.cache_clear()

@@ -16,6 +16,8 @@ def cpu_has_bf16() -> bool:
     override = os.environ.get("MARTLET_CPU_BF16")
     if override is not None:
         return override.lower() in ("1", "true", "yes")
+    if os.environ.get("MARTLET_CPU_ISA", "").strip().lower() == "avx2":  # an AVX2 laptop, emulated (train/native.py)
+        return False
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:

@@ -72,13 +72,32 @@ def usable(*tensors: torch.Tensor) -> Any | None:
     return ops()
 
 
-def build(flags: list[str] = FLAGS) -> Path:
-    """The compiled library for this machine, building it if the cache has none. (Other `flags`: tests build the
-    generic code a machine without AVX-512 compiles.)"""
+def emulated_isa() -> str | None:
+    """`MARTLET_CPU_ISA=avx2`: behave as on a CPU with AVX2 and no AVX-512 (the kernels built for x86-64-v3, the
+    features reported without AVX-512 and AMX, `--dtype AUTO` fp32), to measure what such a laptop runs.
+    torch's own kernels follow with ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2, set before torch loads
+    (benchmarks/sft_throughput.py --cpu_isa avx2 sets all three)."""
+    value = os.environ.get("MARTLET_CPU_ISA", "").strip().lower()
+    if value in ("", "native"):
+        return None
+    if value != "avx2":
+        raise ValueError(f"MARTLET_CPU_ISA={value!r}: the one emulated ISA is avx2 (or native)")
+    return value
+
+
+def compile_flags() -> list[str]:
+    """FLAGS, for the emulated ISA when there is one."""
+    return [f if f != "-march=native" else "-march=x86-64-v3" for f in FLAGS] if emulated_isa() else FLAGS
+
+
+def build(flags: list[str] | None = None) -> Path:
+    """The compiled library for this machine (`compile_flags()`), building it if the cache has none. (Other
+    `flags`: tests build the generic code a machine without AVX-512 compiles.)"""
     from torch.utils import cpp_extension
 
     from martlet.models.embedded import cache_dir
 
+    flags = flags or compile_flags()
     compiler = os.environ.get("CXX", "c++")
     command = [compiler, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     command += [f"-I{path}" for path in cpp_extension.include_paths()]
@@ -127,8 +146,8 @@ def cpu_features() -> list[str]:
     """The CPU features the kernels' code paths depend on, as /proc/cpuinfo names them (x86: avx2, avx512f,
     avx512_bf16, amx_bf16; ARM: asimd, sve)."""
     flags = set(_cpu_flags().split(":", 1)[-1].split())
-    return [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve")
-            if name in flags]
+    names = ("avx2",) if emulated_isa() else ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve")
+    return [name for name in names if name in flags]
 
 
 def kernel_path() -> str:
@@ -138,7 +157,8 @@ def kernel_path() -> str:
     features = cpu_features()
     if "avx512f" in features:
         return "native, AVX-512" + (" with AVX512-BF16 (vcvtneps2bf16)" if "avx512_bf16" in features else "")
-    return f"native, generic vectors ({'AVX2' if 'avx2' in features else platform.machine()})"
+    emulated = " (emulated: MARTLET_CPU_ISA)" if emulated_isa() else ""
+    return f"native, generic vectors ({'AVX2' if 'avx2' in features else platform.machine()}){emulated}"
 
 
 def _first_lines(error: Exception) -> str:

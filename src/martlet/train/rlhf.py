@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-import matplotlib
-
 from martlet.args import parse_cli
 from martlet.args.rlhf import DPOArguments, GRPOArguments, ORPOArguments, RLHFArguments
 from martlet.data.preference import encode_preference_rows, preference_train_val_rows
@@ -117,6 +115,8 @@ def _describe_reference(args: RLHFArguments, ref_model: Any) -> str:
 
 def _plot_metrics(log_history: list[dict[str, Any]], images_dir: str) -> list[str]:
     """One PNG per preference metric (train and eval curves), next to SFT's loss curves."""
+    import matplotlib  # here: it costs startup time
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
