@@ -527,3 +527,24 @@ def test_an_avx2_cpu_can_be_emulated(monkeypatch):
         assert native.compile_flags() == native.FLAGS and "avx512f" in native.cpu_features()
     finally:
         dtype.cpu_has_bf16.cache_clear()
+
+
+@pytest.mark.parametrize("setting, flags, wanted", [
+    (None, "flags\t\t: fpu avx2 avx512f avx512_bf16", True),  # measured faster: on by default
+    (None, "flags\t\t: fpu avx2 fma", False),  # AVX2 alone: measured slower than torch, off by default
+    (None, "Features\t: fp asimd sve", False),  # ARM: unmeasured, off by default
+    ("1", "flags\t\t: fpu avx2 fma", True),  # forced on
+    ("0", "flags\t\t: fpu avx2 avx512f", False),  # forced off
+])
+def test_the_kernels_run_by_default_only_where_they_are_faster(monkeypatch, setting, flags, wanted):
+    monkeypatch.setattr(native, "_cpu_flags", lambda: flags)
+    monkeypatch.delenv("MARTLET_CPU_ISA", raising=False)
+    if setting is None:
+        monkeypatch.delenv("MARTLET_NATIVE", raising=False)
+    else:
+        monkeypatch.setenv("MARTLET_NATIVE", setting)
+    assert native.wanted() is wanted
+    monkeypatch.setattr(native, "_loaded", {})
+    if not wanted:
+        assert native.ops() is None and native.kernel_path().startswith("plain torch")
+        assert ("AVX-512 CPUs only" in native.kernel_path()) is (setting is None)

@@ -19,7 +19,8 @@ small torch operations, each a pass over the activations. Here each is one paral
 The source is compiled once per machine, torch version and source text, with the system's C++ compiler
 (`$CXX`, else `c++`), into Martlet's cache (`native/`), written beside its final name and renamed into place,
 so a build killed halfway is never loaded. Without a compiler (or with `MARTLET_NATIVE=0`) nothing changes but
-speed: every caller falls back to plain torch. The equivalence with the torch computation is tested in
+speed: every caller falls back to plain torch. They run by default only where they were measured faster than
+torch: x86 CPUs with AVX-512 (`wanted`). The equivalence with the torch computation is tested in
 `tests/unit/test_native.py`.
 """
 
@@ -50,7 +51,7 @@ def ops() -> Any | None:
     """`torch.ops.martlet` once the kernels are built and loaded, else None (no compiler, not Linux, disabled)."""
     if "ops" not in _loaded:
         _loaded["ops"] = None
-        if os.environ.get("MARTLET_NATIVE", "1").lower() in ("0", "false", "no", "off"):
+        if not wanted():
             return None
         try:
             torch.ops.load_library(str(build()))
@@ -58,6 +59,19 @@ def ops() -> Any | None:
         except Exception as error:  # a missing or failing compiler costs speed, never the run
             logger.warning("native CPU kernels unavailable, plain torch runs instead (%s)", _first_lines(error))
     return _loaded["ops"]
+
+
+def wanted() -> bool:
+    """Whether to run the kernels: `MARTLET_NATIVE=0` never, `=1` always, unset (auto) where they were measured
+    faster than plain torch. That is x86 with AVX-512. Built for AVX2 alone (emulated with MARTLET_CPU_ISA=avx2,
+    `benchmarks/sft_throughput.py --cpu_isa avx2 --baseline martlet-torch`), a LoRA SFT step took 1.48x as long
+    as with torch's own AVX2 kernels, and ARM is unmeasured: both run plain torch."""
+    setting = os.environ.get("MARTLET_NATIVE", "auto").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    return "avx512f" in cpu_features()
 
 
 def usable(*tensors: torch.Tensor) -> Any | None:
@@ -153,6 +167,8 @@ def cpu_features() -> list[str]:
 def kernel_path() -> str:
     """Which code the native kernels run here: the path -march=native compiles for this CPU, or plain torch."""
     if ops() is None:
+        if not wanted() and os.environ.get("MARTLET_NATIVE") is None:
+            return "plain torch (the native kernels run on AVX-512 CPUs only: measured slower than torch here)"
         return "plain torch (native kernels off: MARTLET_NATIVE=0, no compiler, or a failed build)"
     features = cpu_features()
     if "avx512f" in features:
