@@ -179,6 +179,12 @@ def guard_prepare_dataset(trainer_class: Any) -> None:
                       f"{trainer_class.__name__}._prepare_dataset")
 
 
+def guard_precompute_ref_logps(trainer_class: Any) -> None:
+    hook = getattr(trainer_class, "_precompute_ref_logps", None)
+    expect(callable(hook), f"{trainer_class.__name__} has no _precompute_ref_logps")
+    expect_parameters(hook, ("dataset", "name", "batch_size"), f"{trainer_class.__name__}._precompute_ref_logps")
+
+
 def guard_save_checkpoint(trainer_class: Any) -> None:
     from transformers import trainer_utils
 
@@ -241,6 +247,11 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
           "template, so only reply tokens count) instead of trl's own tokenization. Guard: the hook's signature "
           "is (dataset, processing_class, args, dataset_name).",
           guard_prepare_dataset, fallback="the run stops: trl would tokenize Martlet's rows its own way"),
+    Patch("trl_padding_free_precompute", "trl", ("1.16.0",),
+          "DPOTrainer/KTOTrainer `_precompute_ref_logps` (called in trl's __init__ for --precompute_ref_log_probs, "
+          "after its fused LM head is fitted) first makes the models' forward padding-free, so the reference pass "
+          "before training runs as the in-step one does. Guard: the hook's signature is (dataset, name, batch_size).",
+          guard_precompute_ref_logps, fallback="the precompute pass runs trl's padded forward (slower, same values)"),
     Patch("atomic_checkpoint", "transformers", ("5.24.0", "5.25.0"),
           "`Trainer._save_checkpoint` writes into a staging folder renamed into place: a run killed at any moment "
           "leaves only whole checkpoints. Guard: the hook takes (model, trial) and `rotate_checkpoints` takes "

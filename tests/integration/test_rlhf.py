@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from helpers import adapter_copy, run_dirs, write_jsonl
@@ -151,3 +152,25 @@ def test_resumed_dpo_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_lla
     assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3, 4]
     again = load_file(os.path.join(resumed["last_model_checkpoint"], "adapter_model.safetensors"))
     assert all(uninterrupted[k].allclose(again[k], atol=1e-5) for k in uninterrupted)
+
+
+def test_lora_dpo_precomputes_its_reference_padding_free(tmp_path, tiny_llama, data, monkeypatch):
+    from martlet.train import rlhf_trainers
+
+    calls = []
+    original = rlhf_trainers._padding_free_forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(rlhf_trainers, "_padding_free_forward", counted)
+    result = rlhf_main(small_args(tiny_llama, data, tmp_path / "out", max_steps=2, dataset_test_ratio=0,
+                                  precompute_ref_log_probs=True))
+    with open(os.path.join(result["last_model_checkpoint"], "martlet_run.json")) as fh:
+        assert json.load(fh)["reference"].endswith("precomputed")
+    precompute = len(calls) - 2  # one padding-free forward a training step (the reference is not run again)
+    assert precompute >= 1 and not any(calls[:precompute]) and all(calls[precompute:]), calls
+    first = next(h for h in result["log_history"] if "loss" in h)
+    # step 1: the policy is the reference (LoRA B = 0), so the precomputed log-probs equal the policy's own
+    assert abs(first["rewards/margins"]) < 1e-4 and abs(first["loss"] - 0.6931) < 1e-3

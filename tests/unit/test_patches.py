@@ -67,7 +67,8 @@ def test_the_guards_pass_on_the_locked_libraries(tiny_llama):
     for name, target in (("native_rms_norm", layers.input_layernorm), ("native_mlp", layers.mlp),
                          ("native_rotary", modeling_llama), ("fused_lora", layer), ("peft_input_cast_off", layer),
                          ("trl_compact_scoring", trl_utils), ("trl_pretokenized_rows", trl.DPOTrainer),
-                         ("trl_pretokenized_rows", trl.KTOTrainer), ("atomic_checkpoint", transformers.Trainer),
+                         ("trl_pretokenized_rows", trl.KTOTrainer), ("trl_padding_free_precompute", trl.DPOTrainer),
+                         ("trl_padding_free_precompute", trl.KTOTrainer), ("atomic_checkpoint", transformers.Trainer),
                          ("accelerate_bypass_device_map", None)):
         patches.PATCHES[name].guard(target)
 

@@ -38,25 +38,42 @@ def _drop_ref_adapter(model: Any) -> None:
         model.delete_adapter("ref")
 
 
-class DPOTrainer(AtomicCheckpointMixin, trl.DPOTrainer):
+class PaddingFreeReference:
+    """DPO and KTO: with `padding_free`, the policy's and the reference's passes run as one padding-free row
+    (`padding_free_fused_forward`), and so does the reference pass of --precompute_ref_log_probs, which trl runs in
+    its __init__ after fitting its fused LM head (`trl_padding_free_precompute`)."""
+
+    trl_class: Any = None
+
+    def __init__(self, *args: Any, padding_free: bool = False, **kwargs: Any):
+        self._martlet_padding_free = padding_free  # read by _precompute_ref_logps, inside trl's __init__
+        super().__init__(*args, **kwargs)
+        _drop_ref_adapter(self.model)
+        if padding_free:
+            _padding_free(self.model, self.ref_model)
+
+    def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+        if self._martlet_padding_free and patches.usable("trl_padding_free_precompute", self.trl_class,
+                                                          key=self.trl_class):
+            _padding_free(self.model, self.ref_model)
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+
+class DPOTrainer(AtomicCheckpointMixin, PaddingFreeReference, trl.DPOTrainer):
     """trl's DPOTrainer on rows already tokenized by `martlet.data.preference` (prompt_ids, chosen_ids,
     rejected_ids), so the prompt is the SFT Template's and only the reply tokens count. With `padding_free`, the
     padded [chosen, rejected] batch runs as one padding-free row (`padding_free_fused_forward`), the reference pass
     too."""
 
-    def __init__(self, *args: Any, padding_free: bool = False, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        _drop_ref_adapter(self.model)
-        if padding_free:
-            _padding_free(self)
+    trl_class = trl.DPOTrainer
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # patch `trl_pretokenized_rows`
         patches.require("trl_pretokenized_rows", trl.DPOTrainer, key=trl.DPOTrainer)
         return dataset
 
 
-def _padding_free(trainer: Any) -> None:
-    for model in (trainer.model, trainer.ref_model):
+def _padding_free(*models: Any) -> None:
+    for model in models:
         if model is not None:
             padding_free_fused_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
@@ -104,6 +121,8 @@ def padding_free_fused_forward(model: Any) -> None:
     """
     import trl.trainer.utils as trl_utils
 
+    if getattr(model.forward, "__func__", None) is _padding_free_forward:
+        return  # done already (before and after trl's __init__)
     if patches.patch_global("trl_compact_scoring", trl_utils, "_use_triton", _use_triton_dispatcher):
         patches.patch_forward("trl_padding_free_forward", model, _padding_free_forward)
 
@@ -133,15 +152,11 @@ def _padding_free_forward(self, *args: Any, fused_lm_head: bool = False, labels:
     return out
 
 
-class KTOTrainer(AtomicCheckpointMixin, trl.KTOTrainer):
+class KTOTrainer(AtomicCheckpointMixin, PaddingFreeReference, trl.KTOTrainer):
     """trl's KTOTrainer on rows tokenized by `martlet.data.preference` (prompt_ids, completion_ids, label); padding-free
     like DPOTrainer."""
 
-    def __init__(self, *args: Any, padding_free: bool = False, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        _drop_ref_adapter(self.model)
-        if padding_free:
-            _padding_free(self)
+    trl_class = trl.KTOTrainer
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # patch `trl_pretokenized_rows`
         patches.require("trl_pretokenized_rows", trl.KTOTrainer, key=trl.KTOTrainer)
