@@ -2,7 +2,13 @@
 side by side in one invocation, on the embedded SmolLM2 and the built-in data.
 
     HF_HUB_OFFLINE=1 python benchmarks/sft_throughput.py [--steps 16] [--what sft|dpo|both] [--rounds 3]
-                                                         [--lora_dropout 0.05]
+                                                         [--lora_dropout 0.05] [--cpu_isa avx2]
+                                                         [--baseline plain|martlet-torch]
+
+It first prints the CPU features found, the kernel path taken and this host's matrix-product speed in the
+training dtype; after each table, Martlet's share of the roofline (that speed over the matrix-product FLOP a
+token costs: `flop_per_token`). `--cpu_isa avx2` runs both sides as on an AVX2 laptop; `--baseline
+martlet-torch` compares Martlet with its native kernels off (the baseline side) and on.
 
 Settings shared by both sides: LoRA r8 / alpha 32 on all linear layers, LoRA dropout 0 (--lora_dropout: 0.05 is
 the default of ms-swift and Martlet), 4 samples a step (no gradient accumulation), max length 512, learning
