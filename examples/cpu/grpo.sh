@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
+# Hardware: any CPU.
 # GRPO with LoRA on the embedded SmolLM2: the built-in one-digit arithmetic word problems, rewarded for the right
 # final number (accuracy), with Dr. GRPO's loss (the paper's per-sequence mean let replies grow to the length cap).
 # About 2.5 minutes for 16 steps on a 2-core CPU. Then score the base model and the checkpoint side by side on
 # held-out questions of the same kind (measured: 13/60 -> 28-41/60, four seeds):
 #   martlet eval --ckpt_dir output/.../checkpoint-16 --eval_base true --eval_dataset math-small-en \
 #       --eval_limit 60 --answer_instruction true --max_new_tokens 48
-# Hardware: any CPU.
 set -euo pipefail
 OUTPUT_DIR="${OUTPUT_DIR:-output}"
 martlet grpo \
