@@ -362,11 +362,12 @@ def main() -> None:
         print(f"baseline: {'transformers Trainer / trl + peft' if args.baseline == 'plain' else 'Martlet, MARTLET_NATIVE=0'}"
               f"{'; emulated CPU: ' + args.cpu_isa if args.cpu_isa not in (None, 'native') else ''}")
         print(table(what.upper(), base, ours), flush=True)
-        roofline = flops / flop_per_token(what, ours["labelled_share"] or base["labelled_share"])
+        share = ours["labelled_share"] or base["labelled_share"]
+        cost = flop_per_token(what, share)
+        roofline = flops / cost
         print(f"Martlet at {ours['tokens_per_s'] / roofline:.0%} of this host's roofline "
               f"({ours['tokens_per_s']:.0f} of {roofline:.0f} tokens/s: {flops / 1e9:.0f} GFLOP/s over "
-              f"{flop_per_token(what, ours['labelled_share'] or base['labelled_share']) / 1e6:.0f} MFLOP a token, "
-              f"{ours['labelled_share'] or base['labelled_share']:.0%} of tokens labelled)", flush=True)
+              f"{cost / 1e6:.0f} MFLOP a token, {share:.0%} of tokens labelled)", flush=True)
         if args.rounds > 1:
             print("tokens/s ratio of each round: " + ", ".join(f"{o['tokens_per_s'] / b['tokens_per_s']:.2f}x"
                                                               for b, o in rounds), flush=True)

@@ -4,15 +4,14 @@
 * `math-easy-en`, `math-easy-zh`: two-number arithmetic only (addition, subtraction, multiplication).
 * `math-small-en`, `math-small-zh`: the same with one-digit numbers (sums, differences of numbers up to 18, the
   times table): easy enough that a 135M model gets some right, so that training can show a gain.
-
-The easy and small suites draw their questions from a share that those levels' training rows never hold
-(`math_gen.held_out`): their few distinct questions would otherwise nearly all be training questions.
 * `self-cognition`: "who are you?" / "who made you?" phrasings that the training set does not hold; a reply
   passes when it contains the expected name or author (the Chinese one for a Chinese question).
 
 Held out means: no question equals one of the first `TRAIN_ROWS_CHECKED` rows the math built-ins
 (`--dataset math-word-problems[-easy|-small][-en|-zh]`) give at the default `--dataset_seed`; such a row is
-dropped from a suite. The same arguments always give the same questions.
+dropped from a suite. The easy and small suites draw their questions from a share that those levels' training
+rows never hold (`math_gen.held_out`): their few distinct questions would otherwise nearly all be training
+questions. The same arguments always give the same questions.
 """
 
 from __future__ import annotations

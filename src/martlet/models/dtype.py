@@ -10,13 +10,26 @@ from martlet.errors import MartletError
 DTYPES = ("AUTO", "bf16", "fp16", "fp32")
 
 
+def emulated_isa() -> str | None:
+    """`MARTLET_CPU_ISA=avx2`: behave as on a CPU with AVX2 and no AVX-512 (the native kernels built for x86-64-v3,
+    the features reported without AVX-512 and AMX, `--dtype AUTO` fp32), to measure what such a laptop runs.
+    torch's own kernels follow with ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2 and
+    MKL_ENABLE_INSTRUCTIONS=AVX2, set before torch loads (benchmarks/sft_throughput.py --cpu_isa avx2 sets them)."""
+    value = os.environ.get("MARTLET_CPU_ISA", "").strip().lower()
+    if value in ("", "native"):
+        return None
+    if value != "avx2":
+        raise ValueError(f"MARTLET_CPU_ISA={value!r}: the one emulated ISA is avx2 (or native)")
+    return value
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
     override = os.environ.get("MARTLET_CPU_BF16")
     if override is not None:
         return override.lower() in ("1", "true", "yes")
-    if os.environ.get("MARTLET_CPU_ISA", "").strip().lower() == "avx2":  # an AVX2 laptop, emulated (train/native.py)
+    if emulated_isa():  # an AVX2 laptop, emulated
         return False
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from martlet import patches
+from martlet.models.dtype import emulated_isa
 
 logger = logging.getLogger("martlet")
 
@@ -84,19 +85,6 @@ def usable(*tensors: torch.Tensor) -> Any | None:
     if any(t.dtype != first.dtype or t.device != first.device or not t.is_contiguous() for t in tensors):
         return None
     return ops()
-
-
-def emulated_isa() -> str | None:
-    """`MARTLET_CPU_ISA=avx2`: behave as on a CPU with AVX2 and no AVX-512 (the kernels built for x86-64-v3, the
-    features reported without AVX-512 and AMX, `--dtype AUTO` fp32), to measure what such a laptop runs.
-    torch's own kernels follow with ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2, set before torch loads
-    (benchmarks/sft_throughput.py --cpu_isa avx2 sets all three)."""
-    value = os.environ.get("MARTLET_CPU_ISA", "").strip().lower()
-    if value in ("", "native"):
-        return None
-    if value != "avx2":
-        raise ValueError(f"MARTLET_CPU_ISA={value!r}: the one emulated ISA is avx2 (or native)")
-    return value
 
 
 def compile_flags() -> list[str]:
