@@ -304,12 +304,29 @@ def require(name: str, target: Any, key: Any = None) -> None:
 def patch_forward(name: str, module: Any, forward: Callable[..., Any], guarded: Any = None) -> bool:
     """Patch `name` on one module: its forward becomes `forward` bound to it (the one it had stays callable as
     `module._plain_forward`), when the guard passes for the module's class (or for `guarded`, what the new
-    forward relies on instead of the module itself)."""
+    forward relies on instead of the module itself). Idempotent.
+
+    The module's class becomes a subclass of its own (same name, one per class and patch) whose forward is
+    `forward`, and the instance's `forward` attribute is set too: transformers 5.25 deletes instance `forward`
+    attributes of its hub-kernel layers (RMSNorm) at `model.train()`, which silently undid an instance-only
+    patch; an instance attribute set by someone else (accelerate's hooks) would otherwise shadow the class."""
+    if getattr(type(module), "_martlet_patch", None) == name:
+        return True
     if not (usable(name, module, key=type(module)) if guarded is None else usable(name, guarded, key=guarded)):
         return False
-    module._plain_forward = module.forward
+    plain, cls = module.forward, type(module)
+    patched = _patched_classes.get((cls, name))
+    if patched is None:
+        patched = type(cls.__name__, (cls,), {"forward": forward, "_martlet_patch": name,
+                                              "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _patched_classes[cls, name] = patched
+    module.__class__ = patched
+    module._plain_forward = plain
     module.forward = types.MethodType(forward, module)
     return True
+
+
+_patched_classes: dict[tuple[type, str], type] = {}
 
 
 def patch_global(name: str, owner: Any, attribute: str, make: Callable[[Any], Callable[..., Any]]) -> bool:

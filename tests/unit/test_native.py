@@ -379,6 +379,31 @@ def test_fuse_native_under_lora_and_bf16_autocast(kernels, tiny_models):
         torch.testing.assert_close(got[name], grad, rtol=5e-2, atol=5e-3, msg=name)
 
 
+def test_fused_modules_stay_fused_through_train_and_eval(kernels, tiny_models, monkeypatch):
+    """transformers 5.25 deletes instance `forward` attributes of its hub-kernel layers (RMSNorm) at `model.train()`:
+    the Trainer calls it before every step, and an instance-only patch ran the torch RMSNorm in every step since.
+    Every fused module still runs its kernel after train() and eval(), and fusing twice changes nothing."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], use_cache=False)
+    fused = native.fuse_native(model)
+    assert fused == 5 + 2 + 2 and native.fuse_native(model) == fused
+    calls = {"norm": 0, "mlp": 0, "rotary": 0}
+    for key, cls in (("norm", native.RMSNorm), ("mlp", native.SwiGLU), ("rotary", native.Rotary)):
+        def counted(*args, key=key, apply=cls.apply):
+            calls[key] += 1
+            return apply(*args)
+        monkeypatch.setattr(cls, "apply", counted)
+    ids = torch.randint(5, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    for mode in (model.train, model.eval, model.train):
+        mode()
+        calls.update(norm=0, mlp=0, rotary=0)
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert calls == {"norm": 5, "mlp": 2, "rotary": 2 * 2}, mode.__name__
+    norm = model.model.norm
+    assert type(norm).__name__ == "LlamaRMSNorm" and isinstance(norm, type(model.model.layers[0].input_layernorm))
+
+
 def _tiny_module(kind, name):
     """An instance of a registered transformers class, built from a tiny config of its family."""
     import importlib
