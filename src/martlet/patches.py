@@ -173,6 +173,25 @@ def guard_fused_head_forward(model: Any) -> None:
     expect("fused_lm_head" in parameters, "the model's forward takes no fused_lm_head (trl's add_fused_lm_head)")
 
 
+def guard_token_scores(target: tuple[Any, Callable[[Any], tuple[Any, Any]]]) -> None:
+    """target: (model, fields) where fields(model) gives trl's fused-head output and Martlet's scoring of the same
+    tiny row (`rlhf_trainers.head_fields_side_by_side`). Martlet's has every field trl's has, with its values at the
+    labelled positions (what trl's losses read)."""
+    import torch
+
+    model, fields_of = target
+    with _probing(model):
+        want, got = fields_of(model)
+    fields = {k for k, v in want.items() if v is not None}
+    expect(fields <= set(got.keys()), f"trl's fused head gives {sorted(fields - set(got.keys()))} too")
+    mask = got["label_mask"]
+    for name in fields:
+        value = want[name]
+        if name != "loss" and torch.is_tensor(value) and value.shape == mask.shape:
+            value = value.masked_fill(~mask, 0)
+        expect_close(got[name], value, f"trl's '{name}'", _tolerance(model))
+
+
 def guard_prepare_dataset(trainer_class: Any) -> None:
     expect(callable(getattr(trainer_class, "_prepare_dataset", None)), f"{trainer_class.__name__} has no _prepare_dataset")
     expect_parameters(trainer_class._prepare_dataset, ("dataset", "processing_class", "args", "dataset_name"),
@@ -242,6 +261,11 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
           "The policy's (and reference's) forward, already wrapped by trl's `add_fused_lm_head`, takes the padded "
           "[chosen, rejected] batch as one padding-free row (DPO/KTO 3.19x ms-swift's speed with the rest of the "
           "padding-free work). Guard: the forward accepts `fused_lm_head`.", guard_fused_head_forward),
+    Patch("trl_token_scores", "trl", ("1.16.0",),
+          "In the padding-free DPO/KTO forward Martlet computes the fields of trl's fused LM head itself (log-probs, "
+          "entropy, mean logit, top-1, NLL) with `kernels.TokenScores`: one native pass over each chunk of logits, "
+          "the gradient made in that pass (trl's chunked head runs a dozen torch passes forward and again "
+          "backward). Guard: on a tiny row of the model, every field trl's head returns, equal.", guard_token_scores),
     Patch("trl_pretokenized_rows", "trl", ("1.16.0",),
           "DPOTrainer/KTOTrainer `_prepare_dataset` returns Martlet's rows as they are (tokenized by the SFT "
           "template, so only reply tokens count) instead of trl's own tokenization. Guard: the hook's signature "

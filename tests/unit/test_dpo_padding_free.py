@@ -31,19 +31,24 @@ def _batch(vocab: int, left: bool):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-@pytest.fixture(scope="module", params=["sdpa", "martlet_varlen"])
+@pytest.fixture(scope="module", params=[("sdpa", False), ("martlet_varlen", False), ("martlet_varlen", True)],
+                ids=["sdpa", "martlet_varlen", "martlet_varlen, frozen head: Martlet's scoring"])
 def models(request, tiny_llama):
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
     from martlet.train.varlen_attention import register
 
-    attn = register() if request.param != "sdpa" else "sdpa"
-    padded = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation=attn,
-                                                  use_cache=False).train()
+    attn, frozen_head = request.param
+    padded = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, use_cache=False,
+                                                  attn_implementation=register() if attn != "sdpa" else "sdpa").train()
+    if frozen_head:  # as under LoRA: the fields then come from `_scored_row` (TokenScores), not trl's head
+        padded.get_output_embeddings().weight.requires_grad_(False)
     add_fused_lm_head(padded, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     flat = copy.deepcopy(padded)
     padding_free_fused_forward(flat)
+    with torch.no_grad():  # the guard of Martlet's scoring runs at the first call (a tiny row of its own)
+        flat(**_batch(flat.config.vocab_size, False), fused_lm_head=True)
     return padded, flat
 
 
@@ -57,9 +62,14 @@ def multiple(request, monkeypatch):
 
 
 @pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
-def test_padding_free_fused_forward_matches_the_padded_batch(models, left, multiple):
+def test_padding_free_fused_forward_matches_the_padded_batch(models, left, multiple, monkeypatch):
+    from martlet.train import rlhf_trainers
+
     padded, flat = models
     batch = _batch(padded.config.vocab_size, left)
+    scored = []
+    apply = rlhf_trainers.TokenScores.apply
+    monkeypatch.setattr(rlhf_trainers.TokenScores, "apply", lambda *a: scored.append(1) or apply(*a))
     calls = []
     backbone = flat.model.forward
     flat.model.forward = lambda *a, **k: calls.append(k["input_ids"].shape) or backbone(*a, **k)
@@ -69,6 +79,7 @@ def test_padding_free_fused_forward_matches_the_padded_batch(models, left, multi
         del flat.model.forward
     real = int(batch["attention_mask"].sum())  # 40 tokens
     assert calls == [(1, -(-real // multiple) * multiple)]  # one row of real tokens, rounded up when asked
+    assert len(scored) == (not padded.get_output_embeddings().weight.requires_grad)  # a frozen head: Martlet's scoring
     for name in FIELDS:
         assert got[name].shape == want[name].shape, name
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -73,6 +73,42 @@ def test_the_guards_pass_on_the_locked_libraries(tiny_llama):
         patches.PATCHES[name].guard(target)
 
 
+def test_trl_token_scores_stands_in_for_trl_s_head_only_where_it_gives_the_same_fields(tiny_llama, caplog,
+                                                                                       monkeypatch):
+    """The guard of `trl_token_scores` compares trl's fused head with Martlet's scoring on a tiny row: on the locked
+    trl they agree; a head that also returns a field Martlet does not compute (as a new trl release might) turns
+    the patch off, with one warning, and trl's own head gives the fields."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from martlet.train import rlhf_trainers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).train()
+    model.get_output_embeddings().weight.requires_grad_(False)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    rlhf_trainers.padding_free_fused_forward(model)
+    patches.PATCHES["trl_token_scores"].guard((model, rlhf_trainers.head_fields_side_by_side))
+
+    side_by_side = rlhf_trainers.head_fields_side_by_side
+
+    def with_extra_field(lm):
+        want, got = side_by_side(lm)
+        want["log_sum_sq_probs"] = torch.zeros_like(want["log_probs"])
+        return want, got
+
+    with pytest.raises(patches.Mismatch, match="log_sum_sq_probs"):
+        patches.PATCHES["trl_token_scores"].guard((model, with_extra_field))
+    assert rlhf_trainers._scores_itself(model, {})
+    other = AutoModelForCausalLM.from_pretrained(tiny_llama).train()
+    other.get_output_embeddings().weight.requires_grad_(False)
+    add_fused_lm_head(other, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    rlhf_trainers.padding_free_fused_forward(other)
+    monkeypatch.setattr(rlhf_trainers, "head_fields_side_by_side", with_extra_field)
+    assert not rlhf_trainers._scores_itself(other, {})
+    assert "log_sum_sq_probs" in _warnings(caplog, "trl_token_scores")[0]
+    assert not rlhf_trainers._scores_itself(other, {"temperature": 0.7})  # GRPO's call: trl's head
+
+
 def test_a_changed_norm_keeps_the_library_code_and_warns_once(tiny_llama, caplog):
     from transformers import AutoModelForCausalLM
 

@@ -71,6 +71,77 @@ class LinearCrossEntropy(torch.autograd.Function):
         return scaled(grad_h), scaled(grad_w, ctx.dtypes[0]), scaled(grad_b, ctx.dtypes[1]), None, None
 
 
+class TokenScores(torch.autograd.Function):
+    """Per-token log-probability of `target` under `hidden @ weight.T`, `chunk` rows at a time, with the fields trl's
+    fused LM head reports beside it: entropy, mean logit and whether the target is the arg max. As in
+    `LinearCrossEntropy`, a chunk's logits become the log-probability's gradient in the forward pass (when `hidden`
+    needs one) and only its projection on `hidden` is kept: the backward pass scales its rows. The entropy is
+    differentiable too, by recomputing the logits in the backward pass, only when its gradient is used (trl's DPO
+    and KTO losses read it as a metric). The weight gets no gradient (frozen: LoRA). On a CPU one native pass a
+    chunk (`token_scores_`), else torch.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, chunk):
+        need_h = ctx.needs_input_grad[0]
+        rows = hidden.shape[0]
+        fields = [torch.empty(rows, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+        top1 = torch.empty(rows, dtype=torch.bool, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        w, _ = cast_head(weight, None, hidden.dtype)
+        for start, h, y, n in _chunks(hidden, target, chunk):
+            logits = torch.nn.functional.linear(h, w)
+            kernels = native.usable(logits)
+            if kernels is not None:
+                scores = kernels.token_scores_(logits, y.contiguous(), need_h)
+                grad = logits
+            else:
+                z = logits.float()
+                logp_all = torch.log_softmax(z, -1)
+                probs = logp_all.exp()
+                scores = (logp_all.gather(1, y[:, None])[:, 0], -(probs * logp_all).sum(-1), z.mean(-1),
+                          z.argmax(-1) == y)
+                grad = probs
+                grad[torch.arange(len(y), device=y.device), y] -= 1
+            for out, value in zip((*fields, top1), scores):
+                out[start:start + n] = value[:n]
+            if need_h:
+                grad_h[start:start + n] = (grad[:n].to(hidden.dtype) @ w)
+        ctx.save_for_backward(grad_h, hidden if need_h else None, weight if need_h else None, target)
+        ctx.chunk = chunk
+        ctx.mark_non_differentiable(fields[2], top1)
+        ctx.set_materialize_grads(False)
+        return fields[0], fields[1], fields[2], top1
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, *unused):
+        grad_h, hidden, weight, target = ctx.saved_tensors
+        if grad_h is None:
+            return None, None, None, None
+        grad_hidden = torch.zeros_like(grad_h) if grad_logp is None else grad_h * (-grad_logp).to(grad_h.dtype)[:, None]
+        if grad_entropy is not None and bool(grad_entropy.any()):
+            w, _ = cast_head(weight, None, hidden.dtype)
+            for start, h, _, n in _chunks(hidden, target, ctx.chunk):
+                logp_all = torch.log_softmax(torch.nn.functional.linear(h[:n], w).float(), -1)
+                probs = logp_all.exp()
+                entropy = -(probs * logp_all).sum(-1, keepdim=True)
+                d_logits = probs * (logp_all + entropy) * -grad_entropy[start:start + n, None]  # dH/dz = -p (log p + H)
+                grad_hidden[start:start + n] += d_logits.to(hidden.dtype) @ w
+        return grad_hidden, None, None, None
+
+
+def _chunks(hidden: torch.Tensor, target: torch.Tensor, chunk: int):
+    """(start, rows, targets, real rows) of each chunk, rounded up with zero rows (target 0) to a repeating shape."""
+    multiple = shape_multiple(hidden.device.type, hidden.dtype)
+    for start in range(0, hidden.shape[0], chunk):
+        h, y = hidden[start:start + chunk], target[start:start + chunk]
+        n = h.shape[0]
+        if -n % multiple:
+            h = torch.nn.functional.pad(h, (0, 0, 0, -n % multiple))
+            y = torch.nn.functional.pad(y, (0, -n % multiple))
+        yield start, h, y, n
+
+
 def shape_multiple(device_type: str, dtype: torch.dtype, rows: int = 64) -> int:
     """Row counts to round matrix products up to: bf16 / fp16 products on a CPU (oneDNN) build a kernel for every
     new shape, 3 ms for a layer's product and up to 30 ms for the output projection's gradient (measured with

@@ -24,8 +24,8 @@ from martlet import patches
 from martlet.args.rlhf import RLHFArguments
 from martlet.train import rlhf_losses
 from martlet.train.batching import rounded_row
-from martlet.train.kernels import shape_multiple
-from martlet.train.loss import is_wrapped, lean_loss_supported, summed_cross_entropy, unwrap_causal_lm
+from martlet.train.kernels import TokenScores, shape_multiple
+from martlet.train.loss import CHUNK, is_wrapped, lean_loss_supported, summed_cross_entropy, unwrap_causal_lm
 from martlet.train.outputs import RunFiles
 from martlet.train.trainer import AtomicCheckpointMixin
 
@@ -137,12 +137,15 @@ def _padding_free_forward(self, *args: Any, fused_lm_head: bool = False, labels:
     keep, positions, row_index = _row_layout(attention_mask)
     row_labels = labels[keep].masked_fill(positions == 0, -100)  # never predicted from the sequence before
     row = rounded_row(input_ids[keep], positions, _row_multiple(self, input_ids.device.type), row_labels)
-    token = _compact_scoring.set(True)
-    try:
-        out = fused(input_ids=row[0][None], position_ids=row[1][None], labels=row[2][None], fused_lm_head=True,
-                    **kwargs)
-    finally:
-        _compact_scoring.reset(token)
+    if _scores_itself(self, kwargs):
+        out = _scored_row(self, *row)
+    else:
+        token = _compact_scoring.set(True)
+        try:
+            out = fused(input_ids=row[0][None], position_ids=row[1][None], labels=row[2][None], fused_lm_head=True,
+                        **kwargs)
+        finally:
+            _compact_scoring.reset(token)
     # padded position (b, t) predicts token (b, t + 1), whose prediction in the row sits just before it
     source, valid = (row_index[:, 1:] - 1).clamp(min=0), keep[:, 1:]
     for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask"):
@@ -150,6 +153,65 @@ def _padding_free_forward(self, *args: Any, fused_lm_head: bool = False, labels:
         if value is not None:
             out[name] = value[0][source].masked_fill(~valid, 0)
     return out
+
+
+# what trl's fused forward is called with in DPO and KTO (trl 1.16); anything else (GRPO's temperature, a request
+# for hidden states) goes to trl's own fused head
+_PLAIN_CALL = {"inputs_embeds": None, "output_attentions": None, "output_hidden_states": None, "use_cache": None,
+               "return_dict": None}
+
+
+def _scores_itself(lm: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether `_scored_row` can stand in for trl's fused head here: the call asks for nothing more than DPO's and
+    KTO's fields, the head is a frozen plain projection (LoRA), and trl's output type is where it was."""
+    import trl.trainer.utils as trl_utils
+
+    if any(key not in _PLAIN_CALL or value not in (None, False) and key != "return_dict" for key, value in kwargs.items()):
+        return False
+    if not lean_loss_supported(lm) or getattr(trl_utils, "FusedCausalLMOutput", None) is None:
+        return False
+    head = lm.get_output_embeddings()
+    if getattr(head, "bias", None) is not None or head.weight.requires_grad:
+        return False
+    return patches.usable("trl_token_scores", (lm, head_fields_side_by_side), key=(type(lm), id(lm)))
+
+
+def head_fields_side_by_side(lm: Any) -> tuple[Any, Any]:
+    """trl's fused-head output (compact, as in training) and `_scored_row`'s for one tiny row of `lm`, prompt tokens
+    unlabelled: what the guard of patch `trl_token_scores` compares."""
+    ids = torch.randint(1, lm.get_output_embeddings().weight.shape[0], (8,), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(lm.get_output_embeddings().weight.device)
+    positions = torch.arange(8, device=ids.device)
+    labels = ids.clone()
+    labels[:3] = -100
+    token = _compact_scoring.set(True)
+    try:
+        want = lm._plain_forward(input_ids=ids[None], position_ids=positions[None], labels=labels[None],
+                                 fused_lm_head=True)
+    finally:
+        _compact_scoring.reset(token)
+    return want, _scored_row(lm, ids, positions, labels)
+
+
+def _scored_row(lm: Any, ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> Any:
+    """trl's fused-head fields for one padding-free row, computed by Martlet: the decoder, then `TokenScores` on
+    the labelled positions alone (one native pass over each chunk of logits on a CPU, none kept for backward).
+    Field j is the prediction of token j + 1 (one fewer than the row's tokens, as trl's); zero where unlabelled. `loss` is the mean
+    negative log-probability (trl's NLL term, RPO's "sft" loss)."""
+    import trl.trainer.utils as trl_utils
+
+    hidden = lm.get_decoder()(input_ids=ids[None], position_ids=positions[None], use_cache=False).last_hidden_state[0]
+    target = labels[1:]
+    mask = target != -100
+    logp, entropy, mean_logits, top1 = TokenScores.apply(hidden[:-1][mask], lm.get_output_embeddings().weight,
+                                                        target[mask], CHUNK)
+
+    def spread(value):
+        return torch.zeros(target.shape, dtype=value.dtype, device=value.device).masked_scatter(mask, value)[None]
+
+    loss = -logp.sum() / mask.sum().clamp(min=1)
+    return trl_utils.FusedCausalLMOutput(loss=loss, log_probs=spread(logp), entropy=spread(entropy),
+                                         mean_logits=spread(mean_logits), is_top1=spread(top1), label_mask=mask[None])
 
 
 class KTOTrainer(AtomicCheckpointMixin, PaddingFreeReference, trl.KTOTrainer):
@@ -190,7 +252,8 @@ def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
 
 def padding_free_sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """`sequence_logps` on one padding-free row: the decoder sees only real tokens, and only reply tokens go through
-    the LM head (with the lean loss's chunked, no-recompute cross-entropy), one sequence at a time."""
+    the LM head, chunked, the gradient made on the way: all sequences at once through `TokenScores` when the head
+    is frozen (LoRA), else one at a time through the lean loss's cross-entropy (which gives the head its gradient)."""
     ids, reply = batch["input_ids"], batch["completion_mask"].bool()
     keep, positions, row_index = _row_layout(batch["attention_mask"])
     lm = unwrap_causal_lm(model)
@@ -200,6 +263,10 @@ def padding_free_sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> t
     targets = reply & keep
     targets[:, 0] = False  # token t is predicted at the row position just before it
     head = lm.get_output_embeddings()
+    if getattr(head, "bias", None) is None and not head.weight.requires_grad:  # frozen (LoRA): all at once
+        sequence, token = targets.nonzero(as_tuple=True)
+        logp = TokenScores.apply(hidden[row_index[sequence, token] - 1], head.weight, ids[sequence, token], CHUNK)[0]
+        return torch.zeros(len(ids), dtype=logp.dtype, device=logp.device).index_add(0, sequence, logp), targets.sum(-1)
     logps = [-summed_cross_entropy(hidden[row_index[b, t] - 1], ids[b, t], head)
              for b, t in enumerate(row.nonzero().flatten() for row in targets)]
     return torch.stack(logps), targets.sum(-1)

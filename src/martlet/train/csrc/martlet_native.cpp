@@ -16,6 +16,7 @@
 #endif
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -653,6 +654,73 @@ at::Tensor cross_entropy_grad_(at::Tensor logits, const at::Tensor& target) {
   return loss;
 }
 
+// ---- token scores (preference training) ----------------------------------------------------------------------
+// For each row of logits z and its target t: log p(t) = z_t - max - log sum exp(z - max), the entropy
+// log S - sum e (z - max) / S (e = exp(z - max), S = sum e), the mean logit, and whether t is the (first) arg max;
+// with `grad`, the row becomes softmax - one-hot in place (d(-log p(t))/dz). trl computes these fields of its
+// fused LM head in a dozen passes over the logits; here in three.
+template <typename T>
+void token_score_rows(T* __restrict logits, const int64_t* __restrict target, float* __restrict logp,
+                      float* __restrict entropy, float* __restrict mean, bool* __restrict top1, int64_t begin,
+                      int64_t end, int64_t vocab, bool grad) {
+  for (int64_t r = begin; r < end; ++r) {
+    T* row = logits + r * vocab;
+    float top = -INFINITY, total = 0.f;
+#pragma omp simd reduction(max : top) reduction(+ : total)
+    for (int64_t i = 0; i < vocab; ++i) {
+      float v = load(row, i);
+      top = std::max(top, v);
+      total += v;
+    }
+    float sum = 0.f, weighted = 0.f;
+#pragma omp simd reduction(+ : sum, weighted)
+    for (int64_t i = 0; i < vocab; ++i) {
+      float d = load(row, i) - top, e = exp_approx(d);
+      sum += e;
+      weighted += e * d;
+    }
+    float log_sum = std::log(sum), inverse = 1.f / sum;
+    int64_t t = target[r];
+    float at_t = load(row, t);
+    logp[r] = at_t - top - log_sum;
+    entropy[r] = log_sum - weighted * inverse;
+    mean[r] = total / float(vocab);
+    bool first = at_t == top;
+    for (int64_t i = 0; first && i < t; ++i) first = load(row, i) != top;
+    top1[r] = first;
+    if (grad) {
+#pragma omp simd
+      for (int64_t i = 0; i < vocab; ++i)
+        store(row, i, exp_approx(load(row, i) - top) * inverse - (i == t ? 1.f : 0.f));
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_scores_(at::Tensor logits, const at::Tensor& target,
+                                                                         bool grad) {
+  check(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2 && target.dim() == 1 && target.size(0) == logits.size(0) &&
+              target.scalar_type() == at::kLong && target.is_contiguous(),
+              "martlet native: logits (rows, vocabulary) and int64 targets (rows) expected");
+  int64_t rows = logits.size(0), vocab = logits.size(1);
+  if (rows > 0) {
+    auto [low, high] = target.aminmax();
+    TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < vocab, "martlet native: a target is outside [0, ",
+                vocab, ")");
+  }
+  auto floats = logits.options().dtype(at::kFloat);
+  auto logp = at::empty({rows}, floats), entropy = at::empty({rows}, floats), mean = at::empty({rows}, floats);
+  auto top1 = at::empty({rows}, logits.options().dtype(at::kBool));
+  dispatch(logits, [&](auto type) {
+    using T = typename decltype(type)::type;
+    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+      token_score_rows<T>(ptr<T>(logits), target.data_ptr<int64_t>(), logp.data_ptr<float>(),
+                          entropy.data_ptr<float>(), mean.data_ptr<float>(), top1.data_ptr<bool>(), b, e, vocab, grad);
+    });
+  });
+  return {logp, entropy, mean, top1};
+}
+
 // ---- rotary position embedding (llama's rotate-half form) --------------------------------------------------
 // x: (batch, length, heads, dim) contiguous, cos and sin: (batch or 1, length, dim). Forward, for each head:
 // out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); each product rounded, then the sum, as torch
@@ -793,6 +861,8 @@ TORCH_LIBRARY(martlet, m) {
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor", &swiglu);
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)", &swiglu_backward);
   m.def("cross_entropy_grad_(Tensor(a!) logits, Tensor target) -> Tensor", &cross_entropy_grad_);
+  m.def("token_scores_(Tensor(a!) logits, Tensor target, bool grad) -> (Tensor, Tensor, Tensor, Tensor)",
+        &token_scores_);
   m.def("rotary(Tensor x, Tensor cos, Tensor sin, bool backward) -> Tensor", &rotary);
   m.def("causal_softmax(Tensor scores, float scale) -> Tensor", &causal_softmax);
   m.def("causal_softmax_backward(Tensor grad, Tensor probs, float scale) -> Tensor", &causal_softmax_backward);
