@@ -1,7 +1,8 @@
 """Training throughput and memory: a plain transformers Trainer + peft baseline against Martlet's defaults,
 side by side in one invocation, on the embedded SmolLM2 and the built-in data.
 
-    HF_HUB_OFFLINE=1 python benchmarks/sft_throughput.py [--steps 16] [--what sft|dpo|both] [--rounds 3]
+    HF_HUB_OFFLINE=1 python benchmarks/sft_throughput.py [--steps 16] [--what sft,dpo,kto,orpo,simpo,cpo|both|all]
+                                                         [--rounds 3]
                                                          [--lora_dropout 0.05] [--cpu_isa avx2]
                                                          [--baseline plain|martlet-torch]
 
@@ -15,9 +16,9 @@ the default of ms-swift and Martlet), 4 samples a step (no gradient accumulation
 rate 1e-4, seed 42, the same samples in the same order.
 - SFT data: self-cognition + general-instruct + 400 math word problems (tokenized once by Martlet's template; the baseline trains
   on the very same token ids and labels).
-- DPO data: pref-identity + pref-math-en.
-Baseline: `transformers.Trainer` (`trl.DPOTrainer` for DPO) + peft, fp32, padding to the longest sample
-of the batch, nothing else. Martlet: `sft_main` / `rlhf_main` with its defaults (dtype AUTO, padding-free
+- Preference data (DPO, KTO as two unpaired rows a pair, ORPO, SimPO, CPO): pref-identity + pref-math-en.
+Baseline: `transformers.Trainer` (trl's DPOTrainer / KTOTrainer, `trl.experimental`'s ORPOTrainer / CPOTrainer for
+the preference losses) + peft, fp32, padding to the longest sample of the batch, nothing else. Martlet: `sft_main` / `rlhf_main` with its defaults (dtype AUTO, padding-free
 rows, the lean loss, gradient checkpointing on).
 
 MARTLET_BENCH_ARGS="--name value ..." adds arguments to Martlet's side (for ablations).
@@ -30,6 +31,7 @@ every token of a padding-free row but the padding that rounds it up to a multipl
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -56,6 +58,7 @@ EXTRA = os.environ.get("MARTLET_BENCH_ARGS", "").split()  # e.g. "--gradient_che
 SFT_DATA = ["self-cognition", "general-instruct", "math-word-problems#400"]
 DPO_DATA = ["pref-identity", "pref-math-en"]
 DROPOUT = [0.0]  # set from --lora_dropout in each process
+DTYPE = ["bf16"]  # the training dtype of --dtype AUTO here (host_report)
 COMMON = ["--max_length", "512", "--batch_size", "4", "--gradient_accumulation_steps", "1",
           "--learning_rate", "1e-4", "--lora_rank", "8", "--lora_alpha", "32",
           "--lora_target_modules", "ALL", "--dataset_test_ratio", "0", "--logging_steps", "1",
@@ -202,12 +205,61 @@ def baseline_dpo(steps: int, out_dir: str) -> dict:
     return summary(record, trainer.state.log_history)
 
 
-def martlet_dpo(steps: int, out_dir: str) -> dict:
+def baseline_preference(kind: str, steps: int, out_dir: str) -> dict:
+    """trl's own trainer for `kind` + peft, fp32, its defaults but the shared settings: KTOTrainer (stable), and
+    ORPOTrainer / CPOTrainer from `trl.experimental` (SimPO is CPO with loss_type "simpo" and cpo_alpha 0)."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from martlet.args import parse_cli
+    from martlet.args.rlhf import RLHFArguments
+    from martlet.data.preference import preference_train_val_rows
+    from martlet.models.loader import load_tokenizer, resolve_model
+
+    args = parse_cli(RLHFArguments, ["--rlhf_type", kind, "--dataset", *DPO_DATA, *COMMON])
+    spec = resolve_model(None, None)
+    tokenizer = load_tokenizer(spec.model_dir)
+    rows = preference_train_val_rows(args)[0]
+    shared = dict(output_dir=out_dir, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=steps,
+                  learning_rate=1e-4, weight_decay=0.1, lr_scheduler_type="constant", logging_steps=1,
+                  save_strategy="no", report_to="none", use_cpu=True, seed=42, data_seed=42, max_length=512,
+                  disable_tqdm=True, bf16=False)
+    if kind == "kto":
+        from trl import KTOConfig as Config, KTOTrainer as TrainerClass
+
+        import datasets
+
+        data = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": [{"role": "assistant",
+                                                                                   "content": r["completion"]}],
+                                            "label": r["label"]} for r in rows])
+        config = Config(**shared, beta=0.1)
+    elif kind == "orpo":
+        from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as TrainerClass
+
+        data, config = _trl_pairs(rows), Config(**shared, beta=0.1)
+    else:
+        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as TrainerClass
+
+        extra = {"loss_type": "simpo", "cpo_alpha": 0.0} if kind == "simpo" else {}
+        data, config = _trl_pairs(rows), Config(**shared, beta=2.0 if kind == "simpo" else 0.1, **extra)
+
+    record = {"steps": []}
+    instrument(record)
+    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32)
+    trainer = TrainerClass(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                           peft_config=LoraConfig(r=8, lora_alpha=32, lora_dropout=DROPOUT[0],
+                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainer.train()
+    return summary(record, trainer.state.log_history)
+
+
+def martlet_preference(kind: str, steps: int, out_dir: str) -> dict:
     from martlet.train.rlhf import rlhf_main
 
     record = {"steps": []}
     instrument(record)
-    result = rlhf_main(["--rlhf_type", "dpo", "--dataset", *DPO_DATA, *COMMON, "--lora_dropout", str(DROPOUT[0]),
+    result = rlhf_main(["--rlhf_type", kind, "--dataset", *DPO_DATA, *COMMON, "--lora_dropout", str(DROPOUT[0]),
                         "--max_steps", str(steps),
                         "--output_dir", out_dir, "--save_steps", str(10 * steps), "--save_only_model", "true",
                         *EXTRA])
@@ -223,8 +275,10 @@ def _trl_pairs(rows: list[dict]):
                                         "rejected": reply(r["rejected"])} for r in rows])
 
 
-SIDES = {"baseline-sft": baseline_sft, "martlet-sft": martlet_sft,
-         "baseline-dpo": baseline_dpo, "martlet-dpo": martlet_dpo}
+PREFERENCE = ("dpo", "kto", "orpo", "simpo", "cpo")
+SIDES = {"baseline-sft": baseline_sft, "martlet-sft": martlet_sft, "baseline-dpo": baseline_dpo,
+         **{f"martlet-{kind}": functools.partial(martlet_preference, kind) for kind in PREFERENCE},
+         **{f"baseline-{kind}": functools.partial(baseline_preference, kind) for kind in PREFERENCE if kind != "dpo"}}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -294,13 +348,67 @@ def model_shapes() -> tuple[int, int]:
     return layers, head
 
 
+def matrix_shapes() -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """The (out, in) shape of every matrix of the embedded model's decoder layers, and the LM head's."""
+    from safetensors import safe_open
+
+    from martlet.models.embedded import embedded_model_dir
+
+    folder, layers, head = embedded_model_dir(), [], (0, 0)
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="pt") as fh:
+                for key in fh.keys():
+                    shape = tuple(fh.get_slice(key).get_shape())
+                    if len(shape) == 2 and ".layers." in key:
+                        layers.append(shape)
+                    elif len(shape) == 2 and ("embed_tokens" in key or "lm_head" in key):
+                        head = shape
+    return layers, head
+
+
+def products_alone(what: str, rows: int, labelled: int, dtype_name: str) -> float:
+    """Tokens/s of the matrix products of a step alone, at this run's row size: each decoder matrix forward and its
+    input gradient at `rows` tokens, the LM head the same at `labelled` tokens, timed one shape at a time (best of
+    15), scaled by `PER_PARAMETER` (DPO's reference forward, KTO's KL rows). The ceiling at these shapes: thin
+    products run below the 2048 x 2048 speed."""
+    import collections
+
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    layers, head = matrix_shapes()
+    shapes = collections.Counter((out, inp, rows) for out, inp in layers)
+    shapes[(head[0], head[1], max(1, labelled))] += 1
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(15):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    seconds = 0.0
+    for (out, inp, n), count in shapes.items():
+        x, w, dy = torch.randn(n, inp, dtype=dtype), torch.randn(out, inp, dtype=dtype), torch.randn(n, out, dtype=dtype)
+        seconds += count * (best(lambda: torch.nn.functional.linear(x, w)) + best(lambda: dy @ w))
+    return rows / (seconds * PER_PARAMETER[what] / 4)
+
+
 def flop_per_token(what: str, labelled_share: float) -> float:
     """The matrix-product FLOP a real token costs in LoRA training (the adapters' and the attention's own products,
     a few percent here, left out): the frozen layers' forward and input-gradient products (2 + 2 FLOP a
-    parameter), the LM head the same at the tokens the loss reads; DPO adds the reference's forward (2 more)."""
+    parameter), the LM head the same at the tokens the loss reads; `PER_PARAMETER` for the preference losses."""
     layers, head = model_shapes()
-    per_parameter = 6 if what == "dpo" else 4
-    return per_parameter * (layers + head * labelled_share)
+    return PER_PARAMETER[what] * (layers + head * labelled_share)
+
+
+# FLOP a parameter and token: policy forward 2 + input gradient 2; the reference's forward 2 more (DPO, KTO). KTO's
+# counted tokens are half KL rows (each row's prompt with its neighbour's reply), which go forward through policy
+# (no gradient) and reference only: 4, so (6 + 4) / 2 a token. ORPO, SimPO and CPO have no reference.
+PER_PARAMETER = {"sft": 4, "dpo": 6, "kto": 5, "orpo": 4, "simpo": 4, "cpo": 4}
 
 
 def host_report() -> float:
@@ -316,6 +424,7 @@ def host_report() -> float:
     from martlet.models.dtype import resolve_dtype
 
     dtype = resolve_dtype("AUTO", "cpu")  # what --dtype AUTO trains in here: bf16 with AVX512-BF16 or AMX, else fp32
+    DTYPE[0] = dtype
     flops = matmul_flops(dtype)
     layers, head = model_shapes()
     print(f"{dtype} matmul here: {flops / 1e9:.0f} GFLOP/s (2048 x 2048); model: {layers / 1e6:.1f} M parameters in "
@@ -326,7 +435,8 @@ def host_report() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--what", choices=("sft", "dpo", "both"), default="both")
+    parser.add_argument("--what", default="both",
+                        help="comma-separated: sft, dpo, kto, orpo, simpo, cpo; both = sft,dpo; all = every one")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the sides in turn this many times (baseline, martlet, baseline, ...) and report each "
                              "side's median round: the host's speed drifts by ~20%% over minutes")
@@ -350,9 +460,13 @@ def main() -> None:
             json.dump(result, fh)
         return
 
+    kinds = {"both": "sft,dpo", "all": ",".join(("sft", *PREFERENCE))}.get(args.what, args.what).split(",")
+    unknown = [k for k in kinds if k not in PER_PARAMETER]
+    if unknown:
+        parser.error(f"--what: unknown {unknown}; choose from {sorted(PER_PARAMETER)}, both, all")
     flops = host_report()
     results = {}
-    for what in (("sft", "dpo") if args.what == "both" else (args.what,)):
+    for what in kinds:
         baseline = ((f"baseline-{what}", None) if args.baseline == "plain"
                     else (f"martlet-{what}", {"MARTLET_NATIVE": "0"}))
         rounds = [(run_side(baseline[0], args.steps, baseline[1]), run_side(f"martlet-{what}", args.steps))
@@ -368,6 +482,11 @@ def main() -> None:
         print(f"Martlet at {ours['tokens_per_s'] / roofline:.0%} of this host's roofline "
               f"({ours['tokens_per_s']:.0f} of {roofline:.0f} tokens/s: {flops / 1e9:.0f} GFLOP/s over "
               f"{cost / 1e6:.0f} MFLOP a token, {share:.0%} of tokens labelled)", flush=True)
+        per_step = ours["tokens_per_s"] * ours["s_per_step"]
+        alone = products_alone(what, round(per_step), round(per_step * share), DTYPE[0])
+        print(f"the same products alone at this run's mean row ({per_step:.0f} tokens, {share:.0%} labelled): "
+              f"{alone:.0f} tokens/s ({alone / roofline:.0%} of the roofline); Martlet at "
+              f"{ours['tokens_per_s'] / alone:.0%} of that", flush=True)
         if args.rounds > 1:
             print("tokens/s ratio of each round: " + ", ".join(f"{o['tokens_per_s'] / b['tokens_per_s']:.2f}x"
                                                               for b, o in rounds), flush=True)

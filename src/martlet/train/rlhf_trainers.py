@@ -22,7 +22,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from martlet import patches
 from martlet.args.rlhf import RLHFArguments
-from martlet.train import rlhf_losses
+from martlet.train import native, rlhf_losses
 from martlet.train.batching import rounded_row
 from martlet.train.kernels import TokenScores, shape_multiple
 from martlet.train.loss import CHUNK, is_wrapped, lean_loss_supported, summed_cross_entropy, unwrap_causal_lm
@@ -163,12 +163,15 @@ _PLAIN_CALL = {"inputs_embeds": None, "output_attentions": None, "output_hidden_
 
 def _scores_itself(lm: Any, kwargs: dict[str, Any]) -> bool:
     """Whether `_scored_row` can stand in for trl's fused head here: the call asks for nothing more than DPO's and
-    KTO's fields, the head is a frozen plain projection (LoRA), and trl's output type is where it was."""
+    KTO's fields, the head is a frozen plain projection (LoRA), the native kernels run (a CPU: where it was
+    measured; a GPU keeps trl's Triton head) and trl's output type is where it was."""
     import trl.trainer.utils as trl_utils
 
     if any(key not in _PLAIN_CALL or value not in (None, False) and key != "return_dict" for key, value in kwargs.items()):
         return False
     if not lean_loss_supported(lm) or getattr(trl_utils, "FusedCausalLMOutput", None) is None:
+        return False
+    if lm.device.type != "cpu" or native.ops() is None:  # measured where the native kernel runs; elsewhere trl's
         return False
     head = lm.get_output_embeddings()
     if getattr(head, "bias", None) is not None or head.weight.requires_grad:
