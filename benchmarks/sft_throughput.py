@@ -392,7 +392,8 @@ def products_alone(what: str, rows: int, labelled: int, dtype_name: str) -> floa
 
     seconds = 0.0
     for (out, inp, n), count in shapes.items():
-        x, w, dy = torch.randn(n, inp, dtype=dtype), torch.randn(out, inp, dtype=dtype), torch.randn(n, out, dtype=dtype)
+        x, w = torch.randn(n, inp, dtype=dtype), torch.randn(out, inp, dtype=dtype)
+        dy = torch.randn(n, out, dtype=dtype)
         seconds += count * (best(lambda: torch.nn.functional.linear(x, w)) + best(lambda: dy @ w))
     return rows / (seconds * PER_PARAMETER[what] / 4)
 

@@ -80,7 +80,7 @@ def test_padding_free_fused_forward_matches_the_padded_batch(models, left, multi
     real = int(batch["attention_mask"].sum())  # 40 tokens
     assert calls == [(1, -(-real // multiple) * multiple)]  # one row of real tokens, rounded up when asked
     frozen = not padded.get_output_embeddings().weight.requires_grad
-    assert len(scored) == (frozen and native.ops() is not None)  # a frozen head on the native kernels: Martlet's scoring
+    assert len(scored) == (frozen and native.ops() is not None)  # frozen head, native kernels: Martlet's scoring
     for name in FIELDS:
         assert got[name].shape == want[name].shape, name
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -157,8 +157,7 @@ def _padding_free_forward(self, *args: Any, fused_lm_head: bool = False, labels:
 
 # what trl's fused forward is called with in DPO and KTO (trl 1.16); anything else (GRPO's temperature, a request
 # for hidden states) goes to trl's own fused head
-_PLAIN_CALL = {"inputs_embeds": None, "output_attentions": None, "output_hidden_states": None, "use_cache": None,
-               "return_dict": None}
+_PLAIN_CALL = frozenset({"inputs_embeds", "output_attentions", "output_hidden_states", "use_cache", "return_dict"})
 
 
 def _scores_itself(lm: Any, kwargs: dict[str, Any]) -> bool:
@@ -167,7 +166,8 @@ def _scores_itself(lm: Any, kwargs: dict[str, Any]) -> bool:
     measured; a GPU keeps trl's Triton head) and trl's output type is where it was."""
     import trl.trainer.utils as trl_utils
 
-    if any(key not in _PLAIN_CALL or value not in (None, False) and key != "return_dict" for key, value in kwargs.items()):
+    if any(key not in _PLAIN_CALL or (value not in (None, False) and key != "return_dict")
+           for key, value in kwargs.items()):
         return False
     if not lean_loss_supported(lm) or getattr(trl_utils, "FusedCausalLMOutput", None) is None:
         return False
@@ -199,8 +199,8 @@ def head_fields_side_by_side(lm: Any) -> tuple[Any, Any]:
 def _scored_row(lm: Any, ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> Any:
     """trl's fused-head fields for one padding-free row, computed by Martlet: the decoder, then `TokenScores` on
     the labelled positions alone (one native pass over each chunk of logits on a CPU, none kept for backward).
-    Field j is the prediction of token j + 1 (one fewer than the row's tokens, as trl's); zero where unlabelled. `loss` is the mean
-    negative log-probability (trl's NLL term, RPO's "sft" loss)."""
+    Field j is the prediction of token j + 1 (one fewer than the row's tokens, as trl's); zero where unlabelled.
+    `loss` is the mean negative log-probability (trl's NLL term, RPO's "sft" loss)."""
     import trl.trainer.utils as trl_utils
 
     hidden = lm.get_decoder()(input_ids=ids[None], position_ids=positions[None], use_cache=False).last_hidden_state[0]
