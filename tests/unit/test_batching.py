@@ -131,6 +131,22 @@ def test_varlen_attention_pads_short_bf16_samples_to_repeating_shapes_with_the_s
         torch.testing.assert_close(g16.float(), g32, rtol=5e-2, atol=5e-2)
 
 
+def test_short_samples_run_in_buckets_of_similar_lengths():
+    """Short samples run batched, padded to the longest of their bucket: one long sample among short ones gets a
+    bucket of its own (padding the others to its length would cost more than a bucket's calls), similar lengths
+    share one; every (token, head) comes back to its place."""
+    from martlet.train import varlen_attention
+
+    mixed = varlen_attention._layout((40, 150, 30, 44, 200), 6, 2, 16, "cpu")
+    assert [(b.count, b.padded) for b in mixed.buckets] == [(3, 48), (1, 160)] and mixed.long == [(264, 200)]
+    similar = varlen_attention._layout((90, 81, 95, 87), 6, 2, 16, "cpu")
+    assert [(b.count, b.padded) for b in similar.buckets] == [(4, 96)]
+    for layout, tokens in ((mixed, 464), (similar, 353)):
+        assert sorted(layout.output_index.tolist()) == sorted(set(layout.output_index.tolist()))
+        back = layout.output_inverse[layout.output_index]
+        assert back.tolist() == list(range(tokens * 6))
+
+
 def test_varlen_attention_equals_the_block_mask_on_long_and_short_samples(model):
     """Samples above EAGER_MAX_LEN go through sdpa's causal kernel, shorter ones through plain matmuls: both give
     sdpa-with-the-block-mask's logits and gradients; a padded batch (several rows, a mask) falls back to sdpa."""

@@ -3,11 +3,11 @@
 A padding-free row holds several samples end to end; their position ids restart at 0. transformers' sdpa path
 turns that into one block-diagonal mask over the whole row, and torch's CPU attention kernels then compute
 every block of the row x row square, masked or not. Here the row is cut at the restarts and each sample attends
-to itself alone: the short samples all at once, each padded to the longest of them, through two batched matrix
-products and one softmax a layer (for a few hundred tokens the fastest on a CPU; one product pair per sample
-cost six products, three pads and three full-row gradient copies per sample and layer, 2.6% of a step), longer
-ones through sdpa with `is_causal` (which skips the upper triangle). Same result as the mask, at a fraction of
-the work.
+to itself alone: the short samples in buckets of similar lengths (`_partition`), each sample padded to the longest
+of its bucket, through two batched matrix products and one softmax a bucket and layer (for a few hundred tokens the
+fastest on a CPU; a product pair per sample cost six products, three pads and three full-row gradient copies per
+sample and layer), longer ones through sdpa with `is_causal` (which skips the upper triangle). Same result as the
+mask, at a fraction of the work.
 
 Registered with transformers as the attention implementation "martlet_varlen" (the mask function is sdpa's,
 so a padded batch or generation simply runs sdpa). Anything it does not handle (a batch of several rows,
@@ -43,8 +43,6 @@ def register() -> str:
 def sample_lengths(position_ids: Any) -> list[int] | None:
     """Lengths of the samples laid end to end in a (1, T) row: a new sample wherever a position does not follow
     the one before. None when there is nothing to cut (no position ids, several rows, M-RoPE ids)."""
-    import torch
-
     if position_ids is None or position_ids.ndim != 2 or position_ids.shape[0] != 1:
         return None
     pos = position_ids[0]
@@ -56,7 +54,6 @@ def sample_lengths(position_ids: Any) -> list[int] | None:
 def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
                      scaling: float | None = None, **kwargs: Any):
     """query (1, H, T, D), key/value (1, KV, T, D) -> ((1, T, H, D), None), as transformers' attention functions."""
-    import torch
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -80,14 +77,14 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     # (T, heads, D) rows: a view where transformers' (1, heads, T, D) is a transposed (1, T, heads, D)
     q_rows, k_rows, v_rows = (t[0].transpose(0, 1).reshape(-1, dim) for t in (query, key, value))
     blocks = []
-    if layout.short:
-        # all short samples at once, each padded to the longest of them: one product of each kind a layer, not six
-        # a sample. Padding rows repeat the sample's last token (finite values): causality hides them from the
-        # sample's own queries, and their outputs are dropped, so their gradients are zero.
-        count, padded = len(layout.short), layout.padded
-        q = Gather.apply(q_rows, layout.query_index, layout.query_inverse).view(count * kv_heads, groups * padded, dim)
-        k = Gather.apply(k_rows, layout.key_index, layout.key_inverse).view(count * kv_heads, padded, dim)
-        v = Gather.apply(v_rows, layout.key_index, layout.key_inverse).view(count * kv_heads, padded, dim)
+    for bucket in layout.buckets:
+        # the samples of a bucket at once, each padded to the longest of them: one product of each kind a layer,
+        # not six a sample. Padding rows repeat the sample's last token (finite values): causality hides them from
+        # the sample's own queries, and their outputs are dropped, so their gradients are exactly zero.
+        count, padded = bucket.count, bucket.padded
+        q = Gather.apply(q_rows, bucket.query_index, bucket.query_inverse).view(count * kv_heads, groups * padded, dim)
+        k = Gather.apply(k_rows, bucket.key_index, bucket.key_inverse).view(count * kv_heads, padded, dim)
+        v = Gather.apply(v_rows, bucket.key_index, bucket.key_inverse).view(count * kv_heads, padded, dim)
         scores = q @ k.transpose(-1, -2)  # the query heads that share a key/value head form one matrix
         if native.usable(scores) is not None:  # scale, mask and softmax in one pass (train/native.py)
             probs = native.CausalSoftmax.apply(scores, scale)
@@ -105,57 +102,80 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     return Gather.apply(out, layout.output_index, layout.output_inverse).view(1, rows, heads, dim), None
 
 
-class _Layout(NamedTuple):
-    short: list[tuple[int, int]]  # (start, length) of the samples that run batched
-    long: list[tuple[int, int]]  # and of those that run through sdpa one by one
-    padded: int
-    query_index: Any  # rows of (T * heads, D) query rows for the batched queries, keys and values
+# A bucket of short samples costs its products' and softmax's calls (~150 us a layer on SmolLM2 here), about the
+# work of padding one more sample to 96 tokens: a bucket is worth it when it saves more than this many slots
+# (padded length squared, summed over its samples)
+BUCKET_COST = 96 * 96
+
+
+class _Bucket(NamedTuple):
+    count: int  # samples
+    padded: int  # the length each runs at
+    query_index: Any  # rows of the (T * heads, D) query rows that make the bucket's queries; keys and values
     key_index: Any
-    output_index: Any  # for each (token, head), its row in the outputs laid end to end
-    query_inverse: Any  # for each query row, its row in the batched queries (past the end: none); keys, values
+    query_inverse: Any  # for each query row, its row in the bucket (past the end: none); keys and values
     key_inverse: Any
+
+
+class _Layout(NamedTuple):
+    buckets: list[_Bucket]  # the short samples, in buckets of similar lengths
+    long: list[tuple[int, int]]  # (start, length) of the samples that run through sdpa one by one
+    output_index: Any  # for each (token, head), its row in the outputs laid end to end
     output_inverse: Any  # for each output row, the (token, head) row it goes to (past the end: none, padding)
 
 
 @functools.lru_cache(maxsize=8)  # the layers of one step share it
 def _layout(lengths: tuple[int, ...], heads: int, kv_heads: int, multiple: int, device: str) -> _Layout:
-    import torch
-
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    short = [(s, n) for s, n in zip(starts, lengths) if n <= EAGER_MAX_LEN]
+    tokens = sum(lengths)
+    short = sorted(((s, n) for s, n in zip(starts, lengths) if n <= EAGER_MAX_LEN), key=lambda sample: sample[1])
     long = [(s, n) for s, n in zip(starts, lengths) if n > EAGER_MAX_LEN]
-    longest = max((n for _, n in short), default=0)
-    padded = longest + -longest % multiple
-    # position of each padded slot: the sample's own token, its last one past its end
-    slot = torch.arange(padded)
-    positions = torch.stack([s + slot.clamp(max=n - 1) for s, n in short]) if short else slot[:0].view(0, padded)
-    positions = positions.view(len(short), 1, padded)
-    query_index = (positions * heads + torch.arange(heads).view(1, heads, 1)).flatten()
-    key_index = (positions * kv_heads + torch.arange(kv_heads).view(1, kv_heads, 1)).flatten()
+    output_index = torch.empty(tokens, heads, dtype=torch.long)
     head = torch.arange(heads).view(1, heads)
-    output_index = torch.empty(sum(lengths), heads, dtype=torch.long)
-    for i, (s, n) in enumerate(short):
-        output_index[s:s + n] = (i * heads + head) * padded + torch.arange(n).view(n, 1)
-    offset = len(short) * heads * padded
+    buckets, offset = [], 0
+    for members in _partition(short, multiple):
+        longest = members[-1][1]
+        padded = longest + -longest % multiple
+        slot = torch.arange(padded)  # each padded slot's token: the sample's own, its last one past its end
+        positions = torch.stack([s + slot.clamp(max=n - 1) for s, n in members]).view(len(members), 1, padded)
+        for i, (s, n) in enumerate(members):
+            output_index[s:s + n] = offset + (i * heads + head) * padded + torch.arange(n).view(n, 1)
+        indexes = ((positions * heads + torch.arange(heads).view(1, heads, 1)).flatten(),
+                   (positions * kv_heads + torch.arange(kv_heads).view(1, kv_heads, 1)).flatten(),
+                   _inverse(members, tokens, heads, padded), _inverse(members, tokens, kv_heads, padded))
+        buckets.append(_Bucket(len(members), padded, *(t.to(device) for t in indexes)))
+        offset += len(members) * heads * padded
     for s, n in long:
         output_index[s:s + n] = offset + torch.arange(n).view(n, 1) * heads + head
         offset += n * heads
     output_index = output_index.flatten()
-    tokens = sum(lengths)
     output_inverse = torch.full((offset,), tokens * heads, dtype=torch.long)
     output_inverse[output_index] = torch.arange(tokens * heads)
-    indexes = (query_index, key_index, output_index, _inverse(short, tokens, heads, padded),
-               _inverse(short, tokens, kv_heads, padded), output_inverse)
-    return _Layout(short, long, padded, *(t.to(device) for t in indexes))
+    return _Layout(buckets, long, output_index.to(device), output_inverse.to(device))
 
 
-def _inverse(short: list[tuple[int, int]], tokens: int, width: int, padded: int) -> Any:
-    """For each of `tokens` x `width` rows, its row in the batched (sample, width, padded) block; one past the block
-    for tokens of long samples."""
-    import torch
+def _partition(samples: list[tuple[int, int]], multiple: int) -> list[list[tuple[int, int]]]:
+    """Samples sorted by length, cut into buckets of neighbours: the fewest padded slots (each bucket's padded
+    length squared, times its samples) plus BUCKET_COST a bucket (dynamic programming over the cut points)."""
+    padded = [n + -n % multiple for _, n in samples]
+    best, cut = [0] + [None] * len(samples), [0] * (len(samples) + 1)
+    for j in range(1, len(samples) + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * padded[j - 1] ** 2 + BUCKET_COST
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    buckets, j = [], len(samples)
+    while j:
+        buckets.append(samples[cut[j]:j])
+        j = cut[j]
+    return buckets[::-1]
 
-    inverse = torch.full((tokens, width), len(short) * width * padded, dtype=torch.long)
-    for i, (s, n) in enumerate(short):
+
+def _inverse(members: list[tuple[int, int]], tokens: int, width: int, padded: int) -> Any:
+    """For each of `tokens` x `width` rows, its row in a bucket's (sample, width, padded) block; one past the block
+    for tokens of other samples."""
+    inverse = torch.full((tokens, width), len(members) * width * padded, dtype=torch.long)
+    for i, (s, n) in enumerate(members):
         inverse[s:s + n] = (i * width + torch.arange(width).view(1, width)) * padded + torch.arange(n).view(n, 1)
     return inverse.flatten()
 
