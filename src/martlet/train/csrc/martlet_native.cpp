@@ -633,17 +633,22 @@ void cross_entropy_rows(T* __restrict logits, const int64_t* __restrict target, 
   }
 }
 
-at::Tensor cross_entropy_grad_(at::Tensor logits, const at::Tensor& target) {
+// logits (rows, vocabulary) and one int64 target in [0, vocabulary) a row
+void check_targets(const at::Tensor& logits, const at::Tensor& target) {
   check(logits, "logits");
   TORCH_CHECK(logits.dim() == 2 && target.dim() == 1 && target.size(0) == logits.size(0) &&
               target.scalar_type() == at::kLong && target.is_contiguous(),
               "martlet native: logits (rows, vocabulary) and int64 targets (rows) expected");
-  int64_t rows = logits.size(0), vocab = logits.size(1);
-  if (rows > 0) {
+  if (logits.size(0) > 0) {
     auto [low, high] = target.aminmax();
-    TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < vocab, "martlet native: a target is outside [0, ",
-                vocab, ")");
+    TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < logits.size(1),
+                "martlet native: a target is outside [0, ", logits.size(1), ")");
   }
+}
+
+at::Tensor cross_entropy_grad_(at::Tensor logits, const at::Tensor& target) {
+  check_targets(logits, target);
+  int64_t rows = logits.size(0), vocab = logits.size(1);
   auto loss = at::empty({rows}, logits.options().dtype(at::kFloat));
   dispatch(logits, [&](auto type) {
     using T = typename decltype(type)::type;
@@ -698,16 +703,8 @@ void token_score_rows(T* __restrict logits, const int64_t* __restrict target, fl
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_scores_(at::Tensor logits, const at::Tensor& target,
                                                                          bool grad) {
-  check(logits, "logits");
-  TORCH_CHECK(logits.dim() == 2 && target.dim() == 1 && target.size(0) == logits.size(0) &&
-              target.scalar_type() == at::kLong && target.is_contiguous(),
-              "martlet native: logits (rows, vocabulary) and int64 targets (rows) expected");
+  check_targets(logits, target);
   int64_t rows = logits.size(0), vocab = logits.size(1);
-  if (rows > 0) {
-    auto [low, high] = target.aminmax();
-    TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < vocab, "martlet native: a target is outside [0, ",
-                vocab, ")");
-  }
   auto floats = logits.options().dtype(at::kFloat);
   auto logp = at::empty({rows}, floats), entropy = at::empty({rows}, floats), mean = at::empty({rows}, floats);
   auto top1 = at::empty({rows}, logits.options().dtype(at::kBool));
