@@ -298,17 +298,18 @@ def version(library: str) -> str:
         return "not installed"
 
 
-def usable(name: str, target: Any, key: Any = None) -> bool:
-    """Run patch `name`'s guard on `target` (once per `key`, e.g. the target's class); when it fails, warn once
-    and answer False."""
+def usable(name: str, target: Any, key: Any = None, remember: bool = True) -> bool:
+    """Run patch `name`'s guard on `target` (once per `key`, e.g. the target's class; every time when not
+    `remember`: the caller keeps the answer, e.g. on the object it is about); when it fails, warn once and answer
+    False."""
     patch = PATCHES[name]
-    if (name, key) not in _verdicts:
+    if (name, key) not in _verdicts or not remember:
         try:
             patch.guard(target)
             _verdicts[name, key] = None
         except Mismatch as error:
             _verdicts[name, key] = str(error)
-    reason = _verdicts[name, key]
+    reason = _verdicts.pop((name, key)) if not remember else _verdicts[name, key]
     if reason is not None and name not in _warned:
         _warned.add(name)
         logger.warning("patch '%s' is off: %s (%s %s; checked with %s); %s.", name, reason, patch.library,

@@ -141,3 +141,49 @@ def test_rows_are_rounded_up_where_new_matrix_shapes_cost_kernel_builds(tiny_lla
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _row_multiple(model, "cpu") == 64
     assert _row_multiple(model.to(torch.bfloat16), "cpu") == 64
+
+
+def test_martlet_s_scoring_divides_by_grpo_s_temperature(tiny_llama, caplog, monkeypatch):
+    """GRPO's fused head divides the logits by the sampling temperature: Martlet's scoring (a frozen head, as
+    under LoRA) does the same when told, with trl's fields and gradients; not told, its guard sees the difference
+    and trl's head scores (the same numbers, one warning)."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from martlet import patches
+    from martlet.train import native, rlhf_trainers
+
+    monkeypatch.setattr(patches, "_warned", set())
+
+    def model(temperature):
+        m = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, use_cache=False).train()
+        m.get_output_embeddings().weight.requires_grad_(False)
+        add_fused_lm_head(m, temperature=0.7, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+        if temperature is not None:
+            padding_free_fused_forward(m, temperature)
+        return m
+
+    padded = model(None)
+    batch = _batch(padded.config.vocab_size, False)
+    want = padded(**batch, fused_lm_head=True)
+    for told in (0.7, 1.0):
+        flat = model(told)
+        flat.load_state_dict(padded.state_dict())
+        scored = []
+        apply = rlhf_trainers.TokenScores.apply
+        with monkeypatch.context() as patched:
+            patched.setattr(rlhf_trainers.TokenScores, "apply", lambda *a: scored.append(1) or apply(*a))
+            got = flat(**batch, fused_lm_head=True)
+        for name in FIELDS:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=f"{told}: {name}")
+        ours = len(scored) == 2  # the guard's tiny row, then the batch (trl's head: the guard's row alone)
+        assert ours == (told == 0.7 and native.ops() is not None), told
+        grads = []
+        for m, out in ((padded, want), (flat, got)):
+            m.zero_grad()
+            out.log_probs.sum().backward(retain_graph=True)
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        for name, g in grads[0].items():
+            torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-5, msg=name)
+    if native.ops() is not None:
+        assert any("'trl_token_scores' is off" in r.getMessage() for r in caplog.records)

@@ -117,7 +117,7 @@ class GrpoMethod:
                               completions_path=completions, log_completions_steps=args.log_completions_steps)
         if args.effective_padding_free() and not (args.deepspeed or args.fsdp):
             base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-            padding_free_fused_forward(base)  # scoring: one padding-free row, only completion tokens
+            padding_free_fused_forward(base, config.temperature)  # scoring: one padding-free row, completions only
         return trainer
 
 

@@ -106,7 +106,7 @@ def _use_triton_dispatcher(original: Any) -> Any:
     return _use_triton
 
 
-def padding_free_fused_forward(model: Any) -> None:
+def padding_free_fused_forward(model: Any, temperature: float = 1.0) -> None:
     """Make trl's fused-LM-head forward (`model(..., labels=, fused_lm_head=True)`, trl 1.16) run a padded batch as
     one padding-free row, and hand its per-token fields back in the padded layout.
 
@@ -117,10 +117,12 @@ def padding_free_fused_forward(model: Any) -> None:
     labelled positions are scored. The log-probs, entropies and other per-token fields come back where trl expects
     them, zero elsewhere, so its DPO losses and metrics are unchanged (tested against the padded forward). Two
     patches of `martlet.patches` (`trl_compact_scoring`, `trl_padding_free_forward`): where a guard finds trl
-    changed, the padded forward runs.
+    changed, the padded forward runs. `temperature`: what trl's head divides the logits by (GRPO's sampling
+    temperature), for Martlet's own scoring (`trl_token_scores`).
     """
     import trl.trainer.utils as trl_utils
 
+    model._martlet_score_temperature = temperature
     if getattr(model.forward, "__func__", None) is _padding_free_forward:
         return  # done already (before and after trl's __init__)
     if patches.patch_global("trl_compact_scoring", trl_utils, "_use_triton", _use_triton_dispatcher):
@@ -176,7 +178,12 @@ def _scores_itself(lm: Any, kwargs: dict[str, Any]) -> bool:
     head = lm.get_output_embeddings()
     if getattr(head, "bias", None) is not None or head.weight.requires_grad:
         return False
-    return patches.usable("trl_token_scores", (lm, head_fields_side_by_side), key=(type(lm), id(lm)))
+    temperature = getattr(lm, "_martlet_score_temperature", 1.0)
+    verdict = getattr(lm, "_martlet_token_scores", None)  # (temperature, usable): the guard runs once a model
+    if verdict is None or verdict[0] != temperature:
+        verdict = temperature, patches.usable("trl_token_scores", (lm, head_fields_side_by_side), remember=False)
+        lm._martlet_token_scores = verdict
+    return verdict[1]
 
 
 def head_fields_side_by_side(lm: Any) -> tuple[Any, Any]:
@@ -206,8 +213,11 @@ def _scored_row(lm: Any, ids: torch.Tensor, positions: torch.Tensor, labels: tor
     hidden = lm.get_decoder()(input_ids=ids[None], position_ids=positions[None], use_cache=False).last_hidden_state[0]
     target = labels[1:]
     mask = target != -100
-    logp, entropy, mean_logits, top1 = TokenScores.apply(hidden[:-1][mask], lm.get_output_embeddings().weight,
-                                                        target[mask], CHUNK)
+    scored = hidden[:-1][mask]
+    temperature = getattr(lm, "_martlet_score_temperature", 1.0)
+    if temperature != 1.0:  # logits / t = (hidden / t) @ W^T
+        scored = scored / temperature
+    logp, entropy, mean_logits, top1 = TokenScores.apply(scored, lm.get_output_embeddings().weight, target[mask], CHUNK)
 
     def spread(value):
         return torch.zeros(target.shape, dtype=value.dtype, device=value.device).masked_scatter(mask, value)[None]
