@@ -157,15 +157,15 @@ def _padding_free_forward(self, *args: Any, fused_lm_head: bool = False, labels:
     return out
 
 
-# what trl's fused forward is called with in DPO and KTO (trl 1.16); anything else (GRPO's temperature, a request
-# for hidden states) goes to trl's own fused head
+# what trl's fused forward is called with in DPO, KTO and GRPO (trl 1.16); anything else (pre-shifted
+# `shift_labels` under context parallelism, a request for hidden states) goes to trl's own fused head
 _PLAIN_CALL = frozenset({"inputs_embeds", "output_attentions", "output_hidden_states", "use_cache", "return_dict"})
 
 
 def _scores_itself(lm: Any, kwargs: dict[str, Any]) -> bool:
-    """Whether `_scored_row` can stand in for trl's fused head here: the call asks for nothing more than DPO's and
-    KTO's fields, the head is a frozen plain projection (LoRA), the native kernels run (a CPU: where it was
-    measured; a GPU keeps trl's Triton head) and trl's output type is where it was."""
+    """Whether `_scored_row` can stand in for trl's fused head here: a plain call, the head a frozen projection
+    without bias (LoRA), the native kernels running (a CPU: where it was measured; a GPU keeps trl's Triton head),
+    and the guard of `trl_token_scores` passed for this model and temperature (the same fields, the same values)."""
     import trl.trainer.utils as trl_utils
 
     if any(key not in _PLAIN_CALL or (value not in (None, False) and key != "return_dict")
