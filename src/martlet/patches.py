@@ -262,7 +262,7 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
           "[chosen, rejected] batch as one padding-free row (DPO/KTO 3.19x ms-swift's speed with the rest of the "
           "padding-free work). Guard: the forward accepts `fused_lm_head`.", guard_fused_head_forward),
     Patch("trl_token_scores", "trl", ("1.16.0",),
-          "In the padding-free DPO/KTO/GRPO forward on a CPU Martlet computes the fields of trl's fused LM head "
+          "In the padding-free DPO/KTO forward on a CPU Martlet computes the fields of trl's fused LM head "
           "itself (log-probs, entropy, mean logit, top-1, NLL) with `kernels.TokenScores`: one native pass over each "
           "chunk of logits, the gradient made in that pass (trl's chunked head runs a dozen torch passes forward and "
           "again backward); LoRA DPO 426-453 -> 604-648 tokens/s with the day's other changes (performance.md). "
