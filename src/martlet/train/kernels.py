@@ -32,13 +32,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         w, b = cast_head(weight, bias, hidden.dtype)  # once, not per chunk
-        multiple = shape_multiple(hidden.device.type, hidden.dtype)
-        for start in range(0, hidden.shape[0], chunk):
-            h, y = hidden[start:start + chunk], target[start:start + chunk]
-            rows = h.shape[0]
-            if -rows % multiple:  # zero rows (target 0) to a repeating shape; their loss and gradient are dropped
-                h = torch.nn.functional.pad(h, (0, 0, 0, -rows % multiple))
-                y = torch.nn.functional.pad(y, (0, -rows % multiple))
+        for start, h, y, rows in _chunks(hidden, target, chunk):  # padding rows: their loss and gradient dropped
             logits = torch.nn.functional.linear(h, w, b)
             kernels = native.usable(logits)
             if kernels is not None:  # one native pass: the losses, and the logits turned into their gradient

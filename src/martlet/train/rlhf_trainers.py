@@ -175,8 +175,7 @@ def _scores_itself(lm: Any, kwargs: dict[str, Any]) -> bool:
         return False
     if lm.device.type != "cpu" or native.ops() is None:  # measured where the native kernel runs; elsewhere trl's
         return False
-    head = lm.get_output_embeddings()
-    if getattr(head, "bias", None) is not None or head.weight.requires_grad:
+    if not _frozen_plain_head(lm.get_output_embeddings()):
         return False
     if not getattr(lm, "_martlet_own_scores", True):
         return False
@@ -185,6 +184,11 @@ def _scores_itself(lm: Any, kwargs: dict[str, Any]) -> bool:
         verdict = lm._martlet_token_scores = patches.usable("trl_token_scores", (lm, head_fields_side_by_side),
                                                             remember=False)
     return verdict
+
+
+def _frozen_plain_head(head: Any) -> bool:
+    """An LM head `TokenScores` can score through: a projection without bias whose weight trains not (LoRA)."""
+    return getattr(head, "bias", None) is None and not head.weight.requires_grad
 
 
 def head_fields_side_by_side(lm: Any) -> tuple[Any, Any]:
@@ -274,7 +278,7 @@ def padding_free_sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> t
     targets = reply & keep
     targets[:, 0] = False  # token t is predicted at the row position just before it
     head = lm.get_output_embeddings()
-    if getattr(head, "bias", None) is None and not head.weight.requires_grad:  # frozen (LoRA): all at once
+    if _frozen_plain_head(head):  # (LoRA): all at once
         sequence, token = targets.nonzero(as_tuple=True)
         logp = TokenScores.apply(hidden[row_index[sequence, token] - 1], head.weight, ids[sequence, token], CHUNK)[0]
         return torch.zeros(len(ids), dtype=logp.dtype, device=logp.device).index_add(0, sequence, logp), targets.sum(-1)

@@ -138,11 +138,12 @@ def _layout(lengths: tuple[int, ...], heads: int, kv_heads: int, multiple: int, 
         padded = longest + -longest % multiple
         slot = torch.arange(padded)  # each padded slot's token: the sample's own, its last one past its end
         positions = torch.stack([s + slot.clamp(max=n - 1) for s, n in members]).view(len(members), 1, padded)
-        for i, (s, n) in enumerate(members):
-            output_index[s:s + n] = offset + (i * heads + head) * padded + torch.arange(n).view(n, 1)
+        query_inverse = _inverse(members, tokens, heads, padded)
+        for s, n in members:  # a query's row in the bucket is its output's row in the bucket's block
+            output_index[s:s + n] = offset + query_inverse.view(tokens, heads)[s:s + n]
         indexes = ((positions * heads + torch.arange(heads).view(1, heads, 1)).flatten(),
                    (positions * kv_heads + torch.arange(kv_heads).view(1, kv_heads, 1)).flatten(),
-                   _inverse(members, tokens, heads, padded), _inverse(members, tokens, kv_heads, padded))
+                   query_inverse, _inverse(members, tokens, kv_heads, padded))
         buckets.append(_Bucket(len(members), padded, *(t.to(device) for t in indexes)))
         offset += len(members) * heads * padded
     for s, n in long:
