@@ -176,7 +176,9 @@ def guard_fused_head_forward(model: Any) -> None:
 def guard_token_scores(target: tuple[Any, Callable[[Any], tuple[Any, Any]]]) -> None:
     """target: (model, fields) where fields(model) gives trl's fused-head output and Martlet's scoring of the same
     tiny row (`rlhf_trainers.head_fields_side_by_side`). Martlet's has every field trl's has, with its values at the
-    labelled positions (what trl's losses read)."""
+    labelled positions (what trl's losses read), within 1e-4 in any dtype: both score the same hidden states, with
+    the product in the activations' dtype and the rest in fp32 (so a temperature one applies and the other does not
+    shows, even in bf16)."""
     import torch
 
     model, fields_of = target
@@ -189,7 +191,7 @@ def guard_token_scores(target: tuple[Any, Callable[[Any], tuple[Any, Any]]]) -> 
         value = want[name]
         if name != "loss" and torch.is_tensor(value) and value.shape == mask.shape:
             value = value.masked_fill(~mask, 0)
-        expect_close(got[name], value, f"trl's '{name}'", _tolerance(model))
+        expect_close(got[name], value, f"trl's '{name}'", 1e-4)
 
 
 def guard_prepare_dataset(trainer_class: Any) -> None:
@@ -262,11 +264,12 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
           "[chosen, rejected] batch as one padding-free row (DPO/KTO 3.19x ms-swift's speed with the rest of the "
           "padding-free work). Guard: the forward accepts `fused_lm_head`.", guard_fused_head_forward),
     Patch("trl_token_scores", "trl", ("1.16.0",),
-          "In the padding-free DPO/KTO forward on a CPU Martlet computes the fields of trl's fused LM head "
+          "In the padding-free DPO/KTO/GRPO forward on a CPU Martlet computes the fields of trl's fused LM head "
           "itself (log-probs, entropy, mean logit, top-1, NLL) with `kernels.TokenScores`: one native pass over each "
           "chunk of logits, the gradient made in that pass (trl's chunked head runs a dozen torch passes forward and "
           "again backward); LoRA DPO 426-453 -> 604-648 tokens/s with the day's other changes (performance.md). "
-          "Guard: on a tiny row of the model, every field trl's head returns, equal.", guard_token_scores),
+          "GRPO's sampling temperature divides the logits as in trl's head. Guard: on a tiny row of the model at "
+          "the run's temperature, every field trl's head returns, equal.", guard_token_scores),
     Patch("trl_pretokenized_rows", "trl", ("1.16.0",),
           "DPOTrainer/KTOTrainer `_prepare_dataset` returns Martlet's rows as they are (tokenized by the SFT "
           "template, so only reply tokens count) instead of trl's own tokenization. Guard: the hook's signature "

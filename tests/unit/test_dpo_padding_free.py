@@ -143,10 +143,12 @@ def test_rows_are_rounded_up_where_new_matrix_shapes_cost_kernel_builds(tiny_lla
     assert _row_multiple(model.to(torch.bfloat16), "cpu") == 64
 
 
-def test_a_head_with_a_temperature_or_an_opt_out_keeps_trl_s_scoring(tiny_llama, caplog, monkeypatch):
-    """GRPO's fused head divides the logits by the sampling temperature, which Martlet's scoring does not: its guard
-    sees the difference and trl's head scores (trl's numbers, one warning). GRPO opts out anyway (`own_scores`):
-    then no guard runs and Martlet never scores."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_martlet_s_scoring_divides_by_grpo_s_temperature(tiny_llama, caplog, monkeypatch, dtype):
+    """GRPO's fused head divides the logits by the sampling temperature (in fp32, after a product in the activations'
+    dtype): Martlet's scoring (a frozen head, as under LoRA) does the same when told, with trl's fields and
+    gradients, bf16 autocast included (dividing the bf16 hidden states instead had moved log-probs of the embedded
+    model by up to 0.2); not told, its guard sees the difference and trl's head scores (trl's numbers, one warning)."""
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
@@ -155,27 +157,42 @@ def test_a_head_with_a_temperature_or_an_opt_out_keeps_trl_s_scoring(tiny_llama,
 
     monkeypatch.setattr(patches, "_warned", set())
 
-    def model(temperature, own_scores):
-        m = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, use_cache=False).train()
+    def model(temperature):
+        m = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=dtype, use_cache=False).train()
         m.get_output_embeddings().weight.requires_grad_(False)
-        add_fused_lm_head(m, temperature=temperature, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
-        if own_scores is not None:
-            padding_free_fused_forward(m, own_scores)
+        add_fused_lm_head(m, temperature=0.7, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+        if temperature is not None:
+            padding_free_fused_forward(m, temperature)
         return m
 
-    padded = model(0.7, None)
-    batch = _batch(padded.config.vocab_size, False)
-    want = padded(**batch, fused_lm_head=True)
-    for own_scores, calls in ((True, 1), (False, 0)):  # the guard's tiny row alone, or nothing
-        flat = model(0.7, own_scores)
-        flat.load_state_dict(padded.state_dict())
+    def run(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = m(**batch, fused_lm_head=True)
+        m.zero_grad()
+        (out.log_probs * weights).sum().backward(retain_graph=True)
+        return out, {n: p.grad.float().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    batch = _batch(model(None).config.vocab_size, False)
+    weights = torch.randn(batch["labels"].shape[0], batch["labels"].shape[1] - 1,
+                          generator=torch.Generator().manual_seed(3))
+    for told in (0.7, 1.0):
+        flat = model(told)
+        with monkeypatch.context() as patched:  # trl's head on the same padding-free row: the reference
+            patched.setattr(rlhf_trainers, "_scores_itself", lambda *a: False)
+            want, want_grads = run(flat)
         scored = []
         apply = rlhf_trainers.TokenScores.apply
         with monkeypatch.context() as patched:
             patched.setattr(rlhf_trainers.TokenScores, "apply", lambda *a: scored.append(1) or apply(*a))
-            got = flat(**batch, fused_lm_head=True)
+            got, grads = run(flat)
         for name in FIELDS:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=f"{own_scores}: {name}")
-        assert len(scored) == (calls if native.ops() is not None else 0), own_scores
+            torch.testing.assert_close(got[name].float(), want[name].float(), rtol=1e-4, atol=1e-4,
+                                       msg=f"{told}: {name}")
+        ours = len(scored) == 2  # the guard's tiny row, then the batch (trl's head: the guard's row alone)
+        assert ours == (told == 0.7 and native.ops() is not None), told
+        for name, g in want_grads.items():  # bf16: the head's gradient is rounded where trl's is not
+            torch.testing.assert_close(grads[name], g, **({"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32
+                                                         else {"rtol": 0.05, "atol": 0.05 * float(g.abs().max())}),
+                                       msg=name)
     if native.ops() is not None:
         assert any("'trl_token_scores' is off" in r.getMessage() for r in caplog.records)

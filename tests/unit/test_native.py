@@ -327,55 +327,59 @@ def test_cross_entropy_kernel_gives_the_loss_and_its_gradient(kernels, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("grad", [True, False])
-def test_token_scores_kernel_gives_trl_s_fields_and_the_gradient(kernels, dtype, grad):
-    """Per row: log p(target), entropy, mean logit, target == first arg max; with `grad` the logits become
-    softmax - one-hot in place, without they stay. Row 3 has a tie at the top: the target is the second of the
-    equal logits, so not the (first) arg max."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_scores_kernel_gives_trl_s_fields_and_the_gradient(kernels, dtype, grad, temperature):
+    """Per row of logits divided by the temperature (in fp32): log p(target), entropy, mean logit, target == first
+    arg max; with `grad` the logits become (softmax - one-hot) / temperature in place, without they stay. Row 3 has
+    a tie at the top: the target is the second of the equal logits, so not the (first) arg max."""
     logits = (_seeded(30, 13, 3001) * 4).to(dtype)
     target = torch.randint(0, 3001, (13,), generator=torch.Generator().manual_seed(31))
     target[2] = int(logits[2].float().argmax())
     logits[3, 5] = logits[3, 9] = logits[3].max() + 1
     target[3] = 9
-    z = logits.float()
+    z = logits.float() / temperature
     logp = z.log_softmax(-1)
     want = (logp.gather(1, target[:, None])[:, 0], -(logp.exp() * logp).sum(-1), z.mean(-1), z.argmax(-1) == target)
     work = logits.clone()
-    got = kernels.token_scores_(work, target, grad)
+    got = kernels.token_scores_(work, target, grad, temperature)
     for name, g, w in zip(("logp", "entropy", "mean"), got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4, msg=name)
     assert got[3].tolist() == want[3].tolist() and bool(got[3][2]) and not bool(got[3][3])
-    expected = (logp.exp() - F.one_hot(target, 3001)).to(dtype) if grad else logits
+    expected = ((logp.exp() - F.one_hot(target, 3001)) / temperature).to(dtype) if grad else logits
     torch.testing.assert_close(work, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_token_scores_native_and_torch_give_the_same_values_and_gradients(kernels, monkeypatch):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_scores_native_and_torch_give_the_same_values_and_gradients(kernels, monkeypatch, temperature):
     """`kernels.TokenScores` (bf16, as under autocast): native kernel or torch code, the same log-probs and fields,
-    and the same gradient of log-probs and entropy (the entropy's by recomputation, only when it is used)."""
+    and the same gradient of log-probs and entropy (the entropy's by recomputation, only when it is used), at
+    temperature 1 and at a sampling temperature (GRPO's), against the formulas in fp32."""
     from martlet.train import kernels as kernel_module
 
-    hidden = _seeded(32, 70, 16, dtype=torch.bfloat16)
-    weight = _seeded(33, 500, 16, dtype=torch.bfloat16)
     target = torch.randint(0, 500, (70,), generator=torch.Generator().manual_seed(34))
     upstream = _seeded(35, 70), _seeded(36, 70)
 
-    def run():
-        h = hidden.clone().requires_grad_()
-        logp, entropy, mean, top1 = kernel_module.TokenScores.apply(h, weight, target, 32)
+    def run(dtype):
+        h = _seeded(32, 70, 16, dtype=dtype).requires_grad_()
+        logp, entropy, mean, top1 = kernel_module.TokenScores.apply(h, _seeded(33, 500, 16, dtype=dtype), target, 32,
+                                                                    temperature)
         (logp_only,) = torch.autograd.grad((logp * upstream[0]).sum(), h, retain_graph=True)
         (both,) = torch.autograd.grad((logp * upstream[0] + entropy * upstream[1]).sum(), h)
         return logp, entropy, mean, top1, logp_only, both
 
-    native_run = run()
+    native_runs = run(torch.bfloat16), run(torch.float32)
     monkeypatch.setattr(native, "usable", lambda *tensors: None)
-    torch_run = run()
-    for name, got, want in zip(("logp", "entropy", "mean", "top1", "grad", "grad with entropy"), native_run, torch_run):
-        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2, msg=name)
-    h = hidden.float().requires_grad_()
-    logp_all = (h @ weight.float().t()).log_softmax(-1)
+    torch_runs = run(torch.bfloat16), run(torch.float32)
+    names = ("logp", "entropy", "mean", "top1", "grad", "grad with entropy")
+    for native_run, torch_run, tolerance in zip(native_runs, torch_runs, (2e-2, 1e-5)):
+        for name, got, want in zip(names, native_run, torch_run):
+            torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance, msg=name)
+    h = _seeded(32, 70, 16).requires_grad_()  # the formulas, in fp32
+    logp_all = (h @ _seeded(33, 500, 16).t() / temperature).log_softmax(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     objective = logp_all.gather(1, target[:, None])[:, 0] * upstream[0] + entropy * upstream[1]
     (want,) = torch.autograd.grad(objective.sum(), h)
-    torch.testing.assert_close(torch_run[5].float(), want, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(torch_runs[1][5], want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -117,10 +117,7 @@ class GrpoMethod:
                               completions_path=completions, log_completions_steps=args.log_completions_steps)
         if args.effective_padding_free() and not (args.deepspeed or args.fsdp):
             base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-            # scoring: one padding-free row, completions only, through trl's head: with Martlet's own scoring (its
-            # sampling temperature applied) the GRPO learning test collapsed at one thread a process (reward 0.25 -> 0
-            # within 4 steps, 13 -> 3 of 60), while it learns with trl's head; not understood yet
-            padding_free_fused_forward(base, own_scores=False)
+            padding_free_fused_forward(base, config.temperature)  # scoring: one padding-free row, completions only
         return trainer
 
 

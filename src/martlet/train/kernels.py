@@ -71,12 +71,13 @@ class TokenScores(torch.autograd.Function):
     `LinearCrossEntropy`, a chunk's logits become the log-probability's gradient in the forward pass (when `hidden`
     needs one) and only its projection on `hidden` is kept: the backward pass scales its rows. The entropy is
     differentiable too, by recomputing the logits in the backward pass, only when its gradient is used (trl's DPO
-    and KTO losses read it as a metric). The weight gets no gradient (frozen: LoRA). On a CPU one native pass a
-    chunk (`token_scores_`), else torch.
+    and KTO losses read it as a metric). The weight gets no gradient (frozen: LoRA). `temperature` divides the logits
+    (GRPO's sampling temperature), in fp32 after the product, as trl's head does. On a CPU one native pass a chunk
+    (`token_scores_`), else torch.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, chunk):
+    def forward(ctx, hidden, weight, target, chunk, temperature=1.0):
         need_h = ctx.needs_input_grad[0]
         rows = hidden.shape[0]
         fields = [torch.empty(rows, dtype=torch.float32, device=hidden.device) for _ in range(3)]
@@ -87,22 +88,24 @@ class TokenScores(torch.autograd.Function):
             logits = torch.nn.functional.linear(h, w)
             kernels = native.usable(logits)
             if kernels is not None:
-                scores = kernels.token_scores_(logits, y.contiguous(), need_h)
+                scores = kernels.token_scores_(logits, y.contiguous(), need_h, temperature)
                 grad = logits
             else:
-                z = logits.float()
+                z = _tempered(logits, temperature)
                 logp_all = torch.log_softmax(z, -1)
                 probs = logp_all.exp()
                 scores = (logp_all.gather(1, y[:, None])[:, 0], -(probs * logp_all).sum(-1), z.mean(-1),
                           z.argmax(-1) == y)
                 grad = probs
                 grad[torch.arange(len(y), device=y.device), y] -= 1
+                if temperature != 1.0:
+                    grad /= temperature
             for out, value in zip((*fields, top1), scores):
                 out[start:start + n] = value[:n]
             if need_h:
                 grad_h[start:start + n] = (grad[:n].to(hidden.dtype) @ w)
         ctx.save_for_backward(grad_h, hidden if need_h else None, weight if need_h else None, target)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.temperature = chunk, temperature
         ctx.mark_non_differentiable(fields[2], top1)
         ctx.set_materialize_grads(False)
         return fields[0], fields[1], fields[2], top1
@@ -111,17 +114,24 @@ class TokenScores(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy, *unused):
         grad_h, hidden, weight, target = ctx.saved_tensors
         if grad_h is None:
-            return None, None, None, None
+            return None, None, None, None, None
         grad_hidden = torch.zeros_like(grad_h) if grad_logp is None else grad_h * (-grad_logp).to(grad_h.dtype)[:, None]
         if grad_entropy is not None and bool(grad_entropy.any()):
             w, _ = cast_head(weight, None, hidden.dtype)
             for start, h, _, n in _chunks(hidden, target, ctx.chunk):
-                logp_all = torch.log_softmax(torch.nn.functional.linear(h[:n], w).float(), -1)
+                logp_all = torch.log_softmax(_tempered(torch.nn.functional.linear(h[:n], w), ctx.temperature), -1)
                 probs = logp_all.exp()
                 entropy = -(probs * logp_all).sum(-1, keepdim=True)
-                d_logits = probs * (logp_all + entropy) * -grad_entropy[start:start + n, None]  # dH/dz = -p (log p + H)
+                # dH/dz = -p (log p + H), z the tempered logits: d z / d logits = 1 / temperature
+                d_logits = probs * (logp_all + entropy) * (-grad_entropy[start:start + n, None] / ctx.temperature)
                 grad_hidden[start:start + n] += d_logits.to(hidden.dtype) @ w
-        return grad_hidden, None, None, None
+        return grad_hidden, None, None, None, None
+
+
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The logits in fp32, divided by the temperature (trl's head: the product's dtype, then the division)."""
+    z = logits.float()
+    return z / temperature if temperature != 1.0 else z
 
 
 def _chunks(hidden: torch.Tensor, target: torch.Tensor, chunk: int):

@@ -106,7 +106,7 @@ def _use_triton_dispatcher(original: Any) -> Any:
     return _use_triton
 
 
-def padding_free_fused_forward(model: Any, own_scores: bool = True) -> None:
+def padding_free_fused_forward(model: Any, temperature: float = 1.0) -> None:
     """Make trl's fused-LM-head forward (`model(..., labels=, fused_lm_head=True)`, trl 1.16) run a padded batch as
     one padding-free row, and hand its per-token fields back in the padded layout.
 
@@ -117,11 +117,12 @@ def padding_free_fused_forward(model: Any, own_scores: bool = True) -> None:
     labelled positions are scored. The log-probs, entropies and other per-token fields come back where trl expects
     them, zero elsewhere, so its DPO losses and metrics are unchanged (tested against the padded forward). Two
     patches of `martlet.patches` (`trl_compact_scoring`, `trl_padding_free_forward`): where a guard finds trl
-    changed, the padded forward runs. `own_scores`: whether Martlet may score the row itself (`trl_token_scores`).
+    changed, the padded forward runs. `temperature`: what trl's head divides the logits by (GRPO's sampling
+    temperature), for Martlet's own scoring (`trl_token_scores`).
     """
     import trl.trainer.utils as trl_utils
 
-    model._martlet_own_scores = own_scores
+    model._martlet_score_temperature = temperature
     if getattr(model.forward, "__func__", None) is _padding_free_forward:
         return  # done already (before and after trl's __init__)
     if patches.patch_global("trl_compact_scoring", trl_utils, "_use_triton", _use_triton_dispatcher):
@@ -156,7 +157,7 @@ def _padding_free_forward(self, *args: Any, fused_lm_head: bool = False, labels:
     return out
 
 
-# what trl's fused forward is called with in DPO and KTO (trl 1.16); anything else (pre-shifted
+# what trl's fused forward is called with in DPO, KTO and GRPO (trl 1.16); anything else (pre-shifted
 # `shift_labels` under context parallelism, a request for hidden states) goes to trl's own fused head
 _PLAIN_CALL = frozenset({"inputs_embeds", "output_attentions", "output_hidden_states", "use_cache", "return_dict"})
 
@@ -164,8 +165,7 @@ _PLAIN_CALL = frozenset({"inputs_embeds", "output_attentions", "output_hidden_st
 def _scores_itself(lm: Any, kwargs: dict[str, Any]) -> bool:
     """Whether `_scored_row` can stand in for trl's fused head here: a plain call, the head a frozen projection
     without bias (LoRA), the native kernels running (a CPU: where it was measured; a GPU keeps trl's Triton head),
-    the caller not opting out (GRPO), and the guard of `trl_token_scores` passed for this model (the same fields,
-    the same values: a head with a temperature, as GRPO's, differs)."""
+    and the guard of `trl_token_scores` passed for this model and temperature (the same fields, the same values)."""
     import trl.trainer.utils as trl_utils
 
     if any(key not in _PLAIN_CALL or (value not in (None, False) and key != "return_dict")
@@ -177,13 +177,12 @@ def _scores_itself(lm: Any, kwargs: dict[str, Any]) -> bool:
         return False
     if not _frozen_plain_head(lm.get_output_embeddings()):
         return False
-    if not getattr(lm, "_martlet_own_scores", True):
-        return False
-    verdict = getattr(lm, "_martlet_token_scores", None)  # the guard runs once a model
-    if verdict is None:
-        verdict = lm._martlet_token_scores = patches.usable("trl_token_scores", (lm, head_fields_side_by_side),
-                                                            remember=False)
-    return verdict
+    temperature = getattr(lm, "_martlet_score_temperature", 1.0)
+    verdict = getattr(lm, "_martlet_token_scores", None)  # (temperature, usable): the guard runs once a model
+    if verdict is None or verdict[0] != temperature:
+        verdict = temperature, patches.usable("trl_token_scores", (lm, head_fields_side_by_side), remember=False)
+        lm._martlet_token_scores = verdict
+    return verdict[1]
 
 
 def _frozen_plain_head(head: Any) -> bool:
@@ -219,7 +218,8 @@ def _scored_row(lm: Any, ids: torch.Tensor, positions: torch.Tensor, labels: tor
     target = labels[1:]
     mask = target != -100
     logp, entropy, mean_logits, top1 = TokenScores.apply(hidden[:-1][mask], lm.get_output_embeddings().weight,
-                                                        target[mask], CHUNK)
+                                                        target[mask], CHUNK,
+                                                        getattr(lm, "_martlet_score_temperature", 1.0))
 
     def spread(value):
         return torch.zeros(target.shape, dtype=value.dtype, device=value.device).masked_scatter(mask, value)[None]

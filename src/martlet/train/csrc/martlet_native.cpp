@@ -660,59 +660,66 @@ at::Tensor cross_entropy_grad_(at::Tensor logits, const at::Tensor& target) {
 }
 
 // ---- token scores (preference training) ----------------------------------------------------------------------
-// For each row of logits z and its target t: log p(t) = z_t - max - log sum exp(z - max), the entropy
-// log S - sum e (z - max) / S (e = exp(z - max), S = sum e), the mean logit, and whether t is the (first) arg max;
-// with `grad`, the row becomes softmax - one-hot in place (d(-log p(t))/dz). trl computes these fields of its
-// fused LM head in a dozen passes over the logits; here in three.
-template <typename T>
+// For each row of logits z (divided by `temperature` in fp32 first, as trl's head does: GRPO's sampling temperature)
+// and its target t: log p(t) = z_t - max - log sum exp(z - max), the entropy log S - sum e (z - max) / S
+// (e = exp(z - max), S = sum e), the mean logit, and whether t is the (first) arg max; with `grad`, the row becomes
+// (softmax - one-hot) / temperature in place (d(-log p(t)) / d logits). trl computes these fields of its fused LM
+// head in a dozen passes over the logits; here in three.
+template <typename T, bool Scaled>
 void token_score_rows(T* __restrict logits, const int64_t* __restrict target, float* __restrict logp,
                       float* __restrict entropy, float* __restrict mean, bool* __restrict top1, int64_t begin,
-                      int64_t end, int64_t vocab, bool grad) {
+                      int64_t end, int64_t vocab, bool grad, float temperature) {
+  auto at = [&](const T* row, int64_t i) { return Scaled ? load(row, i) / temperature : load(row, i); };
   for (int64_t r = begin; r < end; ++r) {
     T* row = logits + r * vocab;
     float top = -INFINITY, total = 0.f;
 #pragma omp simd reduction(max : top) reduction(+ : total)
     for (int64_t i = 0; i < vocab; ++i) {
-      float v = load(row, i);
+      float v = at(row, i);
       top = std::max(top, v);
       total += v;
     }
     float sum = 0.f, weighted = 0.f;
 #pragma omp simd reduction(+ : sum, weighted)
     for (int64_t i = 0; i < vocab; ++i) {
-      float d = load(row, i) - top, e = exp_approx(d);
+      float d = at(row, i) - top, e = exp_approx(d);
       sum += e;
       weighted += e * d;
     }
     float log_sum = std::log(sum), inverse = 1.f / sum;
     int64_t t = target[r];
-    float at_t = load(row, t);
+    float at_t = at(row, t);
     logp[r] = at_t - top - log_sum;
     entropy[r] = log_sum - weighted * inverse;
     mean[r] = total / float(vocab);
     bool first = at_t == top;
-    for (int64_t i = 0; first && i < t; ++i) first = load(row, i) != top;
+    for (int64_t i = 0; first && i < t; ++i) first = at(row, i) != top;
     top1[r] = first;
     if (grad) {
 #pragma omp simd
-      for (int64_t i = 0; i < vocab; ++i)
-        store(row, i, exp_approx(load(row, i) - top) * inverse - (i == t ? 1.f : 0.f));
+      for (int64_t i = 0; i < vocab; ++i) {
+        float g = exp_approx(at(row, i) - top) * inverse - (i == t ? 1.f : 0.f);
+        store(row, i, Scaled ? g / temperature : g);
+      }
     }
   }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_scores_(at::Tensor logits, const at::Tensor& target,
-                                                                         bool grad) {
+                                                                         bool grad, double temperature) {
   check_targets(logits, target);
+  TORCH_CHECK(temperature > 0, "martlet.token_scores_: temperature must be positive, got ", temperature);
   int64_t rows = logits.size(0), vocab = logits.size(1);
   auto floats = logits.options().dtype(at::kFloat);
   auto logp = at::empty({rows}, floats), entropy = at::empty({rows}, floats), mean = at::empty({rows}, floats);
   auto top1 = at::empty({rows}, logits.options().dtype(at::kBool));
+  float t = float(temperature);
   dispatch(logits, [&](auto type) {
     using T = typename decltype(type)::type;
     at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
-      token_score_rows<T>(ptr<T>(logits), target.data_ptr<int64_t>(), logp.data_ptr<float>(),
-                          entropy.data_ptr<float>(), mean.data_ptr<float>(), top1.data_ptr<bool>(), b, e, vocab, grad);
+      auto run = t == 1.f ? token_score_rows<T, false> : token_score_rows<T, true>;
+      run(ptr<T>(logits), target.data_ptr<int64_t>(), logp.data_ptr<float>(), entropy.data_ptr<float>(),
+          mean.data_ptr<float>(), top1.data_ptr<bool>(), b, e, vocab, grad, t);
     });
   });
   return {logp, entropy, mean, top1};
@@ -858,7 +865,8 @@ TORCH_LIBRARY(martlet, m) {
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor", &swiglu);
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)", &swiglu_backward);
   m.def("cross_entropy_grad_(Tensor(a!) logits, Tensor target) -> Tensor", &cross_entropy_grad_);
-  m.def("token_scores_(Tensor(a!) logits, Tensor target, bool grad) -> (Tensor, Tensor, Tensor, Tensor)",
+  m.def("token_scores_(Tensor(a!) logits, Tensor target, bool grad, float temperature=1.0) -> "
+        "(Tensor, Tensor, Tensor, Tensor)",
         &token_scores_);
   m.def("rotary(Tensor x, Tensor cos, Tensor sin, bool backward) -> Tensor", &rotary);
   m.def("causal_softmax(Tensor scores, float scale) -> Tensor", &causal_softmax);
