@@ -361,6 +361,169 @@ at::Tensor dropout_mask(int64_t rows, int64_t k, int64_t seed, int64_t threshold
   return mask;
 }
 
+#if defined(__AVX512BF16__)
+// ---- the same four LoRA ops on bf16 activations with AVX512-BF16 dot products ----------------------------------
+// `vdpbf16ps` multiplies 32 bf16 pairs and adds each pair's two products to one of 16 fp32 sums: twice the
+// multiply-adds of an fp32 FMA per instruction, and no widening of the inputs. The factors (scale folded in) and
+// the thin results are rounded to bf16 where they enter a product, as torch's bf16 products under autocast do;
+// every sum stays fp32. A reduction runs along pairs of neighbours: of a row (dot products with the factors), of the
+// rank (a row's r coefficients against the factors' columns, the factor stored as column pairs) or of two rows (the
+// factors' gradients, two rows interleaved).
+
+// the factor rows of `factor`, bf16
+std::vector<bf16> rounded(const std::vector<float>& mat) {
+  std::vector<bf16> out(mat.size());
+  for (size_t i = 0; i < mat.size(); ++i) out[i] = to_bf16(mat[i]);
+  return out;
+}
+
+// mat (r rows of `width`, fp32) as ceil(r / 2) rows of `width` bf16 pairs: (mat[2p][c], mat[2p + 1][c]), zero past r
+std::vector<uint32_t> column_pairs(const std::vector<float>& mat, int64_t r, int64_t width) {
+  std::vector<uint32_t> out(((r + 1) / 2) * width, 0u);
+  for (int64_t p = 0; p < (r + 1) / 2; ++p)
+    for (int64_t c = 0; c < width; ++c)
+      out[p * width + c] = uint32_t(to_bf16(mat[2 * p * width + c])) |
+                           (2 * p + 1 < r ? uint32_t(to_bf16(mat[(2 * p + 1) * width + c])) << 16 : 0u);
+  return out;
+}
+
+ALWAYS_INLINE uint32_t pair(float low, float high) { return uint32_t(to_bf16(low)) | uint32_t(to_bf16(high)) << 16; }
+
+// bit v: element 32 g + v of row `row` exists (< k) and is kept by the dropout (as load_segment keeps it)
+ALWAYS_INLINE __mmask32 kept32(int64_t k, int64_t row, int64_t groups, int64_t g, uint64_t seed, uint32_t threshold) {
+  int64_t valid = k - g * kPad;
+  __mmask32 mask = valid >= kPad ? ~__mmask32(0) : __mmask32((1u << valid) - 1u);
+  if (threshold == 0) return mask;
+  vu low, high;
+  keep_bits(seed, threshold, uint32_t((row * groups + g) * kLanes), low, high);
+  __m512i l = vbits<__m512i>(low), h = vbits<__m512i>(high);
+  return mask & (__mmask32(_mm512_test_epi32_mask(l, l)) | __mmask32(_mm512_test_epi32_mask(h, h)) << 16);
+}
+
+// out[i * r + j] = <rows[i], mat[j]> for the RB rows (`kb` bf16 apart, zero padded) and every factor j
+template <int RB>
+ALWAYS_INLINE void dots_bf16(const bf16* rows, int64_t kb, const bf16* mat, int64_t r, float* out) {
+  auto block = [&]<int JB>(int64_t j0) {
+    __m512 acc[RB][JB];
+    for (int i = 0; i < RB; ++i)
+      for (int j = 0; j < JB; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < kb; c += kPad) {
+      __m512bh xs[RB];
+      for (int i = 0; i < RB; ++i) xs[i] = (__m512bh)_mm512_loadu_si512(rows + i * kb + c);
+      for (int j = 0; j < JB; ++j) {
+        __m512bh m = (__m512bh)_mm512_loadu_si512(mat + (j0 + j) * kb + c);
+        for (int i = 0; i < RB; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xs[i], m);
+      }
+    }
+    for (int i = 0; i < RB; ++i)
+      for (int j = 0; j < JB; ++j) out[i * r + j0 + j] = _mm512_reduce_add_ps(acc[i][j]);
+  };
+  int64_t j = 0;
+  for (; j + kCols <= r; j += kCols) block.template operator()<kCols>(j);
+  for (; j < r; ++j) block.template operator()<1>(j);
+}
+
+// out[t][j] = <drop(x[t]), mat[j]> for the rows [begin, end) of x (k columns), mat: r rows of kb bf16
+void rows_dot_bf16(const bf16* x, int64_t k, int64_t begin, int64_t end, const bf16* mat, int64_t r, uint64_t seed,
+                   uint32_t threshold, float* out) {
+  int64_t kb = round_up(k, kPad), groups = kb / kPad;
+  std::vector<bf16> rows(kRows * kb);
+  for (int64_t m = begin; m < end; m += kRows) {
+    int64_t count = std::min<int64_t>(kRows, end - m);
+    for (int64_t i = 0; i < count; ++i)
+      for (int64_t g = 0; g < groups; ++g)
+        _mm512_storeu_si512(rows.data() + i * kb + g * kPad,
+                            _mm512_maskz_loadu_epi16(kept32(k, m + i, groups, g, seed, threshold),
+                                                     x + (m + i) * k + g * kPad));
+    by_rows(count, [&]<int RB>(int64_t i) { dots_bf16<RB>(rows.data() + i * kb, kb, mat, r, out + (m + i) * r); });
+  }
+}
+
+// out[t][c] += sum_j coef[t][j] mat[j][c] for the rows [begin, end) of out (n columns), where the dropout keeps
+// (t, c) if a threshold is given; pairs: `column_pairs` of mat (width nb); the sums rounded to bf16 once
+void lowrank_add_bf16(bf16* out, int64_t n, int64_t begin, int64_t end, const float* coef, int64_t r,
+                      const uint32_t* pairs, int64_t nb, uint64_t seed, uint32_t threshold) {
+  int64_t pr = (r + 1) / 2, groups = nb / kPad;
+  std::vector<uint32_t> xp(kRows * pr);
+  for (int64_t m = begin; m < end; m += kRows) {
+    int64_t count = std::min<int64_t>(kRows, end - m);
+    for (int64_t i = 0; i < count; ++i)
+      for (int64_t p = 0; p < pr; ++p) {
+        const float* row = coef + (m + i) * r;
+        xp[i * pr + p] = pair(row[2 * p], 2 * p + 1 < r ? row[2 * p + 1] : 0.f);
+      }
+    by_rows(count, [&]<int RB>(int64_t i0) {
+      for (int64_t g = 0; g < groups; ++g) {
+        __mmask32 keep[RB];
+        for (int i = 0; i < RB; ++i) keep[i] = kept32(n, m + i0 + i, groups, g, seed, threshold);
+        for (int half = 0; half < 2; ++half) {
+          int64_t c = g * kPad + half * kLanes;
+          if (c >= n) break;
+          __m512 acc[RB];
+          for (int i = 0; i < RB; ++i) acc[i] = _mm512_setzero_ps();
+          for (int64_t p = 0; p < pr; ++p) {
+            __m512bh b = (__m512bh)_mm512_loadu_si512(pairs + p * nb + c);
+            for (int i = 0; i < RB; ++i)
+              acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(int(xp[(i0 + i) * pr + p])), b);
+          }
+          __mmask16 valid = n - c >= kLanes ? __mmask16(0xffff) : __mmask16((1u << (n - c)) - 1u);
+          for (int i = 0; i < RB; ++i) {
+            bf16* o = out + (m + i0 + i) * n + c;
+            __mmask16 add = __mmask16(keep[i] >> (half * kLanes));
+            __m512 old = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, o)), 16));
+            _mm256_mask_storeu_epi16(o, valid, (__m256i)_mm512_cvtneps_pbh(_mm512_mask_add_ps(old, add, old, acc[i])));
+          }
+        }
+      }
+    });
+  }
+}
+
+// acc[j][c] += sum_t coef[t][j] drop(x)[t][c] over the rows [begin, end) of x (k columns); acc: r rows of kb fp32.
+// Two rows at a time, interleaved, against the pair of their coefficients; 32 columns and up to 8 factors of
+// sums in registers while the rows stream by.
+void outer_rows_bf16(const bf16* x, int64_t k, int64_t begin, int64_t end, const float* coef, int64_t r,
+                     uint64_t seed, uint32_t threshold, float* acc, int64_t kb) {
+  int64_t groups = kb / kPad, pairs = (end - begin + 1) / 2;
+  std::vector<uint32_t> cp(pairs * r);  // the coefficient pairs of rows (t, t + 1), zero past the last row
+  for (int64_t q = 0; q < pairs; ++q)
+    for (int64_t j = 0; j < r; ++j) {
+      int64_t t = begin + 2 * q;
+      cp[q * r + j] = pair(coef[t * r + j], t + 1 < end ? coef[(t + 1) * r + j] : 0.f);
+    }
+  auto widen = [](__m256i h) { return _mm512_cvtepu16_epi32(h); };
+  auto block = [&]<int JB>(int64_t j0) {
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 sum[2][JB];
+      for (int h = 0; h < 2; ++h)
+        for (int j = 0; j < JB; ++j) sum[h][j] = _mm512_loadu_ps(acc + (j0 + j) * kb + g * kPad + h * kLanes);
+      for (int64_t q = 0; q < pairs; ++q) {
+        int64_t t = begin + 2 * q;
+        __m512i a = _mm512_maskz_loadu_epi16(kept32(k, t, groups, g, seed, threshold), x + t * k + g * kPad);
+        __m512i b = t + 1 < end ? _mm512_maskz_loadu_epi16(kept32(k, t + 1, groups, g, seed, threshold),
+                                                           x + (t + 1) * k + g * kPad)
+                                : _mm512_setzero_si512();
+        __m512bh v[2];
+        for (int h = 0; h < 2; ++h)
+          v[h] = (__m512bh)_mm512_or_si512(widen(h ? _mm512_extracti64x4_epi64(a, 1) : _mm512_castsi512_si256(a)),
+                                           _mm512_slli_epi32(widen(h ? _mm512_extracti64x4_epi64(b, 1)
+                                                                     : _mm512_castsi512_si256(b)), 16));
+        for (int j = 0; j < JB; ++j) {
+          __m512bh c = (__m512bh)_mm512_set1_epi32(int(cp[q * r + j0 + j]));
+          sum[0][j] = _mm512_dpbf16_ps(sum[0][j], v[0], c);
+          sum[1][j] = _mm512_dpbf16_ps(sum[1][j], v[1], c);
+        }
+      }
+      for (int h = 0; h < 2; ++h)
+        for (int j = 0; j < JB; ++j) _mm512_storeu_ps(acc + (j0 + j) * kb + g * kPad + h * kLanes, sum[h][j]);
+    }
+  };
+  int64_t j = 0;
+  for (; j + 8 <= r; j += 8) block.template operator()<8>(j);
+  for (; j < r; ++j) block.template operator()<1>(j);
+}
+#endif
+
 // xa = scale * drop(x) a^T: x (tokens x k), a (r x k); xa fp32
 at::Tensor lora_down(const at::Tensor& x, const at::Tensor& a, double scale, int64_t seed, int64_t threshold) {
   check(x, "x");
@@ -368,6 +531,16 @@ at::Tensor lora_down(const at::Tensor& x, const at::Tensor& a, double scale, int
   check_factor(a, r, k, "a");
   auto mat = factor(a, kb, scale, false);
   auto xa = at::zeros({tokens, r}, x.options().dtype(at::kFloat));
+#if defined(__AVX512BF16__)
+  if (x.scalar_type() == at::kBFloat16) {
+    auto mat16 = rounded(mat);
+    at::parallel_for(0, (tokens + kRows - 1) / kRows, 4, [&](int64_t b, int64_t e) {
+      rows_dot_bf16(ptr<bf16>(x), k, b * kRows, std::min(tokens, e * kRows), mat16.data(), r, uint64_t(seed),
+                    uint32_t(threshold), xa.data_ptr<float>());
+    });
+    return xa;
+  }
+#endif
   dispatch(x, [&](auto type) {
     using T = typename decltype(type)::type;
     at::parallel_for(0, (tokens + kRows - 1) / kRows, 4, [&](int64_t b, int64_t e) {
@@ -390,6 +563,16 @@ at::Tensor lora_up_(at::Tensor out, const at::Tensor& xa, const at::Tensor& b, d
   check_factor(b, n, r, "b");
   check_thin(xa, tokens, r, "xa", "lora_down");
   auto mat = factor(b, nb, scale, true);
+#if defined(__AVX512BF16__)
+  if (out.scalar_type() == at::kBFloat16) {
+    auto pairs = column_pairs(mat, r, nb);
+    at::parallel_for(0, (tokens + kRows - 1) / kRows, 4, [&](int64_t begin, int64_t end) {
+      lowrank_add_bf16(ptr<bf16>(out), n, begin * kRows, std::min(tokens, end * kRows), xa.data_ptr<float>(), r,
+                       pairs.data(), nb, 0, 0);
+    });
+    return out;
+  }
+#endif
   dispatch(out, [&](auto type) {
     using T = typename decltype(type)::type;
     at::parallel_for(0, (tokens + kRows - 1) / kRows, 4, [&](int64_t begin, int64_t end) {
@@ -419,6 +602,18 @@ std::tuple<at::Tensor, at::Tensor> lora_up_backward(const at::Tensor& dy, const 
   auto mat = factor(b, nb, scale, true);
   auto dyb = at::zeros({tokens, r}, xa.options());
   std::vector<float> sum;
+#if defined(__AVX512BF16__)
+  if (dy.scalar_type() == at::kBFloat16) {
+    auto mat16 = rounded(mat);
+    at::parallel_for(0, (tokens + kRows - 1) / kRows, 4, [&](int64_t b, int64_t e) {
+      rows_dot_bf16(ptr<bf16>(dy), n, b * kRows, std::min(tokens, e * kRows), mat16.data(), r, 0, 0,
+                    dyb.data_ptr<float>());
+    });
+    sum = sum_over_rows(tokens, r, nb, [&](float* acc, int64_t begin, int64_t end) {
+      outer_rows_bf16(ptr<bf16>(dy), n, begin, end, xa.data_ptr<float>(), r, 0, 0, acc, nb);
+    });
+  } else
+#endif
   dispatch(dy, [&](auto type) {
     using T = typename decltype(type)::type;
     sum = sum_over_rows(tokens, r, nb, [&](float* acc, int64_t begin, int64_t end) {
@@ -454,6 +649,21 @@ at::Tensor lora_down_backward(const at::Tensor& x, const at::Tensor& a, const at
   }
   auto mat = factor(a, kb, scale, false);
   std::vector<float> sum;
+#if defined(__AVX512BF16__)
+  if (x.scalar_type() == at::kBFloat16) {
+    sum = sum_over_rows(tokens, r, kb, [&](float* acc, int64_t begin, int64_t end) {
+      outer_rows_bf16(ptr<bf16>(x), k, begin, end, dyb.data_ptr<float>(), r, uint64_t(seed), uint32_t(threshold),
+                      acc, kb);
+    });
+    if (grad_x) {
+      auto pairs = column_pairs(mat, r, kb);
+      at::parallel_for(0, (tokens + kRows - 1) / kRows, 4, [&](int64_t b, int64_t e) {
+        lowrank_add_bf16(ptr<bf16>(*grad_x), k, b * kRows, std::min(tokens, e * kRows), dyb.data_ptr<float>(), r,
+                         pairs.data(), kb, uint64_t(seed), uint32_t(threshold));
+      });
+    }
+  } else
+#endif
   dispatch(x, [&](auto type) {
     using T = typename decltype(type)::type;
     sum = sum_over_rows(tokens, r, kb, [&](float* acc, int64_t begin, int64_t end) {
@@ -851,9 +1061,19 @@ at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& pro
   return out;
 }
 
+// whether the LoRA ops on bf16 inputs run on AVX512-BF16 dot products (factors and thin results rounded to bf16)
+bool bf16_dot() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(martlet, m) {
+  m.def("bf16_dot() -> bool", &bf16_dot);
   m.def("dropout_mask(int rows, int k, int seed, int threshold) -> Tensor", &dropout_mask);
   m.def("lora_down(Tensor x, Tensor a, float scale, int seed, int threshold) -> Tensor", &lora_down);
   m.def("lora_up_(Tensor(a!) out, Tensor xa, Tensor b, float scale) -> Tensor(a!)", &lora_up_);
