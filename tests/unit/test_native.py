@@ -8,6 +8,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -600,7 +601,10 @@ def test_the_kernel_path_says_which_code_runs(monkeypatch):
     """What benchmarks/sft_throughput.py prints: the CPU features the kernels depend on and the path taken."""
     monkeypatch.setattr(native, "_cpu_flags", lambda: "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile")
     assert native.cpu_features() == ["avx2", "avx512f", "avx512_bf16", "amx_tile"]
-    monkeypatch.setattr(native, "ops", lambda: object())
+    built = types.SimpleNamespace(bf16_dot=lambda: True)
+    monkeypatch.setattr(native, "ops", lambda: built)
+    assert native.kernel_path() == "native, AVX-512 with AVX512-BF16 (vcvtneps2bf16; LoRA products on vdpbf16ps)"
+    built.bf16_dot = lambda: False  # a build without the dot products (an older compiler)
     assert native.kernel_path() == "native, AVX-512 with AVX512-BF16 (vcvtneps2bf16)"
     monkeypatch.setattr(native, "_cpu_flags", lambda: "flags\t\t: fpu sse2 avx2")
     assert native.kernel_path() == "native, generic vectors (AVX2)"
