@@ -657,3 +657,17 @@ def test_the_kernels_run_by_default_only_where_they_are_faster(monkeypatch, sett
     if not wanted:
         assert native.ops() is None and native.kernel_path().startswith("plain torch")
         assert ("AVX-512 CPUs only" in native.kernel_path()) is (setting is None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gather_rows_is_a_gather_with_zero_rows_past_the_end(kernels, dtype):
+    """`gather_rows(src, index)`: row index[i] of src, zero where index[i] is one past the last row, as
+    `cat([src, zero row]).index_select(0, index)` (the attention buckets' gradient gathers); rows repeated, any
+    order; an index outside [0, rows] is an error, not a read past the tensor."""
+    src = _seeded(40, 37, 64, dtype=dtype)
+    index = torch.randint(0, 38, (500,), generator=torch.Generator().manual_seed(41))
+    index[:3] = torch.tensor([37, 0, 36])
+    want = torch.cat([src, src.new_zeros(1, 64)]).index_select(0, index)
+    assert torch.equal(kernels.gather_rows(src, index), want)
+    with pytest.raises(RuntimeError, match="outside"):
+        kernels.gather_rows(src, torch.tensor([38]))

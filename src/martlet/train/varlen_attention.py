@@ -185,14 +185,20 @@ class Gather(torch.autograd.Function):
     """rows.index_select(0, index), whose gradient is a gather too instead of index_select's scatter-add (13 ms a
     step of four ~80-token samples on SmolLM2): `inverse` gives, for each row of `rows`, the row of the result whose
     gradient it takes, one past the end for none (a zero row). A row gathered more than once (a sample's last token
-    repeated into its padding) takes the gradient of its real place: the padding's is exactly zero (see above)."""
+    repeated into its padding) takes the gradient of its real place: the padding's is exactly zero (see above).
+    With the native kernels the gradient's gather is `gather_rows`: one parallel pass, without first copying the
+    rows to append a zero row (7 us instead of 15-17 for a bucket's query rows on SmolLM2)."""
 
     @staticmethod
     def forward(ctx, rows, index, inverse):
         ctx.save_for_backward(inverse)
-        return rows.index_select(0, index)
+        return rows.index_select(0, index)  # as fast as `gather_rows` here (4.8 vs 5.2 us)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        kernels = native.usable(grad)
+        if kernels is not None:
+            return kernels.gather_rows(grad, inverse), None, None
         return torch.cat([grad, grad.new_zeros(1, grad.shape[1])]).index_select(0, inverse), None, None

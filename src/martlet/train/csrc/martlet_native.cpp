@@ -1061,6 +1061,30 @@ at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& pro
   return out;
 }
 
+// ---- row gather with zero rows (the attention buckets' gradients) ----------------------------------------------
+// out[i] = src[index[i]], a zero row where index[i] == rows (one past the end): what `torch.cat([src, zero row])
+// .index_select(0, index)` gives, without copying src first. Rows of any dtype, moved as bytes.
+at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& index) {
+  TORCH_CHECK(src.device().is_cpu() && src.is_contiguous() && src.dim() == 2, "martlet.gather_rows: src must be a "
+              "contiguous 2-d CPU tensor");
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.is_contiguous(),
+              "martlet.gather_rows: index must be a contiguous 1-d int64 tensor");
+  int64_t rows = src.size(0), count = index.size(0), bytes = src.size(1) * src.element_size();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < count; ++i)
+    TORCH_CHECK(idx[i] >= 0 && idx[i] <= rows, "martlet.gather_rows: index ", idx[i], " outside [0, ", rows, "]");
+  auto out = at::empty({count, src.size(1)}, src.options());
+  const char* from = static_cast<const char*>(src.data_ptr());
+  char* to = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, count, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, src.size(1))), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      if (idx[i] == rows) std::memset(to + i * bytes, 0, bytes);
+      else std::memcpy(to + i * bytes, from + idx[i] * bytes, bytes);
+    }
+  });
+  return out;
+}
+
 // whether the LoRA ops on bf16 inputs run on AVX512-BF16 dot products (factors and thin results rounded to bf16)
 bool bf16_dot() {
 #if defined(__AVX512BF16__)
@@ -1074,6 +1098,7 @@ bool bf16_dot() {
 
 TORCH_LIBRARY(martlet, m) {
   m.def("bf16_dot() -> bool", &bf16_dot);
+  m.def("gather_rows(Tensor src, Tensor index) -> Tensor", &gather_rows);
   m.def("dropout_mask(int rows, int k, int seed, int threshold) -> Tensor", &dropout_mask);
   m.def("lora_down(Tensor x, Tensor a, float scale, int seed, int threshold) -> Tensor", &lora_down);
   m.def("lora_up_(Tensor(a!) out, Tensor xa, Tensor b, float scale) -> Tensor(a!)", &lora_up_);
