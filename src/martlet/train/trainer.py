@@ -35,9 +35,46 @@ TMP_PREFIX = ".tmp-checkpoint-"
 TRAINER_STATE = "trainer_state.json"
 
 
-class AtomicCheckpointMixin:
+class LightStepMixin:
+    """The Trainer's bookkeeping between steps without walking the whole model each time: its FLOP estimate counts
+    the model's parameters every step (`num_parameters`, 4 ms with LoRA on SmolLM2: ~700 modules walked), and the
+    gradient clipping lists every parameter, frozen ones included (5.7 ms against 1.6 for those with a gradient).
+    Here the count and the list of parameters are taken once per model; the clipping still reads, each step, which
+    parameters have a gradient, so freezing or unfreezing during training clips what the library would. Same
+    values as the library's (tests/unit/test_trainer_overhead.py). Single-process runs only: DeepSpeed, FSDP and
+    the rest keep accelerate's own clipping."""
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if main not in inputs or not hasattr(self.model, "num_parameters"):
+            return super().floating_point_ops(inputs)
+        count = self._per_model("flop_params", lambda model: model.num_parameters(exclude_embeddings=True))
+        return 6 * inputs[main].numel() * count
+
+    def _clip_grad_norm(self, model: Any) -> Any:
+        from accelerate.utils import DistributedType
+
+        if (self.accelerator.distributed_type != DistributedType.NO or self.is_deepspeed_enabled
+                or self.is_fsdp_enabled or not hasattr(model, "parameters")):
+            return super()._clip_grad_norm(model)
+        everything = self._per_model("parameters", lambda m: list(m.parameters()), model)
+        return self.accelerator.clip_grad_norm_([p for p in everything if p.grad is not None],
+                                                self.args.max_grad_norm)
+
+    def _per_model(self, name: str, compute: Any, model: Any = None) -> Any:
+        """compute(model) once per model object (self.model unless given)."""
+        model = self.model if model is None else model
+        cache = self.__dict__.setdefault("_martlet_per_model", {})
+        key = (name, id(model))
+        if key not in cache or cache[key][0] is not model:
+            cache[key] = (model, compute(model))
+        return cache[key][1]
+
+
+class AtomicCheckpointMixin(LightStepMixin):
     """Mix into a Trainer subclass: checkpoints appear whole or not at all, each with the run's files
-    (`run_files`: the arguments and martlet_run.json, so `--ckpt_dir` alone is enough later; None writes none)."""
+    (`run_files`: the arguments and martlet_run.json, so `--ckpt_dir` alone is enough later; None writes none).
+    Every Martlet trainer has it, and with it `LightStepMixin`."""
 
     def __init__(self, *args: Any, run_files: RunFiles | None = None, **kwargs: Any):
         self.run_files = run_files
