@@ -1050,9 +1050,77 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 // a key/value head stacked) against every key. probs = softmax(scale * scores) over the keys up to the query's
 // position, 0 beyond it, computed in fp32 and rounded to the scores' dtype; the backward pass:
 // grad_scores = scale * probs * (grad - sum(grad * probs)).
+#if defined(__AVX512BF16__)
+// bf16 rows with AVX512-BF16: 16 keys at a time, the row's ragged end under a mask (the rows are short and their
+// visible lengths all differ, so the generic loops spent much of their time in scalar remainders), the hardware's
+// rounding
+ALWAYS_INLINE __mmask16 lanes_below(int64_t n) {
+  return n >= kLanes ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+}
+ALWAYS_INLINE __m512 load_bf16(const bf16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+ALWAYS_INLINE void store_bf16(bf16* p, __mmask16 m, __m512 v) {
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+void causal_softmax_rows_bf16(const bf16* scores, bf16* probs, int64_t begin, int64_t end, int64_t length,
+                              float scale) {
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t r = begin; r < end; ++r) {
+    const bf16* in = scores + r * length;
+    bf16* out = probs + r * length;
+    int64_t visible = r % length + 1;
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < visible; j += kLanes) {
+      __mmask16 m = lanes_below(visible - j);
+      top = _mm512_mask_max_ps(top, m, top, _mm512_mul_ps(load_bf16(in + j, m), s));
+    }
+    __m512 peak = _mm512_set1_ps(_mm512_reduce_max_ps(top)), sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < visible; j += kLanes) {
+      __mmask16 m = lanes_below(visible - j);
+      __m512 e = vexp_approx(_mm512_sub_ps(_mm512_mul_ps(load_bf16(in + j, m), s), peak));
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+    }
+    __m512 inverse = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int64_t j = 0; j < length; j += kLanes) {
+      __mmask16 m = lanes_below(visible - j), all = lanes_below(length - j);
+      __m512 e = j < visible ? vexp_approx(_mm512_sub_ps(_mm512_mul_ps(load_bf16(in + j, m), s), peak))
+                             : _mm512_setzero_ps();
+      store_bf16(out + j, all, _mm512_maskz_mul_ps(m, e, inverse));  // zero past the query's position
+    }
+  }
+}
+
+void causal_softmax_backward_rows_bf16(const bf16* grad, const bf16* probs, bf16* out, int64_t begin, int64_t end,
+                                       int64_t length, float scale) {
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t r = begin; r < end; ++r) {
+    const bf16* g = grad + r * length;
+    const bf16* p = probs + r * length;
+    bf16* o = out + r * length;
+    int64_t visible = r % length + 1;
+    __m512 dot = _mm512_setzero_ps();
+    for (int64_t j = 0; j < visible; j += kLanes) {
+      __mmask16 m = lanes_below(visible - j);
+      dot = _mm512_add_ps(dot, _mm512_mul_ps(load_bf16(g + j, m), load_bf16(p + j, m)));
+    }
+    __m512 d = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
+    for (int64_t j = 0; j < length; j += kLanes) {
+      __mmask16 m = lanes_below(visible - j), all = lanes_below(length - j);
+      __m512 v = _mm512_mul_ps(_mm512_mul_ps(s, load_bf16(p + j, m)), _mm512_sub_ps(load_bf16(g + j, m), d));
+      store_bf16(o + j, all, _mm512_maskz_mov_ps(m, v));
+    }
+  }
+}
+#endif
+
 template <typename T>
 void causal_softmax_rows(const T* __restrict scores, T* __restrict probs, int64_t begin, int64_t end, int64_t length,
                          float scale) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, bf16>) return causal_softmax_rows_bf16(scores, probs, begin, end, length, scale);
+#endif
   for (int64_t r = begin; r < end; ++r) {
     const T* in = scores + r * length;
     T* out = probs + r * length;
@@ -1073,6 +1141,10 @@ void causal_softmax_rows(const T* __restrict scores, T* __restrict probs, int64_
 template <typename T>
 void causal_softmax_backward_rows(const T* __restrict grad, const T* __restrict probs, T* __restrict out, int64_t begin,
                                   int64_t end, int64_t length, float scale) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, bf16>)
+    return causal_softmax_backward_rows_bf16(grad, probs, out, begin, end, length, scale);
+#endif
   for (int64_t r = begin; r < end; ++r) {
     const T* g = grad + r * length;
     const T* p = probs + r * length;
