@@ -466,12 +466,16 @@ void lowrank_add_bf16(bf16* out, int64_t n, int64_t begin, int64_t end, const fl
             for (int i = 0; i < RB; ++i)
               acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(int(xp[(i0 + i) * pr + p])), b);
           }
-          __mmask16 valid = n - c >= kLanes ? __mmask16(0xffff) : __mmask16((1u << (n - c)) - 1u);
+          bool whole = n - c >= kLanes;  // plain loads and stores where the 16 lanes exist (masked ones cost more)
+          __mmask16 valid = whole ? __mmask16(0xffff) : __mmask16((1u << (n - c)) - 1u);
           for (int i = 0; i < RB; ++i) {
             bf16* o = out + (m + i0 + i) * n + c;
             __mmask16 add = __mmask16(keep[i] >> (half * kLanes));
-            __m512 old = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, o)), 16));
-            _mm256_mask_storeu_epi16(o, valid, (__m256i)_mm512_cvtneps_pbh(_mm512_mask_add_ps(old, add, old, acc[i])));
+            __m256i bits = whole ? _mm256_loadu_si256((const __m256i*)o) : _mm256_maskz_loadu_epi16(valid, o);
+            __m512 old = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+            __m256i sum = (__m256i)_mm512_cvtneps_pbh(_mm512_mask_add_ps(old, add, old, acc[i]));
+            if (whole) _mm256_storeu_si256((__m256i*)o, sum);
+            else _mm256_mask_storeu_epi16(o, valid, sum);
           }
         }
       }
@@ -480,47 +484,56 @@ void lowrank_add_bf16(bf16* out, int64_t n, int64_t begin, int64_t end, const fl
 }
 
 // acc[j][c] += sum_t coef[t][j] drop(x)[t][c] over the rows [begin, end) of x (k columns); acc: r rows of kb fp32.
-// Two rows at a time, interleaved, against the pair of their coefficients; 32 columns and up to 8 factors of
-// sums in registers while the rows stream by.
+// Two rows at a time against the pair of their coefficients. A block of rows is first packed, row by row (x read
+// in order: it is usually cold by the backward pass, and reading it a 64-byte segment per row and column group was
+// slower than the fp32 code), each two rows interleaved and masked, laid out column group by column group; then each
+// column group's 32 sums of up to 8 factors stay in registers while the block's packed pairs stream by.
 void outer_rows_bf16(const bf16* x, int64_t k, int64_t begin, int64_t end, const float* coef, int64_t r,
                      uint64_t seed, uint32_t threshold, float* acc, int64_t kb) {
-  int64_t groups = kb / kPad, pairs = (end - begin + 1) / 2;
-  std::vector<uint32_t> cp(pairs * r);  // the coefficient pairs of rows (t, t + 1), zero past the last row
-  for (int64_t q = 0; q < pairs; ++q)
-    for (int64_t j = 0; j < r; ++j) {
-      int64_t t = begin + 2 * q;
-      cp[q * r + j] = pair(coef[t * r + j], t + 1 < end ? coef[(t + 1) * r + j] : 0.f);
-    }
+  constexpr int64_t kBlockPairs = 64;  // 128 rows a block: the packed block stays in the L2 cache
+  int64_t groups = kb / kPad;
   auto widen = [](__m256i h) { return _mm512_cvtepu16_epi32(h); };
-  auto block = [&]<int JB>(int64_t j0) {
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512 sum[2][JB];
-      for (int h = 0; h < 2; ++h)
-        for (int j = 0; j < JB; ++j) sum[h][j] = _mm512_loadu_ps(acc + (j0 + j) * kb + g * kPad + h * kLanes);
-      for (int64_t q = 0; q < pairs; ++q) {
-        int64_t t = begin + 2 * q;
+  std::vector<__m512i> packed(groups * kBlockPairs * 2);
+  std::vector<uint32_t> cp(kBlockPairs * r);
+  for (int64_t b0 = begin; b0 < end; b0 += 2 * kBlockPairs) {
+    int64_t b1 = std::min(end, b0 + 2 * kBlockPairs), pairs = (b1 - b0 + 1) / 2;
+    for (int64_t q = 0; q < pairs; ++q) {
+      int64_t t = b0 + 2 * q;
+      bool second = t + 1 < b1;
+      for (int64_t j = 0; j < r; ++j) cp[q * r + j] = pair(coef[t * r + j], second ? coef[(t + 1) * r + j] : 0.f);
+      for (int64_t g = 0; g < groups; ++g) {
         __m512i a = _mm512_maskz_loadu_epi16(kept32(k, t, groups, g, seed, threshold), x + t * k + g * kPad);
-        __m512i b = t + 1 < end ? _mm512_maskz_loadu_epi16(kept32(k, t + 1, groups, g, seed, threshold),
-                                                           x + (t + 1) * k + g * kPad)
-                                : _mm512_setzero_si512();
-        __m512bh v[2];
+        __m512i b = second ? _mm512_maskz_loadu_epi16(kept32(k, t + 1, groups, g, seed, threshold),
+                                                      x + (t + 1) * k + g * kPad)
+                           : _mm512_setzero_si512();
         for (int h = 0; h < 2; ++h)
-          v[h] = (__m512bh)_mm512_or_si512(widen(h ? _mm512_extracti64x4_epi64(a, 1) : _mm512_castsi512_si256(a)),
-                                           _mm512_slli_epi32(widen(h ? _mm512_extracti64x4_epi64(b, 1)
-                                                                     : _mm512_castsi512_si256(b)), 16));
-        for (int j = 0; j < JB; ++j) {
-          __m512bh c = (__m512bh)_mm512_set1_epi32(int(cp[q * r + j0 + j]));
-          sum[0][j] = _mm512_dpbf16_ps(sum[0][j], v[0], c);
-          sum[1][j] = _mm512_dpbf16_ps(sum[1][j], v[1], c);
-        }
+          packed[(g * kBlockPairs + q) * 2 + h] = _mm512_or_si512(
+              widen(h ? _mm512_extracti64x4_epi64(a, 1) : _mm512_castsi512_si256(a)),
+              _mm512_slli_epi32(widen(h ? _mm512_extracti64x4_epi64(b, 1) : _mm512_castsi512_si256(b)), 16));
       }
-      for (int h = 0; h < 2; ++h)
-        for (int j = 0; j < JB; ++j) _mm512_storeu_ps(acc + (j0 + j) * kb + g * kPad + h * kLanes, sum[h][j]);
     }
-  };
-  int64_t j = 0;
-  for (; j + 8 <= r; j += 8) block.template operator()<8>(j);
-  for (; j < r; ++j) block.template operator()<1>(j);
+    auto block = [&]<int JB>(int64_t j0) {
+      for (int64_t g = 0; g < groups; ++g) {
+        __m512 sum[2][JB];
+        for (int h = 0; h < 2; ++h)
+          for (int j = 0; j < JB; ++j) sum[h][j] = _mm512_loadu_ps(acc + (j0 + j) * kb + g * kPad + h * kLanes);
+        const __m512i* v = packed.data() + g * kBlockPairs * 2;
+        for (int64_t q = 0; q < pairs; ++q) {
+          __m512bh v0 = (__m512bh)v[2 * q], v1 = (__m512bh)v[2 * q + 1];
+          for (int j = 0; j < JB; ++j) {
+            __m512bh c = (__m512bh)_mm512_set1_epi32(int(cp[q * r + j0 + j]));
+            sum[0][j] = _mm512_dpbf16_ps(sum[0][j], v0, c);
+            sum[1][j] = _mm512_dpbf16_ps(sum[1][j], v1, c);
+          }
+        }
+        for (int h = 0; h < 2; ++h)
+          for (int j = 0; j < JB; ++j) _mm512_storeu_ps(acc + (j0 + j) * kb + g * kPad + h * kLanes, sum[h][j]);
+      }
+    };
+    int64_t j = 0;
+    for (; j + 8 <= r; j += 8) block.template operator()<8>(j);
+    for (; j < r; ++j) block.template operator()<1>(j);
+  }
 }
 #endif
 
@@ -1057,11 +1070,16 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 ALWAYS_INLINE __mmask16 lanes_below(int64_t n) {
   return n >= kLanes ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
 }
+// masked loads and stores only for a partial vector: a masked store costs far more than a plain one (AMD Zen 4:
+// the LoRA up-projection on cold data took 3.4x as long with masked stores throughout)
 ALWAYS_INLINE __m512 load_bf16(const bf16* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  __m256i bits = m == 0xffff ? _mm256_loadu_si256((const __m256i*)p) : _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 ALWAYS_INLINE void store_bf16(bf16* p, __mmask16 m, __m512 v) {
-  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+  __m256i bits = (__m256i)_mm512_cvtneps_pbh(v);
+  if (m == 0xffff) _mm256_storeu_si256((__m256i*)p, bits);
+  else _mm256_mask_storeu_epi16(p, m, bits);
 }
 
 void causal_softmax_rows_bf16(const bf16* scores, bf16* probs, int64_t begin, int64_t end, int64_t length,
