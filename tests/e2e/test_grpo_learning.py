@@ -6,8 +6,9 @@ division by each completion's length): with the paper's per-sequence mean, repli
 15-20 steps and accuracy collapsed in one of two runs. Measured with one thread a process, as the suite runs it:
 13/60 -> 28, 32, 31 and 41 of 60 (seeds 42, 7, 1, 3) with trl's
 fused head scoring the completions; with Martlet's native token scores, which score them since 2026-12-06:
-13 -> 42 (seed 42), and 13 -> 36 once the LoRA kernels took bf16 dot products (another trajectory). The suite's questions come from the share the training rows never hold
-(`math_gen.held_out`); the test checks that none was trained on."""
+13 -> 42 (seed 42), and 13 -> 36 once the LoRA kernels took bf16 dot products (another trajectory). The suite's
+questions come from the share the training rows never hold (`math_gen.held_out`); the test checks that none was
+trained on."""
 
 import json
 

@@ -25,7 +25,8 @@ def test_the_flop_estimate_is_the_library_s_with_the_parameters_counted_once(tin
     base = trainer.model.get_base_model()
     counted = []
     original = type(base).num_parameters
-    monkeypatch.setattr(type(base), "num_parameters", lambda self, *a, **k: counted.append(1) or original(self, *a, **k))
+    monkeypatch.setattr(type(base), "num_parameters",
+                        lambda self, *a, **k: counted.append(1) or original(self, *a, **k))
     assert [trainer.floating_point_ops(inputs) for _ in range(3)] == [want] * 3
     assert len(counted) == 1
     assert trainer.floating_point_ops({"pixel_values": torch.ones(1)}) == 0  # no main input: the library's answer

@@ -65,10 +65,9 @@ class LightStepMixin:
         """compute(model) once per model object (self.model unless given)."""
         model = self.model if model is None else model
         cache = self.__dict__.setdefault("_martlet_per_model", {})
-        key = (name, id(model))
-        if key not in cache or cache[key][0] is not model:
-            cache[key] = (model, compute(model))
-        return cache[key][1]
+        if name not in cache or cache[name][0] is not model:  # (model, value): a new model object computes anew
+            cache[name] = (model, compute(model))
+        return cache[name][1]
 
 
 class AtomicCheckpointMixin(LightStepMixin):

@@ -370,6 +370,29 @@ at::Tensor dropout_mask(int64_t rows, int64_t k, int64_t seed, int64_t threshold
 // rank (a row's r coefficients against the factors' columns, the factor stored as column pairs) or of two rows (the
 // factors' gradients, two rows interleaved).
 
+// 16 bf16 values (their bits) as fp32, and 16 fp32 values rounded to bf16 and back (one vcvtneps2bf16: subnormal
+// values go to zero)
+ALWAYS_INLINE __m512 widen_bf16(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+ALWAYS_INLINE __m512 vround_bf16(__m512 v) { return widen_bf16((__m256i)_mm512_cvtneps_pbh(v)); }
+
+// lanes [0, n) of 16
+ALWAYS_INLINE __mmask16 lanes_below(int64_t n) {
+  return n >= kLanes ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+}
+// 16 bf16 values as fp32 (zero outside m), and stored from fp32 (only the lanes in m): masked loads and stores only
+// for a partial vector, since a masked store costs far more than a plain one (AMD Zen 4: the LoRA up-projection on
+// cold data took 3.4x as long with masked stores throughout)
+ALWAYS_INLINE __m512 load_bf16(const bf16* p, __mmask16 m) {
+  return widen_bf16(m == 0xffff ? _mm256_loadu_si256((const __m256i*)p) : _mm256_maskz_loadu_epi16(m, p));
+}
+ALWAYS_INLINE void store_bf16(bf16* p, __mmask16 m, __m512 v) {
+  __m256i bits = (__m256i)_mm512_cvtneps_pbh(v);
+  if (m == 0xffff) _mm256_storeu_si256((__m256i*)p, bits);
+  else _mm256_mask_storeu_epi16(p, m, bits);
+}
+
 // the factor rows of `factor`, bf16
 std::vector<bf16> rounded(const std::vector<float>& mat) {
   std::vector<bf16> out(mat.size());
@@ -466,16 +489,11 @@ void lowrank_add_bf16(bf16* out, int64_t n, int64_t begin, int64_t end, const fl
             for (int i = 0; i < RB; ++i)
               acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(int(xp[(i0 + i) * pr + p])), b);
           }
-          bool whole = n - c >= kLanes;  // plain loads and stores where the 16 lanes exist (masked ones cost more)
-          __mmask16 valid = whole ? __mmask16(0xffff) : __mmask16((1u << (n - c)) - 1u);
+          __mmask16 valid = lanes_below(n - c);
           for (int i = 0; i < RB; ++i) {
             bf16* o = out + (m + i0 + i) * n + c;
-            __mmask16 add = __mmask16(keep[i] >> (half * kLanes));
-            __m256i bits = whole ? _mm256_loadu_si256((const __m256i*)o) : _mm256_maskz_loadu_epi16(valid, o);
-            __m512 old = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-            __m256i sum = (__m256i)_mm512_cvtneps_pbh(_mm512_mask_add_ps(old, add, old, acc[i]));
-            if (whole) _mm256_storeu_si256((__m256i*)o, sum);
-            else _mm256_mask_storeu_epi16(o, valid, sum);
+            __m512 old = load_bf16(o, valid);
+            store_bf16(o, valid, _mm512_mask_add_ps(old, __mmask16(keep[i] >> (half * kLanes)), old, acc[i]));
           }
         }
       }
@@ -801,10 +819,6 @@ ALWAYS_INLINE vf vexp_approx(vf x) {
   return p * vbits<vf>((__builtin_convertvector(k, vi) + 127) << 23);
 }
 
-// v rounded to bf16 and back (one vcvtneps2bf16: subnormal values go to zero)
-ALWAYS_INLINE vf vround_bf16(vf v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-}
 #endif
 
 // SwiGLU on bf16 with AVX512-BF16 runs 16 lanes at a time with the hardware's rounding (the generic loops round
@@ -1066,21 +1080,7 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 #if defined(__AVX512BF16__)
 // bf16 rows with AVX512-BF16: 16 keys at a time, the row's ragged end under a mask (the rows are short and their
 // visible lengths all differ, so the generic loops spent much of their time in scalar remainders), the hardware's
-// rounding
-ALWAYS_INLINE __mmask16 lanes_below(int64_t n) {
-  return n >= kLanes ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
-}
-// masked loads and stores only for a partial vector: a masked store costs far more than a plain one (AMD Zen 4:
-// the LoRA up-projection on cold data took 3.4x as long with masked stores throughout)
-ALWAYS_INLINE __m512 load_bf16(const bf16* p, __mmask16 m) {
-  __m256i bits = m == 0xffff ? _mm256_loadu_si256((const __m256i*)p) : _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-ALWAYS_INLINE void store_bf16(bf16* p, __mmask16 m, __m512 v) {
-  __m256i bits = (__m256i)_mm512_cvtneps_pbh(v);
-  if (m == 0xffff) _mm256_storeu_si256((__m256i*)p, bits);
-  else _mm256_mask_storeu_epi16(p, m, bits);
-}
+// rounding (`load_bf16`, `store_bf16` above)
 
 void causal_softmax_rows_bf16(const bf16* scores, bf16* probs, int64_t begin, int64_t end, int64_t length,
                               float scale) {
