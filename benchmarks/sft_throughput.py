@@ -4,7 +4,7 @@ side by side in one invocation, on the embedded SmolLM2 and the built-in data.
     HF_HUB_OFFLINE=1 python benchmarks/sft_throughput.py [--steps 16] [--what sft,dpo,kto,orpo,simpo,cpo|both|all]
                                                          [--rounds 3]
                                                          [--lora_dropout 0.05] [--cpu_isa avx2]
-                                                         [--baseline plain|martlet-torch]
+                                                         [--baseline plain|martlet-torch|martlet-unshared]
 
 It first prints the CPU features found, the kernel path taken and this host's matrix-product speed in the
 training dtype; after each table, Martlet's share of the roofline (that speed over the matrix-product FLOP a
@@ -112,7 +112,7 @@ def instrument(record: dict) -> None:
         start = time.perf_counter()
         loss = original(self, model, inputs, *args, **kwargs)
         record["steps"].append({"seconds": time.perf_counter() - start, "tokens": tokens,
-                                "labelled": labelled_tokens(inputs)})
+                                "labelled": labelled_tokens(inputs), "computed": record.pop("row", tokens)})
         return loss
 
     Trainer.training_step = timed
@@ -125,6 +125,7 @@ def summary(record: dict, log_history: list[dict]) -> dict:
     tokens = sum(s["tokens"] for s in timed)
     return {"steps": len(record["steps"]), "s_per_step": seconds / max(1, len(timed)),
             "tokens_per_s": tokens / max(seconds, 1e-9),
+            "computed_share": sum(s.get("computed", s["tokens"]) for s in timed) / max(tokens, 1),
             "labelled_share": sum(s.get("labelled", 0) for s in timed) / max(tokens, 1),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "losses": losses, "final_loss": sum(losses[-4:]) / max(1, len(losses[-4:]))}
@@ -255,10 +256,22 @@ def baseline_preference(kind: str, steps: int, out_dir: str) -> dict:
 
 
 def martlet_preference(kind: str, steps: int, out_dir: str) -> dict:
+    from martlet.train import rlhf_trainers
     from martlet.train.rlhf import rlhf_main
 
+    if os.environ.get("MARTLET_BENCH_UNSHARED"):  # --baseline martlet-unshared
+        rlhf_trainers.SHARE_PREFIXES = False
     record = {"steps": []}
     instrument(record)
+    decoded_row = rlhf_trainers._decoded_row
+
+    def counted(lm, input_ids, attention_mask):  # the tokens a step computes: a pair's shared prompt once
+        hidden, slot = decoded_row(lm, input_ids, attention_mask)
+        record["row"] = int(slot.max()) + 1  # (DPO: the reference's row and the policy's are the same)
+        return hidden, slot
+
+    if kind != "kto":  # (KTO's rows are counted whole: its KL rows and its replies run in passes of their own)
+        rlhf_trainers._decoded_row = counted
     result = rlhf_main(["--rlhf_type", kind, "--dataset", *DPO_DATA, *COMMON, "--lora_dropout", str(DROPOUT[0]),
                         "--max_steps", str(steps),
                         "--output_dir", out_dir, "--save_steps", str(10 * steps), "--save_only_model", "true",
@@ -433,6 +446,11 @@ def host_report() -> float:
     return flops
 
 
+# the baseline side: plain libraries, or Martlet under these environment variables
+BASELINES = {"plain": None, "martlet-torch": {"MARTLET_NATIVE": "0"},
+             "martlet-unshared": {"MARTLET_BENCH_UNSHARED": "1"}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=16)
@@ -447,9 +465,11 @@ def main() -> None:
                         help="avx2: both sides run as on a CPU with AVX2 and no AVX-512/AMX (torch's kernels limited "
                              "by ONEDNN_MAX_CPU_ISA and ATEN_CPU_CAPABILITY, Martlet's built for x86-64-v3, dtype "
                              "AUTO fp32)")
-    parser.add_argument("--baseline", choices=("plain", "martlet-torch"), default="plain",
+    parser.add_argument("--baseline", choices=tuple(BASELINES), default="plain",
                         help="plain: transformers Trainer / trl + peft; martlet-torch: Martlet with its native "
-                             "kernels off (MARTLET_NATIVE=0), to see what the kernels themselves give on this CPU")
+                             "kernels off (MARTLET_NATIVE=0), to see what the kernels themselves give on this CPU; "
+                             "martlet-unshared (preference training): Martlet with each sequence of a pair whole, "
+                             "its prompt computed twice")
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -469,25 +489,31 @@ def main() -> None:
     results = {}
     for what in kinds:
         baseline = ((f"baseline-{what}", None) if args.baseline == "plain"
-                    else (f"martlet-{what}", {"MARTLET_NATIVE": "0"}))
+                    else (f"martlet-{what}", BASELINES[args.baseline]))
         rounds = [(run_side(baseline[0], args.steps, baseline[1]), run_side(f"martlet-{what}", args.steps))
                   for _ in range(args.rounds)]
         base, ours = median_round([r[0] for r in rounds]), median_round([r[1] for r in rounds])
         results[what] = {"baseline": base, "martlet": ours, "rounds": rounds}
-        print(f"baseline: {'transformers Trainer / trl + peft' if args.baseline == 'plain' else 'Martlet, MARTLET_NATIVE=0'}"
+        print(f"baseline: {'transformers Trainer / trl + peft' if args.baseline == 'plain' else args.baseline}"
               f"{'; emulated CPU: ' + args.cpu_isa if args.cpu_isa not in (None, 'native') else ''}")
         print(table(what.upper(), base, ours), flush=True)
-        share = ours["labelled_share"] or base["labelled_share"]
+        # the roofline counts the tokens Martlet computes: a pair's shared prompt once (`computed_share`)
+        computed = ours.get("computed_share", 1.0)
+        share = (ours["labelled_share"] or base["labelled_share"]) / computed
         cost = flop_per_token(what, share)
         roofline = flops / cost
-        print(f"Martlet at {ours['tokens_per_s'] / roofline:.0%} of this host's roofline "
-              f"({ours['tokens_per_s']:.0f} of {roofline:.0f} tokens/s: {flops / 1e9:.0f} GFLOP/s over "
+        speed = ours["tokens_per_s"] * computed
+        if computed < 1:
+            print(f"Martlet computes {computed:.0%} of the tokens it counts (sequences that begin alike share their "
+                  f"beginning): {speed:.0f} tokens computed a second")
+        print(f"Martlet at {speed / roofline:.0%} of this host's roofline "
+              f"({speed:.0f} of {roofline:.0f} tokens/s: {flops / 1e9:.0f} GFLOP/s over "
               f"{cost / 1e6:.0f} MFLOP a token, {share:.0%} of tokens labelled)", flush=True)
-        per_step = ours["tokens_per_s"] * ours["s_per_step"]
+        per_step = speed * ours["s_per_step"]
         alone = products_alone(what, round(per_step), round(per_step * share), DTYPE[0])
         print(f"the same products alone at this run's mean row ({per_step:.0f} tokens, {share:.0%} labelled): "
               f"{alone:.0f} tokens/s ({alone / roofline:.0%} of the roofline); Martlet at "
-              f"{ours['tokens_per_s'] / alone:.0%} of that", flush=True)
+              f"{speed / alone:.0%} of that", flush=True)
         if args.rounds > 1:
             print("tokens/s ratio of each round: " + ", ".join(f"{o['tokens_per_s'] / b['tokens_per_s']:.2f}x"
                                                               for b, o in rounds), flush=True)

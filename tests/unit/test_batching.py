@@ -137,9 +137,13 @@ def test_short_samples_run_in_buckets_of_similar_lengths():
     share one; every (token, head) comes back to its place."""
     from martlet.train import varlen_attention
 
-    mixed = varlen_attention._layout((40, 150, 30, 44, 200), 6, 2, 16, "cpu")
-    assert [(b.count, b.padded) for b in mixed.buckets] == [(3, 48), (1, 160)] and mixed.long == [(264, 200)]
-    similar = varlen_attention._layout((90, 81, 95, 87), 6, 2, 16, "cpu")
+    def samples(lengths):
+        return tuple(varlen_attention.Sample(sum(lengths[:i]), n) for i, n in enumerate(lengths))
+
+    mixed = varlen_attention._layout(samples((40, 150, 30, 44, 200)), 6, 2, 16, "cpu")
+    assert [(b.count, b.padded) for b in mixed.buckets] == [(3, 48), (1, 160)]
+    assert mixed.long == [(varlen_attention.Sample(264, 200), None)]
+    similar = varlen_attention._layout(samples((90, 81, 95, 87)), 6, 2, 16, "cpu")
     assert [(b.count, b.padded) for b in similar.buckets] == [(4, 96)]
     for layout, tokens in ((mixed, 464), (similar, 353)):
         assert sorted(layout.output_index.tolist()) == sorted(set(layout.output_index.tolist()))
@@ -251,15 +255,84 @@ def test_packed_rows_give_the_same_loss_as_unpacked_samples(model):
 
 
 
+def _causal(q, k, v):
+    """Plain causal attention of one sequence: q (H, n, D), k/v (KV, n, D) -> (n, H, D)."""
+    groups = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+    out = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)
+    return out[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("trees", [[(5, [4, 6])], [(5, [4, 6]), (3, [2, 7, 1]), (0, [9])], [(100, [40, 30])],
+                                   [(150, [20, 30]), (4, [3, 3])]],
+                         ids=["a pair", "pairs, a group and a lone sample", "long", "long trunk, short branch"])
+def test_varlen_attention_runs_shared_prefixes_as_the_whole_sequences(trees, dtype):
+    """A sample that starts at position p > 0 continues the first p tokens of the last one that started at 0: each
+    sequence (trunk, or the trunk's first p tokens then the branch) gets exactly the attention it would get alone,
+    and the shared tokens' gradients sum what every sequence sends them (the native kernels' buckets, sdpa beyond
+    160 tokens)."""
+    import types
+
+    from martlet.train.varlen_attention import row_samples, varlen_attention
+
+    sequences, positions = [], []  # each sequence's tokens in the row
+    for prefix, (first, *branches) in trees:
+        trunk = list(range(len(positions), len(positions) + prefix + first))
+        sequences.append(trunk)
+        positions += range(prefix + first)
+        for n in branches:
+            sequences.append(trunk[:prefix] + list(range(len(positions), len(positions) + n)))
+            positions += range(prefix, prefix + n)
+    position_ids = torch.tensor(positions)[None]
+    assert [s.prefix for s in row_samples(position_ids)] == [p for prefix, (_, *branches) in trees
+                                                              for p in [0] + [prefix] * len(branches)]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, len(positions), 16, generator=g).to(dtype).requires_grad_() for h in (6, 2, 2))
+    got, _ = varlen_attention(types.SimpleNamespace(training=True, is_causal=True), q, k, v, None,
+                              position_ids=position_ids)
+    upstream = torch.randn(got.shape, generator=g).to(dtype)
+    got_grads = torch.autograd.grad(got, (q, k, v), upstream)
+    want, done, loss = torch.zeros_like(got[0]), set(), 0
+    for tokens in sequences:  # each sequence alone; a token's output is its own sequence's (the trunk's, shared)
+        index = torch.tensor(tokens)
+        out = _causal(q[0][:, index].float(), k[0][:, index].float(), v[0][:, index].float())
+        for j, t in enumerate(tokens):
+            if t not in done:
+                done.add(t)
+                want[t] = out[j].detach().to(dtype)
+                loss = loss + (out[j] * upstream[0, t].float()).sum()
+    want_grads = torch.autograd.grad(loss, (q, k, v))
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    torch.testing.assert_close(got[0].float(), want.float(), **tolerance)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a.float(), b.float(), **tolerance)
+
+
+def test_a_row_with_shared_prefixes_never_falls_back_to_sdpa():
+    """sdpa's mask would let each piece attend to itself alone: where martlet_varlen cannot run such a row (here:
+    attention dropout in training), it stops."""
+    import types
+
+    from martlet.train.varlen_attention import varlen_attention
+
+    q, k, v = torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    with pytest.raises(RuntimeError, match="share prefixes"):
+        varlen_attention(types.SimpleNamespace(training=True, is_causal=True), q, k, v, None, dropout=0.1,
+                         position_ids=torch.tensor([[0, 1, 2, 3, 4, 2, 3]]))
+
+
 def test_varlen_attention_cuts_rows_at_position_restarts(tiny_llama, monkeypatch, tmp_path):
     """The per-sample path really runs for a padding-free row (and sdpa only for what it does not handle)."""
     import transformers.integrations.sdpa_attention as sdpa_module
     from transformers import AutoModelForCausalLM
 
-    from martlet.train.varlen_attention import register, sample_lengths
+    from martlet.train.varlen_attention import Sample, register, row_samples, sample_lengths
 
     assert sample_lengths(torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3]])) == [3, 2, 1, 4]
     assert sample_lengths(torch.tensor([[5, 6, 7]])) == [3]  # one sample that starts later still is one sample
+    assert row_samples(torch.tensor([[0, 1, 2, 3, 2, 1, 2, 0, 1, 5]])) == [  # shared prefixes: p > 0 after a trunk
+        Sample(0, 4), Sample(4, 1, 0, 2), Sample(5, 2, 0, 1), Sample(7, 2), Sample(9, 1)]  # (too short a trunk)
     assert sample_lengths(torch.tensor([[0, 1], [0, 1]])) is None and sample_lengths(None) is None
     fallbacks = []
     real = sdpa_module.sdpa_attention_forward

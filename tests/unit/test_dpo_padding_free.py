@@ -14,17 +14,22 @@ from martlet.train.rlhf_trainers import padding_free_fused_forward
 FIELDS = ("log_probs", "entropy", "mean_logits", "is_top1", "label_mask")
 
 
-def _batch(vocab: int, left: bool):
-    """[chosen..., rejected...] of different lengths, padded to the longest; prompts and padding carry -100."""
+def _batch(vocab: int, left: bool, pairs: bool = False):
+    """[chosen..., rejected...] of different lengths, padded to the longest; prompts and padding carry -100. With
+    `pairs`, each rejected sequence begins as its chosen one does: 4 tokens (its 3-token prompt and its first reply
+    token against the chosen one's prompt) and 5 (prompts of 4 and 3, and more)."""
     g = torch.Generator().manual_seed(0)
     lengths, prompts = [9, 14, 6, 11], [4, 4, 3, 3]
+    tokens = [torch.randint(5, vocab, (n,), generator=g) for n in lengths]
+    if pairs:
+        tokens[2][:4], tokens[3][:5] = tokens[0][:4], tokens[1][:5]
     width = max(lengths)
     ids = torch.zeros(len(lengths), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
     for i, (n, p) in enumerate(zip(lengths, prompts)):
         span = slice(width - n, width) if left else slice(0, n)
-        ids[i, span] = torch.randint(5, vocab, (n,), generator=g)
+        ids[i, span] = tokens[i]
         mask[i, span] = 1
         labels[i, span] = ids[i, span]
         labels[i, span.start:span.start + p] = -100
@@ -61,12 +66,15 @@ def multiple(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("pairs", [False, True], ids=["apart", "pairs begin alike"])
 @pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
-def test_padding_free_fused_forward_matches_the_padded_batch(models, left, multiple, monkeypatch):
+def test_padding_free_fused_forward_matches_the_padded_batch(models, left, pairs, multiple, monkeypatch):
+    """Pairs that begin alike are computed once up to where they part when Martlet scores them and the attention is
+    `martlet_varlen` (the row is 9 tokens shorter); the fields and gradients stay those of the padded batch."""
     from martlet.train import native, rlhf_trainers
 
     padded, flat = models
-    batch = _batch(padded.config.vocab_size, left)
+    batch = _batch(padded.config.vocab_size, left, pairs)
     scored = []
     apply = rlhf_trainers.TokenScores.apply
     monkeypatch.setattr(rlhf_trainers.TokenScores, "apply", lambda *a: scored.append(1) or apply(*a))
@@ -77,10 +85,12 @@ def test_padding_free_fused_forward_matches_the_padded_batch(models, left, multi
         want, got = padded(**batch, fused_lm_head=True), flat(**batch, fused_lm_head=True)
     finally:
         del flat.model.forward
-    real = int(batch["attention_mask"].sum())  # 40 tokens
-    assert calls == [(1, -(-real // multiple) * multiple)]  # one row of real tokens, rounded up when asked
     frozen = not padded.get_output_embeddings().weight.requires_grad
-    assert len(scored) == (frozen and native.ops() is not None)  # frozen head, native kernels: Martlet's scoring
+    ours = frozen and native.ops() is not None
+    assert len(scored) == ours  # frozen head, native kernels: Martlet's scoring
+    shared = 9 if pairs and ours and flat.config._attn_implementation == "martlet_varlen" else 0
+    real = int(batch["attention_mask"].sum()) - shared  # 40 tokens
+    assert calls == [(1, -(-real // multiple) * multiple)]  # one row of real tokens, rounded up when asked
     for name in FIELDS:
         assert got[name].shape == want[name].shape, name
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
@@ -108,13 +118,15 @@ def test_other_calls_go_to_the_fused_forward_unchanged(models):
         torch.testing.assert_close(flat(**one, fused_lm_head=True).log_probs, padded(**one, fused_lm_head=True).log_probs)
 
 
+@pytest.mark.parametrize("pairs", [False, True], ids=["apart", "pairs begin alike"])
 @pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
-def test_padding_free_sequence_logps_match_the_padded_ones(models, left, multiple):
-    """ORPO, SimPO and CPO: summed reply log-probs and token counts, and their gradients."""
+def test_padding_free_sequence_logps_match_the_padded_ones(models, left, pairs, multiple):
+    """ORPO, SimPO and CPO: summed reply log-probs and token counts, and their gradients (pairs that begin alike
+    computed once up to where they part, under `martlet_varlen`)."""
     from martlet.train.rlhf_trainers import padding_free_sequence_logps, sequence_logps
 
     model = models[0]
-    batch = _batch(model.config.vocab_size, left)
+    batch = _batch(model.config.vocab_size, left, pairs)
     batch["completion_mask"] = batch.pop("labels").ne(-100).long()
 
     def run(fn):
@@ -123,7 +135,16 @@ def test_padding_free_sequence_logps_match_the_padded_ones(models, left, multipl
         (logps * torch.linspace(0.5, 2.0, len(logps))).sum().backward()
         return logps.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    (want, want_counts, want_grads), (got, got_counts, got_grads) = run(sequence_logps), run(padding_free_sequence_logps)
+    want, want_counts, want_grads = run(sequence_logps)
+    calls = []
+    backbone = model.model.forward
+    model.model.forward = lambda *a, **k: calls.append(k["input_ids"].shape) or backbone(*a, **k)
+    try:
+        got, got_counts, got_grads = run(padding_free_sequence_logps)
+    finally:
+        del model.model.forward
+    real = int(batch["attention_mask"].sum()) - (9 if pairs and model.config._attn_implementation != "sdpa" else 0)
+    assert calls == [(1, -(-real // multiple) * multiple)]
     assert got_counts.tolist() == want_counts.tolist() == [5, 10, 3, 8]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     for name, g in want_grads.items():
@@ -196,3 +217,32 @@ def test_martlet_s_scoring_divides_by_grpo_s_temperature(tiny_llama, caplog, mon
                                        msg=name)
     if native.ops() is not None:
         assert any("'trl_token_scores' is off" in r.getMessage() for r in caplog.records)
+
+@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
+def test_sequences_that_begin_alike_share_their_beginning_in_the_row(left):
+    """`_sequences_row` with sharing: every sequence's tokens sit in the row at their own positions, and the samples
+    `martlet_varlen` reads from the positions attend, for each sequence, to exactly its own tokens in order; shared
+    tokens appear once. Cases: a pair, one sequence the other's beginning, a group of three alike (GRPO), a
+    sequence alike to none, one that shares as many tokens as the branch before it holds (it must not join it)."""
+    from martlet.train.rlhf_trainers import _sequences_row
+    from martlet.train.varlen_attention import row_samples
+
+    sequences = [[1, 2, 3, 4, 5], [1, 2, 3, 9], [1, 2, 3, 4, 8], [7, 8, 9], [7, 8, 9, 10], [7, 8, 6], [4, 4],
+                 [1, 2, 3, 9, 5, 6], [1, 2, 3, 9, 5, 6, 7]]
+    width = max(map(len, sequences))
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[i, span], mask[i, span] = torch.tensor(seq), 1
+    row, positions, slot = _sequences_row(ids, mask, share=True)
+    plain = _sequences_row(ids, mask, share=False)
+    assert len(plain[0]) == sum(map(len, sequences)) and (plain[1] == 0).sum() == len(sequences)
+    assert len(row) < len(plain[0]) and len(set(slot[mask.bool()].tolist())) == len(row)  # each row token once
+    samples = row_samples(positions[None])
+    owner = {t: s for s in samples for t in range(s.start, s.start + s.length)}
+    for b, seq in enumerate(sequences):
+        where = slot[b][mask[b].bool()]
+        assert row[where].tolist() == seq and positions[where].tolist() == list(range(len(seq)))
+        assert owner[int(where[-1])].keys() == where.tolist()  # what its last token attends to: all of it, in order
+    assert (slot[~mask.bool()] == -1).all()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import os
 from collections import defaultdict
 from typing import Any
 
@@ -22,7 +23,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from martlet import patches
 from martlet.args.rlhf import RLHFArguments
-from martlet.train import native, rlhf_losses
+from martlet.train import native, rlhf_losses, varlen_attention
 from martlet.train.batching import rounded_row
 from martlet.train.kernels import TokenScores, shape_multiple
 from martlet.train.loss import CHUNK, is_wrapped, lean_loss_supported, summed_cross_entropy, unwrap_causal_lm
@@ -86,6 +87,63 @@ def _row_layout(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return keep, positions, keep.flatten().cumsum(0).view(keep.shape) - 1
 
 
+# sequences of a batch that begin alike (a pair's prompt, a GRPO group's) are computed once up to where they part,
+# where the attention can say so (`varlen_attention.row_samples`); False: each sequence whole (A/B measurements)
+SHARE_PREFIXES = True
+
+
+def _shares_prefixes(lm: Any, longest: int) -> bool:
+    """Whether `martlet_varlen` will run every layer's attention of a row with shared prefixes itself (it refuses
+    what it cannot: attention dropout in training, soft-capping, a sliding window shorter than a sequence)."""
+    config = lm.config
+    window = getattr(config, "sliding_window", None)
+    return (SHARE_PREFIXES and getattr(config, "_attn_implementation", None) == varlen_attention.NAME
+            and getattr(config, "attn_logit_softcapping", None) is None and not (window and longest > window)
+            and not (lm.training and getattr(config, "attention_dropout", 0.0)))
+
+
+def _sequences_row(input_ids: torch.Tensor, attention_mask: torch.Tensor, share: bool):
+    """A padded batch's real tokens as one padding-free row -> (ids, position ids, slot): slot[b, t] is where token t
+    of sequence b is computed (-1 for padding). With `share`, a sequence that begins like an earlier tree's first
+    sequence (its trunk) continues that tree: only its tokens after the shared beginning enter the row, right after
+    the tree's other sequences, at their own positions, which `varlen_attention` reads as "attends to the trunk's
+    first tokens, then to its own". Each keeps at least one token of its own, and its first position never follows
+    the sample before it in the row (that would join the two)."""
+    keep = attention_mask.bool()
+    seqs = [ids[k].tolist() for ids, k in zip(input_ids, keep)]
+    trees: list[tuple[int, list[tuple[int, int]]]] = []  # (trunk, [(sequence, shared tokens)])
+    for b, seq in enumerate(seqs):
+        best, shared = None, 0
+        for tree in trees if share else ():
+            n = len(os.path.commonprefix([seqs[tree[0]], seq]))
+            if n > shared:
+                best, shared = tree, n
+        if best is None:
+            trees.append((b, []))
+            continue
+        shared = min(shared, len(seq) - 1)
+        previous = best[1][-1] if best[1] else (best[0], 0)
+        if shared == len(seqs[previous[0]]):  # would follow on from the sample before it
+            shared -= 1
+        if shared > 0:
+            best[1].append((b, shared))
+        else:
+            trees.append((b, []))
+    slot = torch.full(keep.shape, -1, dtype=torch.long, device=input_ids.device)
+    pieces, positions, start = [], [], 0
+    for trunk, branches in trees:
+        trunk_tokens = keep[trunk].nonzero().flatten()
+        for b, shared in [(trunk, 0), *branches]:
+            where = keep[b].nonzero().flatten()
+            n = len(seqs[b]) - shared
+            slot[b, where[:shared]] = slot[trunk, trunk_tokens[:shared]]
+            slot[b, where[shared:]] = torch.arange(start, start + n, device=slot.device)
+            pieces.append(input_ids[b, where[shared:]])
+            positions.append(torch.arange(shared, shared + n, device=slot.device))
+            start += n
+    return torch.cat(pieces), torch.cat(positions), slot
+
+
 def _row_multiple(model: Any, device_type: str) -> int:
     """What to round a padding-free row's length up to (`kernels.shape_multiple`, for the activations' dtype)."""
     autocast = torch.is_autocast_enabled(device_type)
@@ -136,18 +194,17 @@ def _padding_free_forward(self, *args: Any, fused_lm_head: bool = False, labels:
             or input_ids.shape[0] < 2 or any(torch.is_tensor(v) for v in kwargs.values())):
         return fused(*args, fused_lm_head=fused_lm_head, labels=labels, input_ids=input_ids,
                      attention_mask=attention_mask, **kwargs)
+    if _scores_itself(self, kwargs):
+        return _scored_sequences(self, input_ids, attention_mask, labels)
     keep, positions, row_index = _row_layout(attention_mask)
     row_labels = labels[keep].masked_fill(positions == 0, -100)  # never predicted from the sequence before
     row = rounded_row(input_ids[keep], positions, _row_multiple(self, input_ids.device.type), row_labels)
-    if _scores_itself(self, kwargs):
-        out = _scored_row(self, *row)
-    else:
-        token = _compact_scoring.set(True)
-        try:
-            out = fused(input_ids=row[0][None], position_ids=row[1][None], labels=row[2][None], fused_lm_head=True,
-                        **kwargs)
-        finally:
-            _compact_scoring.reset(token)
+    token = _compact_scoring.set(True)
+    try:
+        out = fused(input_ids=row[0][None], position_ids=row[1][None], labels=row[2][None], fused_lm_head=True,
+                    **kwargs)
+    finally:
+        _compact_scoring.reset(token)
     # padded position (b, t) predicts token (b, t + 1), whose prediction in the row sits just before it
     source, valid = (row_index[:, 1:] - 1).clamp(min=0), keep[:, 1:]
     for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask"):
@@ -155,6 +212,45 @@ def _padding_free_forward(self, *args: Any, fused_lm_head: bool = False, labels:
         if value is not None:
             out[name] = value[0][source].masked_fill(~valid, 0)
     return out
+
+
+def _decoded_row(lm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's last hidden states for a padded batch's real tokens run as one padding-free row (shared
+    beginnings once, where `_shares_prefixes`; rounded up as `_row_multiple` says), and each token's row there."""
+    share = _shares_prefixes(lm, int(attention_mask.sum(1).max()))
+    ids, positions, slot = _sequences_row(input_ids, attention_mask, share)
+    ids, positions, _ = rounded_row(ids, positions, _row_multiple(lm, input_ids.device.type))
+    hidden = lm.get_decoder()(input_ids=ids[None], position_ids=positions[None], use_cache=False).last_hidden_state
+    return hidden[0], slot
+
+
+def _predicted(attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N, T - 1): whether token t + 1 of each padded sequence is scored, from the token before it (labelled, not
+    a sequence's first)."""
+    keep = attention_mask.bool()
+    return keep[:, 1:] & keep[:, :-1] & (labels[:, 1:] != -100)
+
+
+def _scored_sequences(lm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> Any:
+    """trl's fused-head fields for a padded batch, computed by Martlet (`_decoded_row`, then `TokenScores` on the
+    labelled positions alone), in the padded layout: field (b, t) is the prediction of token t + 1, zero where
+    unlabelled; `loss` the mean negative log-probability (trl's NLL term, RPO's "sft" loss)."""
+    import trl.trainer.utils as trl_utils
+
+    hidden, slot = _decoded_row(lm, input_ids, attention_mask)
+    scored = _predicted(attention_mask, labels)
+    fields = _token_fields(lm, hidden[slot[:, :-1][scored]], labels[:, 1:][scored])
+    logp, entropy, mean_logits, top1 = (torch.zeros(scored.shape, dtype=v.dtype, device=v.device)
+                                        .masked_scatter(scored, v) for v in fields)
+    loss = -fields[0].sum() / scored.sum().clamp(min=1)
+    return trl_utils.FusedCausalLMOutput(loss=loss, log_probs=logp, entropy=entropy, mean_logits=mean_logits,
+                                         is_top1=top1, label_mask=scored)
+
+
+def _token_fields(lm: Any, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Log-probability of each target, entropy, mean logit and top-1 from the hidden states that predict them."""
+    return TokenScores.apply(hidden, lm.get_output_embeddings().weight, targets, CHUNK,
+                             getattr(lm, "_martlet_score_temperature", 1.0))
 
 
 # what trl's fused forward is called with in DPO, KTO and GRPO (trl 1.16); anything else (pre-shifted
@@ -217,9 +313,7 @@ def _scored_row(lm: Any, ids: torch.Tensor, positions: torch.Tensor, labels: tor
     hidden = lm.get_decoder()(input_ids=ids[None], position_ids=positions[None], use_cache=False).last_hidden_state[0]
     target = labels[1:]
     mask = target != -100
-    logp, entropy, mean_logits, top1 = TokenScores.apply(hidden[:-1][mask], lm.get_output_embeddings().weight,
-                                                        target[mask], CHUNK,
-                                                        getattr(lm, "_martlet_score_temperature", 1.0))
+    logp, entropy, mean_logits, top1 = _token_fields(lm, hidden[:-1][mask], target[mask])
 
     def spread(value):
         return torch.zeros(target.shape, dtype=value.dtype, device=value.device).masked_scatter(mask, value)[None]
@@ -270,21 +364,17 @@ def padding_free_sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> t
     the LM head, chunked, the gradient made on the way: all sequences at once through `TokenScores` when the head
     is frozen (LoRA), else one at a time through the lean loss's cross-entropy (which gives the head its gradient)."""
     ids, reply = batch["input_ids"], batch["completion_mask"].bool()
-    keep, positions, row_index = _row_layout(batch["attention_mask"])
     lm = unwrap_causal_lm(model)
-    row_ids, row_positions, _ = rounded_row(ids[keep], positions, _row_multiple(lm, ids.device.type))
-    hidden = lm.get_decoder()(input_ids=row_ids[None], position_ids=row_positions[None],
-                              use_cache=False).last_hidden_state[0]
-    targets = reply & keep
-    targets[:, 0] = False  # token t is predicted at the row position just before it
+    hidden, slot = _decoded_row(lm, ids, batch["attention_mask"])
+    scored = _predicted(batch["attention_mask"], torch.where(reply, ids, -100))  # token t + 1 from token t
     head = lm.get_output_embeddings()
     if _frozen_plain_head(head):  # (LoRA): all at once
-        sequence, token = targets.nonzero(as_tuple=True)
-        logp = TokenScores.apply(hidden[row_index[sequence, token] - 1], head.weight, ids[sequence, token], CHUNK)[0]
-        return torch.zeros(len(ids), dtype=logp.dtype, device=logp.device).index_add(0, sequence, logp), targets.sum(-1)
-    logps = [-summed_cross_entropy(hidden[row_index[b, t] - 1], ids[b, t], head)
-             for b, t in enumerate(row.nonzero().flatten() for row in targets)]
-    return torch.stack(logps), targets.sum(-1)
+        sequence, token = scored.nonzero(as_tuple=True)
+        logp = TokenScores.apply(hidden[slot[sequence, token]], head.weight, ids[sequence, token + 1], CHUNK)[0]
+        return torch.zeros(len(ids), dtype=logp.dtype, device=logp.device).index_add(0, sequence, logp), scored.sum(-1)
+    logps = [-summed_cross_entropy(hidden[slot[b, t]], ids[b, t + 1], head)
+             for b, t in enumerate(row.nonzero().flatten() for row in scored)]
+    return torch.stack(logps), scored.sum(-1)
 
 
 class RefFreeTrainer(AtomicCheckpointMixin, Trainer):

@@ -14,6 +14,11 @@ so a padded batch or generation simply runs sdpa). Anything it does not handle (
 attention dropout, soft-capping, sinks, a sliding window shorter than a sample, non-causal modules) goes to
 sdpa unchanged, and so does a single sample with a mask (padding). Martlet picks it for training on a CPU
 when no --attn_impl is given; it is never saved in a checkpoint's config.
+
+Shared prefixes: a sample whose positions start at p > 0 (not at 0) continues the first p tokens of the last sample
+before it that started at 0, its trunk: it attends to those and to itself, and the prefix's tokens sit in the row once
+(preference training lays a pair's chosen and rejected replies after one copy of their prompt, `rlhf_trainers`).
+sdpa's mask cannot say that, so such a row never goes to sdpa: where this path cannot run it, it stops with an error.
 """
 
 from __future__ import annotations
@@ -40,15 +45,47 @@ def register() -> str:
     return NAME
 
 
-def sample_lengths(position_ids: Any) -> list[int] | None:
-    """Lengths of the samples laid end to end in a (1, T) row: a new sample wherever a position does not follow
-    the one before. None when there is nothing to cut (no position ids, several rows, M-RoPE ids)."""
+class Sample(NamedTuple):
+    start: int  # where its own tokens sit in the row
+    length: int
+    prefix_start: int = 0  # a shared prefix (the first tokens of its trunk) it attends to before its own tokens
+    prefix: int = 0
+
+    @property
+    def size(self) -> int:  # the keys it attends to
+        return self.prefix + self.length
+
+    def keys(self) -> list[int]:
+        own = range(self.start, self.start + self.length)
+        return [*range(self.prefix_start, self.prefix_start + self.prefix), *own]
+
+
+def row_samples(position_ids: Any) -> list[Sample] | None:
+    """The samples laid end to end in a (1, T) row: a new sample wherever a position does not follow the one before.
+    One that starts at position p > 0 continues the first p tokens of its trunk, the last sample before it that
+    started at 0 (when there is one, at least p long). None when there is nothing to cut (no position ids, several
+    rows, M-RoPE ids)."""
     if position_ids is None or position_ids.ndim != 2 or position_ids.shape[0] != 1:
         return None
     pos = position_ids[0]
     starts = (torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1).tolist()
     edges = [0, *starts, pos.shape[0]]
-    return [b - a for a, b in zip(edges, edges[1:])]
+    firsts = pos[edges[:-1]].tolist()
+    samples, trunk = [], None
+    for a, b, first in zip(edges, edges[1:], firsts):
+        if first == 0:
+            trunk = a, b - a
+        if first > 0 and trunk is not None and trunk[1] >= first:
+            samples.append(Sample(a, b - a, trunk[0], first))
+        else:
+            samples.append(Sample(a, b - a))
+    return samples
+
+
+def sample_lengths(position_ids: Any) -> list[int] | None:
+    """How many tokens of the row each sample holds (`row_samples`)."""
+    samples = row_samples(position_ids)
+    return None if samples is None else [s.length for s in samples]
 
 
 def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
@@ -57,13 +94,17 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    lengths = sample_lengths(kwargs.get("position_ids"))
+    samples = row_samples(kwargs.get("position_ids"))
     window = kwargs.get("sliding_window")
     unsupported = (dropout and module.training) or not getattr(module, "is_causal", True) or any(
         kwargs.get(k) is not None for k in ("softcap", "s_aux")) or kwargs.get("output_attentions")
-    if (unsupported or lengths is None or (len(lengths) == 1 and attention_mask is not None) or query.shape[0] != 1
-            or sum(lengths) != query.shape[2] or key.shape[2] != query.shape[2]
-            or (window and max(lengths) > window)):
+    if (unsupported or samples is None or (len(samples) == 1 and attention_mask is not None) or query.shape[0] != 1
+            or sum(s.length for s in samples) != query.shape[2] or key.shape[2] != query.shape[2]
+            or (window and max(s.size for s in samples) > window)):
+        if samples is not None and any(s.prefix for s in samples):
+            raise RuntimeError("martlet_varlen: a row whose samples share prefixes needs its own attention path, and "
+                               "this call cannot take it (attention dropout, soft-capping, sinks, a sliding window "
+                               "shorter than a sample or a padded batch); sdpa would attend within each piece alone")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
@@ -72,7 +113,7 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     # bf16 products on a CPU build a kernel for every new shape (~1-5 ms each): short samples run padded to a
     # multiple of 16 tokens, so the shapes repeat
     multiple = shape_multiple(query.device.type, query.dtype, rows=16)
-    layout = _layout(tuple(lengths), heads, kv_heads, multiple, str(query.device))
+    layout = _layout(tuple(samples), heads, kv_heads, multiple, str(query.device))
     rows = query.shape[2]
     # (T, heads, D) rows: a view where transformers' (1, heads, T, D) is a transposed (1, T, heads, D)
     q_rows, k_rows, v_rows = (t[0].transpose(0, 1).reshape(-1, dim) for t in (query, key, value))
@@ -80,11 +121,14 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     for bucket in layout.buckets:
         # the samples of a bucket at once, each padded to the longest of them: one product of each kind a layer,
         # not six a sample. Padding rows repeat the sample's last token (finite values): causality hides them from
-        # the sample's own queries, and their outputs are dropped, so their gradients are exactly zero.
+        # the sample's own queries, and their outputs are dropped, so their gradients are exactly zero. So are
+        # those of a shared prefix's queries, computed again in each of its branches.
         count, padded = bucket.count, bucket.padded
-        q = Gather.apply(q_rows, bucket.query_index, bucket.query_inverse).view(count * kv_heads, groups * padded, dim)
-        k = Gather.apply(k_rows, bucket.key_index, bucket.key_inverse).view(count * kv_heads, padded, dim)
-        v = Gather.apply(v_rows, bucket.key_index, bucket.key_inverse).view(count * kv_heads, padded, dim)
+        q = Gather.apply(q_rows, bucket.query_index, bucket.query_inverse, None)
+        k = Gather.apply(k_rows, bucket.key_index, bucket.key_inverse, bucket.key_shared)
+        v = Gather.apply(v_rows, bucket.key_index, bucket.key_inverse, bucket.key_shared)
+        q = q.view(count * kv_heads, groups * padded, dim)
+        k, v = k.view(count * kv_heads, padded, dim), v.view(count * kv_heads, padded, dim)
         scores = q @ k.transpose(-1, -2)  # the query heads that share a key/value head form one matrix
         if native.usable(scores) is not None:  # scale, mask and softmax in one pass (train/native.py)
             probs = native.CausalSoftmax.apply(scores, scale)
@@ -93,13 +137,16 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
             probs = (scores * scale).masked_fill(future, float("-inf")).softmax(-1, dtype=torch.float32)
             probs = probs.to(v.dtype)
         blocks.append((probs @ v).view(-1, dim))  # rows ((sample * heads + head) * padded + position)
-    for start, length in layout.long:  # sdpa's causal kernel skips the upper triangle
-        q, k, v = (t[0, :, start:start + length] for t in (query, key, value))
+    for sample, keys in layout.long:  # sdpa's causal kernel skips the upper triangle
+        if keys is None:
+            q, k, v = (t[0, :, sample.start:sample.start + sample.length] for t in (query, key, value))
+        else:  # a shared prefix, then the sample's own tokens: the prefix's outputs are dropped
+            q, k, v = (t[0].index_select(1, keys) for t in (query, key, value))
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
                                              enable_gqa=groups > 1)
-        blocks.append(out[0].transpose(0, 1).reshape(-1, dim))  # rows (position * heads + head)
+        blocks.append(out[0, :, sample.prefix:].transpose(0, 1).reshape(-1, dim))  # rows (position * heads + head)
     out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-    return Gather.apply(out, layout.output_index, layout.output_inverse).view(1, rows, heads, dim), None
+    return Gather.apply(out, layout.output_index, layout.output_inverse, None).view(1, rows, heads, dim), None
 
 
 # A bucket of short samples costs its products' and softmax's calls (~150 us a layer on SmolLM2 here), about the
@@ -115,21 +162,21 @@ class _Bucket(NamedTuple):
     key_index: Any
     query_inverse: Any  # for each query row, its row in the bucket (past the end: none); keys and values
     key_inverse: Any
+    key_shared: Any  # (rows, bucket rows) where a key row serves more samples of the bucket (a shared prefix), or None
 
 
 class _Layout(NamedTuple):
     buckets: list[_Bucket]  # the short samples, in buckets of similar lengths
-    long: list[tuple[int, int]]  # (start, length) of the samples that run through sdpa one by one
+    long: list[tuple[Sample, Any]]  # the samples that run through sdpa one by one, each with its keys' tokens
     output_index: Any  # for each (token, head), its row in the outputs laid end to end
     output_inverse: Any  # for each output row, the (token, head) row it goes to (past the end: none, padding)
 
 
 @functools.lru_cache(maxsize=8)  # the layers of one step share it
-def _layout(lengths: tuple[int, ...], heads: int, kv_heads: int, multiple: int, device: str) -> _Layout:
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    tokens = sum(lengths)
-    short = sorted(((s, n) for s, n in zip(starts, lengths) if n <= EAGER_MAX_LEN), key=lambda sample: sample[1])
-    long = [(s, n) for s, n in zip(starts, lengths) if n > EAGER_MAX_LEN]
+def _layout(samples: tuple[Sample, ...], heads: int, kv_heads: int, multiple: int, device: str) -> _Layout:
+    tokens = sum(s.length for s in samples)
+    short = sorted(((s, s.size) for s in samples if s.size <= EAGER_MAX_LEN), key=lambda sample: sample[1])
+    long = [s for s in samples if s.size > EAGER_MAX_LEN]
     output_index = torch.empty(tokens, heads, dtype=torch.long)
     head = torch.arange(heads).view(1, heads)
     buckets, offset = [], 0
@@ -137,22 +184,27 @@ def _layout(lengths: tuple[int, ...], heads: int, kv_heads: int, multiple: int, 
         longest = members[-1][1]
         padded = longest + -longest % multiple
         slot = torch.arange(padded)  # each padded slot's token: the sample's own, its last one past its end
-        positions = torch.stack([s + slot.clamp(max=n - 1) for s, n in members]).view(len(members), 1, padded)
-        query_inverse = _inverse(members, tokens, heads, padded)
-        for s, n in members:  # a query's row in the bucket is its output's row in the bucket's block
-            output_index[s:s + n] = offset + query_inverse.view(tokens, heads)[s:s + n]
+        keys = [torch.tensor(s.keys()) for s, _ in members]
+        positions = torch.stack([k[slot.clamp(max=len(k) - 1)] for k in keys]).view(len(members), 1, padded)
+        query_inverse, _ = _inverse(members, keys, tokens, heads, padded, own=True)
+        for s, _ in members:  # a query's row in the bucket is its output's row in the bucket's block
+            own = slice(s.start, s.start + s.length)
+            output_index[own] = offset + query_inverse.view(tokens, heads)[own]
+        key_inverse, key_shared = _inverse(members, keys, tokens, kv_heads, padded, own=False)
         indexes = ((positions * heads + torch.arange(heads).view(1, heads, 1)).flatten(),
                    (positions * kv_heads + torch.arange(kv_heads).view(1, kv_heads, 1)).flatten(),
-                   query_inverse, _inverse(members, tokens, kv_heads, padded))
-        buckets.append(_Bucket(len(members), padded, *(t.to(device) for t in indexes)))
+                   query_inverse, key_inverse)
+        shared = None if key_shared is None else tuple(t.to(device) for t in key_shared)
+        buckets.append(_Bucket(len(members), padded, *(t.to(device) for t in indexes), shared))
         offset += len(members) * heads * padded
-    for s, n in long:
-        output_index[s:s + n] = offset + torch.arange(n).view(n, 1) * heads + head
-        offset += n * heads
+    for s in long:
+        output_index[s.start:s.start + s.length] = offset + torch.arange(s.length).view(s.length, 1) * heads + head
+        offset += s.length * heads
     output_index = output_index.flatten()
     output_inverse = torch.full((offset,), tokens * heads, dtype=torch.long)
     output_inverse[output_index] = torch.arange(tokens * heads)
-    return _Layout(buckets, long, output_index.to(device), output_inverse.to(device))
+    long_keys = [(s, torch.tensor(s.keys(), device=device) if s.prefix else None) for s in long]
+    return _Layout(buckets, long_keys, output_index.to(device), output_inverse.to(device))
 
 
 def _partition(samples: list[tuple[int, int]], multiple: int) -> list[list[tuple[int, int]]]:
@@ -172,26 +224,42 @@ def _partition(samples: list[tuple[int, int]], multiple: int) -> list[list[tuple
     return buckets[::-1]
 
 
-def _inverse(members: list[tuple[int, int]], tokens: int, width: int, padded: int) -> Any:
-    """For each of `tokens` x `width` rows, its row in a bucket's (sample, width, padded) block; one past the block
-    for tokens of other samples."""
+def _inverse(members: list[tuple[Sample, int]], keys: list[Any], tokens: int, width: int, padded: int,
+             own: bool) -> tuple[Any, Any]:
+    """For each of `tokens` x `width` rows, its row in a bucket's (sample, width, padded) block, one past the block
+    for none: with `own`, the rows whose outputs a sample gives (its own tokens), else every row a sample reads (its
+    keys, a shared prefix included). A row read by more samples of the bucket takes the first one's place; the
+    others come back as (rows, bucket rows) to add, or None when there are none."""
     inverse = torch.full((tokens, width), len(members) * width * padded, dtype=torch.long)
-    for i, (s, n) in enumerate(members):
-        inverse[s:s + n] = (i * width + torch.arange(width).view(1, width)) * padded + torch.arange(n).view(n, 1)
-    return inverse.flatten()
+    taken = torch.zeros(tokens, dtype=torch.bool)
+    more = []
+    lanes = torch.arange(width).view(1, width)
+    for i, ((sample, size), key) in enumerate(zip(members, keys)):
+        slots = torch.arange(sample.prefix if own else 0, size)
+        rows, places = key[slots], (i * width + lanes) * padded + slots.view(-1, 1)
+        again = taken[rows]
+        if again.any():
+            more.append(((rows[again].view(-1, 1) * width + lanes).flatten(), places[again].flatten()))
+        fresh = ~again
+        inverse[rows[fresh]] = places[fresh]
+        taken[rows] = True
+    shared = None if not more else (torch.cat([m[0] for m in more]), torch.cat([m[1] for m in more]))
+    return inverse.flatten(), shared
 
 
 class Gather(torch.autograd.Function):
     """rows.index_select(0, index), whose gradient is a gather too instead of index_select's scatter-add (13 ms a
     step of four ~80-token samples on SmolLM2): `inverse` gives, for each row of `rows`, the row of the result whose
     gradient it takes, one past the end for none (a zero row). A row gathered more than once (a sample's last token
-    repeated into its padding) takes the gradient of its real place: the padding's is exactly zero (see above).
-    With the native kernels the gradient's gather is `gather_rows`: one parallel pass, without first copying the
-    rows to append a zero row (7 us instead of 15-17 for a bucket's query rows on SmolLM2)."""
+    repeated into its padding) takes the gradient of its real place: the padding's is exactly zero (see above). A
+    row that more samples really read (a shared prefix's keys) adds the others' gradients too: `shared`, (rows,
+    result rows), or None. With the native kernels the gradient's gather is `gather_rows`: one parallel pass, without
+    first copying the rows to append a zero row (7 us instead of 15-17 for a bucket's query rows on SmolLM2)."""
 
     @staticmethod
-    def forward(ctx, rows, index, inverse):
+    def forward(ctx, rows, index, inverse, shared):
         ctx.save_for_backward(inverse)
+        ctx.shared = shared
         return rows.index_select(0, index)  # as fast as `gather_rows` here (4.8 vs 5.2 us)
 
     @staticmethod
@@ -200,5 +268,10 @@ class Gather(torch.autograd.Function):
         grad = grad.contiguous()
         kernels = native.usable(grad)
         if kernels is not None:
-            return kernels.gather_rows(grad, inverse), None, None
-        return torch.cat([grad, grad.new_zeros(1, grad.shape[1])]).index_select(0, inverse), None, None
+            out = kernels.gather_rows(grad, inverse)
+        else:
+            out = torch.cat([grad, grad.new_zeros(1, grad.shape[1])]).index_select(0, inverse)
+        if ctx.shared is not None:
+            rows, sources = ctx.shared
+            out.index_add_(0, rows, grad.index_select(0, sources))
+        return out, None, None, None
