@@ -25,7 +25,10 @@ MARTLET_BENCH_ARGS="--name value ..." adds arguments to Martlet's side (for abla
 
 Each side runs in its own process (peak RSS is per process). Both are timed by the same hook around
 `Trainer.training_step`: seconds per step after 2 warm-up steps, and real tokens (attention-mask ones, or
-every token of a padding-free row but the padding that rounds it up to a multiple of 64 on a CPU). It prints one table with the ratios, and writes JSON with --json.
+every token of a padding-free row but the padding that rounds it up to a multiple of 64 on a CPU, a beginning that
+samples share counted as often as samples hold it). It prints one table with the ratios, and writes JSON with
+--json. The roofline share counts the tokens Martlet computes: a beginning that samples share (a system prompt, a
+pair's prompt) once.
 """
 
 from __future__ import annotations
@@ -102,17 +105,22 @@ def instrument(record: dict) -> None:
     original = Trainer.training_step
 
     def timed(self, model, inputs, *args, **kwargs):
-        tokens = 0
+        from martlet.train.varlen_attention import row_samples
+
+        tokens = computed = 0
         masks = [v for k, v in inputs.items() if k.endswith("attention_mask") and torch.is_tensor(v)]
         if masks:
             tokens = int(sum(m.sum() for m in masks))
-        else:  # a padding-free row: every token, but the padding that rounds the row up (Martlet on a CPU)
-            tokens = int(sum(v.numel() for k, v in inputs.items() if k.endswith("input_ids") and torch.is_tensor(v)))
-            tokens -= padding_tokens(inputs)
+        else:  # a padding-free row: every token, but the padding that rounds the row up (Martlet on a CPU), and the
+            # samples' shared beginnings as often as samples hold them (the row holds each once)
+            computed = int(sum(v.numel() for k, v in inputs.items() if k.endswith("input_ids") and torch.is_tensor(v)))
+            computed -= padding_tokens(inputs)
+            tokens = computed + sum(s.prefix for s in row_samples(inputs.get("position_ids")) or ())
         start = time.perf_counter()
         loss = original(self, model, inputs, *args, **kwargs)
         record["steps"].append({"seconds": time.perf_counter() - start, "tokens": tokens,
-                                "labelled": labelled_tokens(inputs), "computed": record.pop("row", tokens)})
+                                "labelled": labelled_tokens(inputs),
+                                "computed": record.pop("row", computed or tokens)})
         return loss
 
     Trainer.training_step = timed
@@ -166,9 +174,18 @@ def baseline_sft(steps: int, out_dir: str) -> dict:
     return summary(record, trainer.state.log_history)
 
 
+def unshared() -> None:
+    """--baseline martlet-unshared: every sample and sequence whole, a shared beginning computed as often as held."""
+    from martlet.train import batching
+
+    if os.environ.get("MARTLET_BENCH_UNSHARED"):
+        batching.SHARE_PREFIXES = False
+
+
 def martlet_sft(steps: int, out_dir: str) -> dict:
     from martlet.train.sft import sft_main
 
+    unshared()
     record = {"steps": []}
     instrument(record)
     result = sft_main(["--dataset", *SFT_DATA, *COMMON, "--lora_dropout", str(DROPOUT[0]), "--max_steps", str(steps),
@@ -259,8 +276,7 @@ def martlet_preference(kind: str, steps: int, out_dir: str) -> dict:
     from martlet.train import rlhf_trainers
     from martlet.train.rlhf import rlhf_main
 
-    if os.environ.get("MARTLET_BENCH_UNSHARED"):  # --baseline martlet-unshared
-        rlhf_trainers.SHARE_PREFIXES = False
+    unshared()
     record = {"steps": []}
     instrument(record)
     decoded_row = rlhf_trainers._decoded_row
@@ -468,8 +484,8 @@ def main() -> None:
     parser.add_argument("--baseline", choices=tuple(BASELINES), default="plain",
                         help="plain: transformers Trainer / trl + peft; martlet-torch: Martlet with its native "
                              "kernels off (MARTLET_NATIVE=0), to see what the kernels themselves give on this CPU; "
-                             "martlet-unshared (preference training): Martlet with each sequence of a pair whole, "
-                             "its prompt computed twice")
+                             "martlet-unshared: Martlet with every sample and sequence whole (a system prompt, a "
+                             "pair's prompt computed as often as held)")
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

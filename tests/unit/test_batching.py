@@ -92,6 +92,57 @@ def test_padding_free_row_matches_padded_batch(model):
         torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _chats(vocab: int, seed: int = 1):
+    """Samples as a chat template makes them: one system prompt (8 tokens) then a user turn and a reply, the reply
+    alone labelled; two users ask alike (their first 5 tokens), one sample is the system prompt and a short reply
+    (labelled from its 9th token: nothing beyond the system prompt may be shared), one is plain text (all labelled)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = lambda n: torch.randint(5, vocab, (n,), generator=g).tolist()  # noqa: E731
+    system, question = tokens(8), tokens(5)
+    chats = [(system + question + tokens(4), 13), (system + question + tokens(6), 13), (system + tokens(9), 12),
+             (system + tokens(3), 8), (tokens(10), 0)]
+    return [{"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]} for ids, prompt in chats]
+
+
+def test_samples_that_begin_alike_share_their_unlabelled_beginning_with_the_same_loss_and_gradients(model):
+    """`share_prefixes` (on where the attention is martlet_varlen): each sample's unlabelled beginning shared with
+    an earlier one sits in the row once, and the loss and gradients are those of the row of whole samples."""
+    from martlet.train.varlen_attention import reads_shared_prefixes, row_samples
+
+    samples = _chats(model.config.vocab_size)
+    plain, shared = PaddingFreeCollator()(samples), PaddingFreeCollator(share_prefixes=True)(samples)
+    # shared: 12 tokens of the second sample (its system prompt and the question, up to its first labelled token),
+    # 8 of the third and 7 of the fourth (its 8th token is the one before its first label); none of the plain text
+    assert shared["input_ids"].shape[1] == plain["input_ids"].shape[1] - 12 - 8 - 7
+    assert [s.prefix for s in row_samples(shared["position_ids"])] == [0, 12, 8, 7, 0]
+    assert (shared["labels"] != IGNORE).sum() == (plain["labels"] != IGNORE).sum()
+    if not reads_shared_prefixes(model.config, 64):  # sdpa: the sdpa mask cannot read such a row
+        assert model.config._attn_implementation == "sdpa"
+        return
+    torch.testing.assert_close(causal_lm_loss(model, shared), causal_lm_loss(model, plain), rtol=1e-5, atol=1e-6)
+    want, got = _grads(model, causal_lm_loss(model, plain)), _grads(model, causal_lm_loss(model, shared))
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_rows_share_beginnings_only_where_martlet_varlen_runs_every_layer_of_them():
+    """What would send such a row to sdpa (which would let each piece attend to itself alone) turns sharing off."""
+    from types import SimpleNamespace as Config
+
+    from martlet.train.varlen_attention import NAME, reads_shared_prefixes
+
+    assert reads_shared_prefixes(Config(_attn_implementation=NAME), 512)
+    assert not reads_shared_prefixes(Config(_attn_implementation="sdpa"), 512)
+    assert not reads_shared_prefixes(Config(_attn_implementation=NAME, attn_logit_softcapping=50.0), 512)
+    windowed = Config(_attn_implementation=NAME, sliding_window=256)
+    assert reads_shared_prefixes(windowed, 200) and not reads_shared_prefixes(windowed, 512)
+    assert not reads_shared_prefixes(windowed, None)  # (no --max_length: any length)
+    assert reads_shared_prefixes(Config(_attn_implementation=NAME, sliding_window=256, use_sliding_window=False), 512)
+    dropout = Config(_attn_implementation=NAME, attention_dropout=0.1)
+    assert not reads_shared_prefixes(dropout, 512) and reads_shared_prefixes(dropout, 512, training=False)
+    assert not reads_shared_prefixes(Config(_attn_implementation=NAME, vision_config={}), 512)
+
+
 def test_a_row_rounded_up_with_a_padding_sample_gives_the_same_loss_and_gradients(model):
     """What CPU training does (rows in steps of 64 tokens): the padding is a sample of its own with no labels."""
     padding_tokens = _benchmark("sft_throughput").padding_tokens  # (what the benchmark counts as padding)

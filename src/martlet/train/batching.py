@@ -14,9 +14,38 @@ tokens (first fit, longest first); each packed row is one item of the data set a
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 IGNORE_INDEX = -100
+# samples and sequences of a batch that begin alike (a chat template's system prompt, a pair's prompt, a GRPO group's)
+# are computed once up to where they part, where the attention reads such rows (`varlen_attention.row_samples`);
+# False: each whole (A/B measurements)
+SHARE_PREFIXES = True
+
+
+def prefix_trees(sequences: Sequence[Sequence[int]], limits: Sequence[int]) -> list[tuple[int, list[tuple[int, int]]]]:
+    """Sequences grouped by how they begin, for a padding-free row that computes a shared beginning once:
+    [(trunk, [(sequence, shared tokens), ...]), ...] in row order. A sequence shares with the earlier trunk it has
+    the longest common beginning with, at most `limits[i]` tokens (it keeps at least one token of its own), and
+    never as many as the sequence laid just before it in the row holds: its first position would then follow that
+    sequence's last, and the two would read as one (`varlen_attention.row_samples`). Sharing nothing, it is a trunk."""
+    trees: list[tuple[int, list[tuple[int, int]]]] = []
+    for i, seq in enumerate(sequences):
+        best, shared = None, 0
+        for tree in trees:
+            n = len(os.path.commonprefix([sequences[tree[0]], seq]))
+            if n > shared:
+                best, shared = tree, n
+        if best is not None:
+            shared = min(shared, limits[i], len(seq) - 1)
+            before = best[1][-1][0] if best[1] else best[0]
+            shared -= shared == len(sequences[before])
+        if best is None or shared <= 0:
+            trees.append((i, []))
+        else:
+            best[1].append((i, shared))
+    return trees
 
 
 class PaddingFreeCollator:
@@ -27,27 +56,40 @@ class PaddingFreeCollator:
     the gradients are those of the row without it. On a CPU the bf16 matrix products (oneDNN) build a kernel for
     each new matrix shape (`kernels.shape_multiple`); rows of every length meant 33-41 new kernels, 73-135 ms, at
     every step (measured); rows in steps of 64 tokens reuse a handful of shapes for a few percent more arithmetic.
+
+    `share_prefixes` (only where the attention is `martlet_varlen`, which reads such rows): samples that begin
+    alike (a chat template's default system prompt) hold their shared beginning once (`prefix_trees`), as far as it
+    has no labels: a sample's first labelled token is still predicted from its own tokens, so the loss is unchanged.
     """
 
-    def __init__(self, pad_to_multiple_of: int = 0, pad_token_id: int = 0):
+    def __init__(self, pad_to_multiple_of: int = 0, pad_token_id: int = 0, share_prefixes: bool = False):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_token_id = pad_token_id
+        self.share_prefixes = share_prefixes
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
+        samples = []  # (ids, positions, labels)
+        for f in features:
+            ids = list(f["input_ids"])
+            if ids:
+                positions = list(f["position_ids"]) if f.get("position_ids") is not None else list(range(len(ids)))
+                samples.append((ids, positions, list(f["labels"]) if f.get("labels") is not None else list(ids)))
+        order: list[tuple[int, int]] = [(i, 0) for i in range(len(samples))]  # (sample, tokens shared with its trunk)
+        if self.share_prefixes and not any(f.get("position_ids") is not None for f in features):  # (not packed)
+            unlabelled = [next((t for t, y in enumerate(s[2]) if t > 0 and y != IGNORE_INDEX), len(s[0])) - 1
+                          for s in samples]
+            trees = prefix_trees([s[0] for s in samples], unlabelled)
+            order = [member for trunk, branches in trees for member in [(trunk, 0), *branches]]
         input_ids: list[int] = []
         labels: list[int] = []
         position_ids: list[int] = []
-        for f in features:
-            ids = list(f["input_ids"])
-            if not ids:
-                continue
+        for i, shared in order:
+            ids, positions, row_labels = (part[shared:] for part in samples[i])
             input_ids += ids
-            positions = list(f["position_ids"]) if f.get("position_ids") is not None else list(range(len(ids)))
             position_ids += positions
-            row_labels = list(f["labels"]) if f.get("labels") is not None else list(ids)
-            labels += [IGNORE_INDEX if p == 0 else t for p, t in zip(positions, row_labels)]
+            labels += [IGNORE_INDEX if p == 0 or p == shared else t for p, t in zip(positions, row_labels)]
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
         row = rounded_row(as_tensor(input_ids), as_tensor(position_ids), self.pad_to_multiple_of or 1,
                           as_tensor(labels), self.pad_token_id)

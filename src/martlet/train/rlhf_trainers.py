@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
-import os
 from collections import defaultdict
 from typing import Any
 
@@ -23,8 +22,8 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from martlet import patches
 from martlet.args.rlhf import RLHFArguments
-from martlet.train import native, rlhf_losses, varlen_attention
-from martlet.train.batching import rounded_row
+from martlet.train import batching, native, rlhf_losses, varlen_attention
+from martlet.train.batching import prefix_trees, rounded_row
 from martlet.train.kernels import TokenScores, shape_multiple
 from martlet.train.loss import CHUNK, is_wrapped, lean_loss_supported, summed_cross_entropy, unwrap_causal_lm
 from martlet.train.outputs import RunFiles
@@ -87,48 +86,15 @@ def _row_layout(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return keep, positions, keep.flatten().cumsum(0).view(keep.shape) - 1
 
 
-# sequences of a batch that begin alike (a pair's prompt, a GRPO group's) are computed once up to where they part,
-# where the attention can say so (`varlen_attention.row_samples`); False: each sequence whole (A/B measurements)
-SHARE_PREFIXES = True
-
-
-def _shares_prefixes(lm: Any, longest: int) -> bool:
-    """Whether `martlet_varlen` will run every layer's attention of a row with shared prefixes itself (it refuses
-    what it cannot: attention dropout in training, soft-capping, a sliding window shorter than a sequence)."""
-    config = lm.config
-    window = getattr(config, "sliding_window", None)
-    return (SHARE_PREFIXES and getattr(config, "_attn_implementation", None) == varlen_attention.NAME
-            and getattr(config, "attn_logit_softcapping", None) is None and not (window and longest > window)
-            and not (lm.training and getattr(config, "attention_dropout", 0.0)))
-
-
 def _sequences_row(input_ids: torch.Tensor, attention_mask: torch.Tensor, share: bool):
     """A padded batch's real tokens as one padding-free row -> (ids, position ids, slot): slot[b, t] is where token t
     of sequence b is computed (-1 for padding). With `share`, a sequence that begins like an earlier tree's first
-    sequence (its trunk) continues that tree: only its tokens after the shared beginning enter the row, right after
-    the tree's other sequences, at their own positions, which `varlen_attention` reads as "attends to the trunk's
-    first tokens, then to its own". Each keeps at least one token of its own, and its first position never follows
-    the sample before it in the row (that would join the two)."""
+    sequence (its trunk) continues that tree (`batching.prefix_trees`): only its tokens after the shared beginning
+    enter the row, right after the tree's other sequences, at their own positions, which `varlen_attention` reads as
+    "attends to the trunk's first tokens, then to its own"."""
     keep = attention_mask.bool()
     seqs = [ids[k].tolist() for ids, k in zip(input_ids, keep)]
-    trees: list[tuple[int, list[tuple[int, int]]]] = []  # (trunk, [(sequence, shared tokens)])
-    for b, seq in enumerate(seqs):
-        best, shared = None, 0
-        for tree in trees if share else ():
-            n = len(os.path.commonprefix([seqs[tree[0]], seq]))
-            if n > shared:
-                best, shared = tree, n
-        if best is None:
-            trees.append((b, []))
-            continue
-        shared = min(shared, len(seq) - 1)
-        previous = best[1][-1] if best[1] else (best[0], 0)
-        if shared == len(seqs[previous[0]]):  # would follow on from the sample before it
-            shared -= 1
-        if shared > 0:
-            best[1].append((b, shared))
-        else:
-            trees.append((b, []))
+    trees = prefix_trees(seqs, [len(seq) - 1 for seq in seqs]) if share else [(b, []) for b in range(len(seqs))]
     slot = torch.full(keep.shape, -1, dtype=torch.long, device=input_ids.device)
     pieces, positions, start = [], [], 0
     for trunk, branches in trees:
@@ -216,8 +182,10 @@ def _padding_free_forward(self, *args: Any, fused_lm_head: bool = False, labels:
 
 def _decoded_row(lm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoder's last hidden states for a padded batch's real tokens run as one padding-free row (shared
-    beginnings once, where `_shares_prefixes`; rounded up as `_row_multiple` says), and each token's row there."""
-    share = _shares_prefixes(lm, int(attention_mask.sum(1).max()))
+    beginnings once, where the attention reads them: `batching.SHARE_PREFIXES`; rounded up as `_row_multiple` says),
+    and each token's row there."""
+    longest = int(attention_mask.sum(1).max())
+    share = batching.SHARE_PREFIXES and varlen_attention.reads_shared_prefixes(lm.config, longest, lm.training)
     ids, positions, slot = _sequences_row(input_ids, attention_mask, share)
     ids, positions, _ = rounded_row(ids, positions, _row_multiple(lm, input_ids.device.type))
     hidden = lm.get_decoder()(input_ids=ids[None], position_ids=positions[None], use_cache=False).last_hidden_state

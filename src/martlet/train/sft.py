@@ -15,11 +15,13 @@ from transformers import DataCollatorForSeq2Seq, TrainingArguments
 from martlet.args import PtArguments, SftArguments, parse_cli
 from martlet.data.preprocess import encode_rows, train_val_rows
 from martlet.models.dtype import torch_dtype
+from martlet.train import batching
 from martlet.train.batching import PaddingFreeCollator, pack_dataset
 from martlet.train.kernels import shape_multiple
-from martlet.train.loss import lean_loss_supported
+from martlet.train.loss import lean_loss_supported, unwrap_causal_lm
 from martlet.train.pipeline import EncodedData, Reference, RunSetup, TrainingRun, encode_split, run_training
 from martlet.train.trainer import MartletTrainer
+from martlet.train.varlen_attention import reads_shared_prefixes
 from martlet.utils import setup_logging
 
 logger = logging.getLogger("martlet")
@@ -74,8 +76,9 @@ def build_sft_trainer(run: TrainingRun, model: Any, data: EncodedData) -> Martle
         kwargs["train_sampling_strategy"] = "group_by_length"
     training_args = TrainingArguments(**kwargs)
     if args.effective_padding_free():  # bf16 on a CPU: rows in steps of 64 tokens (see PaddingFreeCollator)
+        share = batching.SHARE_PREFIXES and reads_shared_prefixes(unwrap_causal_lm(model).config, args.max_length)
         collator = PaddingFreeCollator(shape_multiple(run.device, torch_dtype(run.dtype)),
-                                       run.tokenizer.pad_token_id or 0)
+                                       run.tokenizer.pad_token_id or 0, share_prefixes=share)
     else:
         collator = DataCollatorForSeq2Seq(run.tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
     train_set = data.train

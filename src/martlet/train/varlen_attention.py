@@ -82,6 +82,17 @@ def row_samples(position_ids: Any) -> list[Sample] | None:
     return samples
 
 
+def reads_shared_prefixes(config: Any, longest: int | None, training: bool = True) -> bool:
+    """Whether a model of `config` runs every layer's attention of a row with shared prefixes through this path
+    (which refuses what it cannot: attention dropout in training, soft-capping, a sliding window shorter than the
+    `longest` sequence, None: unknown; and a multimodal model's position ids are its own)."""
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return (getattr(config, "_attn_implementation", None) == NAME and getattr(config, "attn_logit_softcapping", None)
+            is None and not (window and (longest is None or longest > window))
+            and not (training and getattr(config, "attention_dropout", 0))
+            and getattr(config, "vision_config", None) is None)  # (multimodal position ids are not one row's)
+
+
 def sample_lengths(position_ids: Any) -> list[int] | None:
     """How many tokens of the row each sample holds (`row_samples`)."""
     samples = row_samples(position_ids)
