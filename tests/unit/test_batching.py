@@ -182,6 +182,35 @@ def test_varlen_attention_pads_short_bf16_samples_to_repeating_shapes_with_the_s
         torch.testing.assert_close(g16.float(), g32, rtol=5e-2, atol=5e-2)
 
 
+def test_bf16_samples_up_to_512_tokens_run_in_buckets_where_the_native_softmax_runs():
+    """On bf16 with the native causal softmax the buckets beat sdpa's CPU kernel up to ~1,000 tokens: samples up to
+    512 run there (elsewhere up to 160); the result is fp32's within bf16 rounding, gradients too."""
+    import types
+
+    from martlet.train import native, varlen_attention
+
+    lengths = [300, 40, 600]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, sum(lengths), h, 16, generator=g).transpose(1, 2) for h in (6, 2, 2))
+    native_softmax = native.ops() is not None
+    assert varlen_attention._bucket_max_len(q.bfloat16()) == (512 if native_softmax else 160)
+    assert varlen_attention._bucket_max_len(q) == 160  # fp32: sdpa is as fast from ~170 tokens on
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    module = types.SimpleNamespace(training=True, is_causal=True)
+    inputs32 = [t.clone().requires_grad_() for t in (q, k, v)]
+    inputs16 = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    want, _ = varlen_attention.varlen_attention(module, *inputs32, None, position_ids=position_ids)
+    got, _ = varlen_attention.varlen_attention(module, *inputs16, None, position_ids=position_ids)
+    torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)
+    upstream = torch.randn(want.shape, generator=g)
+    grads16 = torch.autograd.grad(got, inputs16, upstream.bfloat16())
+    for g16, g32 in zip(grads16, torch.autograd.grad(want, inputs32, upstream)):
+        torch.testing.assert_close(g16.float(), g32, rtol=5e-2, atol=5e-2)
+    samples = tuple(varlen_attention.Sample(sum(lengths[:i]), n) for i, n in enumerate(lengths))
+    layout = varlen_attention._layout(samples, 6, 2, 16, "cpu", 512)
+    assert sorted(b.padded for b in layout.buckets) == [48, 304] and [s.length for s, _ in layout.long] == [600]
+
+
 def test_short_samples_run_in_buckets_of_similar_lengths():
     """Short samples run batched, padded to the longest of their bucket: one long sample among short ones gets a
     bucket of its own (padding the others to its length would cost more than a bucket's calls), similar lengths

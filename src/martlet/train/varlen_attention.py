@@ -6,8 +6,8 @@ every block of the row x row square, masked or not. Here the row is cut at the r
 to itself alone: the short samples in buckets of similar lengths (`_partition`), each sample padded to the longest
 of its bucket, through two batched matrix products and one softmax a bucket and layer (for a few hundred tokens the
 fastest on a CPU; a product pair per sample cost six products, three pads and three full-row gradient copies per
-sample and layer), longer ones through sdpa with `is_causal` (which skips the upper triangle). Same result as the
-mask, at a fraction of the work.
+sample and layer), longer ones (over 160 tokens; 512 on bf16 with the native softmax) through sdpa with `is_causal`
+(which skips the upper triangle). Same result as the mask, at a fraction of the work.
 
 Registered with transformers as the attention implementation "martlet_varlen" (the mask function is sdpa's,
 so a padded batch or generation simply runs sdpa). Anything it does not handle (a batch of several rows,
@@ -33,6 +33,11 @@ from martlet.train.kernels import shape_multiple
 
 NAME = "martlet_varlen"
 EAGER_MAX_LEN = 160  # below this many tokens plain matmul + softmax beats the CPU sdpa kernel (fwd + bwd, bf16)
+# with the native causal softmax on bf16 the buckets beat sdpa's CPU kernel far longer (one SmolLM2 layer's attention,
+# fwd + bwd, one sample: 4.1x at 176 tokens, 3.3x at 320, 2.0x at 448, 1.55x at 640, 1.2x at 1,024, 0.72x at 2,048;
+# in fp32 sdpa is as fast from 176 tokens on). Kept at 512: a bucket keeps its probabilities for the backward pass
+# (heads x length² values a layer), sdpa none
+NATIVE_BF16_MAX_LEN = 512
 
 
 def register() -> str:
@@ -124,7 +129,7 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     # bf16 products on a CPU build a kernel for every new shape (~1-5 ms each): short samples run padded to a
     # multiple of 16 tokens, so the shapes repeat
     multiple = shape_multiple(query.device.type, query.dtype, rows=16)
-    layout = _layout(tuple(samples), heads, kv_heads, multiple, str(query.device))
+    layout = _layout(tuple(samples), heads, kv_heads, multiple, str(query.device), _bucket_max_len(query))
     rows = query.shape[2]
     # (T, heads, D) rows: a view where transformers' (1, heads, T, D) is a transposed (1, T, heads, D)
     q_rows, k_rows, v_rows = (t[0].transpose(0, 1).reshape(-1, dim) for t in (query, key, value))
@@ -183,11 +188,19 @@ class _Layout(NamedTuple):
     output_inverse: Any  # for each output row, the (token, head) row it goes to (past the end: none, padding)
 
 
+def _bucket_max_len(query: Any) -> int:
+    """The longest sample that runs in a bucket, not through sdpa: longer on bf16 with the native causal softmax."""
+    native_softmax = (query.dtype == torch.bfloat16 and query.device.type == "cpu" and native.ops() is not None
+                      and not torch.compiler.is_compiling())
+    return NATIVE_BF16_MAX_LEN if native_softmax else EAGER_MAX_LEN
+
+
 @functools.lru_cache(maxsize=8)  # the layers of one step share it
-def _layout(samples: tuple[Sample, ...], heads: int, kv_heads: int, multiple: int, device: str) -> _Layout:
+def _layout(samples: tuple[Sample, ...], heads: int, kv_heads: int, multiple: int, device: str,
+            longest: int = EAGER_MAX_LEN) -> _Layout:
     tokens = sum(s.length for s in samples)
-    short = sorted(((s, s.size) for s in samples if s.size <= EAGER_MAX_LEN), key=lambda sample: sample[1])
-    long = [s for s in samples if s.size > EAGER_MAX_LEN]
+    short = sorted(((s, s.size) for s in samples if s.size <= longest), key=lambda sample: sample[1])
+    long = [s for s in samples if s.size > longest]
     output_index = torch.empty(tokens, heads, dtype=torch.long)
     head = torch.arange(heads).view(1, heads)
     buckets, offset = [], 0
