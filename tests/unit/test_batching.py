@@ -125,6 +125,22 @@ def test_samples_that_begin_alike_share_their_unlabelled_beginning_with_the_same
         torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_shared_beginnings_survive_gradient_checkpointing(tiny_llama):
+    """The recomputed forward pass reads the same position ids, so it attends as the first pass did."""
+    from transformers import AutoModelForCausalLM
+
+    from martlet.train.varlen_attention import register
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation=register(),
+                                                 use_cache=False).train()
+    samples = _chats(model.config.vocab_size)
+    want = _grads(model, causal_lm_loss(model, PaddingFreeCollator()(samples)))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    got = _grads(model, causal_lm_loss(model, PaddingFreeCollator(share_prefixes=True)(samples)))
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_rows_share_beginnings_only_where_martlet_varlen_runs_every_layer_of_them():
     """What would send such a row to sdpa (which would let each piece attend to itself alone) turns sharing off."""
     from types import SimpleNamespace as Config
