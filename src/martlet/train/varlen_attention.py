@@ -17,8 +17,9 @@ when no --attn_impl is given; it is never saved in a checkpoint's config.
 
 Shared prefixes: a sample whose positions start at p > 0 (not at 0) continues the first p tokens of the last sample
 before it that started at 0, its trunk: it attends to those and to itself, and the prefix's tokens sit in the row once
-(preference training lays a pair's chosen and rejected replies after one copy of their prompt, `rlhf_trainers`).
-sdpa's mask cannot say that, so such a row never goes to sdpa: where this path cannot run it, it stops with an error.
+(SFT lays samples that begin alike after one copy of their system prompt, `batching.PaddingFreeCollator`; preference
+training a pair's replies after one copy of their prompt, `rlhf_trainers`). sdpa's mask cannot say that, so such a
+row never goes to sdpa: where this path cannot run it, it stops with an error (`reads_shared_prefixes` says where).
 """
 
 from __future__ import annotations
