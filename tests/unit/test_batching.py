@@ -423,13 +423,14 @@ def test_varlen_attention_cuts_rows_at_position_restarts(tiny_llama, monkeypatch
     import transformers.integrations.sdpa_attention as sdpa_module
     from transformers import AutoModelForCausalLM
 
-    from martlet.train.varlen_attention import Sample, register, row_samples, sample_lengths
+    from martlet.train.varlen_attention import Sample, register, row_samples
 
-    assert sample_lengths(torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3]])) == [3, 2, 1, 4]
-    assert sample_lengths(torch.tensor([[5, 6, 7]])) == [3]  # one sample that starts later still is one sample
+    assert row_samples(torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3]])) == [Sample(0, 3), Sample(3, 2), Sample(5, 1),
+                                                                            Sample(6, 4)]
+    assert row_samples(torch.tensor([[5, 6, 7]])) == [Sample(0, 3)]  # one sample that starts later still is one sample
     assert row_samples(torch.tensor([[0, 1, 2, 3, 2, 1, 2, 0, 1, 5]])) == [  # shared prefixes: p > 0 after a trunk
         Sample(0, 4), Sample(4, 1, 0, 2), Sample(5, 2, 0, 1), Sample(7, 2), Sample(9, 1)]  # (too short a trunk)
-    assert sample_lengths(torch.tensor([[0, 1], [0, 1]])) is None and sample_lengths(None) is None
+    assert row_samples(torch.tensor([[0, 1], [0, 1]])) is None and row_samples(None) is None
     fallbacks = []
     real = sdpa_module.sdpa_attention_forward
     monkeypatch.setattr(sdpa_module, "sdpa_attention_forward", lambda *a, **k: fallbacks.append(1) or real(*a, **k))

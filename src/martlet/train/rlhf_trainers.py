@@ -93,8 +93,11 @@ def _sequences_row(input_ids: torch.Tensor, attention_mask: torch.Tensor, share:
     enter the row, right after the tree's other sequences, at their own positions, which `varlen_attention` reads as
     "attends to the trunk's first tokens, then to its own"."""
     keep = attention_mask.bool()
-    seqs = [ids[k].tolist() for ids, k in zip(input_ids, keep)]
-    trees = prefix_trees(seqs, [len(seq) - 1 for seq in seqs]) if share else [(b, []) for b in range(len(seqs))]
+    seqs = [ids[k].tolist() for ids, k in zip(input_ids, keep)] if share else []
+    trees = prefix_trees(seqs, [len(seq) - 1 for seq in seqs])
+    if not any(branches for _, branches in trees):  # nothing shared: every sequence whole, in order
+        keep, positions, row_index = _row_layout(attention_mask)
+        return input_ids[keep], positions, row_index.masked_fill(~keep, -1)
     slot = torch.full(keep.shape, -1, dtype=torch.long, device=input_ids.device)
     pieces, positions, start = [], [], 0
     for trunk, branches in trees:

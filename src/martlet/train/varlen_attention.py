@@ -99,12 +99,6 @@ def reads_shared_prefixes(config: Any, longest: int | None, training: bool = Tru
             and getattr(config, "vision_config", None) is None)  # (multimodal position ids are not one row's)
 
 
-def sample_lengths(position_ids: Any) -> list[int] | None:
-    """How many tokens of the row each sample holds (`row_samples`)."""
-    samples = row_samples(position_ids)
-    return None if samples is None else [s.length for s in samples]
-
-
 def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
                      scaling: float | None = None, **kwargs: Any):
     """query (1, H, T, D), key/value (1, KV, T, D) -> ((1, T, H, D), None), as transformers' attention functions."""
