@@ -3,7 +3,7 @@ side by side in one invocation, on the embedded SmolLM2 and the built-in data.
 
     HF_HUB_OFFLINE=1 python benchmarks/sft_throughput.py [--steps 16] [--what sft,dpo,kto,orpo,simpo,cpo|both|all]
                                                          [--rounds 3]
-                                                         [--lora_dropout 0.05] [--cpu_isa avx2]
+                                                         [--lora_dropout 0.05] [--cpu_isa avx2] [--epochs 2]
                                                          [--baseline plain|martlet-torch|martlet-unshared]
 
 It first prints the CPU features found, the kernel path taken and this host's matrix-product speed in the
@@ -20,6 +20,10 @@ rate 1e-4, seed 42, the same samples in the same order.
 Baseline: `transformers.Trainer` (trl's DPOTrainer / KTOTrainer, `trl.experimental`'s ORPOTrainer / CPOTrainer for
 the preference losses) + peft, fp32, padding to the longest sample of the batch, nothing else. Martlet: `sft_main` / `rlhf_main` with its defaults (dtype AUTO, padding-free
 rows, the lean loss, gradient checkpointing on).
+
+`--epochs E` cuts both sides' data to steps x 4 / E samples (the same share from each dataset), so the steps run E
+epochs over it, and also reports the tokens/s of the epochs after the first: where a trainer keeps what it computed
+in the first (Martlet's DPO keeps its reference log-probs) the later epochs run faster.
 
 MARTLET_BENCH_ARGS="--name value ..." adds arguments to Martlet's side (for ablations).
 
@@ -61,12 +65,21 @@ EXTRA = os.environ.get("MARTLET_BENCH_ARGS", "").split()  # e.g. "--gradient_che
 SFT_DATA = ["self-cognition", "general-instruct", "math-word-problems#400"]
 DPO_DATA = ["pref-identity", "pref-math-en"]
 DROPOUT = [0.0]  # set from --lora_dropout in each process
+EPOCHS = [1]  # set from --epochs in each process
 DTYPE = ["bf16"]  # the training dtype of --dtype AUTO here (host_report)
 COMMON = ["--max_length", "512", "--batch_size", "4", "--gradient_accumulation_steps", "1",
           "--learning_rate", "1e-4", "--lora_rank", "8", "--lora_alpha", "32",
           "--lora_target_modules", "ALL", "--dataset_test_ratio", "0", "--logging_steps", "1",
           "--warmup_ratio", "0", "--lr_scheduler_type", "constant", "--seed", "42", "--report_to", "none",
           "--disable_tqdm", "true", "--model_name", "Martlet", "--model_author", "Birdhouse"]
+
+
+def datasets(names: list[str], steps: int) -> list[str]:
+    """The datasets, cut for --epochs: steps x 4 / EPOCHS samples in all, the same number from each."""
+    if EPOCHS[0] == 1:
+        return names
+    each = max(1, steps * 4 // EPOCHS[0] // len(names))
+    return [f"{name.split('#')[0]}#{each}" for name in names]
 
 
 def padding_tokens(inputs: dict[str, Any]) -> int:
@@ -129,10 +142,12 @@ def instrument(record: dict) -> None:
 def summary(record: dict, log_history: list[dict]) -> dict:
     timed = record["steps"][WARMUP:]
     seconds = sum(s["seconds"] for s in timed)
+    later = record["steps"][len(record["steps"]) // EPOCHS[0]:] if EPOCHS[0] > 1 else []  # after the first epoch
     losses = [h["loss"] for h in log_history if "loss" in h]
     tokens = sum(s["tokens"] for s in timed)
     return {"steps": len(record["steps"]), "s_per_step": seconds / max(1, len(timed)),
             "tokens_per_s": tokens / max(seconds, 1e-9),
+            "later_epochs_tokens_per_s": sum(s["tokens"] for s in later) / max(sum(s["seconds"] for s in later), 1e-9),
             "computed_share": sum(s.get("computed", s["tokens"]) for s in timed) / max(tokens, 1),
             "labelled_share": sum(s.get("labelled", 0) for s in timed) / max(tokens, 1),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -151,7 +166,7 @@ def baseline_sft(steps: int, out_dir: str) -> dict:
     from martlet.models.loader import load_tokenizer, resolve_model
     from martlet.templates import get_template
 
-    args = parse_cli(SftArguments, ["--dataset", *SFT_DATA, *COMMON])
+    args = parse_cli(SftArguments, ["--dataset", *datasets(SFT_DATA, steps), *COMMON])
     spec = resolve_model(None, None)
     tokenizer = load_tokenizer(spec.model_dir)
     template = get_template(None, tokenizer, None, 512, "delete", fallback=spec.template_type)
@@ -188,7 +203,7 @@ def martlet_sft(steps: int, out_dir: str) -> dict:
     unshared()
     record = {"steps": []}
     instrument(record)
-    result = sft_main(["--dataset", *SFT_DATA, *COMMON, "--lora_dropout", str(DROPOUT[0]), "--max_steps", str(steps),
+    result = sft_main(["--dataset", *datasets(SFT_DATA, steps), *COMMON, "--lora_dropout", str(DROPOUT[0]), "--max_steps", str(steps),
                        "--output_dir", out_dir, "--save_steps", str(10 * steps), "--save_only_model", "true", *EXTRA])
     return summary(record, result["log_history"])
 
@@ -204,7 +219,7 @@ def baseline_dpo(steps: int, out_dir: str) -> dict:
     from martlet.data.preference import preference_train_val_rows
     from martlet.models.loader import load_tokenizer, resolve_model
 
-    args = parse_cli(DPOArguments, ["--dataset", *DPO_DATA, *COMMON])
+    args = parse_cli(DPOArguments, ["--dataset", *datasets(DPO_DATA, steps), *COMMON])
     spec = resolve_model(None, None)
     tokenizer = load_tokenizer(spec.model_dir)
     data = _trl_pairs(preference_train_val_rows(args)[0])
@@ -235,7 +250,7 @@ def baseline_preference(kind: str, steps: int, out_dir: str) -> dict:
     from martlet.data.preference import preference_train_val_rows
     from martlet.models.loader import load_tokenizer, resolve_model
 
-    args = parse_cli(RLHFArguments, ["--rlhf_type", kind, "--dataset", *DPO_DATA, *COMMON])
+    args = parse_cli(RLHFArguments, ["--rlhf_type", kind, "--dataset", *datasets(DPO_DATA, steps), *COMMON])
     spec = resolve_model(None, None)
     tokenizer = load_tokenizer(spec.model_dir)
     rows = preference_train_val_rows(args)[0]
@@ -288,7 +303,7 @@ def martlet_preference(kind: str, steps: int, out_dir: str) -> dict:
 
     if kind != "kto":  # (KTO's rows are counted whole: its KL rows and its replies run in passes of their own)
         rlhf_trainers._decoded_row = counted
-    result = rlhf_main(["--rlhf_type", kind, "--dataset", *DPO_DATA, *COMMON, "--lora_dropout", str(DROPOUT[0]),
+    result = rlhf_main(["--rlhf_type", kind, "--dataset", *datasets(DPO_DATA, steps), *COMMON, "--lora_dropout", str(DROPOUT[0]),
                         "--max_steps", str(steps),
                         "--output_dir", out_dir, "--save_steps", str(10 * steps), "--save_only_model", "true",
                         *EXTRA])
@@ -315,7 +330,7 @@ def run_side(side: str, steps: int, env: dict[str, str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result_file = os.path.join(tmp, "result.json")
         cmd = [sys.executable, __file__, "--side", side, "--steps", str(steps), "--result", result_file,
-               "--out", os.path.join(tmp, "out"), "--lora_dropout", str(DROPOUT[0])]
+               "--out", os.path.join(tmp, "out"), "--lora_dropout", str(DROPOUT[0]), "--epochs", str(EPOCHS[0])]
         print(f"running {side} ...", flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if not os.environ.get("BENCH_VERBOSE") else None,
                        env={**os.environ, **(env or {})})
@@ -331,6 +346,7 @@ def median_round(results: list[dict]) -> dict:
 
 def table(what: str, base: dict, ours: dict) -> str:
     rows = [("real tokens/s", "tokens_per_s", "{:.1f}"), ("s/step", "s_per_step", "{:.2f}"),
+            *([("real tokens/s, epochs 2+", "later_epochs_tokens_per_s", "{:.1f}")] if EPOCHS[0] > 1 else []),
             ("peak RSS (GiB)", "peak_rss_gib", "{:.2f}"), ("loss (mean of last 4 steps)", "final_loss", "{:.4f}")]
     lines = [f"{what}: {base['steps']} steps of 4 samples ({WARMUP} warm-up steps not timed)",
              f"| {'':28} | {'baseline':>10} | {'martlet':>10} | {'ratio':>7} |", f"|{'-' * 30}|{'-' * 12}|{'-' * 12}|{'-' * 9}|"]
@@ -424,7 +440,7 @@ def products_alone(what: str, rows: int, labelled: int, dtype_name: str) -> floa
         x, w = torch.randn(n, inp, dtype=dtype), torch.randn(out, inp, dtype=dtype)
         dy = torch.randn(n, out, dtype=dtype)
         seconds += count * (best(lambda: torch.nn.functional.linear(x, w)) + best(lambda: dy @ w))
-    return rows / (seconds * PER_PARAMETER[what] / 4)
+    return rows / (seconds * per_parameter(what) / 4)
 
 
 def flop_per_token(what: str, labelled_share: float) -> float:
@@ -432,13 +448,20 @@ def flop_per_token(what: str, labelled_share: float) -> float:
     a few percent here, left out): the frozen layers' forward and input-gradient products (2 + 2 FLOP a
     parameter), the LM head the same at the tokens the loss reads; `PER_PARAMETER` for the preference losses."""
     layers, head = model_shapes()
-    return PER_PARAMETER[what] * (layers + head * labelled_share)
+    return per_parameter(what) * (layers + head * labelled_share)
 
 
 # FLOP a parameter and token: policy forward 2 + input gradient 2; the reference's forward 2 more (DPO, KTO). KTO's
 # counted tokens are half KL rows (each row's prompt with its neighbour's reply), which go forward through policy
 # (no gradient) and reference only: 4, so (6 + 4) / 2 a token. ORPO, SimPO and CPO have no reference.
 PER_PARAMETER = {"sft": 4, "dpo": 6, "kto": 5, "orpo": 4, "simpo": 4, "cpo": 4}
+
+
+def per_parameter(what: str) -> float:
+    """`PER_PARAMETER`, over the run's --epochs: Martlet's DPO runs the reference's forward in the first only."""
+    if what == "dpo":
+        return (6 + 4 * (EPOCHS[0] - 1)) / EPOCHS[0]
+    return PER_PARAMETER[what]
 
 
 def host_report() -> float:
@@ -476,6 +499,9 @@ def main() -> None:
                         help="run the sides in turn this many times (baseline, martlet, baseline, ...) and report each "
                              "side's median round: the host's speed drifts by ~20%% over minutes")
     parser.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout of both sides")
+    parser.add_argument("--epochs", type=int, default=1,
+                        help="cut the data so that --steps run this many epochs over it (and report the later "
+                             "epochs' tokens/s too)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--cpu_isa", choices=["native", *EMULATE],
                         help="avx2: both sides run as on a CPU with AVX2 and no AVX-512/AMX (torch's kernels limited "
@@ -491,6 +517,7 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     DROPOUT[0] = args.lora_dropout
+    EPOCHS[0] = args.epochs
     if args.side:  # a child process: one side, its numbers to --result
         result = SIDES[args.side](args.steps, args.out)
         with open(args.result, "w", encoding="utf-8") as fh:

@@ -206,6 +206,14 @@ def guard_precompute_ref_logps(trainer_class: Any) -> None:
     expect_parameters(hook, ("dataset", "name", "batch_size"), f"{trainer_class.__name__}._precompute_ref_logps")
 
 
+def guard_reference_cache(trainer: Any) -> None:
+    hook = getattr(type(trainer), "compute_ref_log_probs", None)
+    expect(callable(hook), f"{type(trainer).__name__} has no compute_ref_log_probs")
+    expect_parameters(hook, ("model", "inputs"), f"{type(trainer).__name__}.compute_ref_log_probs")
+    expect(isinstance(getattr(trainer, "precompute_ref_logps", None), bool),
+           f"{type(trainer).__name__} has no precompute_ref_logps switch")
+
+
 def guard_save_checkpoint(trainer_class: Any) -> None:
     from transformers import trainer_utils
 
@@ -280,6 +288,13 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
           "after its fused LM head is fitted) first makes the models' forward padding-free, so the reference pass "
           "before training runs as the in-step one does. Guard: the hook's signature is (dataset, name, batch_size).",
           guard_precompute_ref_logps, fallback="the precompute pass runs trl's padded forward (slower, same values)"),
+    Patch("trl_reference_cache", "trl", ("1.16.0",),
+          "DPOTrainer computes a pair's reference log-probs the first time it sees the pair (`compute_ref_log_probs`, "
+          "for the pairs not seen yet) and from then on hands them in as the `ref_chosen_logps` / "
+          "`ref_rejected_logps` columns of --precompute_ref_log_probs, with `precompute_ref_logps` switched on for "
+          "that call: from the second epoch on a step runs no reference forward. Guard: the hook takes "
+          "(model, inputs) and the trainer has the `precompute_ref_logps` switch.",
+          guard_reference_cache, fallback="every epoch runs the reference forward again (slower, same values)"),
     Patch("atomic_checkpoint", "transformers", ("5.24.0", "5.25.0"),
           "`Trainer._save_checkpoint` writes into a staging folder renamed into place: a run killed at any moment "
           "leaves only whole checkpoints. Guard: the hook takes (model, trial) and `rotate_checkpoints` takes "

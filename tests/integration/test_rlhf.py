@@ -174,3 +174,30 @@ def test_lora_dpo_precomputes_its_reference_padding_free(tmp_path, tiny_llama, d
     first = next(h for h in result["log_history"] if "loss" in h)
     # step 1: the policy is the reference (LoRA B = 0), so the precomputed log-probs equal the policy's own
     assert abs(first["rewards/margins"]) < 1e-4 and abs(first["loss"] - 0.6931) < 1e-3
+
+
+def test_dpo_s_second_epoch_runs_no_reference_forward_and_ends_where_recomputing_does(tmp_path, tiny_llama, data,
+                                                                                     monkeypatch):
+    """Two epochs of LoRA DPO: the reference forward runs in the first epoch only (patch `trl_reference_cache`), and
+    the adapter is the one of a run that computes the reference in every step."""
+    from martlet.train import rlhf_trainers
+
+    calls = []
+    original = rlhf_trainers._padding_free_forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(rlhf_trainers, "_padding_free_forward", counted)
+    kw = dict(max_steps=-1, num_train_epochs=2, dataset_test_ratio=0, save_steps=100)
+    cached = rlhf_main(small_args(tiny_llama, data, tmp_path / "cached", **kw))
+    steps = cached["global_step"]
+    assert steps == 12  # 12 pairs, 2 a step, 2 epochs
+    assert calls == [False, True] * (steps // 2) + [True] * (steps // 2), calls
+    calls.clear()
+    monkeypatch.setattr(rlhf_trainers.ReferenceCache, "reads", classmethod(lambda cls, batch: False))
+    recomputed = rlhf_main(small_args(tiny_llama, data, tmp_path / "recomputed", **kw))
+    assert calls == [True, False] * steps  # trl's own order: the policy, then the reference
+    a, b = (load_file(os.path.join(r["last_model_checkpoint"], "adapter_model.safetensors")) for r in (cached, recomputed))
+    assert all(a[k].allclose(b[k], atol=1e-5) for k in a)

@@ -129,3 +129,32 @@ def test_reference_free_losses_use_the_policy_log_probs(tiny_llama, base_model, 
           "cpo": lambda: rlhf_losses.cpo_loss(pc, pr, nc, nr, beta=0.1, alpha=1.0)}[kind]
     assert loss == pytest.approx(fn()[0].item(), rel=1e-4)
     assert trainer._metrics["eval"]["logps/rejected"][-1] == pytest.approx(pr.mean().item(), rel=1e-4)
+
+
+def test_dpo_computes_a_pair_s_reference_once_and_reads_it_back_after(tiny_llama, base_model, tmp_path, caplog):
+    """The reference is frozen, so DPO keeps each pair's reference log-probs (patch `trl_reference_cache`): a pair
+    seen before, in any batch and at any place in it, runs no reference forward, and a batch of seen and new pairs
+    computes the new ones alone; every loss is the formula's with the base model's log-probs."""
+    _, trainer, batch = make_trainer(tiny_llama, tmp_path, beta=0.5)
+    computed = []
+    original = trainer.compute_ref_log_probs
+
+    def counted(model, inputs):
+        computed.append(len(inputs["input_ids"]) // 2)
+        return original(model, inputs)
+
+    def formula(batch):
+        (pc, pr), (rc, rr), _ = pair_logps(trainer, base_model, batch)
+        return -F.logsigmoid(0.5 * ((pc - rc) - (pr - rr))).mean().item()
+
+    trainer.compute_ref_log_probs = counted
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    batches = [trainer.data_collator(rows[:2]), batch, trainer.data_collator(rows[::-1])]
+    with torch.no_grad():
+        losses = [trainer.compute_loss(trainer.model, b).item() for b in batches]
+    assert computed == [2, 2]  # pairs 0 and 1, then 2 and 3; the reversed batch reads all four
+    assert trainer.reference_cache.hits == 2 + 4 and trainer.reference_cache.misses == 4
+    for b, loss in zip(batches, losses):
+        assert loss == pytest.approx(formula(b), rel=1e-4, abs=1e-5)
+    assert not trainer.precompute_ref_logps  # switched on for trl's call only
+    assert not [r for r in caplog.records if "trl_reference_cache" in r.getMessage()]  # the guard passed

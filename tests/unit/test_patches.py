@@ -5,7 +5,8 @@ assigns to another library's objects.
 That each patch computes what the unpatched library computes is tested beside its feature: native_rms_norm,
 native_mlp, native_rotary in test_native.py (values and gradients of whole models); fused_lora in test_kernels.py;
 peft_input_cast_off below; trl_compact_scoring and trl_padding_free_forward in test_dpo_padding_free.py;
-trl_pretokenized_rows in test_rlhf.py (DPO/KTO train on Martlet's rows); atomic_checkpoint in
+trl_pretokenized_rows in test_rlhf.py (DPO/KTO train on Martlet's rows); trl_reference_cache in test_rlhf.py and
+test_rlhf_reference.py (the loss, and a second epoch without the reference's forward); atomic_checkpoint in
 test_reliability.py (kill mid-save, resume)."""
 
 from __future__ import annotations
@@ -71,6 +72,31 @@ def test_the_guards_pass_on_the_locked_libraries(tiny_llama):
                          ("trl_padding_free_precompute", trl.KTOTrainer), ("atomic_checkpoint", transformers.Trainer),
                          ("accelerate_bypass_device_map", None)):
         patches.PATCHES[name].guard(target)
+
+
+def test_the_reference_cache_needs_trl_s_hook_and_switch():
+    """`trl_reference_cache` hands cached log-probs in through trl's `precompute_ref_logps` switch and computes the
+    missing ones with `compute_ref_log_probs(model, inputs)`; a trainer without either keeps trl's inline reference."""
+    import trl
+
+    class Trainer(trl.DPOTrainer):
+        def __init__(self):  # (no model: the guard reads the hook and the switch alone)
+            self.precompute_ref_logps = False
+
+    patches.PATCHES["trl_reference_cache"].guard(Trainer())
+
+    class OtherHook(Trainer):
+        def compute_ref_log_probs(self, model, inputs, cache):
+            pass
+
+    class NoSwitch(Trainer):
+        def __init__(self):
+            pass
+
+    with pytest.raises(patches.Mismatch, match=r"takes \('model', 'inputs', 'cache'\)"):
+        patches.PATCHES["trl_reference_cache"].guard(OtherHook())
+    with pytest.raises(patches.Mismatch, match="precompute_ref_logps"):
+        patches.PATCHES["trl_reference_cache"].guard(NoSwitch())
 
 
 def test_trl_token_scores_stands_in_for_trl_s_head_only_where_it_gives_the_same_fields(tiny_llama, caplog,

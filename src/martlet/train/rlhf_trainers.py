@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import hashlib
 import inspect
 from collections import defaultdict
 from typing import Any
@@ -67,9 +68,76 @@ class DPOTrainer(AtomicCheckpointMixin, PaddingFreeReference, trl.DPOTrainer):
 
     trl_class = trl.DPOTrainer
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.reference_cache = ReferenceCache()
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # patch `trl_pretokenized_rows`
         patches.require("trl_pretokenized_rows", trl.DPOTrainer, key=trl.DPOTrainer)
         return dataset
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The reference is frozen, so a pair's reference log-probs are computed the first time the pair is seen
+        (trl's `compute_ref_log_probs`, for just the pairs not seen yet) and read from `reference_cache` in every
+        later epoch and evaluation, the way trl reads --precompute_ref_log_probs' column (patch
+        `trl_reference_cache`): the second epoch on runs no reference forward, and the first costs what it did."""
+        if (self.precompute_ref_logps or not ReferenceCache.reads(inputs)
+                or not patches.usable("trl_reference_cache", self, key=type(self))):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        ref_chosen, ref_rejected = self.reference_cache.lookup(
+            inputs, lambda batch: self.compute_ref_log_probs(self.ref_model or model, batch))
+        self.precompute_ref_logps = True  # trl's _compute_loss then reads the two columns below
+        try:
+            return super().compute_loss(model, {**inputs, "ref_chosen_logps": ref_chosen,
+                                                "ref_rejected_logps": ref_rejected}, return_outputs, num_items_in_batch)
+        finally:
+            self.precompute_ref_logps = False
+
+
+class ReferenceCache:
+    """Reference log-probs (chosen, rejected) of the preference pairs seen so far, keyed by a digest of the pair's
+    tokens and reply mask (16 bytes a pair, two floats), so the same pair in another epoch, another batch or on
+    another position of the batch finds its values."""
+
+    FIELDS = ("input_ids", "attention_mask", "completion_mask")  # a padded [chosen..., rejected...] batch
+
+    def __init__(self):
+        self.values: dict[bytes, tuple[float, float]] = {}
+        self.dtype = torch.float32  # the reference log-probs' dtype, as computed
+        self.hits = self.misses = 0
+
+    @classmethod
+    def reads(cls, batch: dict[str, Any]) -> bool:
+        """Whether the batch is text pairs alone (images, say, would need their own part of the key)."""
+        return set(batch) == set(cls.FIELDS)
+
+    def _keys(self, batch: dict[str, Any]) -> list[bytes]:
+        keep = batch["attention_mask"].bool().cpu()
+        ids, replies = batch["input_ids"].cpu(), batch["completion_mask"].cpu()
+        digests = []
+        for row in range(len(ids)):
+            digest = hashlib.blake2b(digest_size=8)
+            digest.update(ids[row][keep[row]].numpy().tobytes())
+            digest.update(replies[row][keep[row]].bool().numpy().tobytes())
+            digests.append(digest.digest())
+        half = len(ids) // 2
+        return [chosen + rejected for chosen, rejected in zip(digests[:half], digests[half:])]
+
+    def lookup(self, batch: dict[str, Any], compute: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's (ref_chosen_logps, ref_rejected_logps); `compute(sub_batch)` gives them for the pairs not
+        seen yet (one call for all of them)."""
+        keys = self._keys(batch)
+        missing = [i for i, key in enumerate(keys) if key not in self.values]
+        self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
+        if missing:
+            half = len(keys)
+            rows = torch.tensor(missing + [half + i for i in missing], device=batch["input_ids"].device)
+            chosen, rejected = compute({name: batch[name].index_select(0, rows) for name in self.FIELDS})
+            self.dtype = chosen.dtype
+            for i, c, r in zip(missing, chosen.tolist(), rejected.tolist()):
+                self.values[keys[i]] = (c, r)
+        found = torch.tensor([self.values[key] for key in keys], dtype=self.dtype, device=batch["input_ids"].device)
+        return found[:, 0], found[:, 1]
 
 
 def _padding_free(*models: Any) -> None:
