@@ -289,11 +289,11 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
           "before training runs as the in-step one does. Guard: the hook's signature is (dataset, name, batch_size).",
           guard_precompute_ref_logps, fallback="the precompute pass runs trl's padded forward (slower, same values)"),
     Patch("trl_reference_cache", "trl", ("1.16.0",),
-          "DPOTrainer computes a pair's reference log-probs the first time it sees the pair (`compute_ref_log_probs`, "
-          "for the pairs not seen yet) and from then on hands them in as the `ref_chosen_logps` / "
-          "`ref_rejected_logps` columns of --precompute_ref_log_probs, with `precompute_ref_logps` switched on for "
-          "that call: from the second epoch on a step runs no reference forward. Guard: the hook takes "
-          "(model, inputs) and the trainer has the `precompute_ref_logps` switch.",
+          "DPOTrainer/KTOTrainer compute a row's reference log-probs the first time they see it "
+          "(`compute_ref_log_probs`, for the rows not seen yet) and from then on hand them in as the columns of "
+          "--precompute_ref_log_probs (`ref_chosen_logps` / `ref_rejected_logps`, `ref_logps` / `ref_KL_logps`), "
+          "with `precompute_ref_logps` switched on for that call: from the second epoch on a step runs no reference "
+          "forward. Guard: the hook takes (model, inputs) and the trainer has the `precompute_ref_logps` switch.",
           guard_reference_cache, fallback="every epoch runs the reference forward again (slower, same values)"),
     Patch("atomic_checkpoint", "transformers", ("5.24.0", "5.25.0"),
           "`Trainer._save_checkpoint` writes into a staging folder renamed into place: a run killed at any moment "

@@ -176,10 +176,11 @@ def test_lora_dpo_precomputes_its_reference_padding_free(tmp_path, tiny_llama, d
     assert abs(first["rewards/margins"]) < 1e-4 and abs(first["loss"] - 0.6931) < 1e-3
 
 
-def test_dpo_s_second_epoch_runs_no_reference_forward_and_ends_where_recomputing_does(tmp_path, tiny_llama, data,
-                                                                                     monkeypatch):
-    """Two epochs of LoRA DPO: the reference forward runs in the first epoch only (patch `trl_reference_cache`), and
-    the adapter is the one of a run that computes the reference in every step."""
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_the_second_epoch_runs_no_reference_forward_and_ends_where_recomputing_does(tmp_path, tiny_llama, data,
+                                                                                      monkeypatch, kind):
+    """Two epochs of LoRA DPO / KTO: the reference's forwards run in the first epoch only (patch
+    `trl_reference_cache`), and the adapter is the one of a run that computes the reference in every step."""
     from martlet.train import rlhf_trainers
 
     calls = []
@@ -190,14 +191,16 @@ def test_dpo_s_second_epoch_runs_no_reference_forward_and_ends_where_recomputing
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(rlhf_trainers, "_padding_free_forward", counted)
-    kw = dict(max_steps=-1, num_train_epochs=2, dataset_test_ratio=0, save_steps=100)
+    kw = dict(rlhf_type=kind, max_steps=-1, num_train_epochs=2, dataset_test_ratio=0, save_steps=100)
+    # no-grad forwards a step: the reference's (DPO one row, KTO the replies and their KL rows), KTO's policy KL rows
+    reference, policy = (1, 0) if kind == "dpo" else (2, 1)
     cached = rlhf_main(small_args(tiny_llama, data, tmp_path / "cached", **kw))
     steps = cached["global_step"]
-    assert steps == 12  # 12 pairs, 2 a step, 2 epochs
-    assert calls == [False, True] * (steps // 2) + [True] * (steps // 2), calls
+    assert steps == (12 if kind == "dpo" else 24)  # 12 pairs (KTO: 24 rows), 2 a step, 2 epochs
+    assert calls.count(True) == steps and calls.count(False) == steps * policy + steps // 2 * reference, calls
     calls.clear()
-    monkeypatch.setattr(rlhf_trainers.ReferenceCache, "reads", classmethod(lambda cls, batch: False))
+    monkeypatch.setattr(rlhf_trainers.ReferenceCache, "reads", lambda self, batch: False)
     recomputed = rlhf_main(small_args(tiny_llama, data, tmp_path / "recomputed", **kw))
-    assert calls == [True, False] * steps  # trl's own order: the policy, then the reference
+    assert calls.count(True) == steps and calls.count(False) == steps * (policy + reference)
     a, b = (load_file(os.path.join(r["last_model_checkpoint"], "adapter_model.safetensors")) for r in (cached, recomputed))
     assert all(a[k].allclose(b[k], atol=1e-5) for k in a)

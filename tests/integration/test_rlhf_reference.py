@@ -99,11 +99,7 @@ def test_dpo_loss_equals_the_formula(tiny_llama, base_model, tmp_path, loss_type
     assert metrics["logps/chosen"][-1] == pytest.approx(pc.mean().item(), rel=1e-4)
 
 
-def test_kto_loss_equals_the_formula(tiny_llama, base_model, tmp_path):
-    _, trainer, batch = make_trainer(tiny_llama, tmp_path, rlhf_type="kto", beta=0.5, desirable_weight=1.5)
-    assert list(trainer.model.peft_config) == ["default"]
-    with torch.no_grad():
-        loss = trainer.compute_loss(trainer.model, batch).item()
+def kto_formula(trainer, base_model, batch):
     policy, _ = logps(trainer.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
     ref, _ = logps(base_model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
     kl_args = (batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])
@@ -112,8 +108,16 @@ def test_kto_loss_equals_the_formula(tiny_llama, base_model, tmp_path):
     # KTO eq. 7-8: desirable 1 - sigmoid(beta (r - z0)), undesirable 1 - sigmoid(beta (z0 - r))
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     terms = [1.5 * (1 - sig(0.5 * (r - kl))) if good else 1 - sig(0.5 * (kl - r)) for r, good in zip(ratio, labels)]
-    assert sorted(labels) == [False, False, True, True]
-    assert loss == pytest.approx(sum(terms) / len(terms), rel=1e-4)
+    return sum(terms) / len(terms)
+
+
+def test_kto_loss_equals_the_formula(tiny_llama, base_model, tmp_path):
+    _, trainer, batch = make_trainer(tiny_llama, tmp_path, rlhf_type="kto", beta=0.5, desirable_weight=1.5)
+    assert list(trainer.model.peft_config) == ["default"]
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch).item()
+    assert sorted(batch["label"].tolist()) == [False, False, True, True]
+    assert loss == pytest.approx(kto_formula(trainer, base_model, batch), rel=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["orpo", "simpo", "cpo"])
@@ -158,3 +162,24 @@ def test_dpo_computes_a_pair_s_reference_once_and_reads_it_back_after(tiny_llama
         assert loss == pytest.approx(formula(b), rel=1e-4, abs=1e-5)
     assert not trainer.precompute_ref_logps  # switched on for trl's call only
     assert not [r for r in caplog.records if "trl_reference_cache" in r.getMessage()]  # the guard passed
+
+
+def test_kto_computes_a_row_s_reference_and_its_kl_row_s_once(tiny_llama, base_model, tmp_path):
+    """KTO's rows and their KL rows (fixed per row when the data is prepared) keep their reference log-probs too."""
+    _, trainer, batch = make_trainer(tiny_llama, tmp_path, rlhf_type="kto", beta=0.5, desirable_weight=1.5)
+    computed = []
+    original = trainer.compute_ref_log_probs
+
+    def counted(model, inputs):
+        computed.append(len(inputs["input_ids"]))
+        return original(model, inputs)
+
+    trainer.compute_ref_log_probs = counted
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    batches = [trainer.data_collator(rows[:2]), batch, trainer.data_collator(rows[::-1])]
+    with torch.no_grad():
+        losses = [trainer.compute_loss(trainer.model, b).item() for b in batches]
+    assert computed == [2, 2] and trainer.reference_cache.hits == 2 + 4
+    assert trainer.reference_columns == ("ref_logps", "ref_KL_logps")
+    for b, loss in zip(batches[1:], losses[1:]):  # (the first batch alone: labels all alike, the formula differs)
+        assert loss == pytest.approx(kto_formula(trainer, base_model, b), rel=1e-4)

@@ -42,9 +42,16 @@ def _drop_ref_adapter(model: Any) -> None:
 class PaddingFreeReference:
     """DPO and KTO: with `padding_free`, the policy's and the reference's passes run as one padding-free row
     (`padding_free_fused_forward`), and so does the reference pass of --precompute_ref_log_probs, which trl runs in
-    its __init__ after fitting its fused LM head (`trl_padding_free_precompute`)."""
+    its __init__ after fitting its fused LM head (`trl_padding_free_precompute`).
+
+    The reference is frozen, so a row's reference log-probs are computed the first time the row is seen (trl's
+    `compute_ref_log_probs`, for just the rows not seen yet) and read from `reference_cache` in every later epoch and
+    evaluation, handed to trl as --precompute_ref_log_probs' columns (patch `trl_reference_cache`): from the second
+    epoch on a step runs no reference forward, and the first costs what it did."""
 
     trl_class: Any = None
+    paired = False  # DPO: row b and row b + B of a batch are one pair's chosen and rejected sequences
+    reference_columns: tuple[str, ...] = ()  # the columns trl's loss reads with precompute_ref_logps
 
     def __init__(self, *args: Any, padding_free: bool = False, **kwargs: Any):
         self._martlet_padding_free = padding_free  # read by _precompute_ref_logps, inside trl's __init__
@@ -52,12 +59,30 @@ class PaddingFreeReference:
         _drop_ref_adapter(self.model)
         if padding_free:
             _padding_free(self.model, self.ref_model)
+        sequences = [("input_ids", "attention_mask", "completion_mask")]
+        if getattr(self, "calculate_KL", False):  # KTO's KL rows (fixed per row by `_prepare_dataset`)
+            sequences.append(("KL_input_ids", "KL_attention_mask", "KL_completion_mask"))
+        if not self.paired:  # KTO: a column for each sequence of a row (the reply, its KL row)
+            self.reference_columns = self.reference_columns[:len(sequences)]
+        self.reference_cache = ReferenceCache(tuple(sequences), self.paired, extra=() if self.paired else ("label",))
 
     def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
         if self._martlet_padding_free and patches.usable("trl_padding_free_precompute", self.trl_class,
                                                           key=self.trl_class):
             _padding_free(self.model, self.ref_model)
         return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if (self.precompute_ref_logps or not self.reference_cache.reads(inputs)
+                or not patches.usable("trl_reference_cache", self, key=type(self))):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        values = self.reference_cache.lookup(inputs, lambda rows: self.compute_ref_log_probs(self.ref_model or model, rows))
+        self.precompute_ref_logps = True  # trl's _compute_loss then reads the columns
+        try:
+            return super().compute_loss(model, {**inputs, **dict(zip(self.reference_columns, values))},
+                                        return_outputs, num_items_in_batch)
+        finally:
+            self.precompute_ref_logps = False
 
 
 class DPOTrainer(AtomicCheckpointMixin, PaddingFreeReference, trl.DPOTrainer):
@@ -67,77 +92,57 @@ class DPOTrainer(AtomicCheckpointMixin, PaddingFreeReference, trl.DPOTrainer):
     too."""
 
     trl_class = trl.DPOTrainer
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.reference_cache = ReferenceCache()
+    paired = True
+    reference_columns = ("ref_chosen_logps", "ref_rejected_logps")
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # patch `trl_pretokenized_rows`
         patches.require("trl_pretokenized_rows", trl.DPOTrainer, key=trl.DPOTrainer)
         return dataset
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The reference is frozen, so a pair's reference log-probs are computed the first time the pair is seen
-        (trl's `compute_ref_log_probs`, for just the pairs not seen yet) and read from `reference_cache` in every
-        later epoch and evaluation, the way trl reads --precompute_ref_log_probs' column (patch
-        `trl_reference_cache`): the second epoch on runs no reference forward, and the first costs what it did."""
-        if (self.precompute_ref_logps or not ReferenceCache.reads(inputs)
-                or not patches.usable("trl_reference_cache", self, key=type(self))):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        ref_chosen, ref_rejected = self.reference_cache.lookup(
-            inputs, lambda batch: self.compute_ref_log_probs(self.ref_model or model, batch))
-        self.precompute_ref_logps = True  # trl's _compute_loss then reads the two columns below
-        try:
-            return super().compute_loss(model, {**inputs, "ref_chosen_logps": ref_chosen,
-                                                "ref_rejected_logps": ref_rejected}, return_outputs, num_items_in_batch)
-        finally:
-            self.precompute_ref_logps = False
-
 
 class ReferenceCache:
-    """Reference log-probs (chosen, rejected) of the preference pairs seen so far, keyed by a digest of the pair's
-    tokens and reply mask (16 bytes a pair, two floats), so the same pair in another epoch, another batch or on
-    another position of the batch finds its values."""
+    """Reference log-probs of the rows seen so far, keyed by a digest of each row's sequences (tokens and reply
+    mask; 8 bytes a sequence), so the same row in another epoch, another batch or at another place in the batch
+    finds its values. `paired`: a batch is [chosen..., rejected...] and a key covers a pair."""
 
-    FIELDS = ("input_ids", "attention_mask", "completion_mask")  # a padded [chosen..., rejected...] batch
-
-    def __init__(self):
-        self.values: dict[bytes, tuple[float, float]] = {}
+    def __init__(self, sequences: tuple[tuple[str, str, str], ...], paired: bool, extra: tuple[str, ...] = ()):
+        self.sequences, self.paired = sequences, paired
+        self.fields = {name for names in sequences for name in names} | set(extra)
+        self.values: dict[bytes, tuple[float, ...]] = {}
         self.dtype = torch.float32  # the reference log-probs' dtype, as computed
         self.hits = self.misses = 0
 
-    @classmethod
-    def reads(cls, batch: dict[str, Any]) -> bool:
-        """Whether the batch is text pairs alone (images, say, would need their own part of the key)."""
-        return set(batch) == set(cls.FIELDS)
+    def reads(self, batch: dict[str, Any]) -> bool:
+        """Whether the batch holds these fields and nothing else (images, say, would need a part of the key)."""
+        return set(batch) == self.fields
 
     def _keys(self, batch: dict[str, Any]) -> list[bytes]:
-        keep = batch["attention_mask"].bool().cpu()
-        ids, replies = batch["input_ids"].cpu(), batch["completion_mask"].cpu()
-        digests = []
-        for row in range(len(ids)):
-            digest = hashlib.blake2b(digest_size=8)
-            digest.update(ids[row][keep[row]].numpy().tobytes())
-            digest.update(replies[row][keep[row]].bool().numpy().tobytes())
-            digests.append(digest.digest())
-        half = len(ids) // 2
-        return [chosen + rejected for chosen, rejected in zip(digests[:half], digests[half:])]
+        digests = [hashlib.blake2b(digest_size=8) for _ in range(len(batch["input_ids"]))]
+        for ids_name, mask_name, reply_name in self.sequences:
+            keep = batch[mask_name].bool().cpu()
+            ids, replies = batch[ids_name].cpu(), batch[reply_name].bool().cpu()
+            for row, digest in enumerate(digests):
+                digest.update(ids[row][keep[row]].numpy().tobytes())
+                digest.update(replies[row][keep[row]].numpy().tobytes())
+        keys = [digest.digest() for digest in digests]
+        half = len(keys) // 2
+        return [chosen + rejected for chosen, rejected in zip(keys[:half], keys[half:])] if self.paired else keys
 
-    def lookup(self, batch: dict[str, Any], compute: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's (ref_chosen_logps, ref_rejected_logps); `compute(sub_batch)` gives them for the pairs not
-        seen yet (one call for all of them)."""
+    def lookup(self, batch: dict[str, Any], compute: Any) -> list[torch.Tensor]:
+        """The batch's reference log-probs, one tensor for each value `compute(rows)` returns (DPO: chosen,
+        rejected; KTO: the replies', the KL rows'); `compute` runs once, on the rows not seen yet."""
         keys = self._keys(batch)
         missing = [i for i, key in enumerate(keys) if key not in self.values]
         self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
         if missing:
-            half = len(keys)
-            rows = torch.tensor(missing + [half + i for i in missing], device=batch["input_ids"].device)
-            chosen, rejected = compute({name: batch[name].index_select(0, rows) for name in self.FIELDS})
-            self.dtype = chosen.dtype
-            for i, c, r in zip(missing, chosen.tolist(), rejected.tolist()):
-                self.values[keys[i]] = (c, r)
+            rows = missing + [len(keys) + i for i in missing] if self.paired else missing
+            index = torch.tensor(rows, device=batch["input_ids"].device)
+            computed = [v for v in compute({k: v.index_select(0, index) for k, v in batch.items()}) if v is not None]
+            self.dtype = computed[0].dtype
+            for i, values in zip(missing, zip(*(v.tolist() for v in computed))):
+                self.values[keys[i]] = values
         found = torch.tensor([self.values[key] for key in keys], dtype=self.dtype, device=batch["input_ids"].device)
-        return found[:, 0], found[:, 1]
+        return list(found.unbind(1))
 
 
 def _padding_free(*models: Any) -> None:
@@ -367,6 +372,7 @@ class KTOTrainer(AtomicCheckpointMixin, PaddingFreeReference, trl.KTOTrainer):
     like DPOTrainer."""
 
     trl_class = trl.KTOTrainer
+    reference_columns = ("ref_logps", "ref_KL_logps")
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # patch `trl_pretokenized_rows`
         patches.require("trl_pretokenized_rows", trl.KTOTrainer, key=trl.KTOTrainer)
