@@ -74,11 +74,12 @@ COMMON = ["--max_length", "512", "--batch_size", "4", "--gradient_accumulation_s
           "--disable_tqdm", "true", "--model_name", "Martlet", "--model_author", "Birdhouse"]
 
 
-def datasets(names: list[str], steps: int) -> list[str]:
-    """The datasets, cut for --epochs: steps x 4 / EPOCHS samples in all, the same number from each."""
+def cut_data(names: list[str], steps: int, rows_a_sample: int = 1) -> list[str]:
+    """The datasets, cut for --epochs: steps x 4 / EPOCHS training rows in all, the same number of samples from each
+    (KTO trains on two rows a pair)."""
     if EPOCHS[0] == 1:
         return names
-    each = max(1, steps * 4 // EPOCHS[0] // len(names))
+    each = max(1, steps * 4 // EPOCHS[0] // len(names) // rows_a_sample)
     return [f"{name.split('#')[0]}#{each}" for name in names]
 
 
@@ -166,7 +167,7 @@ def baseline_sft(steps: int, out_dir: str) -> dict:
     from martlet.models.loader import load_tokenizer, resolve_model
     from martlet.templates import get_template
 
-    args = parse_cli(SftArguments, ["--dataset", *datasets(SFT_DATA, steps), *COMMON])
+    args = parse_cli(SftArguments, ["--dataset", *cut_data(SFT_DATA, steps), *COMMON])
     spec = resolve_model(None, None)
     tokenizer = load_tokenizer(spec.model_dir)
     template = get_template(None, tokenizer, None, 512, "delete", fallback=spec.template_type)
@@ -203,7 +204,8 @@ def martlet_sft(steps: int, out_dir: str) -> dict:
     unshared()
     record = {"steps": []}
     instrument(record)
-    result = sft_main(["--dataset", *datasets(SFT_DATA, steps), *COMMON, "--lora_dropout", str(DROPOUT[0]), "--max_steps", str(steps),
+    result = sft_main(["--dataset", *cut_data(SFT_DATA, steps), *COMMON, "--lora_dropout", str(DROPOUT[0]),
+                       "--max_steps", str(steps),
                        "--output_dir", out_dir, "--save_steps", str(10 * steps), "--save_only_model", "true", *EXTRA])
     return summary(record, result["log_history"])
 
@@ -219,7 +221,7 @@ def baseline_dpo(steps: int, out_dir: str) -> dict:
     from martlet.data.preference import preference_train_val_rows
     from martlet.models.loader import load_tokenizer, resolve_model
 
-    args = parse_cli(DPOArguments, ["--dataset", *datasets(DPO_DATA, steps), *COMMON])
+    args = parse_cli(DPOArguments, ["--dataset", *cut_data(DPO_DATA, steps), *COMMON])
     spec = resolve_model(None, None)
     tokenizer = load_tokenizer(spec.model_dir)
     data = _trl_pairs(preference_train_val_rows(args)[0])
@@ -250,7 +252,9 @@ def baseline_preference(kind: str, steps: int, out_dir: str) -> dict:
     from martlet.data.preference import preference_train_val_rows
     from martlet.models.loader import load_tokenizer, resolve_model
 
-    args = parse_cli(RLHFArguments, ["--rlhf_type", kind, "--dataset", *datasets(DPO_DATA, steps), *COMMON])
+    rows_a_pair = 2 if kind == "kto" else 1
+    args = parse_cli(RLHFArguments, ["--rlhf_type", kind, "--dataset", *cut_data(DPO_DATA, steps, rows_a_pair),
+                                     *COMMON])
     spec = resolve_model(None, None)
     tokenizer = load_tokenizer(spec.model_dir)
     rows = preference_train_val_rows(args)[0]
@@ -303,7 +307,9 @@ def martlet_preference(kind: str, steps: int, out_dir: str) -> dict:
 
     if kind != "kto":  # (KTO's rows are counted whole: its KL rows and its replies run in passes of their own)
         rlhf_trainers._decoded_row = counted
-    result = rlhf_main(["--rlhf_type", kind, "--dataset", *datasets(DPO_DATA, steps), *COMMON, "--lora_dropout", str(DROPOUT[0]),
+    rows_a_pair = 2 if kind == "kto" else 1
+    result = rlhf_main(["--rlhf_type", kind, "--dataset", *cut_data(DPO_DATA, steps, rows_a_pair), *COMMON,
+                        "--lora_dropout", str(DROPOUT[0]),
                         "--max_steps", str(steps),
                         "--output_dir", out_dir, "--save_steps", str(10 * steps), "--save_only_model", "true",
                         *EXTRA])
@@ -458,10 +464,10 @@ PER_PARAMETER = {"sft": 4, "dpo": 6, "kto": 5, "orpo": 4, "simpo": 4, "cpo": 4}
 
 
 def per_parameter(what: str) -> float:
-    """`PER_PARAMETER`, over the run's --epochs: Martlet's DPO runs the reference's forward in the first only."""
-    if what == "dpo":
-        return (6 + 4 * (EPOCHS[0] - 1)) / EPOCHS[0]
-    return PER_PARAMETER[what]
+    """`PER_PARAMETER`, over the run's --epochs: Martlet's DPO and KTO run the reference's forward in the first only
+    (KTO's later epochs: 4 a reply token, 2 a KL row's)."""
+    later = {"dpo": 4, "kto": 3}.get(what, PER_PARAMETER[what])
+    return (PER_PARAMETER[what] + later * (EPOCHS[0] - 1)) / EPOCHS[0]
 
 
 def host_report() -> float:

@@ -202,5 +202,6 @@ def test_the_second_epoch_runs_no_reference_forward_and_ends_where_recomputing_d
     monkeypatch.setattr(rlhf_trainers.ReferenceCache, "reads", lambda self, batch: False)
     recomputed = rlhf_main(small_args(tiny_llama, data, tmp_path / "recomputed", **kw))
     assert calls.count(True) == steps and calls.count(False) == steps * (policy + reference)
-    a, b = (load_file(os.path.join(r["last_model_checkpoint"], "adapter_model.safetensors")) for r in (cached, recomputed))
+    a, b = (load_file(os.path.join(r["last_model_checkpoint"], "adapter_model.safetensors"))
+            for r in (cached, recomputed))
     assert all(a[k].allclose(b[k], atol=1e-5) for k in a)
