@@ -154,7 +154,9 @@ def test_resumed_dpo_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_lla
     assert all(uninterrupted[k].allclose(again[k], atol=1e-5) for k in uninterrupted)
 
 
-def test_lora_dpo_precomputes_its_reference_padding_free(tmp_path, tiny_llama, data, monkeypatch):
+@pytest.fixture
+def forward_calls(monkeypatch):
+    """Whether autograd was on, for each padding-free preference forward (the reference's run without it)."""
     from martlet.train import rlhf_trainers
 
     calls = []
@@ -165,6 +167,11 @@ def test_lora_dpo_precomputes_its_reference_padding_free(tmp_path, tiny_llama, d
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(rlhf_trainers, "_padding_free_forward", counted)
+    return calls
+
+
+def test_lora_dpo_precomputes_its_reference_padding_free(tmp_path, tiny_llama, data, forward_calls):
+    calls = forward_calls
     result = rlhf_main(small_args(tiny_llama, data, tmp_path / "out", max_steps=2, dataset_test_ratio=0,
                                   precompute_ref_log_probs=True))
     with open(os.path.join(result["last_model_checkpoint"], "martlet_run.json")) as fh:
@@ -178,19 +185,13 @@ def test_lora_dpo_precomputes_its_reference_padding_free(tmp_path, tiny_llama, d
 
 @pytest.mark.parametrize("kind", ["dpo", "kto"])
 def test_the_second_epoch_runs_no_reference_forward_and_ends_where_recomputing_does(tmp_path, tiny_llama, data,
-                                                                                      monkeypatch, kind):
+                                                                                      forward_calls, monkeypatch,
+                                                                                      kind):
     """Two epochs of LoRA DPO / KTO: the reference's forwards run in the first epoch only (patch
     `trl_reference_cache`), and the adapter is the one of a run that computes the reference in every step."""
     from martlet.train import rlhf_trainers
 
-    calls = []
-    original = rlhf_trainers._padding_free_forward
-
-    def counted(self, *args, **kwargs):
-        calls.append(torch.is_grad_enabled())
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(rlhf_trainers, "_padding_free_forward", counted)
+    calls = forward_calls
     kw = dict(rlhf_type=kind, max_steps=-1, num_train_epochs=2, dataset_test_ratio=0, save_steps=100)
     # no-grad forwards a step: the reference's (DPO one row, KTO the replies and their KL rows), KTO's policy KL rows
     reference, policy = (1, 0) if kind == "dpo" else (2, 1)

@@ -76,7 +76,7 @@ class PaddingFreeReference:
         if (self.precompute_ref_logps or not self.reference_cache.reads(inputs)
                 or not patches.usable("trl_reference_cache", self, key=type(self))):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        reference = self.ref_model or model
+        reference = self.ref_model or self.model  # as trl's precompute pass (LoRA: the adapter switched off)
         values = self.reference_cache.lookup(inputs, lambda rows: self.compute_ref_log_probs(reference, rows))
         self.precompute_ref_logps = True  # trl's _compute_loss then reads the columns
         try:
