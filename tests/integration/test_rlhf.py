@@ -2,6 +2,7 @@
 preference metrics and curves, and checkpoints that `martlet infer` and merging read as they are."""
 
 import json
+import logging
 import os
 
 import pytest
@@ -186,7 +187,7 @@ def test_lora_dpo_precomputes_its_reference_padding_free(tmp_path, tiny_llama, d
 @pytest.mark.parametrize("kind", ["dpo", "kto"])
 def test_the_second_epoch_runs_no_reference_forward_and_ends_where_recomputing_does(tmp_path, tiny_llama, data,
                                                                                       forward_calls, monkeypatch,
-                                                                                      kind):
+                                                                                      caplog, kind):
     """Two epochs of LoRA DPO / KTO: the reference's forwards run in the first epoch only (patch
     `trl_reference_cache`), and the adapter is the one of a run that computes the reference in every step."""
     from martlet.train import rlhf_trainers
@@ -195,8 +196,11 @@ def test_the_second_epoch_runs_no_reference_forward_and_ends_where_recomputing_d
     kw = dict(rlhf_type=kind, max_steps=-1, num_train_epochs=2, dataset_test_ratio=0, save_steps=100)
     # no-grad forwards a step: the reference's (DPO one row, KTO the replies and their KL rows), KTO's policy KL rows
     reference, policy = (1, 0) if kind == "dpo" else (2, 1)
-    cached = rlhf_main(small_args(tiny_llama, data, tmp_path / "cached", **kw))
+    with caplog.at_level(logging.INFO, logger="martlet"):
+        cached = rlhf_main(small_args(tiny_llama, data, tmp_path / "cached", **kw))
     steps = cached["global_step"]
+    said = f"reference log-probs: {steps} computed, {steps} read back"  # (each pair / KTO row: 2 a step)
+    assert said in caplog.text
     assert steps == (12 if kind == "dpo" else 24)  # 12 pairs (KTO: 24 rows), 2 a step, 2 epochs
     assert calls.count(True) == steps and calls.count(False) == steps * policy + steps // 2 * reference, calls
     calls.clear()

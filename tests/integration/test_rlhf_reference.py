@@ -183,3 +183,18 @@ def test_kto_computes_a_row_s_reference_and_its_kl_row_s_once(tiny_llama, base_m
     assert trainer.reference_columns == ("ref_logps", "ref_KL_logps")
     for b, loss in zip(batches[1:], losses[1:]):  # (the first batch alone: labels all alike, the formula differs)
         assert loss == pytest.approx(kto_formula(trainer, base_model, b), rel=1e-4)
+
+
+def test_kto_without_kl_rows_reads_back_the_replies_reference_alone(tiny_llama, tmp_path, monkeypatch):
+    """apo_zero_unpaired has no KL rows: one cached column, and the loss trl computes with the reference inline."""
+    from martlet.train.rlhf_trainers import ReferenceCache
+
+    _, trainer, batch = make_trainer(tiny_llama, tmp_path, rlhf_type="kto", loss_type="apo_zero_unpaired")
+    assert not trainer.calculate_KL and trainer.reference_columns == ("ref_logps",)
+    assert "KL_input_ids" not in batch
+    with torch.no_grad():
+        computed, read_back = (trainer.compute_loss(trainer.model, batch).item() for _ in range(2))
+        assert trainer.reference_cache.misses == 4 and trainer.reference_cache.hits == 4
+        monkeypatch.setattr(ReferenceCache, "reads", lambda self, batch: False)  # trl's inline reference
+        inline = trainer.compute_loss(trainer.model, batch).item()
+    assert computed == pytest.approx(inline, rel=1e-5) and read_back == pytest.approx(inline, rel=1e-5)

@@ -12,6 +12,7 @@ import contextvars
 import functools
 import hashlib
 import inspect
+import logging
 from collections import defaultdict
 from typing import Any
 
@@ -29,6 +30,8 @@ from martlet.train.kernels import TokenScores, shape_multiple
 from martlet.train.loss import CHUNK, is_wrapped, lean_loss_supported, summed_cross_entropy, unwrap_causal_lm
 from martlet.train.outputs import RunFiles
 from martlet.train.trainer import AtomicCheckpointMixin
+
+logger = logging.getLogger("martlet")
 
 
 def _drop_ref_adapter(model: Any) -> None:
@@ -71,6 +74,15 @@ class PaddingFreeReference:
                                                           key=self.trl_class):
             _padding_free(self.model, self.ref_model)
         return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            cache = self.reference_cache
+            if cache.hits:
+                logger.info(f"reference log-probs: {cache.misses} computed, {cache.hits} read back from earlier "
+                            "epochs or evaluations (no reference forward for them)")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if (self.precompute_ref_logps or not self.reference_cache.reads(inputs)
