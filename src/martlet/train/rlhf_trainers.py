@@ -115,7 +115,7 @@ class DPOTrainer(AtomicCheckpointMixin, PaddingFreeReference, trl.DPOTrainer):
 
 class ReferenceCache:
     """Reference log-probs of the rows seen so far, keyed by a digest of each row's sequences (tokens and reply
-    mask; 8 bytes a sequence), so the same row in another epoch, another batch or at another place in the batch
+    mask; 16 bytes a sequence), so the same row in another epoch, another batch or at another place in the batch
     finds its values. `paired`: a batch is [chosen..., rejected...] and a key covers a pair."""
 
     def __init__(self, sequences: tuple[tuple[str, str, str], ...], paired: bool, extra: tuple[str, ...] = ()):
@@ -130,7 +130,7 @@ class ReferenceCache:
         return set(batch) == self.fields
 
     def _keys(self, batch: dict[str, Any]) -> list[bytes]:
-        digests = [hashlib.blake2b(digest_size=8) for _ in range(len(batch["input_ids"]))]
+        digests = [hashlib.blake2b(digest_size=16) for _ in range(len(batch["input_ids"]))]
         for ids_name, mask_name, reply_name in self.sequences:
             keep = batch[mask_name].bool().cpu()
             ids, replies = batch[ids_name].cpu(), batch[reply_name].bool().cpu()
