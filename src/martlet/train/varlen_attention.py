@@ -192,10 +192,10 @@ def _bucket_max_len(query: Any) -> int:
 
 @functools.lru_cache(maxsize=8)  # the layers of one step share it
 def _layout(samples: tuple[Sample, ...], heads: int, kv_heads: int, multiple: int, device: str,
-            longest: int = EAGER_MAX_LEN) -> _Layout:
+            bucket_limit: int = EAGER_MAX_LEN) -> _Layout:
     tokens = sum(s.length for s in samples)
-    short = sorted(((s, s.size) for s in samples if s.size <= longest), key=lambda sample: sample[1])
-    long = [s for s in samples if s.size > longest]
+    short = sorted(((s, s.size) for s in samples if s.size <= bucket_limit), key=lambda sample: sample[1])
+    long = [s for s in samples if s.size > bucket_limit]
     output_index = torch.empty(tokens, heads, dtype=torch.long)
     head = torch.arange(heads).view(1, heads)
     buckets, offset = [], 0
