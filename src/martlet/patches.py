@@ -153,6 +153,11 @@ def guard_lora(module: Any) -> None:
             b.copy_(saved)
 
 
+def guard_disable_adapter(model: Any) -> None:
+    """The peft model's `disable_adapter` is there to stand in for (a context manager factory)."""
+    expect(callable(getattr(model, "disable_adapter", None)), f"{type(model).__name__} has no disable_adapter()")
+
+
 def guard_input_cast(module: Any) -> None:
     expect(hasattr(module, "cast_input_dtype_enabled"), f"{type(module).__name__} has no cast_input_dtype_enabled")
 
@@ -258,6 +263,13 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
           "kernels on a CPU): the LoRA kernels' 0.83-0.88x step time, part of SFT's 3.1-3.7x (performance.md). "
           "Guard: the layer has the attributes the fused forward reads and peft's forward equals "
           "base(x) + scaling * B(A(x)) on a tiny input with a non-zero B.", guard_lora),
+    Patch("peft_fused_disable_adapter", "peft", ("0.21.2",),
+          "A LoRA policy's `disable_adapter()` (how trl runs a DPO or KTO reference: once a step) switches the "
+          "fused LoRA layers off through a context variable (`kernels.adapters_off`: they run their base layer "
+          "alone) while every adapter layer is fused and unmerged, instead of peft's two walks "
+          "over the whole model and its status report (~40-75 ms a call on SmolLM2); otherwise peft's own runs. "
+          "Guard: the model has a `disable_adapter()`.", guard_disable_adapter,
+          fallback="peft's disable_adapter runs (slower, same values)"),
     Patch("peft_input_cast_off", "peft", ("0.21.2",),
           "On a CPU in bf16, LoRA layers' `cast_input_dtype_enabled` is False: bf16 activations go straight into "
           "the fp32 adapters under autocast instead of two casts per adapter per pass (~19% of a step). Guard: "

@@ -174,6 +174,47 @@ def test_keep_factor_keeps_each_element_with_probability_one_minus_p(p, dtype):
     assert abs((flat[1:] * flat[:-1]).mean().item() - kept ** 2) < 5e-3  # neighbours drawn independently
 
 
+def test_fused_disable_adapter_gives_the_base_model_without_peft_s_switch(tiny_models):
+    """Patch `peft_fused_disable_adapter`: a fused LoRA policy's `disable_adapter()` (trl's reference) gives the base
+    model's logits, as peft's own switch does, without flipping peft's per-layer flags; the adapters are back after
+    it. Merged adapters, or a layer the fused path does not cover, take peft's switch: the same logits."""
+    from martlet.train.kernels import adapters_switch_off, fuse_lora, fused_disable_adapter
+
+    ids = torch.randint(5, 200, (2, 12))
+    plain, model = _lora_model(tiny_models["llama"]), _lora_model(tiny_models["llama"])
+    with torch.no_grad(), plain.disable_adapter():
+        base = plain(input_ids=ids).logits
+    with torch.no_grad():
+        adapted = plain(input_ids=ids).logits
+    assert not torch.allclose(base, adapted)
+    assert not adapters_switch_off(model)  # peft's own layers: nothing fused yet
+    fuse_lora(model)
+    assert fused_disable_adapter(model) and fused_disable_adapter(model)  # idempotent
+    assert adapters_switch_off(model)
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    with torch.no_grad():
+        with model.disable_adapter():
+            torch.testing.assert_close(model(input_ids=ids).logits, base)
+            assert not any(m.disable_adapters for m in layers)  # peft's switch not used
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted)
+        model.merge_adapter()  # merged into the base weights: peft's switch (it unmerges)
+        assert not adapters_switch_off(model)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(input_ids=ids).logits, base, rtol=1e-4, atol=1e-4)
+            assert all(m.disable_adapters for m in layers)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)
+    partial = _lora_model(tiny_models["llama"])
+    fuse_lora(partial)
+    first = next(m for m in partial.modules() if hasattr(m, "lora_A"))
+    first.__class__ = first.__class__.__mro__[1]  # one layer back to peft's own class and forward
+    del first.forward
+    fused_disable_adapter(partial)
+    assert not adapters_switch_off(partial)
+    with torch.no_grad(), partial.disable_adapter():
+        torch.testing.assert_close(partial(input_ids=ids).logits, base)
+
+
 def test_fuse_lora_leaves_dora_to_peft(tiny_models):
     from martlet.train.kernels import fuse_lora
 

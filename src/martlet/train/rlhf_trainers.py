@@ -26,8 +26,14 @@ from martlet import patches
 from martlet.args.rlhf import RLHFArguments
 from martlet.train import batching, rlhf_losses, varlen_attention
 from martlet.train.batching import prefix_trees, rounded_row
-from martlet.train.kernels import TokenScores, shape_multiple
-from martlet.train.loss import CHUNK, is_wrapped, lean_loss_supported, summed_cross_entropy, unwrap_causal_lm
+from martlet.train.kernels import TokenScores, fused_disable_adapter, shape_multiple
+from martlet.train.loss import (
+    CHUNK,
+    is_wrapped,
+    lean_loss_supported,
+    summed_cross_entropy,
+    unwrap_causal_lm,
+)
 from martlet.train.outputs import RunFiles
 from martlet.train.trainer import AtomicCheckpointMixin
 
@@ -60,6 +66,8 @@ class PaddingFreeReference:
         self._martlet_padding_free = padding_free  # read by _precompute_ref_logps, inside trl's __init__
         super().__init__(*args, **kwargs)
         _drop_ref_adapter(self.model)
+        if self.ref_model is None and hasattr(self.model, "peft_config"):  # trl's reference: the adapters off
+            fused_disable_adapter(self.model)
         if padding_free:
             _padding_free(self.model, self.ref_model)
         sequences = [("input_ids", "attention_mask", "completion_mask")]
