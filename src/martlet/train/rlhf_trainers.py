@@ -27,13 +27,7 @@ from martlet.args.rlhf import RLHFArguments
 from martlet.train import batching, rlhf_losses, varlen_attention
 from martlet.train.batching import prefix_trees, rounded_row
 from martlet.train.kernels import TokenScores, fused_disable_adapter, shape_multiple
-from martlet.train.loss import (
-    CHUNK,
-    is_wrapped,
-    lean_loss_supported,
-    summed_cross_entropy,
-    unwrap_causal_lm,
-)
+from martlet.train.loss import CHUNK, is_wrapped, lean_loss_supported, summed_cross_entropy, unwrap_causal_lm
 from martlet.train.outputs import RunFiles
 from martlet.train.trainer import AtomicCheckpointMixin
 
