@@ -190,23 +190,26 @@ def test_the_second_epoch_runs_no_reference_forward_and_ends_where_recomputing_d
                                                                                       caplog, kind):
     """Two epochs of LoRA DPO / KTO: the reference's forwards run in the first epoch only (patch
     `trl_reference_cache`), and the adapter is the one of a run that computes the reference in every step."""
+    from martlet import patches
     from martlet.train import rlhf_trainers
 
+    monkeypatch.setattr(patches, "_verdicts", {})  # (the KTO guard below runs in this test)
     calls = forward_calls
     kw = dict(rlhf_type=kind, max_steps=-1, num_train_epochs=2, dataset_test_ratio=0, save_steps=100)
-    # no-grad forwards a step: the reference's (DPO one row, KTO the replies and their KL rows), KTO's policy KL rows
-    reference, policy = (1, 0) if kind == "dpo" else (2, 1)
+    # no-grad forwards a step: the reference's (DPO one row; KTO inline the replies and their KL rows, Martlet's both
+    # stacked in one: patch `trl_kto_joint_reference`, whose guard first runs a batch both ways), KTO's policy KL rows
+    inline, reference, policy, guard = (1, 1, 0, 0) if kind == "dpo" else (2, 1, 1, 3)
     with caplog.at_level(logging.INFO, logger="martlet"):
         cached = rlhf_main(small_args(tiny_llama, data, tmp_path / "cached", **kw))
     steps = cached["global_step"]
     said = f"reference log-probs: {steps} computed, {steps} read back"  # (each pair / KTO row: 2 a step)
     assert said in caplog.text
     assert steps == (12 if kind == "dpo" else 24)  # 12 pairs (KTO: 24 rows), 2 a step, 2 epochs
-    assert calls.count(True) == steps and calls.count(False) == steps * policy + steps // 2 * reference, calls
+    assert calls.count(True) == steps and calls.count(False) == steps * policy + steps // 2 * reference + guard, calls
     calls.clear()
     monkeypatch.setattr(rlhf_trainers.ReferenceCache, "reads", lambda self, batch: False)
     recomputed = rlhf_main(small_args(tiny_llama, data, tmp_path / "recomputed", **kw))
-    assert calls.count(True) == steps and calls.count(False) == steps * (policy + reference)
+    assert calls.count(True) == steps and calls.count(False) == steps * (policy + inline)
     a, b = (load_file(os.path.join(r["last_model_checkpoint"], "adapter_model.safetensors"))
             for r in (cached, recomputed))
     assert all(a[k].allclose(b[k], atol=1e-5) for k in a)

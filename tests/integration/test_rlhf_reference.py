@@ -164,8 +164,13 @@ def test_dpo_computes_a_pair_s_reference_once_and_reads_it_back_after(tiny_llama
     assert not [r for r in caplog.records if "trl_reference_cache" in r.getMessage()]  # the guard passed
 
 
-def test_kto_computes_a_row_s_reference_and_its_kl_row_s_once(tiny_llama, base_model, tmp_path):
-    """KTO's rows and their KL rows (fixed per row when the data is prepared) keep their reference log-probs too."""
+def test_kto_computes_a_row_s_reference_and_its_kl_row_s_once(tiny_llama, base_model, tmp_path, monkeypatch):
+    """KTO's rows and their KL rows (fixed per row when the data is prepared) keep their reference log-probs too,
+    computed in one call on both stacked (patch `trl_kto_joint_reference`, whose guard first computes the first
+    batch both ways)."""
+    from martlet import patches
+
+    monkeypatch.setattr(patches, "_verdicts", {})
     _, trainer, batch = make_trainer(tiny_llama, tmp_path, rlhf_type="kto", beta=0.5, desirable_weight=1.5)
     computed = []
     original = trainer.compute_ref_log_probs
@@ -179,7 +184,9 @@ def test_kto_computes_a_row_s_reference_and_its_kl_row_s_once(tiny_llama, base_m
     batches = [trainer.data_collator(rows[:2]), batch, trainer.data_collator(rows[::-1])]
     with torch.no_grad():
         losses = [trainer.compute_loss(trainer.model, b).item() for b in batches]
-    assert computed == [2, 2] and trainer.reference_cache.hits == 2 + 4
+    # the guard: trl's two-part call (2 rows) and the stacked one (2 rows + their 2 KL rows); then one stacked call
+    # for each batch with rows not seen yet
+    assert computed == [2, 4, 4, 4] and trainer.reference_cache.hits == 2 + 4
     assert trainer.reference_columns == ("ref_logps", "ref_KL_logps")
     for b, loss in zip(batches[1:], losses[1:]):  # (the first batch alone: labels all alike, the formula differs)
         assert loss == pytest.approx(kto_formula(trainer, base_model, b), rel=1e-4)

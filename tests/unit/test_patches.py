@@ -350,3 +350,43 @@ def test_the_rule_finds_what_it_looks_for(tmp_path):
                    "    setattr(u, 'y', 2)\n")
     assert [hit.split(": ", 1)[1] for hit in _library_assignments(bad, tmp_path)] == [
         "u._use_triton", "Trainer.x", "m.forward", "setattr(u, ...)"]
+
+
+def test_trl_kto_joint_reference_is_used_only_where_the_stacked_call_gives_trl_s_values():
+    """The guard of `trl_kto_joint_reference` computes a batch's KTO reference log-probs both ways: a trl whose
+    `compute_ref_log_probs` honours `calculate_KL` passes; one that scores the KL rows regardless (an error on the
+    stacked batch) or gives other values fails with a Mismatch, never an exception of its own."""
+    from martlet.train.rlhf_trainers import PaddingFreeReference
+
+    def row_sums(ids, mask):
+        return (ids * mask).sum(1).float()
+
+    class FakeKTO(PaddingFreeReference):
+        calculate_KL = True
+        processing_class = None
+
+        def __init__(self, shift=0.0, strict=False):  # (no trl __init__: the guard only calls these)
+            self.shift, self.strict = shift, strict
+
+        def compute_ref_log_probs(self, model, inputs):
+            main = row_sums(inputs["input_ids"], inputs["attention_mask"]) + self.shift * (len(inputs["input_ids"]) > 2)
+            if self.calculate_KL or self.strict:
+                return main, row_sums(inputs["KL_input_ids"], inputs["KL_attention_mask"])
+            return main, None
+
+    g = torch.Generator().manual_seed(0)
+    rows = {"input_ids": torch.randint(1, 50, (2, 5), generator=g), "attention_mask": torch.ones(2, 5, dtype=torch.long),
+            "completion_mask": torch.ones(2, 5, dtype=torch.long), "KL_input_ids": torch.randint(1, 50, (2, 7), generator=g),
+            "KL_attention_mask": torch.ones(2, 7, dtype=torch.long), "KL_completion_mask": torch.ones(2, 7, dtype=torch.long),
+            "label": torch.tensor([True, False])}
+    guard = patches.PATCHES["trl_kto_joint_reference"].guard
+    trainer = FakeKTO()
+    guard((trainer, None, rows))
+    assert trainer.calculate_KL is True  # switched back after the call
+    replies, kl_rows = trainer._joint_reference_log_probs(None, rows)
+    torch.testing.assert_close(replies, row_sums(rows["input_ids"], rows["attention_mask"]))
+    torch.testing.assert_close(kl_rows, row_sums(rows["KL_input_ids"], rows["KL_attention_mask"]))
+    with pytest.raises(patches.Mismatch, match="fails on the stacked batch"):
+        guard((FakeKTO(strict=True), None, rows))
+    with pytest.raises(patches.Mismatch, match="reference log-probs from the stacked batch"):
+        guard((FakeKTO(shift=5.0), None, rows))

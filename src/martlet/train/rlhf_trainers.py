@@ -17,6 +17,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import trl
 from transformers import Trainer, TrainingArguments
 from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -91,13 +92,45 @@ class PaddingFreeReference:
                 or not patches.usable("trl_reference_cache", self, key=type(self))):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         reference = self.ref_model or self.model  # as trl's precompute pass (LoRA: the adapter switched off)
-        values = self.reference_cache.lookup(inputs, lambda rows: self.compute_ref_log_probs(reference, rows))
+        values = self.reference_cache.lookup(inputs, lambda rows: self._reference_log_probs(reference, rows))
         self.precompute_ref_logps = True  # trl's _compute_loss then reads the columns
         try:
             return super().compute_loss(model, {**inputs, **dict(zip(self.reference_columns, values))},
                                         return_outputs, num_items_in_batch)
         finally:
             self.precompute_ref_logps = False
+
+
+    def _reference_log_probs(self, reference: Any, rows: dict[str, torch.Tensor]) -> Any:
+        """trl's `compute_ref_log_probs` for these rows. KTO with KL rows: its reply rows and KL rows as one batch,
+        so one forward computes both and a row's prompt runs once with its KL row's (patch `trl_kto_joint_reference`,
+        whose guard compares the two ways on the first batch)."""
+        if not getattr(self, "calculate_KL", False) or not patches.usable(
+                "trl_kto_joint_reference", (self, reference, rows), key=type(self)):
+            return self.compute_ref_log_probs(reference, rows)
+        return self._joint_reference_log_probs(reference, rows)
+
+    def _joint_reference_log_probs(self, reference: Any, rows: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+        """KTO: (the replies', the KL rows') reference log-probs from one call of trl's `compute_ref_log_probs` on the
+        reply rows and KL rows stacked, with trl's KL rows switched off for the call."""
+        fields = ("input_ids", "attention_mask", "completion_mask")
+        width = max(rows[name].shape[1] for name in ("input_ids", "KL_input_ids"))
+        pad = getattr(self.processing_class, "pad_token_id", None) or 0
+
+        def stacked(name: str) -> torch.Tensor:
+            parts = [rows[name], rows["KL_" + name]]
+            value = pad if name == "input_ids" else 0
+            return torch.cat([F.pad(t, (0, width - t.shape[1]), value=value) for t in parts])
+
+        joint = {name: stacked(name) for name in fields}
+        joint["label"] = rows["label"].repeat(2)
+        self.calculate_KL = False
+        try:
+            values = self.compute_ref_log_probs(reference, joint)[0]
+        finally:
+            self.calculate_KL = True
+        count = len(rows["input_ids"])
+        return values[:count], values[count:]
 
 
 class DPOTrainer(AtomicCheckpointMixin, PaddingFreeReference, trl.DPOTrainer):
