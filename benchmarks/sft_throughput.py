@@ -84,6 +84,11 @@ def cut_data(names: list[str], steps: int, rows_a_sample: int = 1) -> list[str]:
     return [f"{name.split('#')[0]}#{each}" for name in names]
 
 
+def preference_data(kind: str, steps: int) -> list[str]:
+    """DPO_DATA, cut for --epochs (KTO trains on a pair's two rows)."""
+    return cut_data(DPO_DATA, steps, 2 if kind == "kto" else 1)
+
+
 def padding_tokens(inputs: dict[str, Any]) -> int:
     """How many tokens of a padding-free row are `PaddingFreeCollator`'s padding: its last sample, when that is
     one token repeated with no label (no real sample is)."""
@@ -222,7 +227,7 @@ def baseline_dpo(steps: int, out_dir: str) -> dict:
     from martlet.data.preference import preference_train_val_rows
     from martlet.models.loader import load_tokenizer, resolve_model
 
-    args = parse_cli(DPOArguments, ["--dataset", *cut_data(DPO_DATA, steps), *COMMON])
+    args = parse_cli(DPOArguments, ["--dataset", *preference_data("dpo", steps), *COMMON])
     spec = resolve_model(None, None)
     tokenizer = load_tokenizer(spec.model_dir)
     data = _trl_pairs(preference_train_val_rows(args)[0])
@@ -253,9 +258,7 @@ def baseline_preference(kind: str, steps: int, out_dir: str) -> dict:
     from martlet.data.preference import preference_train_val_rows
     from martlet.models.loader import load_tokenizer, resolve_model
 
-    rows_a_pair = 2 if kind == "kto" else 1
-    args = parse_cli(RLHFArguments, ["--rlhf_type", kind, "--dataset", *cut_data(DPO_DATA, steps, rows_a_pair),
-                                     *COMMON])
+    args = parse_cli(RLHFArguments, ["--rlhf_type", kind, "--dataset", *preference_data(kind, steps), *COMMON])
     spec = resolve_model(None, None)
     tokenizer = load_tokenizer(spec.model_dir)
     rows = preference_train_val_rows(args)[0]
@@ -308,8 +311,7 @@ def martlet_preference(kind: str, steps: int, out_dir: str) -> dict:
 
     if kind != "kto":  # (KTO's rows are counted whole: its KL rows and its replies run in passes of their own)
         rlhf_trainers._decoded_row = counted
-    rows_a_pair = 2 if kind == "kto" else 1
-    result = rlhf_main(["--rlhf_type", kind, "--dataset", *cut_data(DPO_DATA, steps, rows_a_pair), *COMMON,
+    result = rlhf_main(["--rlhf_type", kind, "--dataset", *preference_data(kind, steps), *COMMON,
                         "--lora_dropout", str(DROPOUT[0]),
                         "--max_steps", str(steps),
                         "--output_dir", out_dir, "--save_steps", str(10 * steps), "--save_only_model", "true",

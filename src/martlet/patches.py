@@ -326,7 +326,7 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
           "KTOTrainer's reference pass, where Martlet computes it (the first time a row is seen): the reply rows "
           "and their KL rows stacked into one batch for one `compute_ref_log_probs` call with `calculate_KL` off, "
           "so one forward computes both and a row's prompt runs once with its KL row's (the pass 6-14% shorter, "
-          "~3-4% of a step). Guard: on the first batch, trl's own two-part values equal the stacked call's "
+          "4-6% of a KTO step). Guard: on the first batch, trl's own two-part values equal the stacked call's "
           "(within 1e-3).", guard_kto_joint_reference,
           fallback="the reference pass runs reply rows and KL rows apart (slower, same values)"),
     Patch("atomic_checkpoint", "transformers", ("5.24.0", "5.25.0"),

@@ -100,7 +100,6 @@ class PaddingFreeReference:
         finally:
             self.precompute_ref_logps = False
 
-
     def _reference_log_probs(self, reference: Any, rows: dict[str, torch.Tensor]) -> Any:
         """trl's `compute_ref_log_probs` for these rows. KTO with KL rows: its reply rows and KL rows as one batch,
         so one forward computes both and a row's prompt runs once with its KL row's (patch `trl_kto_joint_reference`,
