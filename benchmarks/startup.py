@@ -9,7 +9,8 @@ one invocation.
   the same 100 rows through the chat template, a `Trainer` with LoRA on all linear layers, one step.
 
 Both are timed by the same hook: the wall-clock time at which `Trainer.training_step` is first entered, minus the
-time just before the process was launched. Each side runs once untimed first (warm page cache, Martlet's
+time just before the process was launched. The hook goes in as transformers' trainer module is imported, so it
+imports nothing itself and each side pays for its own imports. Each side runs once untimed first (warm page cache, Martlet's
 tokenized-data cache and native kernels), then `--rounds` times in turn; the median is reported.
 """
 
@@ -28,16 +29,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 HOOK = """
-import json, os, time
-import transformers
-_original = transformers.Trainer.training_step
-def _first(self, *args, **kwargs):
-    if not os.environ.get("_STARTUP_SEEN"):
-        os.environ["_STARTUP_SEEN"] = "1"
-        with open(os.environ["STARTUP_RESULT"], "w") as fh:
-            json.dump({"first_step_at": time.time()}, fh)
-    return _original(self, *args, **kwargs)
-transformers.Trainer.training_step = _first
+import importlib.abc, importlib.machinery, json, os, sys, time
+def _timed(trainer):
+    original = trainer.training_step
+    def _first(self, *args, **kwargs):
+        if not os.environ.get("_STARTUP_SEEN"):
+            os.environ["_STARTUP_SEEN"] = "1"
+            with open(os.environ["STARTUP_RESULT"], "w") as fh:
+                json.dump({"first_step_at": time.time()}, fh)
+        return original(self, *args, **kwargs)
+    trainer.training_step = _first
+class _AfterTrainer(importlib.abc.MetaPathFinder):  # the hook goes in when transformers' Trainer is imported, by
+    def find_spec(self, name, path, target=None):   # whichever side, so that the hook itself imports nothing early
+        if name != "transformers.trainer":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            _timed(module.Trainer)
+        spec.loader.exec_module = exec_module
+        return spec
+sys.meta_path.insert(0, _AfterTrainer())
 """
 
 MARTLET = HOOK + """

@@ -9,7 +9,7 @@ import sys
 from typing import Sequence
 
 from martlet.errors import MartletError, did_you_mean
-from martlet.utils import quiet_library_lines
+from martlet.utils import collector_paused, frozen_heap, quiet_library_lines
 
 # command -> (entry point, arguments class for --help, one-line description, the extra it needs or None)
 COMMANDS: dict[str, tuple[str, str | None, str, str | None]] = {
@@ -76,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
+    own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_library_lines()
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -106,7 +107,12 @@ def run(argv: Sequence[str] | None = None) -> int:
         check_extra(command)
         if wants_launch(command):  # NPROC_PER_NODE / NNODES: the same command under torchrun
             return launch(command, rest)
-        return int(_load(entry)(rest) or 0)
+        with collector_paused():  # the command's libraries import without the collector's full passes ...
+            function = _load(entry)
+        # ... nor meet them later; the process's own command (argv from sys.argv) ends with the process, which then
+        # skips a last full pass too
+        with frozen_heap(keep=own_process):
+            return int(function(rest) or 0)
     except MartletError as exc:
         print(f"martlet: error: {exc}", file=sys.stderr)
         if os.environ.get("MARTLET_TRACEBACK") == "1":

@@ -29,6 +29,7 @@ from martlet.train.outputs import RunFiles, RunInfo, plot_history
 from martlet.train.run import check_output_dir, check_run_folder, open_run_dir, pick_checkpoint, resume_checkpoint
 from martlet.train.trainer import StopOnSignal
 from martlet.train.training_args import training_kwargs
+from martlet.utils import frozen_heap
 
 logger = logging.getLogger("martlet")
 
@@ -108,19 +109,21 @@ class TrainingMethod(Protocol):
 
 def run_training(args: SftArguments, method: TrainingMethod) -> dict[str, Any]:
     """Train with validated `args` as `method` says; returns {best_model_checkpoint, last_model_checkpoint, ...}."""
-    setup = prepare_run(args, cut_in_template=method.cut_in_template)
-    data = method.encode(setup)
-    load = getattr(method, "load_model", load_for_training)  # (a reward model: a score head, not an LM head)
-    model = load(args, setup.spec, setup.dtype, setup.device)
-    reference = method.reference(setup)
-    checkpoint = resume_checkpoint(args)
-    info = RunInfo.of(args, setup.spec, setup.template, command=method.command(args), dtype=setup.dtype,
-                      data=data.stats, reference=reference.description)
-    run_dir = open_run_dir(args, setup.spec.model_type, RunFiles(args, info), checkpoint)
-    run = TrainingRun(**{f.name: getattr(setup, f.name) for f in dataclasses.fields(RunSetup)}, run_dir=run_dir,
-                      info=info, checkpoint=checkpoint)
-    trainer = method.build_trainer(run, model, reference, data)
-    return train_and_report(trainer, run)
+    with frozen_heap() as freeze:  # (startup: the collector's full passes; utils.frozen_heap)
+        setup = prepare_run(args, cut_in_template=method.cut_in_template)
+        data = method.encode(setup)
+        load = getattr(method, "load_model", load_for_training)  # (a reward model: a score head, not an LM head)
+        model = load(args, setup.spec, setup.dtype, setup.device)
+        reference = method.reference(setup)
+        checkpoint = resume_checkpoint(args)
+        info = RunInfo.of(args, setup.spec, setup.template, command=method.command(args), dtype=setup.dtype,
+                          data=data.stats, reference=reference.description)
+        run_dir = open_run_dir(args, setup.spec.model_type, RunFiles(args, info), checkpoint)
+        run = TrainingRun(**{f.name: getattr(setup, f.name) for f in dataclasses.fields(RunSetup)}, run_dir=run_dir,
+                          info=info, checkpoint=checkpoint)
+        trainer = method.build_trainer(run, model, reference, data)
+        freeze()  # the model, tokenizer, data and trainer: they live as long as the run
+        return train_and_report(trainer, run)
 
 
 def prepare_run(args: SftArguments, *, cut_in_template: bool = True) -> RunSetup:
