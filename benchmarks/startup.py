@@ -10,8 +10,8 @@ one invocation.
 
 Both are timed by the same hook: the wall-clock time at which `Trainer.training_step` is first entered, minus the
 time just before the process was launched. The hook goes in as transformers' trainer module is imported, so it
-imports nothing itself and each side pays for its own imports. Each side runs once untimed first (warm page cache, Martlet's
-tokenized-data cache and native kernels), then `--rounds` times in turn; the median is reported.
+imports nothing itself and each side pays for its own imports. Each side runs once untimed first (warm page cache,
+Martlet's tokenized-data cache and native kernels), then `--rounds` times in turn; the median is reported.
 """
 
 from __future__ import annotations

@@ -145,7 +145,8 @@ def test_a_training_run_freezes_what_it_loaded_before_training_and_gives_it_back
 
         monkeypatch.setattr(pipeline, name, recorded)
     result = sft_main(["--model_id_or_path", tiny_llama, "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
-                       "--batch_size", "2", "--dataset", "self-cognition#8", "--model_name", "M", "--model_author", "B"])
+                       "--batch_size", "2", "--dataset", "self-cognition#8", "--model_name", "M",
+                       "--model_author", "B"])
     assert result["global_step"] == 1
     assert 0 < counts["start"] < counts["train"]  # the libraries from the start; the model, data, trainer too
     assert gc.get_freeze_count() == 0
