@@ -1,13 +1,14 @@
 """GRPO throughput and memory: plain trl GRPOTrainer + peft against Martlet's `martlet grpo`, side by side in one
 invocation, on the embedded SmolLM2 and the same easy math prompts.
 
-    HF_HUB_OFFLINE=1 python benchmarks/grpo_throughput.py [--steps 6] [--rounds 1] [--json out.json]
+    HF_HUB_OFFLINE=1 python benchmarks/grpo_throughput.py [--steps 6] [--rounds 1] [--beta 0.04] [--json out.json]
 
 Settings shared by both sides: LoRA r8 / alpha 32 / dropout 0 on all linear layers; 16 two-number arithmetic
 prompts (the easy rows `martlet eval` draws, at the training seed) with Martlet's answer instruction; rewards
 `format` + `accuracy` (the same Python functions); 8 completions a step (2 prompts x --num_generations 4, no
-gradient accumulation), max completion length 32, temperature 1, beta 0 (no reference model), learning rate 1e-4
-constant, seed 42.
+gradient accumulation), max completion length 32, temperature 1, beta 0 (no reference model; --beta 0.04, the
+default of ms-swift and Martlet, adds the KL term: both sides then score the completions under the reference, trl's
+copy of the initial adapter, each step), learning rate 1e-4 constant, seed 42.
 Baseline: `trl.GRPOTrainer` with its defaults on a CPU (fp32, padded scoring, gradient checkpointing on), nothing
 else. Martlet: `rlhf_main --rlhf_type grpo` with its defaults (dtype AUTO: bf16 weights and autocast on a CPU with
 bf16, padding-free scoring, fused CPU kernels).
@@ -33,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PROMPTS, GENERATIONS, BATCH, COMPLETION, LR, SEED = 16, 4, 8, 32, 1e-4, 42
+BETA = [0.0]  # set from --beta in each process
 
 
 def prompt_rows() -> list[dict]:
@@ -101,7 +103,8 @@ def baseline(steps: int, out_dir: str, warmup: int) -> dict:
     instrument(record)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     config = trl.GRPOConfig(output_dir=out_dir, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
-                            num_generations=GENERATIONS, max_completion_length=COMPLETION, temperature=1.0, beta=0.0,
+                            num_generations=GENERATIONS, max_completion_length=COMPLETION, temperature=1.0,
+                            beta=BETA[0],
                             max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", logging_steps=1,
                             save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=SEED, data_seed=SEED,
                             disable_tqdm=True)
@@ -126,7 +129,7 @@ def martlet(steps: int, out_dir: str, warmup: int) -> dict:
     extra = os.environ.get("MARTLET_BENCH_ARGS", "").split()  # ablations, e.g. "--padding_free false"
     result = rlhf_main(["--rlhf_type", "grpo", "--dataset", data, "--reward_funcs", "format", "accuracy",
                         "--num_generations", str(GENERATIONS), "--max_completion_length", str(COMPLETION),
-                        "--temperature", "1.0", "--beta", "0", "--batch_size", str(BATCH),
+                        "--temperature", "1.0", "--beta", str(BETA[0]), "--batch_size", str(BATCH),
                         "--gradient_accumulation_steps", "1", "--max_steps", str(steps), "--learning_rate", str(LR),
                         "--lr_scheduler_type", "constant", "--warmup_ratio", "0", "--lora_rank", "8",
                         "--lora_alpha", "32", "--lora_dropout", "0", "--lora_target_modules", "ALL",
@@ -144,7 +147,7 @@ def run_side(side: str, steps: int, warmup: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result_file = os.path.join(tmp, "result.json")
         cmd = [sys.executable, __file__, "--side", side, "--steps", str(steps), "--warmup", str(warmup),
-               "--result", result_file, "--out", os.path.join(tmp, "out")]
+               "--beta", str(BETA[0]), "--result", result_file, "--out", os.path.join(tmp, "out")]
         print(f"running {side} ...", flush=True)
         start = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if not os.environ.get("BENCH_VERBOSE") else None,
@@ -166,7 +169,7 @@ def table(base: dict, ours: dict, warmup: int) -> str:
             ("peak RSS (GiB)", "peak_rss_gib", "{:.2f}"), ("mean reward", "mean_reward", "{:.3f}"),
             ("process wall s (load+train)", "process_s", "{:.1f}")]
     lines = [f"GRPO: {base['steps']} steps of {BATCH} completions ({BATCH // GENERATIONS} prompts x {GENERATIONS}), "
-             f"max {COMPLETION} new tokens ({warmup} warm-up step(s) not timed)",
+             f"max {COMPLETION} new tokens, beta {BETA[0]:g} ({warmup} warm-up step(s) not timed)",
              f"| {'':28} | {'trl':>10} | {'martlet':>10} | {'ratio':>7} |",
              f"|{'-' * 30}|{'-' * 12}|{'-' * 12}|{'-' * 9}|"]
     for label, key, fmt in rows:
@@ -182,11 +185,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the sides in turn this many times (trl, martlet, trl, ...) and report each side's "
                              "median round: the host's speed drifts by ~20%% over minutes")
+    parser.add_argument("--beta", type=float, default=0.0, help="the KL term's weight on both sides (0: no reference)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    BETA[0] = args.beta
     if args.side:  # a child process: one side, its numbers to --result
         result = SIDES[args.side](args.steps, args.out, args.warmup)
         with open(args.result, "w", encoding="utf-8") as fh:

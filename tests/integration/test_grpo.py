@@ -105,3 +105,25 @@ def test_full_parameter_grpo_with_a_kl_term_moves_every_weight_it_trains(tiny_ll
     logs = [h for h in result["log_history"] if "kl" in h]
     assert len(logs) == 2 and logs[0]["kl"] == 0 < logs[1]["kl"], logs  # the reference stays where training began
     assert logs[0]["grad_norm"] > 1e-3, logs  # the rewards differed within the group: a real gradient
+
+
+def test_lora_grpo_scores_its_reference_on_the_fused_layers_and_the_kl_starts_at_zero(tiny_llama, tmp_path,
+                                                                                       monkeypatch):
+    """trl scores the reference through a 'ref' copy of the initial adapter, added after Martlet fused the LoRA
+    layers: the fused layers run it (not peft's own path), and it is the starting policy (KL 0 at the first step,
+    above 0 once the adapter moved)."""
+    from martlet.train import kernels
+
+    asked = []
+    plain_lora = kernels._plain_lora
+    monkeypatch.setattr(kernels, "_plain_lora", lambda layer, name: asked.append(name) or plain_lora(layer, name))
+    result = rlhf_main(RLHFArguments(rlhf_type="grpo", model_id_or_path=tiny_llama,
+                                     dataset=["math-word-problems-small-en#8"], reward_funcs=[register_length_reward()],
+                                     num_generations=4, batch_size=4, gradient_accumulation_steps=1, max_steps=2,
+                                     max_completion_length=8, beta=0.04, learning_rate=1e-2, warmup_ratio=0.0,
+                                     lr_scheduler_type="constant", logging_steps=1, temperature=1.0,
+                                     lora_target_modules=["ALL"], gradient_checkpointing=False, report_to=["none"],
+                                     disable_tqdm=True, output_dir=str(tmp_path / "out")))
+    assert "ref" in asked and "default" in asked, set(asked)
+    logs = [h for h in result["log_history"] if "kl" in h]
+    assert len(logs) == 2 and logs[0]["kl"] == 0 < logs[1]["kl"], logs

@@ -215,6 +215,45 @@ def test_fused_disable_adapter_gives_the_base_model_without_peft_s_switch(tiny_m
         torch.testing.assert_close(partial(input_ids=ids).logits, base)
 
 
+def test_an_adapter_added_after_fusing_runs_fused_when_active_and_plain_lora(tiny_models, monkeypatch):
+    """trl's GRPO copies the adapter into a 'ref' adapter after Martlet fused the layers and switches to it for its
+    reference: the fused path runs whichever single adapter is active, with that adapter's weights (the values and
+    gradients peft gives); an added adapter it cannot compute (DoRA) runs peft's own path."""
+    from peft import LoraConfig
+
+    from martlet.train import kernels
+
+    ids = torch.randint(5, 200, (2, 12))
+    batch = {"input_ids": ids, "labels": ids}
+    models = []
+    for fused in (False, True):
+        model = _lora_model(tiny_models["llama"])
+        if fused:
+            kernels.fuse_lora(model)
+        torch.manual_seed(1)
+        model.add_adapter("other", LoraConfig(r=2, lora_alpha=6, target_modules="all-linear", task_type="CAUSAL_LM"))
+        model.add_adapter("dora", LoraConfig(r=2, target_modules="all-linear", use_dora=True, task_type="CAUSAL_LM"))
+        for name, param in model.named_parameters():
+            if ".other." in name or ".dora." in name:
+                param.data = torch.randn_like(param) * 0.1
+        models.append(model)
+    calls = []
+    apply = kernels.LoraLinear.apply
+    monkeypatch.setattr(kernels.LoraLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    layers = sum(1 for n, _ in models[1].named_modules() if n.endswith(".lora_A"))
+    for adapter, fused_calls in (("other", layers), ("default", layers), ("dora", 0)):
+        for model in models:
+            model.set_adapter(adapter)
+        calls.clear()
+        got_loss, got = _loss_and_grads(models[1], batch)
+        assert len(calls) == fused_calls, adapter
+        want_loss, want = _loss_and_grads(models[0], batch)
+        torch.testing.assert_close(got_loss, want_loss, msg=adapter)
+        assert got.keys() == want.keys() and any(f".{adapter}." in n for n in got), adapter
+        for name, grad in want.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_fuse_lora_leaves_dora_to_peft(tiny_models):
     from martlet.train.kernels import fuse_lora
 

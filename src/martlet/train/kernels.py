@@ -273,6 +273,15 @@ def fuse_lora(model: torch.nn.Module) -> int:
     return count
 
 
+def _plain_lora(layer: torch.nn.Module, name: str | None) -> bool:
+    """Whether adapter `name` of a peft LoRA layer is one `LoraLinear` computes: plain LoRA (no DoRA, no LoRA bias,
+    no other variant) with a plain dropout. (`fuse_lora` checks the layer's first adapter; one added later, as trl's
+    GRPO 'ref' copy, is checked when it runs.)"""
+    return (name is not None and name in layer.lora_A and not layer.use_dora.get(name)
+            and not getattr(layer, "lora_bias", {}).get(name) and getattr(layer, "lora_variant", {}).get(name) is None
+            and isinstance(layer.lora_dropout[name], (torch.nn.Identity, torch.nn.Dropout)))
+
+
 _ADAPTERS_OFF = contextvars.ContextVar("martlet_adapters_off", default=False)
 
 
@@ -320,9 +329,10 @@ def _fused_forward(self, x, *args, **kwargs):
     base = self.base_layer
     if _ADAPTERS_OFF.get() and not self.merged:
         return base(x, *args, **kwargs)
-    name = next(iter(self.lora_A))
+    active = self.active_adapters  # one, whichever it is (trl's GRPO switches to a 'ref' copy for its reference)
+    name = active[0] if len(active) == 1 else None
     device = x.device.type
-    if (args or kwargs or self.merged or self.disable_adapters or name not in self.active_adapters
+    if (args or kwargs or self.merged or self.disable_adapters or not _plain_lora(self, name)
             or x.dtype != base.weight.dtype
             or (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype)):
         return self._plain_forward(x, *args, **kwargs)
