@@ -59,6 +59,7 @@ def test_the_guards_pass_on_the_locked_libraries(tiny_llama):
     import trl.trainer.utils as trl_utils
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+    from transformers.generation import utils as generation_utils
     from transformers.models.llama import modeling_llama
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -70,6 +71,7 @@ def test_the_guards_pass_on_the_locked_libraries(tiny_llama):
                          ("trl_compact_scoring", trl_utils), ("trl_pretokenized_rows", trl.DPOTrainer),
                          ("trl_pretokenized_rows", trl.KTOTrainer), ("trl_padding_free_precompute", trl.DPOTrainer),
                          ("trl_padding_free_precompute", trl.KTOTrainer), ("atomic_checkpoint", transformers.Trainer),
+                         ("fast_cpu_sampling", generation_utils),
                          ("accelerate_bypass_device_map", None)):
         patches.PATCHES[name].guard(target)
 

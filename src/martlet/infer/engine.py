@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional, Sequence
 from martlet.infer.adapters import AS_LOADED, AdapterGate
 from martlet.infer.generation import GenConfig, StreamText, cut_at_stop, whole_text
 from martlet.infer.protocol import Conversation, Delta, Output, Prompt, is_token_ids
+from martlet.infer.sampling import install as install_fast_sampling
 from martlet.templates.template import Template
 
 logger = logging.getLogger("martlet")
@@ -45,6 +46,7 @@ class TransformersEngine:
         config = getattr(model, "config", None)
         self.context_length = context_length or getattr(config, "max_position_embeddings", None)
         self.vocab_size = min(len(self.tokenizer), getattr(config, "vocab_size", None) or len(self.tokenizer))
+        install_fast_sampling()  # one token a row on a CPU without torch's multinomial (infer/sampling.py)
 
     # prompts -------------------------------------------------------------------------------------------
     def encode_chat(self, messages: Conversation) -> list[int]:

@@ -22,6 +22,7 @@ from datasets import Dataset
 
 from martlet.args.rlhf import RLHFArguments
 from martlet.errors import MartletError
+from martlet.infer.sampling import install as install_fast_sampling
 from martlet.train import rewards
 from martlet.train.grpo_data import grpo_train_val_rows
 from martlet.train.pipeline import EncodedData, Reference, RunSetup, TrainingRun
@@ -115,6 +116,7 @@ class GrpoMethod:
                               else None,
                               callbacks=run.callbacks(False), run_files=run.run_files,
                               completions_path=completions, log_completions_steps=args.log_completions_steps)
+        install_fast_sampling()  # generation's sampling on a CPU (infer/sampling.py)
         if args.effective_padding_free() and not (args.deepspeed or args.fsdp):
             base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
             padding_free_fused_forward(base, config.temperature)  # scoring: one padding-free row, completions only
