@@ -76,7 +76,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_library_lines()
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -100,7 +99,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         from martlet.dryrun import dry_run, wants_dry_run
-        from martlet.launch import launch, wants_launch
+        from martlet.launch import close_process_group, launch, wants_launch
 
         if args_cls and wants_dry_run(rest):  # check a command (a script for other hardware) without running it
             return dry_run(command, _load(args_cls), rest)
@@ -109,10 +108,11 @@ def run(argv: Sequence[str] | None = None) -> int:
             return launch(command, rest)
         with collector_paused():  # the command's libraries import without the collector's full passes ...
             function = _load(entry)
-        # ... nor meet them later; the process's own command (argv from sys.argv) ends with the process, which then
-        # skips a last full pass too
-        with frozen_heap(keep=own_process):
-            return int(function(rest) or 0)
+        try:
+            with frozen_heap():  # ... nor meet them later (given back at the end, for the interpreter's exit)
+                return int(function(rest) or 0)
+        finally:
+            close_process_group()
     except MartletError as exc:
         print(f"martlet: error: {exc}", file=sys.stderr)
         if os.environ.get("MARTLET_TRACEBACK") == "1":

@@ -99,3 +99,11 @@ def broadcast(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def close_process_group() -> None:
+    """Destroy the process group a command's training set up (torchrun's ranks), before the interpreter exits: a
+    gloo group left up can abort a rank at exit ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -110,14 +110,14 @@ _HEAP_OWNED = [False]
 
 
 @contextlib.contextmanager
-def frozen_heap(*, keep: bool = False) -> Iterator[Callable[[], None]]:
+def frozen_heap() -> Iterator[Callable[[], None]]:
     """Python's full garbage collections scan every object the process holds: ~560,000 once torch, transformers and
     a model are loaded, ~250 ms a pass on the benchmark's host. A training command's startup met nine (seven while
     the libraries import, one while the tokenizer's JSON loads, one in accelerate's `free_memory` as training
     begins: ~1.3 s), and long runs meet more. Inside, the objects already there move to the collector's permanent
     generation, which it does not scan, and so does everything alive at each call of the function given (a run's
-    model and data, once loaded); at the end they come back to it (unless `keep`: a command-line process that ends
-    with it), so nothing is left uncollectable after a run started from Python. Cycles that become garbage while
+    model and data, once loaded); at the end they come back to it, so nothing is left uncollectable after a run
+    started from Python, and a process's exit finalizes them as usual. Cycles that become garbage while
     frozen are collected then (at a training run's start a full collection finds ~150 such objects). Nested
     contexts freeze more and leave the end to the outermost; objects frozen by something else are left alone (the
     function then does nothing)."""
@@ -133,8 +133,7 @@ def frozen_heap(*, keep: bool = False) -> Iterator[Callable[[], None]]:
         yield gc.freeze
     finally:
         _HEAP_OWNED[0] = False
-        if not keep:
-            gc.unfreeze()
+        gc.unfreeze()
 
 
 @contextlib.contextmanager

@@ -205,3 +205,22 @@ def test_deepspeed_and_fsdp_configs_resolve_and_validate(tmp_path):
         resolve_fsdp("true", str(tmp_path / "missing.json"))
     with pytest.raises(MartletError, match="choose one of --deepspeed and --fsdp"):
         parse_cli(SftArguments, ["--dataset", "x", "--fsdp", "true", "--deepspeed", "default-zero2"]).validate()
+
+
+def test_the_cli_closes_the_process_group_its_command_set_up(tmp_path, monkeypatch):
+    """A gloo group left up can abort a rank as the interpreter exits: the CLI destroys it after the command."""
+    import torch.distributed as dist
+
+    from martlet import cli
+
+    (tmp_path / "group_command.py").write_text(
+        "import torch.distributed as dist\n"
+        "def main(argv):\n"
+        f"    dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+        "    assert dist.is_initialized()\n"
+        "    return 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.COMMANDS, "group", ("group_command:main", None, "a test command", None))
+    assert cli.main(["group"]) == 0
+    assert not dist.is_initialized()
+    assert cli.main(["group"]) == 0 and not dist.is_initialized()  # and again: nothing left from the first

@@ -62,6 +62,7 @@ def test_the_guards_pass_on_the_locked_libraries(tiny_llama):
     from transformers.generation import utils as generation_utils
     from transformers.models.llama import modeling_llama
 
+    patches.restore_globals()  # the library's own globals (an earlier test of this process may have patched them)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     layer = lora.base_model.model.model.layers[0].self_attn.q_proj
