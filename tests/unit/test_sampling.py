@@ -62,7 +62,7 @@ def test_invalid_rows_get_torch_s_error(bad):
     probs = torch.softmax(torch.randn(2, 50), -1)
     probs[1, 3] = bad
     view = sampling.SamplingTorch(torch)
-    assert not sampling.takes(probs, 1, False, None, None)
+    assert not sampling.takes(probs, 1, None, None)
     with pytest.raises(RuntimeError):
         view.multinomial(probs, 1)
     with pytest.raises(RuntimeError):

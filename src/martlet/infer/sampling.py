@@ -33,9 +33,9 @@ def inverse_cdf_sample(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
 
 
-def takes(probs: Any, num_samples: int, replacement: bool, generator: Any, out: Any) -> bool:
-    """Whether `inverse_cdf_sample` gives what `torch.multinomial(probs, num_samples, replacement, generator=...,
-    out=...)` would: one sample a row of valid 2-D CPU float weights (with one sample, replacement does not matter)."""
+def takes(probs: Any, num_samples: int, generator: Any, out: Any) -> bool:
+    """Whether `inverse_cdf_sample` gives what `torch.multinomial(probs, num_samples, generator=..., out=...)` would,
+    with or without replacement (one sample a row): one sample a row of valid 2-D CPU float weights."""
     if (num_samples != 1 or generator is not None or out is not None or not isinstance(probs, torch.Tensor)
             or probs.dim() != 2 or probs.device.type != "cpu" or not probs.is_floating_point() or probs.numel() == 0):
         return False
@@ -54,7 +54,7 @@ class SamplingTorch(types.ModuleType):
 
     def multinomial(self, input: Any, num_samples: int, replacement: bool = False, *, generator: Any = None,
                     out: Any = None) -> Any:
-        if takes(input, num_samples, replacement, generator, out):
+        if takes(input, num_samples, generator, out):
             return inverse_cdf_sample(input)
         return self.__dict__["_martlet_torch"].multinomial(input, num_samples, replacement, generator=generator,
                                                            out=out)

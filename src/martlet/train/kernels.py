@@ -263,22 +263,19 @@ def fuse_lora(model: torch.nn.Module) -> int:
 
     count = 0
     for module in model.modules():
-        if (type(module) is not PeftLoraLinear or type(module.base_layer) is not torch.nn.Linear
-                or len(module.lora_A) != 1 or module.fan_in_fan_out or any(module.use_dora.values())
-                or any(getattr(module, "lora_bias", {}).values()) or getattr(module, "lora_variant", None)):
-            continue
-        dropout = next(iter(module.lora_dropout.values()))
-        if isinstance(dropout, (torch.nn.Identity, torch.nn.Dropout)):
+        if (type(module) is PeftLoraLinear and type(module.base_layer) is torch.nn.Linear
+                and len(module.lora_A) == 1 and not module.fan_in_fan_out
+                and _plain_lora(module, next(iter(module.lora_A)))):
             count += patches.patch_forward("fused_lora", module, _fused_forward)
     return count
 
 
 def _plain_lora(layer: torch.nn.Module, name: str | None) -> bool:
     """Whether adapter `name` of a peft LoRA layer is one `LoraLinear` computes: plain LoRA (no DoRA, no LoRA bias,
-    no other variant) with a plain dropout. (`fuse_lora` checks the layer's first adapter; one added later, as trl's
-    GRPO 'ref' copy, is checked when it runs.)"""
+    no other variant) with a plain dropout: what `fuse_lora` asks of a layer's one adapter, and `_fused_forward` of
+    the active one (an adapter added later, as trl's GRPO 'ref' copy, is checked when it runs)."""
     return (name is not None and name in layer.lora_A and not layer.use_dora.get(name)
-            and not getattr(layer, "lora_bias", {}).get(name) and getattr(layer, "lora_variant", {}).get(name) is None
+            and not getattr(layer, "lora_bias", {}).get(name) and not getattr(layer, "lora_variant", {}).get(name)
             and isinstance(layer.lora_dropout[name], (torch.nn.Identity, torch.nn.Dropout)))
 
 
