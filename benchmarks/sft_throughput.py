@@ -4,7 +4,8 @@ side by side in one invocation, on the embedded SmolLM2 and the built-in data.
     HF_HUB_OFFLINE=1 python benchmarks/sft_throughput.py [--steps 16] [--what sft,dpo,kto,orpo,simpo,cpo|both|all]
                                                          [--rounds 3]
                                                          [--lora_dropout 0.05] [--cpu_isa avx2] [--epochs 2]
-                                                         [--baseline plain|martlet-torch|martlet-unshared]
+                                                         [--baseline plain|martlet-torch|martlet-unpacked|
+                                                                     martlet-unshared]
 
 It first prints the CPU features found, the kernel path taken and this host's matrix-product speed in the
 training dtype; after each table, Martlet's share of the roofline (that speed over the matrix-product FLOP a
@@ -496,7 +497,7 @@ def host_report() -> float:
 
 # the baseline side: plain libraries, or Martlet under these environment variables
 BASELINES = {"plain": None, "martlet-torch": {"MARTLET_NATIVE": "0"},
-             "martlet-unshared": {"MARTLET_BENCH_UNSHARED": "1"}}
+             "martlet-unpacked": {"MARTLET_PACKED_WEIGHTS": "0"}, "martlet-unshared": {"MARTLET_BENCH_UNSHARED": "1"}}
 
 
 def main() -> None:
@@ -519,6 +520,7 @@ def main() -> None:
     parser.add_argument("--baseline", choices=tuple(BASELINES), default="plain",
                         help="plain: transformers Trainer / trl + peft; martlet-torch: Martlet with its native "
                              "kernels off (MARTLET_NATIVE=0), to see what the kernels themselves give on this CPU; "
+                             "martlet-unpacked: Martlet with its frozen weights unpacked (MARTLET_PACKED_WEIGHTS=0); "
                              "martlet-unshared: Martlet with every sample and sequence whole (a system prompt, a "
                              "pair's prompt computed as often as held)")
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)

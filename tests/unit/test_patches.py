@@ -41,7 +41,7 @@ def _warnings(caplog, name):
 def test_every_patch_says_what_it_changes_where_it_was_checked_and_has_a_guard():
     assert len(patches.PATCHES) >= 10
     for name, patch in patches.PATCHES.items():
-        assert patch.name == name and patch.library in ("transformers", "peft", "trl", "accelerate")
+        assert patch.name == name and patch.library in ("torch", "transformers", "peft", "trl", "accelerate")
         assert patch.checked and all(v[0].isdigit() for v in patch.checked), name
         assert "Guard:" in patch.what and len(patch.what) > 80, name
         assert callable(patch.guard), name
@@ -72,7 +72,8 @@ def test_the_guards_pass_on_the_locked_libraries(tiny_llama):
                          ("trl_compact_scoring", trl_utils), ("trl_pretokenized_rows", trl.DPOTrainer),
                          ("trl_pretokenized_rows", trl.KTOTrainer), ("trl_padding_free_precompute", trl.DPOTrainer),
                          ("trl_padding_free_precompute", trl.KTOTrainer), ("atomic_checkpoint", transformers.Trainer),
-                         ("fast_cpu_sampling", generation_utils),
+                         ("fast_cpu_sampling", generation_utils), ("packed_weights", torch.bfloat16),
+                         ("packed_weights", torch.float32),
                          ("accelerate_bypass_device_map", None)):
         patches.PATCHES[name].guard(target)
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from martlet import patches
-from martlet.train import native
+from martlet.train import native, packed
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -174,13 +174,13 @@ class LoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout, packed_weight=None):
         dtype = weight.dtype
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        out = torch.nn.functional.linear(x2, weight, bias)
+        out = packed.linear(x2, weight, bias, packed_weight)
         kernels = native.usable(x2)
-        ctx.scaling, ctx.shape, ctx.native = scaling, shape, kernels is not None
+        ctx.scaling, ctx.shape, ctx.native, ctx.packed = scaling, shape, kernels is not None, packed_weight
         if kernels is not None:
             seed, threshold = native_dropout(dropout)
             kept = 1 - threshold / 65536  # 1 / kept goes on the small factors
@@ -204,7 +204,7 @@ class LoraLinear(torch.autograd.Function):
         # native: the input, the adapter's own A and B; torch: the dropped input, A and B scaled and cast
         x, xa, weight, a, b, *keep = ctx.saved_tensors
         dy = grad_out.reshape(-1, grad_out.shape[-1]).to(weight.dtype)
-        grad_x = dy @ weight if ctx.needs_input_grad[0] else None
+        grad_x = packed.input_grad(dy, weight, ctx.packed) if ctx.needs_input_grad[0] else None
         if ctx.native:
             kernels = native.ops()
             dyb, grad_b = kernels.lora_up_backward(dy.contiguous(), xa, b, ctx.scaling)  # dyb includes the scaling
@@ -217,7 +217,7 @@ class LoraLinear(torch.autograd.Function):
             grad_b = (dy.t() @ xa).float().mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
         if grad_x is not None:
             grad_x = grad_x.view(ctx.shape)
-        return grad_x, None, None, grad_a, grad_b, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
 def native_dropout(p: float) -> tuple[int, int]:
@@ -324,16 +324,25 @@ def fused_disable_adapter(model: torch.nn.Module) -> bool:
 
 def _fused_forward(self, x, *args, **kwargs):
     base = self.base_layer
+    packed_weight = self.__dict__.get("_martlet_packed")  # (train/packed.py: while training on a CPU)
     if _ADAPTERS_OFF.get() and not self.merged:
-        return base(x, *args, **kwargs)
+        if (packed_weight is None or args or kwargs or (x.requires_grad and torch.is_grad_enabled())
+                or not _computes_in(x, base.weight.dtype)):
+            return base(x, *args, **kwargs)
+        out = packed.linear(x.reshape(-1, x.shape[-1]), base.weight, base.bias, packed_weight)  # (no gradient)
+        return out.view(*x.shape[:-1], out.shape[-1])
     active = self.active_adapters  # one, whichever it is (trl's GRPO switches to a 'ref' copy for its reference)
     name = active[0] if len(active) == 1 else None
-    device = x.device.type
     if (args or kwargs or self.merged or self.disable_adapters or not _plain_lora(self, name)
-            or x.dtype != base.weight.dtype
-            or (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype)):
+            or not _computes_in(x, base.weight.dtype)):
         return self._plain_forward(x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
     return LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                            self.scaling[name], p)
+                            self.scaling[name], p, packed_weight)
+
+
+def _computes_in(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a layer with `dtype` weights computes on `x` in `dtype` (x's own, and autocast's if it is on)."""
+    device = x.device.type
+    return x.dtype == dtype and (not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) == dtype)

@@ -26,6 +26,7 @@ from martlet.templates import Template, get_template
 from martlet.train.callbacks import training_callbacks
 from martlet.train.model_setup import load_for_training
 from martlet.train.outputs import RunFiles, RunInfo, plot_history
+from martlet.train.packed import packed_frozen_weights
 from martlet.train.run import check_output_dir, check_run_folder, open_run_dir, pick_checkpoint, resume_checkpoint
 from martlet.train.trainer import StopOnSignal
 from martlet.train.training_args import training_kwargs
@@ -161,7 +162,7 @@ def train_and_report(trainer: Trainer, run: TrainingRun) -> dict[str, Any]:
         logger.info("%s is already at step %d: nothing left to train (raise --max_steps or "
                     "--num_train_epochs to train on).", checkpoint, finished.global_step)
     else:
-        with stopper.installed():
+        with stopper.installed(), packed_frozen_weights(trainer.model):
             trainer.train(resume_from_checkpoint=checkpoint)
     state, run_dir = trainer.state, run.run_dir
     last = os.path.join(run_dir, f"checkpoint-{state.global_step}")
