@@ -36,7 +36,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         w, b = cast_head(weight, bias, hidden.dtype)  # once, not per chunk
         for start, h, y, rows in _chunks(hidden, target, chunk):  # padding rows: their loss and gradient dropped
-            logits = torch.nn.functional.linear(h, w, b)
+            logits = packed.linear(h, w, b)
             kernels = native.usable(logits)
             if kernels is not None:  # one native pass: the losses, and the logits turned into their gradient
                 total += kernels.cross_entropy_grad_(logits, y.contiguous())[:rows].sum()
@@ -51,7 +51,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_b += grad.float().sum(0)
             grad = grad.to(hidden.dtype)
             if grad_h is not None:
-                grad_h[start:start + chunk] = (grad @ w)[:rows]
+                grad_h[start:start + chunk] = packed.input_grad(grad, w)[:rows]
             if grad_w is not None:
                 grad_w += (grad.t() @ h).float()
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -88,7 +88,7 @@ class TokenScores(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         w, _ = cast_head(weight, None, hidden.dtype)
         for start, h, y, n in _chunks(hidden, target, chunk):
-            logits = torch.nn.functional.linear(h, w)
+            logits = packed.linear(h, w)
             kernels = native.usable(logits)
             if kernels is not None:
                 scores = kernels.token_scores_(logits, y.contiguous(), need_h, temperature)
@@ -106,7 +106,7 @@ class TokenScores(torch.autograd.Function):
             for out, value in zip((*fields, top1), scores):
                 out[start:start + n] = value[:n]
             if need_h:
-                grad_h[start:start + n] = (grad[:n].to(hidden.dtype) @ w)
+                grad_h[start:start + n] = packed.input_grad(grad[:n].to(hidden.dtype), w)
         ctx.save_for_backward(grad_h, hidden if need_h else None, weight if need_h else None, target)
         ctx.chunk, ctx.temperature = chunk, temperature
         ctx.mark_non_differentiable(fields[2], top1)
@@ -174,13 +174,13 @@ class LoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout, packed_weight=None):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout):
         dtype = weight.dtype
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        out = packed.linear(x2, weight, bias, packed_weight)
+        out = packed.linear(x2, weight, bias)
         kernels = native.usable(x2)
-        ctx.scaling, ctx.shape, ctx.native, ctx.packed = scaling, shape, kernels is not None, packed_weight
+        ctx.scaling, ctx.shape, ctx.native = scaling, shape, kernels is not None
         if kernels is not None:
             seed, threshold = native_dropout(dropout)
             kept = 1 - threshold / 65536  # 1 / kept goes on the small factors
@@ -204,7 +204,7 @@ class LoraLinear(torch.autograd.Function):
         # native: the input, the adapter's own A and B; torch: the dropped input, A and B scaled and cast
         x, xa, weight, a, b, *keep = ctx.saved_tensors
         dy = grad_out.reshape(-1, grad_out.shape[-1]).to(weight.dtype)
-        grad_x = packed.input_grad(dy, weight, ctx.packed) if ctx.needs_input_grad[0] else None
+        grad_x = packed.input_grad(dy, weight) if ctx.needs_input_grad[0] else None
         if ctx.native:
             kernels = native.ops()
             dyb, grad_b = kernels.lora_up_backward(dy.contiguous(), xa, b, ctx.scaling)  # dyb includes the scaling
@@ -217,7 +217,7 @@ class LoraLinear(torch.autograd.Function):
             grad_b = (dy.t() @ xa).float().mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
         if grad_x is not None:
             grad_x = grad_x.view(ctx.shape)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None
 
 
 def native_dropout(p: float) -> tuple[int, int]:
@@ -324,12 +324,11 @@ def fused_disable_adapter(model: torch.nn.Module) -> bool:
 
 def _fused_forward(self, x, *args, **kwargs):
     base = self.base_layer
-    packed_weight = self.__dict__.get("_martlet_packed")  # (train/packed.py: while training on a CPU)
     if _ADAPTERS_OFF.get() and not self.merged:
-        if (packed_weight is None or args or kwargs or (x.requires_grad and torch.is_grad_enabled())
+        if (not packed.has_copy(base.weight) or args or kwargs or (x.requires_grad and torch.is_grad_enabled())
                 or not _computes_in(x, base.weight.dtype)):
             return base(x, *args, **kwargs)
-        out = packed.linear(x.reshape(-1, x.shape[-1]), base.weight, base.bias, packed_weight)  # (no gradient)
+        out = packed.linear(x.reshape(-1, x.shape[-1]), base.weight, base.bias)  # (packed.py; no gradient)
         return out.view(*x.shape[:-1], out.shape[-1])
     active = self.active_adapters  # one, whichever it is (trl's GRPO switches to a 'ref' copy for its reference)
     name = active[0] if len(active) == 1 else None
@@ -339,7 +338,7 @@ def _fused_forward(self, x, *args, **kwargs):
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
     return LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                            self.scaling[name], p, packed_weight)
+                            self.scaling[name], p)
 
 
 def _computes_in(x: torch.Tensor, dtype: torch.dtype) -> bool:

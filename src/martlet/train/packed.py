@@ -50,17 +50,30 @@ class PackedWeight:
         return weight.data_ptr() == self.storage and weight._version == self.version
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           packed: PackedWeight | None) -> torch.Tensor:
-    """x W^T + b for 2-D x: on the packed copy when there is one that still fits the weight, else torch's."""
-    if packed is not None and packed.fits(weight):
+def _packed_copy(weight: torch.Tensor) -> PackedWeight | None:
+    """The weight's packed copy, if it has one that fits it (none under torch.compile: its graphs hold the ops)."""
+    if torch.compiler.is_compiling():
+        return None
+    packed = weight.__dict__.get("_martlet_packed")
+    return packed if packed is not None and packed.fits(weight) else None
+
+
+def has_copy(weight: torch.Tensor) -> bool:
+    return _packed_copy(weight) is not None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b for 2-D x: on the weight's packed copy while it has one that still fits, else torch's product."""
+    packed = _packed_copy(weight)
+    if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.forward, bias, "none", [], "")
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def input_grad(dy: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None) -> torch.Tensor:
-    """dy W, the input's gradient of x W^T, for 2-D dy: on the packed copy when there is one that fits."""
-    if packed is not None and packed.fits(weight):
+def input_grad(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """dy W, the input's gradient of x W^T, for 2-D dy: on the weight's packed copy when it has one that fits."""
+    packed = _packed_copy(weight)
+    if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(dy.contiguous(), packed.backward, None, "none", [], "")
     return dy @ weight
 
@@ -74,10 +87,10 @@ def guard(dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(0)
     x, dy = (torch.randn(40, k, generator=generator).to(dtype) for k in (24, 40))
     weight, bias = torch.randn(40, 24, generator=generator).to(dtype), torch.randn(40, generator=generator).to(dtype)
-    packed = PackedWeight.of(weight)
-    patches.expect_close(linear(x, weight, bias, packed), torch.nn.functional.linear(x, weight, bias),
-                         "the packed product", 1e-2)
-    patches.expect_close(input_grad(dy, weight, packed), dy @ weight, "the packed product's input gradient", 1e-2)
+    want = torch.nn.functional.linear(x, weight, bias), dy @ weight
+    weight._martlet_packed = PackedWeight.of(weight)
+    patches.expect_close(linear(x, weight, bias), want[0], "the packed product", 1e-2)
+    patches.expect_close(input_grad(dy, weight), want[1], "the packed product's input gradient", 1e-2)
 
 
 def wanted(nbytes: int) -> bool:
@@ -92,29 +105,31 @@ def wanted(nbytes: int) -> bool:
     return 2 * nbytes <= memory // MEMORY_SHARE
 
 
-def _frozen_cpu_weights(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The fused LoRA layers (`kernels.fuse_lora`) whose frozen base weight is a CPU tensor of a packable dtype."""
-    return [m for m in model.modules()
-            if getattr(type(m), "_martlet_patch", None) == "fused_lora"
-            and m.base_layer.weight.device.type == "cpu" and m.base_layer.weight.dtype in DTYPES
-            and not m.base_layer.weight.requires_grad]
+def frozen_cpu_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The weights worth packing: the frozen base weights of the fused LoRA layers (`kernels.fuse_lora`) and the
+    frozen LM head's, on a CPU in a packable dtype."""
+    weights = [m.base_layer.weight for m in model.modules() if getattr(type(m), "_martlet_patch", None) == "fused_lora"]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if weights and isinstance(getattr(head, "weight", None), torch.Tensor):
+        weights.append(head.weight)
+    return [w for w in weights if w.device.type == "cpu" and w.dtype in DTYPES and not w.requires_grad]
 
 
 @contextlib.contextmanager
 def packed_frozen_weights(model: torch.nn.Module) -> Iterator[int]:
-    """Inside, the fused LoRA layers of `model` on a CPU run their base products on packed copies of their weights
-    (`_martlet_packed`, dropped at the end); yields how many layers have them."""
-    layers = _frozen_cpu_weights(model)
-    nbytes = sum(m.base_layer.weight.nbytes for m in layers)
-    dtypes = {m.base_layer.weight.dtype for m in layers}
-    if not layers or not wanted(nbytes) or not all(patches.usable("packed_weights", d, key=d) for d in dtypes):
+    """Inside, the fused LoRA layers of `model` on a CPU run their base products, and Martlet's loss its LM head, on
+    packed copies of their frozen weights (each weight's `_martlet_packed`, dropped at the end); yields how many."""
+    weights = frozen_cpu_weights(model)
+    nbytes = sum(w.nbytes for w in weights)
+    if not weights or not wanted(nbytes) or not all(patches.usable("packed_weights", d, key=d)
+                                                    for d in {w.dtype for w in weights}):
         yield 0
         return
-    for m in layers:
-        m._martlet_packed = PackedWeight.of(m.base_layer.weight)
-    logger.debug("frozen weights packed for oneDNN: %d layers, %.0f MB", len(layers), 2 * nbytes / 2**20)
+    for w in weights:
+        w._martlet_packed = PackedWeight.of(w)
+    logger.debug("frozen weights packed for oneDNN: %d, %.0f MB", len(weights), 2 * nbytes / 2**20)
     try:
-        yield len(layers)
+        yield len(weights)
     finally:
-        for m in layers:
-            m.__dict__.pop("_martlet_packed", None)
+        for w in weights:
+            w.__dict__.pop("_martlet_packed", None)
