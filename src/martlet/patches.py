@@ -304,10 +304,10 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
           "the fp32 adapters under autocast instead of two casts per adapter per pass (~19% of a step). Guard: "
           "the layer has that attribute (peft >= 0.15).", guard_input_cast),
     Patch("packed_weights", "torch", ("2.13.0",),
-          "While LoRA trains on a CPU, each fused layer's frozen base weight is also held packed in oneDNN's "
-          "layout (W and W^T, `train/packed.py`) and its products run `torch.ops.mkldnn._linear_pointwise` on them "
-          "instead of a plain-layout product that repacks the weight every call (bf16 1.05-1.6x a product, fp32 "
-          "2.4x on an AMD EPYC). Guard: the two private ops exist and give torch's product and input gradient "
+          "While LoRA trains on a CPU, each fused layer's frozen base weight and the frozen LM head are also held "
+          "packed in oneDNN's layout (W and W^T, `train/packed.py`) and their products run "
+          "`torch.ops.mkldnn._linear_pointwise` on them instead of a plain-layout product that repacks the weight "
+          "every call (bf16 1.05-1.7x a product, fp32 2.4x on an AMD EPYC; an SFT step 1.09-1.16x). Guard: the two private ops exist and give torch's product and input gradient "
           "on a tiny input of the weights' dtype.", guard_packed_weights,
           fallback="torch's products run on the plain weights (slower, the same values)"),
     Patch("fast_cpu_sampling", "transformers", ("5.25.0",),

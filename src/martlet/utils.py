@@ -82,6 +82,17 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     return logger
 
 
+def env_switch(name: str) -> bool | None:
+    """An on/off environment variable: False for `0`, `false`, `no`, `off`; True for `1`, `true`, `yes`, `on`; None
+    when unset or anything else (auto: the caller decides)."""
+    setting = os.environ.get(name, "auto").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    return None
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -644,6 +644,8 @@ def test_an_avx2_cpu_can_be_emulated(monkeypatch):
     (None, "Features\t: fp asimd sve", False),  # ARM: unmeasured, off by default
     ("1", "flags\t\t: fpu avx2 fma", True),  # forced on
     ("0", "flags\t\t: fpu avx2 avx512f", False),  # forced off
+    ("Off", "flags\t\t: fpu avx2 avx512f", False),  # (utils.env_switch's words)
+    ("yes", "flags\t\t: fpu avx2 fma", True),
 ])
 def test_the_kernels_run_by_default_only_where_they_are_faster(monkeypatch, setting, flags, wanted):
     monkeypatch.setattr(native, "_cpu_flags", lambda: flags)

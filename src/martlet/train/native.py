@@ -40,6 +40,7 @@ import torch
 
 from martlet import patches
 from martlet.models.dtype import emulated_isa
+from martlet.utils import env_switch
 
 logger = logging.getLogger("martlet")
 
@@ -67,12 +68,8 @@ def wanted() -> bool:
     faster than plain torch. That is x86 with AVX-512. Built for AVX2 alone (emulated with MARTLET_CPU_ISA=avx2,
     `benchmarks/sft_throughput.py --cpu_isa avx2 --baseline martlet-torch`), a LoRA SFT step took 1.48x as long
     as with torch's own AVX2 kernels, and ARM is unmeasured: both run plain torch."""
-    setting = os.environ.get("MARTLET_NATIVE", "auto").strip().lower()
-    if setting in ("0", "false", "no", "off"):
-        return False
-    if setting in ("1", "true", "yes", "on"):
-        return True
-    return "avx512f" in cpu_features()
+    setting = env_switch("MARTLET_NATIVE")
+    return setting if setting is not None else "avx512f" in cpu_features()
 
 
 def usable(*tensors: torch.Tensor) -> Any | None:

@@ -1,12 +1,12 @@
-"""Frozen weights packed once for oneDNN's CPU matrix products (LoRA training's base layers).
+"""Frozen weights packed once for oneDNN's CPU matrix products (LoRA training's base layers and LM head).
 
 torch's CPU product `x @ W^T` hands oneDNN (bf16) or MKL (fp32) a plain row-major weight, and oneDNN copies it into
 its blocked layout on every call; MKL's fp32 product ran at ~210 GFLOP/s on an AMD EPYC where oneDNN's reaches
 ~500. A LoRA base weight never changes while training, so it is packed once into oneDNN's layout
 (`torch.ops.mkldnn._reorder_linear_weight`) in two copies, W for the forward product and W^T for the input's
-gradient, and the products run `torch.ops.mkldnn._linear_pointwise` on them: bf16 SmolLM2 products 1.05-1.6x
-faster at the training shapes (most on the thin k/v projections), fp32 2.4x (benchmarks/sft_throughput.py
---baseline martlet-unpacked gives a whole step's figure). The values are those of torch's own product.
+gradient, and the products run `torch.ops.mkldnn._linear_pointwise` on them: bf16 SmolLM2 products 1.05-1.7x
+faster at the training shapes (most on the thin k/v projections), fp32 2.4x; a LoRA SFT step 1.09-1.16x
+(`benchmarks/sft_throughput.py --baseline martlet-unpacked`). The values are those of torch's own product.
 
 The copies cost twice the packed weights' memory, so `packed_frozen_weights` packs only while training and only
 when they fit in an eighth of the machine's memory (`MARTLET_PACKED_WEIGHTS=0` / `1` forces off / on); each copy
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from martlet import patches
+from martlet.utils import env_switch
 
 logger = logging.getLogger("martlet")
 
@@ -95,9 +96,9 @@ def guard(dtype: torch.dtype) -> None:
 
 def wanted(nbytes: int) -> bool:
     """`MARTLET_PACKED_WEIGHTS=0` never, `1` always, unset: when the copies fit in 1/8 of the machine's memory."""
-    setting = os.environ.get("MARTLET_PACKED_WEIGHTS", "auto").strip().lower()
-    if setting in ("0", "1"):
-        return setting == "1"
+    setting = env_switch("MARTLET_PACKED_WEIGHTS")
+    if setting is not None:
+        return setting
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
