@@ -369,18 +369,27 @@ def table(what: str, base: dict, ours: dict) -> str:
 
 
 def matmul_flops(dtype_name: str, size: int = 2048, repeats: int = 5) -> float:
-    """This host's matrix product speed in the dtype training computes in (FLOP/s, best of `repeats`), measured
-    now: the roofline's ceiling."""
+    """This host's matrix product speed in the dtype training computes in (FLOP/s, best of `repeats`, torch's product
+    or the packed one, whichever is faster), measured now: the roofline's ceiling."""
     import torch
+
+    from martlet import patches
+    from martlet.train import packed
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up (oneDNN builds its kernel)
+    products = [lambda: a @ b]
+    if patches.usable("packed_weights", dtype, key=dtype):  # and on b^T packed, as Martlet's base layers run
+        b_t = b.t().contiguous()
+        b_t._martlet_packed = packed.PackedWeight.of(b_t, size)
+        products.append(lambda: packed.linear(a, b_t))
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
+    for product in products:
+        product()  # warm-up (oneDNN builds its kernel)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best
 
 
@@ -425,7 +434,7 @@ def matrix_shapes() -> tuple[list[tuple[int, int]], tuple[int, int]]:
 def products_alone(what: str, rows: int, labelled: int, dtype_name: str) -> float:
     """Tokens/s of the matrix products of a step alone, at this run's row size: each decoder matrix forward and its
     input gradient at `rows` tokens, the LM head the same at `labelled` tokens, timed one shape at a time (best of
-    15), scaled by `PER_PARAMETER` (DPO's reference forward, KTO's KL rows). The ceiling at these shapes: thin
+    15; torch's product or the packed one, whichever is faster), scaled by `PER_PARAMETER` (DPO's reference forward, KTO's KL rows). The ceiling at these shapes: thin
     products run below the 2048 x 2048 speed."""
     import collections
 
@@ -449,8 +458,23 @@ def products_alone(what: str, rows: int, labelled: int, dtype_name: str) -> floa
     for (out, inp, n), count in shapes.items():
         x, w = torch.randn(n, inp, dtype=dtype), torch.randn(out, inp, dtype=dtype)
         dy = torch.randn(n, out, dtype=dtype)
-        seconds += count * (best(lambda: torch.nn.functional.linear(x, w)) + best(lambda: dy @ w))
+        plain = best(lambda: torch.nn.functional.linear(x, w)) + best(lambda: dy @ w)
+        seconds += count * min(plain, packed_products(x, w, dy, best))
     return rows / (seconds * per_parameter(what) / 4)
+
+
+def packed_products(x, w, dy, best) -> float:
+    """The seconds of `x W^T` and `dy W` on W packed for oneDNN (Martlet's LoRA base layers, `train/packed.py`), by
+    `best`; infinite where the packed ops are not there."""
+    import torch
+
+    from martlet import patches
+    from martlet.train import packed
+
+    if not patches.usable("packed_weights", w.dtype, key=w.dtype):
+        return float("inf")
+    w._martlet_packed = packed.PackedWeight.of(w)
+    return best(lambda: packed.linear(x, w)) + best(lambda: packed.input_grad(dy, w))
 
 
 def flop_per_token(what: str, labelled_share: float) -> float:
