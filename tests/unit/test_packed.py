@@ -23,11 +23,12 @@ def fresh_registry(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 37, 64, 300])
-def test_packed_products_are_torch_s(dtype, rows):
+@pytest.mark.parametrize("out", [1, 96])  # (1: a score head)
+def test_packed_products_are_torch_s(dtype, rows, out):
     g = torch.Generator().manual_seed(rows)
-    weight, bias = torch.randn(96, 40, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
+    weight, bias = torch.randn(out, 40, generator=g).to(dtype), torch.randn(out, generator=g).to(dtype)
     x = torch.randn(rows, 80, generator=g).to(dtype)[:, ::2]  # a strided view, as a reshape can give
-    dy = torch.randn(rows, 96, generator=g).to(dtype)
+    dy = torch.randn(rows, out, generator=g).to(dtype)
     want = F.linear(x, weight, bias), F.linear(x, weight), dy @ weight
     weight._martlet_packed = packed.PackedWeight.of(weight)
     tolerance = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 0, "atol": 0}
@@ -181,3 +182,95 @@ def test_without_the_private_ops_the_weights_stay_plain_and_one_warning_says_why
     records = {id(r): r for r in caplog.records}.values()  # (a record can reach caplog's handler twice)
     warnings = [r.getMessage() for r in records if "'packed_weights'" in r.getMessage()]
     assert len(warnings) == 1 and "oneDNN" in warnings[0]
+
+
+def _tiny_causal_lm(tiny_dir, dtype):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_model_packed_for_inference_generates_the_same(tiny_models, dtype):
+    """Patch `packed_linear`: every linear layer of a plain model packed once (forward copies only), the same logits
+    and greedy replies; a gradient asked for runs the layer's own forward (and gets one)."""
+    model = _tiny_causal_lm(tiny_models["llama"], dtype)
+    ids = torch.randint(5, 200, (2, 9))
+    with torch.no_grad():
+        want_logits = model(input_ids=ids).logits
+        want_reply = model.generate(ids, max_new_tokens=6, do_sample=False)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert packed.pack_for_inference(model) == len(linears) > 0
+    assert all(getattr(type(m), "_martlet_patch", None) == "packed_linear" for m in linears)
+    assert all(m.weight._martlet_packed.backward is None for m in linears)  # one copy each
+    exact = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0, "atol": 0}
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want_logits, **exact)
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want_reply)
+    hidden = torch.randn(3, linears[0].in_features, dtype=dtype, requires_grad=True)
+    linears[0](hidden).sum().backward()  # the layer's own forward: a gradient
+    torch.testing.assert_close(hidden.grad, linears[0].weight.sum(0).expand(3, -1).to(dtype), **exact)
+    assert packed.pack_for_inference(model) == len(linears)  # again: the same layers, nothing doubled
+
+
+def test_inference_packing_leaves_adapter_layers_to_peft_which_merges_them(tiny_models):
+    """A peft model: its LoRA layers (base and factors) stay unpacked, so merging an adapter (peft writes into the
+    base weight through `.data`) is seen; the layers outside (the LM head) are packed."""
+    from peft import LoraConfig, get_peft_model
+
+    plain = _tiny_causal_lm(tiny_models["llama"], torch.float32)
+    model = get_peft_model(_tiny_causal_lm(tiny_models["llama"], torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.randint(5, 200, (2, 9))
+    count = packed.pack_for_inference(model)
+    adapted = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert count == sum(1 for m in plain.modules() if type(m) is torch.nn.Linear) - len(adapted)
+    assert all("_martlet_packed" not in m.base_layer.weight.__dict__ for m in adapted)
+    assert "_martlet_packed" in model.get_output_embeddings().weight.__dict__
+    with torch.no_grad():
+        adapted_logits = model(input_ids=ids).logits
+        model.merge_adapter()
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted_logits, rtol=1e-4, atol=1e-4)
+        model.unmerge_adapter()
+        with model.disable_adapter():
+            torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_engine_loader_packs_a_cpu_model(tiny_models, monkeypatch):
+    """`martlet infer`'s engine (infer/load.py) on a CPU packs its model, and replies as the unpacked one does;
+    MARTLET_PACKED_WEIGHTS=0 leaves it plain."""
+    from martlet.args.infer import InferArguments
+    from martlet.infer.generation import GenConfig
+    from martlet.infer.load import load_engine
+
+    replies = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("MARTLET_PACKED_WEIGHTS", setting)
+        engine = load_engine(InferArguments(model_id_or_path=tiny_models["llama"], dtype="fp32").validate())
+        head = engine.model.get_output_embeddings()
+        assert ("_martlet_packed" in head.weight.__dict__) is (setting == "1")
+        outputs = engine.generate([[{"role": "user", "content": "Hello"}]], GenConfig(max_new_tokens=6, do_sample=False))
+        replies[setting] = [o.text for o in outputs]
+    assert replies["1"] == replies["0"]
+
+
+def test_the_lm_head_s_generation_runs_packed_while_training(tiny_models):
+    """Inside `packed_frozen_weights` the LM head's own forward (generation: GRPO's completions) runs on the packed
+    copy: the same logits; after it, the head runs as before."""
+    from martlet.train.kernels import fuse_lora
+
+    model = _lora_model(tiny_models["llama"], dtype=torch.bfloat16)
+    fuse_lora(model)
+    head = model.get_output_embeddings()
+    ids = torch.randint(5, 200, (2, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=ids).logits
+        with packed.packed_frozen_weights(model):
+            assert getattr(type(head), "_martlet_patch", None) == "packed_linear"
+            assert packed.frozen_product(head, torch.zeros(1, head.in_features, dtype=torch.bfloat16)) is not None
+            got = model(input_ids=ids).logits
+        assert packed.frozen_product(head, torch.zeros(1, head.in_features, dtype=torch.bfloat16)) is None
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(after, want, rtol=0, atol=0)

@@ -15,6 +15,7 @@ from martlet.models.dtype import resolve_dtype
 from martlet.models.loader import load_model, load_tokenizer, resolve_model
 from martlet.models.quant import bnb_config
 from martlet.templates import get_template
+from martlet.train.packed import pack_for_inference
 from martlet.tuners import Swift
 
 logger = logging.getLogger("martlet")
@@ -46,6 +47,8 @@ def load_engine(args: InferArguments, plan: Optional[InferPlan] = None) -> Engin
     if plan.adapter_dir:
         model = Swift.from_pretrained(model, plan.adapter_dir, inference_mode=True)
     model.eval()
+    if device == "cpu":  # the forward products on weights packed once for oneDNN (train/packed.py)
+        logger.debug("linear layers packed for inference: %d", pack_for_inference(model))
     return TransformersEngine(model, template, max_batch_size=args.max_batch_size,
                               context_length=args.max_model_len)
 

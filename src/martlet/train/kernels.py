@@ -325,23 +325,15 @@ def fused_disable_adapter(model: torch.nn.Module) -> bool:
 def _fused_forward(self, x, *args, **kwargs):
     base = self.base_layer
     if _ADAPTERS_OFF.get() and not self.merged:
-        if (not packed.has_copy(base.weight) or args or kwargs or (x.requires_grad and torch.is_grad_enabled())
-                or not _computes_in(x, base.weight.dtype)):
-            return base(x, *args, **kwargs)
-        out = packed.linear(x.reshape(-1, x.shape[-1]), base.weight, base.bias)  # (packed.py; no gradient)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        out = None if args or kwargs else packed.frozen_product(base, x)  # (while packed: train/packed.py)
+        return out if out is not None else base(x, *args, **kwargs)
     active = self.active_adapters  # one, whichever it is (trl's GRPO switches to a 'ref' copy for its reference)
     name = active[0] if len(active) == 1 else None
     if (args or kwargs or self.merged or self.disable_adapters or not _plain_lora(self, name)
-            or not _computes_in(x, base.weight.dtype)):
+            or not packed.computes_in(x, base.weight.dtype)):
         return self._plain_forward(x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
     return LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                             self.scaling[name], p)
 
-
-def _computes_in(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether a layer with `dtype` weights computes on `x` in `dtype` (x's own, and autocast's if it is on)."""
-    device = x.device.type
-    return x.dtype == dtype and (not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) == dtype)

@@ -34,18 +34,18 @@ MEMORY_SHARE = 8  # the copies may take up to 1/8 of the machine's memory
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """One frozen weight in oneDNN's blocked layout twice: `forward` computes x W^T, `backward` dy W."""
+    """One frozen weight in oneDNN's blocked layout: `forward` computes x W^T, `backward` dy W (None: inference)."""
 
     forward: torch.Tensor
-    backward: torch.Tensor
+    backward: torch.Tensor | None
     storage: int  # the weight's data_ptr and version when packed: a changed weight is not this one any more
     version: int
 
     @classmethod
-    def of(cls, weight: torch.Tensor, rows: int = 256) -> PackedWeight:
+    def of(cls, weight: torch.Tensor, rows: int = 256, backward: bool = True) -> PackedWeight:
         w = weight.detach()
-        return cls(torch.ops.mkldnn._reorder_linear_weight(w, rows),
-                   torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), rows), w.data_ptr(), weight._version)
+        transposed = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), rows) if backward else None
+        return cls(torch.ops.mkldnn._reorder_linear_weight(w, rows), transposed, w.data_ptr(), weight._version)
 
     def fits(self, weight: torch.Tensor) -> bool:
         return weight.data_ptr() == self.storage and weight._version == self.version
@@ -59,7 +59,8 @@ def _packed_copy(weight: torch.Tensor) -> PackedWeight | None:
     return packed if packed is not None and packed.fits(weight) else None
 
 
-def has_copy(weight: torch.Tensor) -> bool:
+def packed_copy_of(weight: torch.Tensor) -> bool:
+    """Whether the weight has a packed copy that fits it."""
     return _packed_copy(weight) is not None
 
 
@@ -74,9 +75,31 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def input_grad(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """dy W, the input's gradient of x W^T, for 2-D dy: on the weight's packed copy when it has one that fits."""
     packed = _packed_copy(weight)
-    if packed is not None:
+    if packed is not None and packed.backward is not None:
         return torch.ops.mkldnn._linear_pointwise(dy.contiguous(), packed.backward, None, "none", [], "")
     return dy @ weight
+
+
+def computes_in(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a layer with `dtype` weights computes on `x` in `dtype` (x's own, and autocast's if it is on)."""
+    device = x.device.type
+    return x.dtype == dtype and (not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) == dtype)
+
+
+def frozen_product(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
+    """`layer(x)` on its weight's packed copy, or None where that does not apply: no copy (or a stale one), a
+    gradient asked for (the private op has none), or another compute dtype."""
+    if not (packed_copy_of(layer.weight) and not (x.requires_grad and torch.is_grad_enabled())
+            and computes_in(x, layer.weight.dtype)):
+        return None
+    out = linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A plain `nn.Linear`'s forward (patch `packed_linear`): `frozen_product` where it applies, else its own."""
+    out = frozen_product(self, x)
+    return out if out is not None else self._plain_forward(x)
 
 
 def guard(dtype: torch.dtype) -> None:
@@ -95,7 +118,8 @@ def guard(dtype: torch.dtype) -> None:
 
 
 def wanted(nbytes: int) -> bool:
-    """`MARTLET_PACKED_WEIGHTS=0` never, `1` always, unset: when the copies fit in 1/8 of the machine's memory."""
+    """Whether to make packed copies of `nbytes` in all: `MARTLET_PACKED_WEIGHTS=0` never, `1` always, unset: when
+    they fit in 1/8 of the machine's memory."""
     setting = env_switch("MARTLET_PACKED_WEIGHTS")
     if setting is not None:
         return setting
@@ -103,34 +127,73 @@ def wanted(nbytes: int) -> bool:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return False
-    return 2 * nbytes <= memory // MEMORY_SHARE
+    return nbytes <= memory // MEMORY_SHARE
 
 
 def frozen_cpu_weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The weights worth packing: the frozen base weights of the fused LoRA layers (`kernels.fuse_lora`) and the
-    frozen LM head's, on a CPU in a packable dtype."""
+    """The weights worth packing for training: the frozen base weights of the fused LoRA layers
+    (`kernels.fuse_lora`) and the frozen LM head's, on a CPU in a packable dtype."""
     weights = [m.base_layer.weight for m in model.modules() if getattr(type(m), "_martlet_patch", None) == "fused_lora"]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if weights and isinstance(getattr(head, "weight", None), torch.Tensor):
+    head = _output_layer(model)
+    if weights and head is not None and all(head.weight is not w for w in weights):
         weights.append(head.weight)
-    return [w for w in weights if w.device.type == "cpu" and w.dtype in DTYPES and not w.requires_grad]
+    return [w for w in weights if _packable(w) and not w.requires_grad]
+
+
+def _packable(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype in DTYPES
+
+
+def _output_layer(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's LM head when it is a plain `nn.Linear` (its forward can take `linear_forward`)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head if _plain_linear(head) else None
+
+
+def _plain_linear(module: object) -> bool:
+    return type(module) is torch.nn.Linear or getattr(type(module), "_martlet_patch", None) == "packed_linear"
 
 
 @contextlib.contextmanager
 def packed_frozen_weights(model: torch.nn.Module) -> Iterator[int]:
-    """Inside, the fused LoRA layers of `model` on a CPU run their base products, and Martlet's loss its LM head, on
-    packed copies of their frozen weights (each weight's `_martlet_packed`, dropped at the end); yields how many."""
+    """Inside, the fused LoRA layers of `model` on a CPU run their base products, and the LM head its products
+    (Martlet's loss, token scores, and generation without gradients: GRPO's), on packed copies of their frozen
+    weights (each weight's `_martlet_packed`, dropped at the end); yields how many weights have them."""
     weights = frozen_cpu_weights(model)
     nbytes = sum(w.nbytes for w in weights)
-    if not weights or not wanted(nbytes) or not all(patches.usable("packed_weights", d, key=d)
-                                                    for d in {w.dtype for w in weights}):
+    if not weights or not wanted(2 * nbytes) or not all(patches.usable("packed_weights", d, key=d)
+                                                        for d in {w.dtype for w in weights}):
         yield 0
         return
     for w in weights:
         w._martlet_packed = PackedWeight.of(w)
+    head = _output_layer(model)
+    if head is not None and "_martlet_packed" in head.weight.__dict__:
+        patches.patch_forward("packed_linear", head, linear_forward, guarded=head.weight.dtype)
     logger.debug("frozen weights packed for oneDNN: %d, %.0f MB", len(weights), 2 * nbytes / 2**20)
     try:
         yield len(weights)
     finally:
         for w in weights:
             w.__dict__.pop("_martlet_packed", None)
+
+
+def pack_for_inference(model: torch.nn.Module) -> int:
+    """Pack the forward products of `model`'s plain linear layers on a CPU (patch `packed_linear`; one copy each,
+    within the memory share `wanted` allows) for generation: bf16 SmolLM2 products at 1-8 rows 1.3-2x faster, the LM
+    head 1.8-2x; fp32 up to 5x. A peft adapter layer's parts stay as they are (peft merges an adapter into its base
+    weight through `.data`, which a packed copy would not see). Returns how many layers were packed."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # (peft is a dependency; without it nothing is adapted)
+        BaseTunerLayer = ()
+    adapted = {id(sub) for m in model.modules() if isinstance(m, BaseTunerLayer) for sub in m.modules()}
+    layers = [m for m in model.modules() if _plain_linear(m) and id(m) not in adapted and _packable(m.weight)]
+    if not layers or not wanted(sum(m.weight.nbytes for m in layers)):
+        return 0
+    count = 0
+    for m in layers:
+        if patches.patch_forward("packed_linear", m, linear_forward, guarded=m.weight.dtype):
+            m.weight._martlet_packed = PackedWeight.of(m.weight, rows=16, backward=False)
+            count += 1
+    return count
