@@ -10,7 +10,12 @@ faster at the training shapes (most on the thin k/v projections), fp32 2.4x; a L
 
 The copies cost twice the packed weights' memory, so `packed_frozen_weights` packs only while training and only
 when they fit in an eighth of the machine's memory (`MARTLET_PACKED_WEIGHTS=0` / `1` forces off / on); each copy
-remembers its weight's storage and version, and a weight changed since (or merged into) runs torch's product.
+remembers its weight's storage and version, and a weight changed since runs torch's product.
+
+Inference (`pack_for_inference`, called by `infer/load.py` on a CPU) keeps one copy, W, of every plain linear layer
+outside a peft adapter layer (peft merges an adapter into its base weight through `.data`, which changes neither
+storage nor version): generation on SmolLM2 1.13-1.17x the tokens/s in bf16, 1.9-2.3x in fp32
+(`benchmarks/infer_throughput.py --rounds 3`).
 """
 
 from __future__ import annotations
