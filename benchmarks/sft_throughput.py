@@ -373,13 +373,12 @@ def matmul_flops(dtype_name: str, size: int = 2048, repeats: int = 5) -> float:
     or the packed one, whichever is faster), measured now: the roofline's ceiling."""
     import torch
 
-    from martlet import patches
     from martlet.train import packed
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     products = [lambda: a @ b]
-    if patches.usable("packed_weights", dtype, key=dtype):  # and on b^T packed, as Martlet's base layers run
+    if packed.usable(dtype):  # and on b^T packed, as Martlet's base layers run
         b_t = b.t().contiguous()
         b_t._martlet_packed = packed.PackedWeight.of(b_t, size)
         products.append(lambda: packed.linear(a, b_t))
@@ -466,12 +465,9 @@ def products_alone(what: str, rows: int, labelled: int, dtype_name: str) -> floa
 def packed_products(x, w, dy, best) -> float:
     """The seconds of `x W^T` and `dy W` on W packed for oneDNN (Martlet's LoRA base layers, `train/packed.py`), by
     `best`; infinite where the packed ops are not there."""
-    import torch
-
-    from martlet import patches
     from martlet.train import packed
 
-    if not patches.usable("packed_weights", w.dtype, key=w.dtype):
+    if not packed.usable(w.dtype):
         return float("inf")
     w._martlet_packed = packed.PackedWeight.of(w)
     return best(lambda: packed.linear(x, w)) + best(lambda: packed.input_grad(dy, w))

@@ -253,10 +253,17 @@ def guard_save_checkpoint(trainer_class: Any) -> None:
     expect(wanted <= set(inspect.signature(rotate).parameters), "rotate_checkpoints takes other keywords")
 
 
-def guard_packed_weights(dtype: Any) -> None:
-    from martlet.train import packed
+def guard_packed_weights(target: tuple[Any, Callable[[Any], list[tuple[Any, Any, str]]]]) -> None:
+    """(dtype, probe): torch's private oneDNN ops are there, and `probe(dtype)`'s packed products equal torch's."""
+    import torch
 
-    packed.guard(dtype)
+    dtype, probe = target
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    for name in ("_reorder_linear_weight", "_linear_pointwise"):
+        expect(mkldnn is not None and hasattr(mkldnn, name), f"torch.ops.mkldnn has no {name}")
+    expect(torch.backends.mkldnn.is_available(), "torch is built without oneDNN")
+    for got, want, what in probe(dtype):
+        expect_close(got, want, what, 1e-2)
 
 
 def guard_accelerate(_: Any) -> None:

@@ -108,7 +108,7 @@ def test_packing_is_used_by_the_products(tiny_models, monkeypatch):
 
     model = _lora_model(tiny_models["llama"], dtype=torch.bfloat16)
     layers = fuse_lora(model)
-    assert patches.usable("packed_weights", torch.bfloat16, key=torch.bfloat16)  # (its products: not counted)
+    assert packed.usable(torch.bfloat16)  # (its products: not counted)
     found = []
     plain = packed._packed_copy
     monkeypatch.setattr(packed, "_packed_copy", lambda weight: found.append(plain(weight)) or found[-1])

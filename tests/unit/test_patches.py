@@ -22,6 +22,7 @@ import torch
 
 from martlet import patches
 from martlet.errors import MartletError
+from martlet.train import packed
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "martlet"
 
@@ -72,8 +73,8 @@ def test_the_guards_pass_on_the_locked_libraries(tiny_llama):
                          ("trl_compact_scoring", trl_utils), ("trl_pretokenized_rows", trl.DPOTrainer),
                          ("trl_pretokenized_rows", trl.KTOTrainer), ("trl_padding_free_precompute", trl.DPOTrainer),
                          ("trl_padding_free_precompute", trl.KTOTrainer), ("atomic_checkpoint", transformers.Trainer),
-                         ("fast_cpu_sampling", generation_utils), ("packed_weights", torch.bfloat16),
-                         ("packed_weights", torch.float32),
+                         ("fast_cpu_sampling", generation_utils), ("packed_weights", (torch.bfloat16, packed.probe)),
+                         ("packed_weights", (torch.float32, packed.probe)), ("packed_linear", (torch.float32, packed.probe)),
                          ("accelerate_bypass_device_map", None)):
         patches.PATCHES[name].guard(target)
 

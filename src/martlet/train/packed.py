@@ -107,19 +107,20 @@ def linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out if out is not None else self._plain_forward(x)
 
 
-def guard(dtype: torch.dtype) -> None:
-    """The ops exist, and give torch's product (and the input's gradient) on a tiny input of `dtype`, bias or not."""
-    mkldnn = getattr(torch.ops, "mkldnn", None)
-    for name in ("_reorder_linear_weight", "_linear_pointwise"):
-        patches.expect(mkldnn is not None and hasattr(mkldnn, name), f"torch.ops.mkldnn has no {name}")
-    patches.expect(torch.backends.mkldnn.is_available(), "torch is built without oneDNN")
+def probe(dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
+    """(packed, torch's, what) products on a tiny input of `dtype`, bias or not: what the patches' guard compares."""
     generator = torch.Generator().manual_seed(0)
     x, dy = (torch.randn(40, k, generator=generator).to(dtype) for k in (24, 40))
     weight, bias = torch.randn(40, 24, generator=generator).to(dtype), torch.randn(40, generator=generator).to(dtype)
     want = torch.nn.functional.linear(x, weight, bias), dy @ weight
     weight._martlet_packed = PackedWeight.of(weight)
-    patches.expect_close(linear(x, weight, bias), want[0], "the packed product", 1e-2)
-    patches.expect_close(input_grad(dy, weight), want[1], "the packed product's input gradient", 1e-2)
+    return [(linear(x, weight, bias), want[0], "the packed product"),
+            (input_grad(dy, weight), want[1], "the packed product's input gradient")]
+
+
+def usable(dtype: torch.dtype) -> bool:
+    """Whether the packed products run for `dtype` here (patch `packed_weights`' guard, once per dtype)."""
+    return patches.usable("packed_weights", (dtype, probe), key=dtype)
 
 
 def wanted(nbytes: int) -> bool:
@@ -166,15 +167,14 @@ def packed_frozen_weights(model: torch.nn.Module) -> Iterator[int]:
     weights (each weight's `_martlet_packed`, dropped at the end); yields how many weights have them."""
     weights = frozen_cpu_weights(model)
     nbytes = sum(w.nbytes for w in weights)
-    if not weights or not wanted(2 * nbytes) or not all(patches.usable("packed_weights", d, key=d)
-                                                        for d in {w.dtype for w in weights}):
+    if not weights or not wanted(2 * nbytes) or not all(usable(d) for d in {w.dtype for w in weights}):
         yield 0
         return
     for w in weights:
         w._martlet_packed = PackedWeight.of(w)
     head = _output_layer(model)
     if head is not None and "_martlet_packed" in head.weight.__dict__:
-        patches.patch_forward("packed_linear", head, linear_forward, guarded=head.weight.dtype)
+        patches.patch_forward("packed_linear", head, linear_forward, guarded=(head.weight.dtype, probe))
     logger.debug("frozen weights packed for oneDNN: %d, %.0f MB", len(weights), 2 * nbytes / 2**20)
     try:
         yield len(weights)
@@ -198,7 +198,7 @@ def pack_for_inference(model: torch.nn.Module) -> int:
         return 0
     count = 0
     for m in layers:
-        if patches.patch_forward("packed_linear", m, linear_forward, guarded=m.weight.dtype):
+        if patches.patch_forward("packed_linear", m, linear_forward, guarded=(m.weight.dtype, probe)):
             m.weight._martlet_packed = PackedWeight.of(m.weight, rows=16, backward=False)
             count += 1
     return count
