@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from martlet import patches
 from martlet.train import packed
-from .test_kernels import _lora_model, _loss_and_grads
+from .test_kernels import _lora_model
 
 
 @pytest.fixture(autouse=True)
