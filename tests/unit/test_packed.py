@@ -274,3 +274,30 @@ def test_the_lm_head_s_generation_runs_packed_while_training(tiny_models):
         after = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(after, want, rtol=0, atol=0)
+
+
+def test_a_lora_run_trains_on_packed_weights_and_drops_them_at_its_end(tiny_llama, tmp_path, monkeypatch):
+    """`martlet sft` (train/pipeline.py) packs the frozen weights for its training loop: every step runs with them,
+    and none is left on the model after the run."""
+    from transformers import Trainer
+
+    from martlet.llm import sft_main
+
+    seen = []
+    original = Trainer.training_step
+
+    def step(self, model, *args, **kwargs):
+        weights = packed.frozen_cpu_weights(model)
+        seen.append((len(weights), sum(packed.packed_copy_of(w) for w in weights)))
+        return original(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", step)
+    models = []
+    monkeypatch.setattr(packed, "frozen_cpu_weights", lambda model, plain=packed.frozen_cpu_weights:
+                        models.append(model) or plain(model))
+    result = sft_main(["--model_id_or_path", tiny_llama, "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+                       "--batch_size", "2", "--dataset", "self-cognition#8", "--model_name", "M",
+                       "--model_author", "B"])
+    assert result["global_step"] == 2 and len(seen) >= 2  # (a step of several micro-batches: one call each)
+    assert all(count == packed_count > 0 for count, packed_count in seen)
+    assert models and not any("_martlet_packed" in w.__dict__ for w in packed.frozen_cpu_weights(models[0]))
