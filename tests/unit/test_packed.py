@@ -301,3 +301,20 @@ def test_a_lora_run_trains_on_packed_weights_and_drops_them_at_its_end(tiny_llam
     assert result["global_step"] == 2 and len(seen) >= 2  # (a step of several micro-batches: one call each)
     assert all(count == packed_count > 0 for count, packed_count in seen)
     assert models and not any("_martlet_packed" in w.__dict__ for w in packed.frozen_cpu_weights(models[0]))
+
+
+def test_a_trainer_under_torch_compile_gets_no_packed_copies(tiny_models):
+    """`--torch_compile true`: the compiled graphs run their own products, so no copy is made for them."""
+    from types import SimpleNamespace
+
+    from martlet.train.kernels import fuse_lora
+    from martlet.train.pipeline import weights_packed_for
+
+    model = _lora_model(tiny_models["llama"], dtype=torch.bfloat16)
+    fuse_lora(model)
+    weights = len(packed.frozen_cpu_weights(model))
+    assert weights > 0
+    for compiled, want in ((True, 0), (False, weights)):
+        trainer = SimpleNamespace(model=model, args=SimpleNamespace(torch_compile=compiled))
+        with weights_packed_for(trainer) as count:
+            assert count == want

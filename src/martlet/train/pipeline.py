@@ -9,6 +9,7 @@ state of a run is typed and built once: `RunSetup` after preparing, `TrainingRun
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -148,6 +149,12 @@ def prepare_run(args: SftArguments, *, cut_in_template: bool = True) -> RunSetup
     return RunSetup(args=args, device=device, dtype=dtype, spec=spec, tokenizer=tokenizer, template=template)
 
 
+def weights_packed_for(trainer: Trainer) -> contextlib.AbstractContextManager[int]:
+    """The trainer's frozen weights packed for a CPU's products while it trains (`train/packed.py`), unless it runs
+    under torch.compile, whose graphs run their own products."""
+    return packed_frozen_weights(trainer.model) if not trainer.args.torch_compile else contextlib.nullcontext(0)
+
+
 def train_and_report(trainer: Trainer, run: TrainingRun) -> dict[str, Any]:
     """Train (a signal saves and stops), plot the curves and return the result dict."""
     args, checkpoint = run.args, run.checkpoint
@@ -162,7 +169,7 @@ def train_and_report(trainer: Trainer, run: TrainingRun) -> dict[str, Any]:
         logger.info("%s is already at step %d: nothing left to train (raise --max_steps or "
                     "--num_train_epochs to train on).", checkpoint, finished.global_step)
     else:
-        with stopper.installed(), packed_frozen_weights(trainer.model):
+        with stopper.installed(), weights_packed_for(trainer):
             trainer.train(resume_from_checkpoint=checkpoint)
     state, run_dir = trainer.state, run.run_dir
     last = os.path.join(run_dir, f"checkpoint-{state.global_step}")
