@@ -336,4 +336,3 @@ def _fused_forward(self, x, *args, **kwargs):
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
     return LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                             self.scaling[name], p)
-
