@@ -13,12 +13,15 @@ from martlet import patches
 from martlet.train import packed
 from .test_kernels import _lora_model
 
+MEASURED_CPU = packed._measured_cpu  # (the fixture stands in for it: an x86 CPU, whatever this one is)
+
 
 @pytest.fixture(autouse=True)
 def fresh_registry(monkeypatch):
     monkeypatch.setattr(patches, "_verdicts", {})
     monkeypatch.setattr(patches, "_warned", set())
     monkeypatch.delenv("MARTLET_PACKED_WEIGHTS", raising=False)
+    monkeypatch.setattr(packed, "_measured_cpu", lambda: True)  # (an x86 CPU, whatever this one is)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -157,12 +160,23 @@ def test_packing_stays_off_when_asked_or_when_the_copies_would_not_fit(tiny_mode
     monkeypatch.setattr(packed.os, "sysconf", lambda name: memory - 1 if name == "SC_PHYS_PAGES" else 1)
     with packed.packed_frozen_weights(model) as count:
         assert count == 0
+    monkeypatch.setattr(packed, "_measured_cpu", lambda: False)  # ARM: unmeasured, off
+    monkeypatch.setattr(packed.os, "sysconf", lambda name: 2**40)
+    with packed.packed_frozen_weights(model) as count:
+        assert count == 0
     monkeypatch.setenv("MARTLET_PACKED_WEIGHTS", "1")  # forced on
     with packed.packed_frozen_weights(model) as count:
         assert count > 0
     trainable = _lora_model(tiny_models["llama"])  # peft's own layers (not fused): nothing to pack
     with packed.packed_frozen_weights(trainable) as count:
         assert count == 0
+
+
+@pytest.mark.parametrize("features, measured", [(["avx2", "avx512f", "avx512_bf16"], True), (["avx2"], True),
+                                                (["asimd", "sve"], False), ([], False)])
+def test_packing_is_on_by_default_where_it_was_measured(monkeypatch, features, measured):
+    monkeypatch.setattr(packed.native, "cpu_features", lambda: features)
+    assert MEASURED_CPU() is measured
 
 
 def test_without_the_private_ops_the_weights_stay_plain_and_one_warning_says_why(tiny_models, monkeypatch, caplog):
