@@ -332,3 +332,20 @@ def test_a_trainer_under_torch_compile_gets_no_packed_copies(tiny_models):
         trainer = SimpleNamespace(model=model, args=SimpleNamespace(torch_compile=compiled))
         with weights_packed_for(trainer) as count:
             assert count == want
+
+
+def test_adapters_attached_after_packing_take_their_layers_back(tiny_models, monkeypatch):
+    """`martlet deploy --lora_modules`: the model is packed when loaded, the adapters wrap some of its layers after;
+    packing again (idempotent) takes the copies of the wrapped layers back and keeps the others."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _tiny_causal_lm(tiny_models["llama"], torch.float32)
+    first = packed.pack_for_inference(model)
+    q = model.model.layers[0].self_attn.q_proj
+    copy = model.get_output_embeddings().weight._martlet_packed
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    assert "_martlet_packed" in q.weight.__dict__  # (wrapped now, still holding its copy)
+    layers = sum(1 for m in model.modules() if hasattr(m, "lora_A"))
+    assert packed.pack_for_inference(model) == first - layers
+    assert "_martlet_packed" not in q.weight.__dict__
+    assert model.get_output_embeddings().weight._martlet_packed is copy  # kept, not packed again

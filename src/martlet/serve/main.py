@@ -30,6 +30,7 @@ from martlet.infer.load import load_engine
 from martlet.infer.merge import merge_lora
 from martlet.models.embedded import EMBEDDED_MODEL_TYPE
 from martlet.serve.app import ServedModel, create_app
+from martlet.train.packed import pack_for_inference
 from martlet.utils import setup_logging
 
 logger = logging.getLogger("martlet")
@@ -61,8 +62,10 @@ def create_deploy_app(args: DeployArguments, plan: Optional[InferPlan] = None):
     pairs = args.lora_pairs()
     if pairs:
         internal = [(f"lora_{i}", path) for i, (_, path) in enumerate(pairs)]  # never "default" (--ckpt_dir's)
-        engine = TransformersEngine(attach_adapters(engine.model, internal), engine.template,
-                                    max_batch_size=args.max_batch_size, context_length=args.max_model_len)
+        model = attach_adapters(engine.model, internal)
+        pack_for_inference(model)  # (the layers the adapters now wrap give their packed copies back)
+        engine = TransformersEngine(model, engine.template, max_batch_size=args.max_batch_size,
+                                    context_length=args.max_model_len)
     defaults = GenConfig.from_args(args)
     primary = ServedModel(args.served_model_name or served_name(plan), engine,
                           "default" if plan.adapter_dir else None, defaults)
