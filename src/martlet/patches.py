@@ -314,8 +314,9 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
           "While LoRA trains on a CPU, each fused layer's frozen base weight and the frozen LM head are also held "
           "packed in oneDNN's layout (W and W^T, `train/packed.py`) and their products run "
           "`torch.ops.mkldnn._linear_pointwise` on them instead of a plain-layout product that repacks the weight "
-          "every call (bf16 1.05-1.7x a product, fp32 2.4x on an AMD EPYC; an SFT step 1.09-1.16x). Guard: the two private ops exist and give torch's product and input gradient "
-          "on a tiny input of the weights' dtype.", guard_packed_weights,
+          "every call (bf16 1.05-1.7x a product, fp32 2.4x on an AMD EPYC; an SFT step 1.09-1.16x). Guard: the "
+          "two private ops exist and give torch's product and input gradient on a tiny input of the weights' "
+          "dtype.", guard_packed_weights,
           fallback="torch's products run on the plain weights (slower, the same values)"),
     Patch("packed_linear", "torch", ("2.13.0",),
           "A plain `nn.Linear` whose weight Martlet packed for oneDNN (`train/packed.py`: the LM head while LoRA "

@@ -70,12 +70,14 @@ def packed_copy_of(weight: torch.Tensor) -> bool:
     return _packed_copy(weight) is not None
 
 
+def _on_copy(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.forward, bias, "none", [], "")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b for 2-D x: on the weight's packed copy while it has one that still fits, else torch's product."""
     packed = _packed_copy(weight)
-    if packed is not None:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.forward, bias, "none", [], "")
-    return torch.nn.functional.linear(x, weight, bias)
+    return _on_copy(x, packed, bias) if packed is not None else torch.nn.functional.linear(x, weight, bias)
 
 
 def input_grad(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -95,10 +97,12 @@ def computes_in(x: torch.Tensor, dtype: torch.dtype) -> bool:
 def frozen_product(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
     """`layer(x)` on its weight's packed copy, or None where that does not apply: no copy (or a stale one), a
     gradient asked for (the private op has none), or another compute dtype."""
-    if not (packed_copy_of(layer.weight) and not (x.requires_grad and torch.is_grad_enabled())
-            and computes_in(x, layer.weight.dtype)):
+    if (x.requires_grad and torch.is_grad_enabled()) or not computes_in(x, layer.weight.dtype):
         return None
-    out = linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
+    packed = _packed_copy(layer.weight)
+    if packed is None:
+        return None
+    out = _on_copy(x.reshape(-1, x.shape[-1]), packed, layer.bias)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -183,7 +187,7 @@ def packed_frozen_weights(model: torch.nn.Module) -> Iterator[int]:
     for w in weights:
         w._martlet_packed = PackedWeight.of(w)
     head = _output_layer(model)
-    if head is not None and "_martlet_packed" in head.weight.__dict__:
+    if head is not None and packed_copy_of(head.weight):
         patches.patch_forward("packed_linear", head, linear_forward, guarded=(head.weight.dtype, probe))
     logger.debug("frozen weights packed for oneDNN: %d, %.0f MB", len(weights), 2 * nbytes / 2**20)
     try:
