@@ -175,10 +175,13 @@ def test_a_row_rounded_up_with_a_padding_sample_gives_the_same_loss_and_gradient
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_varlen_attention_pads_short_bf16_samples_to_repeating_shapes_with_the_same_result():
-    """bf16 on a CPU: each short sample runs padded to a multiple of 16 tokens (zero keys past its end, masked by
-    causality; the padded queries dropped): the fp32 result (unpadded) within bf16 rounding, gradients too."""
+def test_varlen_attention_pads_short_bf16_samples_to_repeating_shapes_with_the_same_result(monkeypatch):
+    """bf16 on a CPU in the buckets (where the fused native pass does not run): each short sample runs padded to a
+    multiple of 16 tokens (zero keys past its end, masked by causality; the padded queries dropped): the fp32
+    result (unpadded) within bf16 rounding, gradients too."""
     import types
+
+    monkeypatch.setenv("MARTLET_FUSED_ATTENTION", "0")
 
     from martlet.train.varlen_attention import varlen_attention
 
@@ -198,10 +201,13 @@ def test_varlen_attention_pads_short_bf16_samples_to_repeating_shapes_with_the_s
         torch.testing.assert_close(g16.float(), g32, rtol=5e-2, atol=5e-2)
 
 
-def test_bf16_samples_up_to_512_tokens_run_in_buckets_where_the_native_softmax_runs():
+def test_bf16_samples_up_to_512_tokens_run_in_buckets_where_the_native_softmax_runs(monkeypatch):
     """On bf16 with the native causal softmax the buckets beat sdpa's CPU kernel up to ~1,000 tokens: samples up to
-    512 run there (elsewhere up to 160); the result is fp32's within bf16 rounding, gradients too."""
+    512 run there (elsewhere up to 160); the result is fp32's within bf16 rounding, gradients too. (The buckets
+    run where the fused native pass does not.)"""
     import types
+
+    monkeypatch.setenv("MARTLET_FUSED_ATTENTION", "0")
 
     from martlet.train import native, varlen_attention
 
@@ -359,16 +365,19 @@ def _causal(q, k, v):
     return out[0].transpose(0, 1)
 
 
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["fused", "buckets"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("trees", [[(5, [4, 6])], [(5, [4, 6]), (3, [2, 7, 1]), (0, [9])], [(100, [40, 30])],
                                    [(150, [20, 30]), (4, [3, 3])]],
                          ids=["a pair", "pairs, a group and a lone sample", "long", "long trunk, short branch"])
-def test_varlen_attention_runs_shared_prefixes_as_the_whole_sequences(trees, dtype):
+def test_varlen_attention_runs_shared_prefixes_as_the_whole_sequences(trees, dtype, fused, monkeypatch):
     """A sample that starts at position p > 0 continues the first p tokens of the last one that started at 0: each
     sequence (trunk, or the trunk's first p tokens then the branch) gets exactly the attention it would get alone,
-    and the shared tokens' gradients sum what every sequence sends them (the native kernels' buckets, sdpa beyond
-    160 tokens)."""
+    and the shared tokens' gradients sum what every sequence sends them (the fused native pass; the buckets where
+    it does not run, sdpa beyond 160 tokens)."""
     import types
+
+    monkeypatch.setenv("MARTLET_FUSED_ATTENTION", fused)
 
     from martlet.train.varlen_attention import row_samples, varlen_attention
 

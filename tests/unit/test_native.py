@@ -126,6 +126,11 @@ for dtype in (torch.bfloat16, torch.float32):
     grad_x = x.clone()
     grad_a = ops.lora_down_backward(x, a, dyb, 1.25, 7, 3277, grad_x)
     out[str(dtype)] = dict(x=x, dy=dy, a=a, b=b, xa=xa, up=up, dyb=dyb, grad_b=grad_b, grad_a=grad_a, grad_x=grad_x)
+    samples = torch.tensor([[0, 20, 0, 0], [20, 9, 0, 7], [29, 14, 0, 0]])  # the second continues the first's 7
+    q, k, v, dout = (torch.randn(43 * h, 32, generator=g).to(dtype) for h in (6, 2, 2, 6))
+    att, lse = ops.attention(q, k, v, samples, 6, 0.2)
+    out["attention " + str(dtype)] = dict(q=q, k=k, v=v, dout=dout, out=att, lse=lse,
+                                         grads=ops.attention_backward(dout, q, k, v, samples, att, lse, 6, 0.2))
 torch.save(out, sys.argv[2])
 """
 
@@ -155,6 +160,14 @@ def test_the_generic_vector_code_computes_what_this_machine_s_build_computes(ker
                 continue
             close = dict(rtol=1e-5, atol=1e-5) if value.dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
             torch.testing.assert_close(got[name], value, **close, msg=f"{dtype} {name}")
+        got = portable["attention " + str(dtype)]  # the fused attention: its products in blocks of 2 rows there
+        samples = torch.tensor([[0, 20, 0, 0], [20, 9, 0, 7], [29, 14, 0, 0]])
+        out, lse = kernels.attention(got["q"], got["k"], got["v"], samples, 6, 0.2)
+        grads = kernels.attention_backward(got["dout"], got["q"], got["k"], got["v"], samples, got["out"], got["lse"],
+                                           6, 0.2)
+        close = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
+        for name, a, b in (("out", got["out"], out), ("lse", got["lse"], lse), *zip(("dq", "dk", "dv"), got["grads"], grads)):
+            torch.testing.assert_close(a, b, **close, msg=f"attention {dtype} {name}")
 
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
@@ -404,6 +417,127 @@ def test_causal_softmax_matches_the_masked_softmax(kernels, dtype, length):
     upstream = _seeded(23, *scores.shape, dtype=dtype)
     (g_got,), (g_want,) = torch.autograd.grad(got, scores, upstream), torch.autograd.grad(want, scores, upstream)
     torch.testing.assert_close(g_got, g_want, **(tolerance if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)))
+
+
+# ---- fused attention ------------------------------------------------------------------------------------------
+def _row_of(trees):
+    """A padding-free row of (prefix, [trunk length, branch lengths...]) trees: its position ids, and the token
+    indices of each whole sequence (a branch: its trunk's first `prefix` tokens, then its own)."""
+    sequences, positions = [], []
+    for prefix, (first, *branches) in trees:
+        trunk = list(range(len(positions), len(positions) + prefix + first))
+        sequences.append(trunk)
+        positions += range(prefix + first)
+        for n in branches:
+            sequences.append(trunk[:prefix] + list(range(len(positions), len(positions) + n)))
+            positions += range(prefix, prefix + n)
+    return torch.tensor(positions)[None], sequences
+
+
+def _each_sequence_alone(q, k, v, sequences, scale):
+    """fp64 attention of each sequence on its own (q (T, H, D), k/v (T, KV, D)); a token's output is the first
+    sequence's that holds it (a trunk's own), as in the row."""
+    out, done = torch.zeros_like(q), set()
+    groups = q.shape[1] // k.shape[1]
+    for tokens in sequences:
+        index = torch.tensor(tokens)
+        qq, kk, vv = q[index], k[index].repeat_interleave(groups, 1), v[index].repeat_interleave(groups, 1)
+        scores = torch.einsum("ihd,jhd->hij", qq, kk) * scale
+        scores = scores.masked_fill(torch.ones(len(tokens), len(tokens), dtype=torch.bool).triu(1), float("-inf"))
+        each = torch.einsum("hij,jhd->ihd", scores.softmax(-1), vv)
+        for j, t in enumerate(tokens):
+            if t not in done:
+                done.add(t)
+                out[t] = each[j]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (4, 2, 16), (5, 5, 80)])
+def test_fused_attention_gives_each_sequence_its_own_attention_and_gradients(kernels, dtype, heads, kv_heads, dim):
+    """Trunks with branches after shared prefixes, lone samples, a one-token sample: the output and the gradients
+    of q, k and v are those of each whole sequence attending alone (computed in fp64 on the same inputs), the shared
+    tokens' key/value gradients summing what every sequence sends them."""
+    from martlet.train.varlen_attention import row_samples
+
+    position_ids, sequences = _row_of([(11, [26, 20, 5]), (0, [70]), (30, [14, 44]), (0, [1]), (0, [9])])
+    samples = torch.tensor([[s.start, s.length, s.prefix_start, s.prefix] for s in row_samples(position_ids)])
+    tokens, scale = position_ids.shape[1], dim ** -0.5
+    q, k, v, upstream = (_seeded(40 + i, tokens, h, dim, dtype=dtype) for i, h in
+                         enumerate((heads, kv_heads, kv_heads, heads)))
+    inputs = [t.reshape(-1, dim).clone().requires_grad_() for t in (q, k, v)]
+    got = native.Attention.apply(*inputs, samples, heads, scale)
+    got.backward(upstream.reshape(-1, dim))
+    wide = [t.double().requires_grad_() for t in (q, k, v)]
+    want = _each_sequence_alone(*wide, sequences, scale)
+    want.backward(upstream.double())
+    # fp32: summation order; bf16: the outputs' and gradients' own rounding (the sums run in fp32)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double().view(want.shape), want, **tolerance)
+    for name, a, b in zip("qkv", inputs, wide):
+        torch.testing.assert_close(a.grad.double().view(b.shape), b.grad, **tolerance, msg=f"grad {name}")
+
+
+def test_fused_attention_gives_the_same_bits_at_any_thread_count(kernels):
+    """The tasks go to the threads in any order, and a shared prefix's gradients are summed after them in row
+    order: one thread and two give the same bits."""
+    from martlet.train.varlen_attention import row_samples
+
+    position_ids, _ = _row_of([(9, [30, 12, 40, 7]), (0, [50]), (5, [5, 6])])
+    samples = torch.tensor([[s.start, s.length, s.prefix_start, s.prefix] for s in row_samples(position_ids)])
+    tokens = position_ids.shape[1]
+    q, k, v, dout = (_seeded(50 + i, tokens * h, 32, dtype=torch.bfloat16) for i, h in enumerate((6, 2, 2, 6)))
+    threads, results = torch.get_num_threads(), []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            out, lse = kernels.attention(q, k, v, samples, 6, 0.125)
+            results.append((out, lse, *kernels.attention_backward(dout, q, k, v, samples, out, lse, 6, 0.125)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_fused_attention_refuses_samples_that_do_not_tile_the_row(kernels):
+    q, k = torch.randn(10 * 4, 16), torch.randn(10 * 2, 16)
+    with pytest.raises(RuntimeError, match="the samples hold 8 tokens, the row 10"):
+        kernels.attention(q, k, k, torch.tensor([[0, 5, 0, 0], [5, 3, 0, 2]]), 4, 0.25)
+    with pytest.raises(RuntimeError, match="does not follow"):
+        kernels.attention(q, k, k, torch.tensor([[0, 5, 0, 0], [6, 4, 0, 0]]), 4, 0.25)
+    with pytest.raises(RuntimeError, match="reads past the row"):
+        kernels.attention(q, k, k, torch.tensor([[0, 5, 0, 0], [5, 5, 8, 4]]), 4, 0.25)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        kernels.attention(torch.randn(40, 8), torch.randn(20, 8), torch.randn(20, 8),
+                          torch.tensor([[0, 10, 0, 0]]), 4, 0.25)
+
+
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_varlen_attention_runs_the_fused_pass_where_it_can_and_the_buckets_elsewhere(kernels, monkeypatch, fused):
+    """With the kernels, a row of short samples (bf16 or fp32, head size a multiple of 16) takes the fused pass;
+    MARTLET_FUSED_ATTENTION=0, a head size of 8 or a sample past FUSED_MAX_LEN keys take the batched products of
+    the buckets; each gives the whole sequences' attention."""
+    from martlet.train import varlen_attention
+
+    monkeypatch.setenv("MARTLET_FUSED_ATTENTION", fused)
+    calls = []
+    real = native.Attention.apply
+    monkeypatch.setattr(native.Attention, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    position_ids, sequences = _row_of([(6, [20, 9]), (0, [33])])
+    module = types.SimpleNamespace(training=True, is_causal=True)
+    for dim, runs in ((16, fused == "1"), (8, False)):
+        calls.clear()
+        q, k, v = (_seeded(60 + i, 1, position_ids.shape[1], h, dim).transpose(1, 2) for i, h in enumerate((4, 2, 2)))
+        got, _ = varlen_attention.varlen_attention(module, q, k, v, None, position_ids=position_ids)
+        want = _each_sequence_alone(*(t[0].transpose(0, 1).double() for t in (q, k, v)), sequences, dim ** -0.5)
+        torch.testing.assert_close(got[0].double(), want, rtol=1e-5, atol=1e-5)
+        assert bool(calls) == runs, (dim, fused)
+    monkeypatch.setattr(varlen_attention, "FUSED_MAX_LEN", 20)
+    calls.clear()
+    q, k, v = (_seeded(70 + i, 1, position_ids.shape[1], h, 16).transpose(1, 2) for i, h in enumerate((4, 2, 2)))
+    varlen_attention.varlen_attention(module, q, k, v, None, position_ids=position_ids)
+    assert not calls
 
 
 # ---- models -------------------------------------------------------------------------------------------------

@@ -237,6 +237,26 @@ class CausalSoftmax(torch.autograd.Function):
         return ops().causal_softmax_backward(grad.contiguous(), probs, ctx.scale), None
 
 
+class Attention(torch.autograd.Function):
+    """A padding-free row's attention, each sample on its own tokens after its shared prefix if any: q (T * heads,
+    dim) and k, v (T * kv_heads, dim) rows, `samples` (count, 4) int64 of (start, length, prefix_start, prefix).
+    One fused pass a sample and key/value head each way; only the output and each query row's logsumexp are kept
+    for the backward pass (the kernel's comment in martlet_native.cpp)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, samples, heads, scale):
+        out, lse = ops().attention(q, k, v, samples, heads, scale)
+        ctx.save_for_backward(q, k, v, samples, out, lse)
+        ctx.heads, ctx.scale = heads, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, samples, out, lse = ctx.saved_tensors
+        dq, dk, dv = ops().attention_backward(grad.contiguous(), q, k, v, samples, out, lse, ctx.heads, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
 def rotary_usable(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """q and k as llama's attention makes them, (batch, heads, length, dim) views of (batch, length, heads, dim)."""
     if cos.requires_grad or sin.requires_grad or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or q.shape[-1] % 2:

@@ -25,6 +25,7 @@ row never goes to sdpa: where this path cannot run it, it stops with an error (`
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, NamedTuple
 
 import torch
@@ -39,6 +40,7 @@ EAGER_MAX_LEN = 160  # below this many tokens plain matmul + softmax beats the C
 # in fp32 sdpa is as fast from 176 tokens on). Kept at 512: a bucket keeps its probabilities for the backward pass
 # (heads x length² values a layer), sdpa none
 NATIVE_BF16_MAX_LEN = 512
+FUSED_MAX_LEN = 1024
 
 
 def register() -> str:
@@ -121,6 +123,10 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
     groups = heads // kv_heads
     scale = scaling if scaling is not None else dim ** -0.5
+    if _fused(query, samples):  # one native pass a sample and key/value head each way
+        q_rows, k_rows, v_rows = (t[0].transpose(0, 1).reshape(-1, dim) for t in (query, key, value))
+        out = native.Attention.apply(q_rows, k_rows, v_rows, _sample_table(tuple(samples)), heads, scale)
+        return out.view(1, query.shape[2], heads, dim), None
     # bf16 products on a CPU build a kernel for every new shape (~1-5 ms each): short samples run padded to a
     # multiple of 16 tokens, so the shapes repeat
     multiple = shape_multiple(query.device.type, query.dtype, rows=16)
@@ -158,6 +164,19 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
         blocks.append(out[0, :, sample.prefix:].transpose(0, 1).reshape(-1, dim))  # rows (position * heads + head)
     out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
     return Gather.apply(out, layout.output_index, layout.output_inverse, None).view(1, rows, heads, dim), None
+
+
+def _fused(query: Any, samples: list[Sample]) -> bool:
+    """Whether the native fused attention takes this row: on a CPU with the kernels, bf16 or fp32, a head size
+    that is a multiple of 16, every sample at most FUSED_MAX_LEN keys (its buffers grow with the square)."""
+    return (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float32) and query.shape[3] % 16 == 0
+            and native.ops() is not None and not torch.compiler.is_compiling()
+            and max(s.size for s in samples) <= FUSED_MAX_LEN and os.environ.get("MARTLET_FUSED_ATTENTION", "1") != "0")
+
+
+@functools.lru_cache(maxsize=8)  # the layers of one step share it
+def _sample_table(samples: tuple[Sample, ...]) -> Any:
+    return torch.tensor([[s.start, s.length, s.prefix_start, s.prefix] for s in samples], dtype=torch.long)
 
 
 # A bucket of short samples costs its products' and softmax's calls (~150 us a layer on SmolLM2 here), about the

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -1207,6 +1208,310 @@ at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& pro
   return out;
 }
 
+// ---- the attention of a padding-free row's samples, fused ------------------------------------------------------
+// Each sample attends to its own tokens, after a shared prefix of its trunk's when it has one (see
+// varlen_attention.py); `samples` holds (start, length, prefix_start, prefix) a sample, in row order. One task per
+// sample and key/value head: the queries of the heads that share that key/value head (row i * groups + h: query i,
+// head h of the group), the sample's keys (prefix first) and values copied out in fp32, and then, in fp32: the
+// scores Q K^T only up to each block of rows' last visible key (causality), the softmax, out = P V, and each query
+// row's logsumexp. The backward pass computes P again from the logsumexp, as flash attention does (no heads x
+// length² probabilities kept between the passes): dP = dO V^T, dS = scale P (dP - rowsum(dO * O)), dQ = dS K,
+// dK = dS^T Q, dV = P^T dO. The products are fp32 multiply-add loops over blocks of kAttnRows rows x 32 columns
+// (no scores rounded to bf16 on the way, unlike torch's bf16 products); tasks go to the threads from a shared
+// counter, the largest first. A shared prefix's keys get gradients from several samples: each sample's share is
+// kept apart and added after the parallel pass, in row order, so the result does not depend on the threads.
+#if defined(__AVX512F__)
+constexpr int kAttnRows = 6;  // 12 accumulators + 2 loaded vectors of 32 registers
+#else
+constexpr int kAttnRows = 2;  // 16-lane vectors are two registers each
+#endif
+constexpr int64_t kAttnCols = 2 * kLanes;
+
+// C[r][0, n) = sum over p in [k0, k1) of A(r, p) * B[p][0, n) for RB rows, A(r, p) = A[r * ra + p * pa]; n a
+// multiple of kLanes, each sum in order of p; columns in blocks of V vectors
+template <int RB, int V>
+ALWAYS_INLINE void attn_gemm_columns(const float* A, int64_t ra, int64_t pa, const float* B, int64_t ldb, float* C,
+                                     int64_t ldc, int64_t j, int64_t k0, int64_t k1) {
+  vf acc[RB][V];
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < V; ++c) acc[r][c] = vsplat(0.f);
+  for (int64_t p = k0; p < k1; ++p) {
+    vf b[V];
+    for (int c = 0; c < V; ++c) b[c] = vread<vf>(B + p * ldb + j + c * kLanes);
+    for (int r = 0; r < RB; ++r) {
+      vf a = vsplat(A[r * ra + p * pa]);
+      for (int c = 0; c < V; ++c) acc[r][c] = vfma(a, b[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < V; ++c) vwrite(C + r * ldc + j + c * kLanes, acc[r][c]);
+}
+
+template <int RB>
+ALWAYS_INLINE void attn_gemm_rows(const float* A, int64_t ra, int64_t pa, const float* B, int64_t ldb, float* C,
+                                  int64_t ldc, int64_t n, int64_t k0, int64_t k1) {
+  int64_t j = 0;
+  for (; j + kAttnCols <= n; j += kAttnCols) attn_gemm_columns<RB, 2>(A, ra, pa, B, ldb, C, ldc, j, k0, k1);
+  if (j < n) attn_gemm_columns<RB, 1>(A, ra, pa, B, ldb, C, ldc, j, k0, k1);
+}
+
+template <int RB = kAttnRows>
+ALWAYS_INLINE void attn_gemm_block(int64_t rows, const float* A, int64_t ra, int64_t pa, const float* B, int64_t ldb,
+                                   float* C, int64_t ldc, int64_t n, int64_t k0, int64_t k1) {
+  if constexpr (RB > 1) {
+    if (rows < RB) return attn_gemm_block<RB - 1>(rows, A, ra, pa, B, ldb, C, ldc, n, k0, k1);
+  }
+  attn_gemm_rows<RB>(A, ra, pa, B, ldb, C, ldc, n, k0, k1);
+}
+
+// the rows [0, m) of C = A B in blocks of kAttnRows; range(r0, rows) gives the block's columns n and inner [k0, k1)
+template <typename Range>
+void attn_gemm(int64_t m, const float* A, int64_t ra, int64_t pa, const float* B, int64_t ldb, float* C, int64_t ldc,
+               Range range) {
+  for (int64_t r0 = 0; r0 < m; r0 += kAttnRows) {
+    int64_t rows = std::min<int64_t>(kAttnRows, m - r0);
+    auto [n, k0, k1] = range(r0, rows);
+    attn_gemm_block(rows, A + r0 * ra, ra, pa, B, ldb, C + r0 * ldc, ldc, n, k0, k1);
+  }
+}
+
+struct AttnShape {
+  int64_t heads, kv_heads, groups, dim;
+  float scale;
+};
+
+// one task's sample and key/value head, and its fp32 buffers (thread-local, reused from task to task)
+struct AttnTask {
+  int64_t index, start, length, prefix_start, prefix, head, keys, rows, width;  // keys: prefix + length, rows: groups * length
+  std::vector<float>* arena;
+
+  AttnTask(int64_t index, const int64_t* sample, int64_t head, const AttnShape& s, std::vector<float>* arena)
+      : index(index), start(sample[0]), length(sample[1]), prefix_start(sample[2]), prefix(sample[3]), head(head),
+        keys(sample[3] + sample[1]), rows(s.groups * sample[1]), width(round_up(sample[3] + sample[1], kAttnCols)),
+        arena(arena) {}
+  int64_t key_token(int64_t j) const { return j < prefix ? prefix_start + j : start + j - prefix; }
+  int64_t visible(int64_t r, int64_t groups) const { return prefix + r / groups + 1; }  // keys row r sees
+  // the (token * heads + head) row of query row r
+  int64_t query_row(int64_t r, const AttnShape& s) const {
+    return (start + r / s.groups) * s.heads + head * s.groups + r % s.groups;
+  }
+};
+
+// rows of src (T x dim, row(i) gives the source row of i) as fp32, into dst (count x dim); with `transpose`,
+// dst is dim x ld instead, the columns past count zero
+template <typename T, typename Row>
+void attn_load(const T* src, int64_t count, int64_t dim, Row row, float* dst, bool transpose = false, int64_t ld = 0) {
+  for (int64_t i = 0; i < count; ++i) {
+    const T* from = src + row(i) * dim;
+    if (!transpose) {
+      for (int64_t d = 0; d < dim; d += kLanes) vwrite(dst + i * dim + d, vload_as(from + d));
+    } else {
+      for (int64_t d = 0; d < dim; ++d) dst[d * ld + i] = load(from, d);
+    }
+  }
+  if (transpose)
+    for (int64_t d = 0; d < dim; ++d) std::fill(dst + d * ld + count, dst + (d + 1) * ld, 0.f);
+}
+
+// scores of the task's query rows q (rows x dim) against its keys kt (dim x width), into s (rows x width)
+void attn_scores(const AttnTask& t, const AttnShape& sh, const float* q, const float* kt, float* s) {
+  attn_gemm(t.rows, q, sh.dim, 1, kt, t.width, s, t.width, [&](int64_t r0, int64_t n) {
+    return std::tuple<int64_t, int64_t, int64_t>{round_up(t.visible(r0 + n - 1, sh.groups), kAttnCols), 0, sh.dim};
+  });
+}
+
+// x (rows x width) times the task's values or keys (keys x dim), each block of rows over the keys it sees
+void attn_times_keys(const AttnTask& t, const AttnShape& sh, const float* x, const float* m, float* out) {
+  attn_gemm(t.rows, x, t.width, 1, m, sh.dim, out, sh.dim, [&](int64_t r0, int64_t n) {
+    return std::tuple<int64_t, int64_t, int64_t>{sh.dim, 0, t.visible(r0 + n - 1, sh.groups)};
+  });
+}
+
+// x^T (keys x rows, x being rows x width) times m (rows x dim): each key over the query rows that see it
+void attn_transposed_times(const AttnTask& t, const AttnShape& sh, const float* x, const float* m, float* out) {
+  attn_gemm(t.keys, x, 1, t.width, m, sh.dim, out, sh.dim, [&](int64_t j0, int64_t) {
+    return std::tuple<int64_t, int64_t, int64_t>{sh.dim, std::max<int64_t>(0, j0 - t.prefix) * sh.groups, t.rows};
+  });
+}
+
+// the tasks (sample, key/value head) in parallel, the largest first: fn(task)
+template <typename Fn>
+void attn_tasks(const int64_t* samples, int64_t count, const AttnShape& sh, Fn fn) {
+  std::vector<std::pair<int64_t, int64_t>> order;  // (cost, task)
+  for (int64_t i = 0; i < count * sh.kv_heads; ++i) {
+    const int64_t* s = samples + 4 * (i / sh.kv_heads);
+    order.emplace_back(-s[1] * (s[1] + s[3]), i);
+  }
+  std::stable_sort(order.begin(), order.end());
+  std::atomic<int64_t> next{0};
+  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), order.size()));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    thread_local std::vector<float> arena;
+    for (int64_t i; (i = next.fetch_add(1)) < int64_t(order.size());) {
+      int64_t task = order[i].second;
+      fn(AttnTask(task / sh.kv_heads, samples + 4 * (task / sh.kv_heads), task % sh.kv_heads, sh, &arena));
+    }
+  });
+}
+
+void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& samples,
+                     int64_t heads) {
+  check(q, "q");
+  check(k, "k");
+  check(v, "v");
+  check_like(k, v, "k and v");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.dim() == 2 && k.dim() == 2 && q.size(1) == k.size(1) &&
+                  q.size(1) % kLanes == 0, "martlet.attention: q (T * heads, dim) and k, v (T * kv_heads, dim) of "
+              "one dtype expected, dim a multiple of ", kLanes);
+  TORCH_CHECK(samples.scalar_type() == at::kLong && samples.dim() == 2 && samples.size(1) == 4 && samples.is_contiguous(),
+              "martlet.attention: samples must be a contiguous (count, 4) int64 tensor");
+  TORCH_CHECK(heads > 0 && q.size(0) % heads == 0, "martlet.attention: q rows not a multiple of heads");
+  int64_t tokens = q.size(0) / heads;
+  TORCH_CHECK(k.size(0) % std::max<int64_t>(1, tokens) == 0 && tokens > 0, "martlet.attention: k rows do not match q");
+  int64_t kv = k.size(0) / tokens;
+  TORCH_CHECK(kv > 0 && heads % kv == 0, "martlet.attention: heads must be a multiple of the key/value heads");
+  const int64_t* s = samples.data_ptr<int64_t>();
+  int64_t end = 0;
+  for (int64_t i = 0; i < samples.size(0); ++i, s += 4) {
+    TORCH_CHECK(s[0] == end && s[1] > 0 && s[3] >= 0 && s[2] >= 0 && s[2] + s[3] <= tokens,
+                "martlet.attention: sample ", i, " (", s[0], ", ", s[1], ", ", s[2], ", ", s[3], ") does not follow "
+                "the one before it or reads past the row");
+    end += s[1];
+  }
+  TORCH_CHECK(end == tokens, "martlet.attention: the samples hold ", end, " tokens, the row ", tokens);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& samples, int64_t heads, double scale) {
+  check_attention(q, k, v, samples, heads);
+  int64_t tokens = q.size(0) / heads, kv = k.size(0) / tokens, dim = q.size(1);
+  const AttnShape sh{heads, kv, heads / kv, dim, float(scale)};
+  auto out = at::empty_like(q);
+  auto lse = at::empty({q.size(0)}, q.options().dtype(at::kFloat));
+  float* lse_ptr = lse.data_ptr<float>();
+  dispatch(q, [&](auto type) {
+    using T = typename decltype(type)::type;
+    attn_tasks(samples.data_ptr<int64_t>(), samples.size(0), sh, [&](const AttnTask& t) {
+      int64_t R = t.rows, W = t.width;
+      t.arena->resize(R * dim + dim * W + t.keys * dim + R * W + R * dim);
+      float *Q = t.arena->data(), *Kt = Q + R * dim, *V = Kt + dim * W, *S = V + t.keys * dim, *O = S + R * W;
+      attn_load(ptr<T>(q), R, dim, [&](int64_t r) { return t.query_row(r, sh); }, Q);
+      attn_load(ptr<T>(k), t.keys, dim, [&](int64_t j) { return t.key_token(j) * kv + t.head; }, Kt, true, W);
+      attn_load(ptr<T>(v), t.keys, dim, [&](int64_t j) { return t.key_token(j) * kv + t.head; }, V);
+      attn_scores(t, sh, Q, Kt, S);
+      for (int64_t r = 0; r < R; ++r) {
+        float* s = S + r * W;
+        int64_t visible = t.visible(r, sh.groups);
+        float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+        for (int64_t j = 0; j < visible; ++j) top = std::max(top, s[j]);
+        top *= sh.scale;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < visible; ++j) {
+          s[j] = exp_approx(s[j] * sh.scale - top);
+          sum += s[j];
+        }
+        float inverse = 1.f / sum;
+#pragma omp simd
+        for (int64_t j = 0; j < visible; ++j) s[j] *= inverse;
+        std::fill(s + visible, s + W, 0.f);
+        lse_ptr[t.query_row(r, sh)] = top + std::log(sum);
+      }
+      attn_times_keys(t, sh, S, V, O);
+      for (int64_t r = 0; r < R; ++r) {
+        T* to = ptr<T>(out) + t.query_row(r, sh) * dim;
+        for (int64_t d = 0; d < dim; d += kLanes) vstore_as(to + d, vread<vf>(O + r * dim + d));
+      }
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad, const at::Tensor& q,
+                                                                  const at::Tensor& k, const at::Tensor& v,
+                                                                  const at::Tensor& samples, const at::Tensor& out,
+                                                                  const at::Tensor& lse, int64_t heads, double scale) {
+  check_attention(q, k, v, samples, heads);
+  check(grad, "grad");
+  check_like(grad, q, "grad and q");
+  check_like(out, q, "out and q");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == q.size(0),
+              "martlet.attention_backward: lse must hold one fp32 value a query row");
+  int64_t tokens = q.size(0) / heads, kv = k.size(0) / tokens, dim = q.size(1), count = samples.size(0);
+  const AttnShape sh{heads, kv, heads / kv, dim, float(scale)};
+  const int64_t* smp = samples.data_ptr<int64_t>();
+  auto dq = at::empty_like(q);
+  bool wide = q.scalar_type() == at::kFloat;  // fp32: the key/value gradients are summed in place
+  auto dk32 = wide ? at::empty_like(k) : at::empty(k.sizes(), k.options().dtype(at::kFloat));
+  auto dv32 = wide ? at::empty_like(v) : at::empty(v.sizes(), v.options().dtype(at::kFloat));
+  // each sample's share of its prefix's key/value gradients, (prefix, kv heads, dim) from offset[i]
+  std::vector<int64_t> offset(count + 1, 0);
+  for (int64_t i = 0; i < count; ++i) offset[i + 1] = offset[i] + smp[4 * i + 3] * kv * dim;
+  std::vector<float> shared_k(offset[count]), shared_v(offset[count]);
+  const float* lse_ptr = lse.data_ptr<float>();
+  float *dk_ptr = dk32.data_ptr<float>(), *dv_ptr = dv32.data_ptr<float>();
+  dispatch(q, [&](auto type) {
+    using T = typename decltype(type)::type;
+    attn_tasks(smp, count, sh, [&](const AttnTask& t) {
+      int64_t R = t.rows, W = t.width, N = t.keys;
+      t.arena->resize(2 * R * dim + 2 * dim * W + 2 * N * dim + 2 * R * W + R * dim + 2 * N * dim + R);
+      float *Q = t.arena->data(), *dO = Q + R * dim, *Kt = dO + R * dim, *Vt = Kt + dim * W, *K = Vt + dim * W;
+      float *P = K + N * dim, *dS = P + R * W, *dQ = dS + R * W, *dK = dQ + R * dim, *dV = dK + N * dim;
+      float* delta = dV + N * dim;
+      auto query = [&](int64_t r) { return t.query_row(r, sh); };
+      auto key = [&](int64_t j) { return t.key_token(j) * kv + t.head; };
+      attn_load(ptr<T>(q), R, dim, query, Q);
+      attn_load(ptr<T>(grad), R, dim, query, dO);
+      attn_load(ptr<T>(k), N, dim, key, Kt, true, W);
+      attn_load(ptr<T>(v), N, dim, key, Vt, true, W);
+      attn_load(ptr<T>(k), N, dim, key, K);
+      for (int64_t r = 0; r < R; ++r) {  // rowsum(dO * O)
+        const T* o = ptr<T>(out) + query(r) * dim;
+        vf acc = vsplat(0.f);
+        for (int64_t d = 0; d < dim; d += kLanes) acc = vfma(vread<vf>(dO + r * dim + d), vload_as(o + d), acc);
+        delta[r] = vsum(acc);
+      }
+      attn_scores(t, sh, Q, Kt, P);
+      attn_scores(t, sh, dO, Vt, dS);  // dP = dO V^T, over the same keys
+      for (int64_t r = 0; r < R; ++r) {
+        float *p = P + r * W, *ds = dS + r * W, m = lse_ptr[query(r)], dr = delta[r];
+        int64_t visible = t.visible(r, sh.groups);
+#pragma omp simd
+        for (int64_t j = 0; j < visible; ++j) {
+          p[j] = exp_approx(p[j] * sh.scale - m);
+          ds[j] = sh.scale * p[j] * (ds[j] - dr);
+        }
+        std::fill(p + visible, p + W, 0.f);
+        std::fill(ds + visible, ds + W, 0.f);
+      }
+      attn_times_keys(t, sh, dS, K, dQ);
+      for (int64_t r = 0; r < R; ++r) {
+        T* to = ptr<T>(dq) + query(r) * dim;
+        for (int64_t d = 0; d < dim; d += kLanes) vstore_as(to + d, vread<vf>(dQ + r * dim + d));
+      }
+      attn_transposed_times(t, sh, dS, Q, dK);
+      attn_transposed_times(t, sh, P, dO, dV);
+      for (int64_t j = 0; j < N; ++j) {  // a sample's own keys are its alone; a prefix's are added up below
+        bool own = j >= t.prefix;
+        int64_t place = own ? key(j) * dim : offset[t.index] + (j * kv + t.head) * dim;
+        std::memcpy((own ? dk_ptr : shared_k.data()) + place, dK + j * dim, dim * sizeof(float));
+        std::memcpy((own ? dv_ptr : shared_v.data()) + place, dV + j * dim, dim * sizeof(float));
+      }
+    });
+  });
+  for (int64_t i = 0; i < count; ++i) {  // the prefixes' shares, in row order
+    const int64_t* s = smp + 4 * i;
+    for (int64_t e = 0; e < s[3] * kv * dim; ++e) {
+      int64_t place = s[2] * kv * dim + e;  // row (prefix_start + j) * kv + head
+      dk_ptr[place] += shared_k[offset[i] + e];
+      dv_ptr[place] += shared_v[offset[i] + e];
+    }
+  }
+  if (wide) return {dq, dk32, dv32};
+  return {dq, dk32.to(k.scalar_type()), dv32.to(v.scalar_type())};
+}
+
 // ---- row gather with zero rows (the attention buckets' gradients) ----------------------------------------------
 // out[i] = src[index[i]], a zero row where index[i] == rows (one past the end): what `torch.cat([src, zero row])
 // .index_select(0, index)` gives, without copying src first. Rows of any dtype, moved as bytes.
@@ -1262,4 +1567,9 @@ TORCH_LIBRARY(martlet, m) {
   m.def("rotary(Tensor x, Tensor cos, Tensor sin, bool backward) -> Tensor", &rotary);
   m.def("causal_softmax(Tensor scores, float scale) -> Tensor", &causal_softmax);
   m.def("causal_softmax_backward(Tensor grad, Tensor probs, float scale) -> Tensor", &causal_softmax_backward);
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor samples, int heads, float scale) -> (Tensor, Tensor)",
+        &attention);
+  m.def("attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor samples, Tensor out, Tensor lse, "
+        "int heads, float scale) -> (Tensor, Tensor, Tensor)",
+        &attention_backward);
 }
