@@ -1297,6 +1297,41 @@ struct AttnTask {
   }
 };
 
+// exp_approx on the lanes of a vector (the same operations, so the same values), and a lane-wise max
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+ALWAYS_INLINE vf vexp(vf x) {
+  x = x < -86.6f ? vsplat(-86.6f) : (x > 88.f ? vsplat(88.f) : x);  // a NaN stays, as in the scalar form
+  const float round_magic = 12582912.f;
+  vf k = (x * 1.44269504f + round_magic) - round_magic;
+  vf r = x - k * 0.693359375f + k * 2.12194440e-4f;
+  vf p = vsplat(1.3981999507e-3f);
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  return p * vbits<vf>((__builtin_convertvector(k, vi) + 127) << 23);
+}
+ALWAYS_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
+ALWAYS_INLINE vi lanes_before(int64_t n) {  // all ones in the lanes below n
+  vi iota;
+  for (int l = 0; l < kLanes; ++l) iota[l] = l;
+  return iota < int32_t(n);
+}
+
+// row = f(row) on its first `visible` entries, 0 on the rest up to `width` (a multiple of kLanes), one vector at
+// a time; returns the sum of the new values
+template <typename Fn> ALWAYS_INLINE float attn_row_map(float* row, int64_t visible, int64_t width, Fn f) {
+  vf sum = vsplat(0.f);
+  for (int64_t j = 0; j < width; j += kLanes) {
+    vf x = j < visible ? f(vread<vf>(row + j), j) : vsplat(0.f);
+    if (j + kLanes > visible) x = lanes_before(visible - j) ? x : vsplat(0.f);
+    vwrite(row + j, x);
+    sum += x;
+  }
+  return vsum(sum);
+}
+
 // rows of src (T x dim, row(i) gives the source row of i) as fp32, into dst (count x dim); with `transpose`,
 // dst is dim x ld instead, the columns past count zero
 template <typename T, typename Row>
@@ -1316,7 +1351,7 @@ void attn_load(const T* src, int64_t count, int64_t dim, Row row, float* dst, bo
 // scores of the task's query rows q (rows x dim) against its keys kt (dim x width), into s (rows x width)
 void attn_scores(const AttnTask& t, const AttnShape& sh, const float* q, const float* kt, float* s) {
   attn_gemm(t.rows, q, sh.dim, 1, kt, t.width, s, t.width, [&](int64_t r0, int64_t n) {
-    return std::tuple<int64_t, int64_t, int64_t>{round_up(t.visible(r0 + n - 1, sh.groups), kAttnCols), 0, sh.dim};
+    return std::tuple<int64_t, int64_t, int64_t>{round_up(t.visible(r0 + n - 1, sh.groups), kLanes), 0, sh.dim};
   });
 }
 
@@ -1384,6 +1419,7 @@ void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                              const at::Tensor& samples, int64_t heads, double scale) {
   check_attention(q, k, v, samples, heads);
+  TORCH_CHECK(scale > 0, "martlet.attention: the scale must be positive");
   int64_t tokens = q.size(0) / heads, kv = k.size(0) / tokens, dim = q.size(1);
   const AttnShape sh{heads, kv, heads / kv, dim, float(scale)};
   auto out = at::empty_like(q);
@@ -1402,20 +1438,18 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
       for (int64_t r = 0; r < R; ++r) {
         float* s = S + r * W;
         int64_t visible = t.visible(r, sh.groups);
-        float top = -INFINITY;
-#pragma omp simd reduction(max : top)
-        for (int64_t j = 0; j < visible; ++j) top = std::max(top, s[j]);
-        top *= sh.scale;
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < visible; ++j) {
-          s[j] = exp_approx(s[j] * sh.scale - top);
-          sum += s[j];
+        vf most = vsplat(-INFINITY);
+        for (int64_t j = 0; j < visible; j += kLanes) {
+          vf x = vread<vf>(s + j);
+          most = vmax(most, j + kLanes > visible ? (lanes_before(visible - j) ? x : vsplat(-INFINITY)) : x);
         }
-        float inverse = 1.f / sum;
-#pragma omp simd
-        for (int64_t j = 0; j < visible; ++j) s[j] *= inverse;
-        std::fill(s + visible, s + W, 0.f);
+        float top = -INFINITY;
+        for (int l = 0; l < kLanes; ++l) top = std::max(top, most[l]);
+        top *= sh.scale;
+        const vf scale = vsplat(sh.scale), shift = vsplat(top);
+        float sum = attn_row_map(s, visible, W, [&](vf x, int64_t) { return vexp(x * scale - shift); });
+        const vf inverse = vsplat(1.f / sum);
+        for (int64_t j = 0; j < visible; j += kLanes) vwrite(s + j, vread<vf>(s + j) * inverse);
         lse_ptr[t.query_row(r, sh)] = top + std::log(sum);
       }
       attn_times_keys(t, sh, S, V, O);
@@ -1475,15 +1509,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
       attn_scores(t, sh, Q, Kt, P);
       attn_scores(t, sh, dO, Vt, dS);  // dP = dO V^T, over the same keys
       for (int64_t r = 0; r < R; ++r) {
-        float *p = P + r * W, *ds = dS + r * W, m = lse_ptr[query(r)], dr = delta[r];
+        float *p = P + r * W, *ds = dS + r * W;
+        const vf scale = vsplat(sh.scale), shift = vsplat(lse_ptr[query(r)]), dr = vsplat(delta[r]);
         int64_t visible = t.visible(r, sh.groups);
-#pragma omp simd
-        for (int64_t j = 0; j < visible; ++j) {
-          p[j] = exp_approx(p[j] * sh.scale - m);
-          ds[j] = sh.scale * p[j] * (ds[j] - dr);
-        }
-        std::fill(p + visible, p + W, 0.f);
-        std::fill(ds + visible, ds + W, 0.f);
+        attn_row_map(p, visible, W, [&](vf x, int64_t) { return vexp(x * scale - shift); });
+        attn_row_map(ds, visible, W, [&](vf x, int64_t j) { return scale * vread<vf>(p + j) * (x - dr); });
       }
       attn_times_keys(t, sh, dS, K, dQ);
       for (int64_t r = 0; r < R; ++r) {
