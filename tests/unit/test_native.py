@@ -515,9 +515,10 @@ def test_fused_attention_refuses_samples_that_do_not_tile_the_row(kernels):
 
 @pytest.mark.parametrize("fused", ["1", "0"])
 def test_varlen_attention_runs_the_fused_pass_where_it_can_and_the_buckets_elsewhere(kernels, monkeypatch, fused):
-    """With the kernels, a row of short samples (bf16 or fp32, head size a multiple of 16) takes the fused pass;
-    MARTLET_FUSED_ATTENTION=0, a head size of 8 or a sample past FUSED_MAX_LEN keys take the batched products of
-    the buckets; each gives the whole sequences' attention."""
+    """With the kernels, a row of short samples (bf16 or fp32, head size a multiple of 16) takes the fused pass, and
+    so does a bf16 row of longer ones when they make enough tasks for the threads; MARTLET_FUSED_ATTENTION=0, a head
+    size of 8 or a sample past FUSED_MAX_LEN keys take the batched products of the buckets; each gives the whole
+    sequences' attention."""
     from martlet.train import varlen_attention
 
     monkeypatch.setenv("MARTLET_FUSED_ATTENTION", fused)
@@ -533,6 +534,15 @@ def test_varlen_attention_runs_the_fused_pass_where_it_can_and_the_buckets_elsew
         want = _each_sequence_alone(*(t[0].transpose(0, 1).double() for t in (q, k, v)), sequences, dim ** -0.5)
         torch.testing.assert_close(got[0].double(), want, rtol=1e-5, atol=1e-5)
         assert bool(calls) == runs, (dim, fused)
+    if fused == "1":  # bf16: a row of few long samples stays in the buckets (too few tasks for the threads)
+        for lengths, runs in (((300,), False), ((150,), True), ((300,) * (2 * torch.get_num_threads()), True)):
+            calls.clear()
+            position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+            q, k, v = (_seeded(80 + i, 1, sum(lengths), h, 16, dtype=torch.bfloat16).transpose(1, 2)
+                       for i, h in enumerate((4, 2, 2)))
+            varlen_attention.varlen_attention(module, q, k, v, None, position_ids=position_ids)
+            assert bool(calls) == runs, lengths
+        position_ids, sequences = _row_of([(6, [20, 9]), (0, [33])])
     monkeypatch.setattr(varlen_attention, "FUSED_MAX_LEN", 20)
     calls.clear()
     q, k, v = (_seeded(70 + i, 1, position_ids.shape[1], h, 16).transpose(1, 2) for i, h in enumerate((4, 2, 2)))

@@ -40,7 +40,9 @@ EAGER_MAX_LEN = 160  # below this many tokens plain matmul + softmax beats the C
 # in fp32 sdpa is as fast from 176 tokens on). Kept at 512: a bucket keeps its probabilities for the backward pass
 # (heads x length² values a layer), sdpa none
 NATIVE_BF16_MAX_LEN = 512
-FUSED_MAX_LEN = 1024
+FUSED_MAX_LEN = 1024  # the fused native pass (below); 0.48x (bf16) and 0.67x (fp32) sdpa at 2,048
+FUSED_BF16_SHORT = 192  # on bf16, rows whose samples are all this short take the fused pass whatever their count
+FUSED_TASKS_A_THREAD = 4  # else they need this many (sample, key/value head) tasks a thread
 
 
 def register() -> str:
@@ -123,7 +125,7 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
     groups = heads // kv_heads
     scale = scaling if scaling is not None else dim ** -0.5
-    if _fused(query, samples):  # one native pass a sample and key/value head each way
+    if _fused(query, key, samples):  # one native pass a sample and key/value head each way
         q_rows, k_rows, v_rows = (t[0].transpose(0, 1).reshape(-1, dim) for t in (query, key, value))
         out = native.Attention.apply(q_rows, k_rows, v_rows, _sample_table(tuple(samples)), heads, scale)
         return out.view(1, query.shape[2], heads, dim), None
@@ -166,12 +168,24 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     return Gather.apply(out, layout.output_index, layout.output_inverse, None).view(1, rows, heads, dim), None
 
 
-def _fused(query: Any, samples: list[Sample]) -> bool:
+def _fused(query: Any, key: Any, samples: list[Sample]) -> bool:
     """Whether the native fused attention takes this row: on a CPU with the kernels, bf16 or fp32, a head size
-    that is a multiple of 16, every sample at most FUSED_MAX_LEN keys (its buffers grow with the square)."""
-    return (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float32) and query.shape[3] % 16 == 0
-            and native.ops() is not None and not torch.compiler.is_compiling()
-            and max(s.size for s in samples) <= FUSED_MAX_LEN and os.environ.get("MARTLET_FUSED_ATTENTION", "1") != "0")
+    that is a multiple of 16, every sample at most FUSED_MAX_LEN keys (its buffers grow with the square). On bf16
+    a row of few long samples stays in the buckets and sdpa, whose bf16 products run at twice the fused pass's fp32
+    rate on the whole square: the fused pass runs a task a sample and key/value head, and with fewer than
+    FUSED_TASKS_A_THREAD a thread they idle threads (30 SmolLM2 layers, one sample: 1.36x the buckets at 128
+    tokens, 0.82x at 256, 0.85x at 512; two samples of 500: 0.95x; four of 400: 1.29x; every fp32 row up to 1,024
+    keys 1.5-3.9x)."""
+    if not (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float32) and query.shape[3] % 16 == 0
+            and os.environ.get("MARTLET_FUSED_ATTENTION", "1") != "0" and native.ops() is not None
+            and not torch.compiler.is_compiling()):
+        return False
+    longest = max(s.size for s in samples)
+    if longest > FUSED_MAX_LEN:
+        return False
+    tasks = len(samples) * key.shape[1]
+    return (query.dtype == torch.float32 or longest <= FUSED_BF16_SHORT
+            or tasks >= FUSED_TASKS_A_THREAD * torch.get_num_threads())
 
 
 @functools.lru_cache(maxsize=8)  # the layers of one step share it

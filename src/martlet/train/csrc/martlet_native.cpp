@@ -1280,7 +1280,7 @@ struct AttnShape {
   float scale;
 };
 
-// one task's sample and key/value head, and its fp32 buffers (thread-local, reused from task to task)
+// one task's sample and key/value head, and its fp32 buffers (one a thread and call, reused from task to task)
 struct AttnTask {
   int64_t index, start, length, prefix_start, prefix, head, keys, rows, width;  // keys: prefix + length, rows: groups * length
   std::vector<float>* arena;
@@ -1381,7 +1381,7 @@ void attn_tasks(const int64_t* samples, int64_t count, const AttnShape& sh, Fn f
   std::atomic<int64_t> next{0};
   int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), order.size()));
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    thread_local std::vector<float> arena;
+    std::vector<float> arena;  // this call's (kept no longer: a long sample's would stay with the thread)
     for (int64_t i; (i = next.fetch_add(1)) < int64_t(order.size());) {
       int64_t task = order[i].second;
       fn(AttnTask(task / sh.kv_heads, samples + 4 * (task / sh.kv_heads), task % sh.kv_heads, sh, &arena));
