@@ -102,3 +102,20 @@ def register_length_reward() -> str:
 
     register_reward_func("characters", characters)
     return "characters"
+
+
+def shared_prefix_row(trees):
+    """A padding-free row of (prefix, [trunk length, branch lengths...]) trees, as the collators lay samples that
+    begin alike: its (1, T) position ids, and each whole sequence's token indices in the row (a branch: its trunk's
+    first `prefix` tokens, then its own)."""
+    import torch
+
+    sequences, positions = [], []
+    for prefix, (first, *branches) in trees:
+        trunk = list(range(len(positions), len(positions) + prefix + first))
+        sequences.append(trunk)
+        positions += range(prefix + first)
+        for n in branches:
+            sequences.append(trunk[:prefix] + list(range(len(positions), len(positions) + n)))
+            positions += range(prefix, prefix + n)
+    return torch.tensor(positions)[None], sequences

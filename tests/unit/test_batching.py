@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import shared_prefix_row
 
 from martlet.train.batching import PaddingFreeCollator, pack_rows
 from martlet.train.loss import causal_lm_loss, lean_loss_supported
@@ -381,15 +382,8 @@ def test_varlen_attention_runs_shared_prefixes_as_the_whole_sequences(trees, dty
 
     from martlet.train.varlen_attention import row_samples, varlen_attention
 
-    sequences, positions = [], []  # each sequence's tokens in the row
-    for prefix, (first, *branches) in trees:
-        trunk = list(range(len(positions), len(positions) + prefix + first))
-        sequences.append(trunk)
-        positions += range(prefix + first)
-        for n in branches:
-            sequences.append(trunk[:prefix] + list(range(len(positions), len(positions) + n)))
-            positions += range(prefix, prefix + n)
-    position_ids = torch.tensor(positions)[None]
+    position_ids, sequences = shared_prefix_row(trees)  # each sequence's tokens in the row
+    positions = position_ids[0].tolist()
     assert [s.prefix for s in row_samples(position_ids)] == [p for prefix, (_, *branches) in trees
                                                               for p in [0] + [prefix] * len(branches)]
     g = torch.Generator().manual_seed(0)

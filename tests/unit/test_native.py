@@ -12,6 +12,7 @@ import types
 
 import pytest
 import torch
+from helpers import shared_prefix_row
 import torch.nn.functional as F
 
 from martlet.train import native
@@ -420,20 +421,6 @@ def test_causal_softmax_matches_the_masked_softmax(kernels, dtype, length):
 
 
 # ---- fused attention ------------------------------------------------------------------------------------------
-def _row_of(trees):
-    """A padding-free row of (prefix, [trunk length, branch lengths...]) trees: its position ids, and the token
-    indices of each whole sequence (a branch: its trunk's first `prefix` tokens, then its own)."""
-    sequences, positions = [], []
-    for prefix, (first, *branches) in trees:
-        trunk = list(range(len(positions), len(positions) + prefix + first))
-        sequences.append(trunk)
-        positions += range(prefix + first)
-        for n in branches:
-            sequences.append(trunk[:prefix] + list(range(len(positions), len(positions) + n)))
-            positions += range(prefix, prefix + n)
-    return torch.tensor(positions)[None], sequences
-
-
 def _each_sequence_alone(q, k, v, sequences, scale):
     """fp64 attention of each sequence on its own (q (T, H, D), k/v (T, KV, D)); a token's output is the first
     sequence's that holds it (a trunk's own), as in the row."""
@@ -460,7 +447,7 @@ def test_fused_attention_gives_each_sequence_its_own_attention_and_gradients(ker
     tokens' key/value gradients summing what every sequence sends them."""
     from martlet.train.varlen_attention import row_samples
 
-    position_ids, sequences = _row_of([(11, [26, 20, 5]), (0, [70]), (30, [14, 44]), (0, [1]), (0, [9])])
+    position_ids, sequences = shared_prefix_row([(11, [26, 20, 5]), (0, [70]), (30, [14, 44]), (0, [1]), (0, [9])])
     samples = torch.tensor([[s.start, s.length, s.prefix_start, s.prefix] for s in row_samples(position_ids)])
     tokens, scale = position_ids.shape[1], dim ** -0.5
     q, k, v, upstream = (_seeded(40 + i, tokens, h, dim, dtype=dtype) for i, h in
@@ -484,7 +471,7 @@ def test_fused_attention_gives_the_same_bits_at_any_thread_count(kernels):
     order: one thread and two give the same bits."""
     from martlet.train.varlen_attention import row_samples
 
-    position_ids, _ = _row_of([(9, [30, 12, 40, 7]), (0, [50]), (5, [5, 6])])
+    position_ids, _ = shared_prefix_row([(9, [30, 12, 40, 7]), (0, [50]), (5, [5, 6])])
     samples = torch.tensor([[s.start, s.length, s.prefix_start, s.prefix] for s in row_samples(position_ids)])
     tokens = position_ids.shape[1]
     q, k, v, dout = (_seeded(50 + i, tokens * h, 32, dtype=torch.bfloat16) for i, h in enumerate((6, 2, 2, 6)))
@@ -525,7 +512,7 @@ def test_varlen_attention_runs_the_fused_pass_where_it_can_and_the_buckets_elsew
     calls = []
     real = native.Attention.apply
     monkeypatch.setattr(native.Attention, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
-    position_ids, sequences = _row_of([(6, [20, 9]), (0, [33])])
+    position_ids, sequences = shared_prefix_row([(6, [20, 9]), (0, [33])])
     module = types.SimpleNamespace(training=True, is_causal=True)
     for dim, runs in ((16, fused == "1"), (8, False)):
         calls.clear()
@@ -542,7 +529,7 @@ def test_varlen_attention_runs_the_fused_pass_where_it_can_and_the_buckets_elsew
                        for i, h in enumerate((4, 2, 2)))
             varlen_attention.varlen_attention(module, q, k, v, None, position_ids=position_ids)
             assert bool(calls) == runs, lengths
-        position_ids, sequences = _row_of([(6, [20, 9]), (0, [33])])
+        position_ids, sequences = shared_prefix_row([(6, [20, 9]), (0, [33])])
     monkeypatch.setattr(varlen_attention, "FUSED_MAX_LEN", 20)
     calls.clear()
     q, k, v = (_seeded(70 + i, 1, position_ids.shape[1], h, 16).transpose(1, 2) for i, h in enumerate((4, 2, 2)))

@@ -106,7 +106,6 @@ def reads_shared_prefixes(config: Any, longest: int | None, training: bool = Tru
 def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
                      scaling: float | None = None, **kwargs: Any):
     """query (1, H, T, D), key/value (1, KV, T, D) -> ((1, T, H, D), None), as transformers' attention functions."""
-    import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     samples = row_samples(kwargs.get("position_ids"))
@@ -122,13 +121,21 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
                                "shorter than a sample or a padded batch); sdpa would attend within each piece alone")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
-    groups = heads // kv_heads
+    heads, dim = query.shape[1], query.shape[3]
     scale = scaling if scaling is not None else dim ** -0.5
     if _fused(query, key, samples):  # one native pass a sample and key/value head each way
         q_rows, k_rows, v_rows = (t[0].transpose(0, 1).reshape(-1, dim) for t in (query, key, value))
         out = native.Attention.apply(q_rows, k_rows, v_rows, _sample_table(tuple(samples)), heads, scale)
         return out.view(1, query.shape[2], heads, dim), None
+    return _in_buckets(query, key, value, samples, scale), None
+
+
+def _in_buckets(query: Any, key: Any, value: Any, samples: list[Sample], scale: float) -> Any:
+    """The short samples in buckets of batched products, the long ones through sdpa: (1, T, H, D)."""
+    import torch.nn.functional as F
+
+    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
+    groups = heads // kv_heads
     # bf16 products on a CPU build a kernel for every new shape (~1-5 ms each): short samples run padded to a
     # multiple of 16 tokens, so the shapes repeat
     multiple = shape_multiple(query.device.type, query.dtype, rows=16)
@@ -165,7 +172,7 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
                                              enable_gqa=groups > 1)
         blocks.append(out[0, :, sample.prefix:].transpose(0, 1).reshape(-1, dim))  # rows (position * heads + head)
     out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-    return Gather.apply(out, layout.output_index, layout.output_inverse, None).view(1, rows, heads, dim), None
+    return Gather.apply(out, layout.output_index, layout.output_inverse, None).view(1, rows, heads, dim)
 
 
 def _fused(query: Any, key: Any, samples: list[Sample]) -> bool:

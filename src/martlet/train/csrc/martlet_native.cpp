@@ -803,12 +803,11 @@ ALWAYS_INLINE float exp_approx(float x) {  // e^x within 2 ulp: Cody-Waite reduc
   return p * scale;
 }
 
-#if defined(__AVX512BF16__)
-// exp_approx on 16 lanes: the same operations in the same order, so the same values
-ALWAYS_INLINE vf vexp_approx(vf x) {
-  typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
-  const vf low = vsplat(-86.6f), high = vsplat(88.f), round_magic = vsplat(12582912.f);
-  x = _mm512_min_ps(high, _mm512_max_ps(low, x));  // a NaN stays (the second operand is returned), as in the scalar form
+// exp_approx on the lanes of a vector: the same operations in the same order, so the same values
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+ALWAYS_INLINE vf vexp(vf x) {
+  x = x < -86.6f ? vsplat(-86.6f) : (x > 88.f ? vsplat(88.f) : x);  // a NaN stays, as in the scalar form
+  const float round_magic = 12582912.f;
   vf k = (x * 1.44269504f + round_magic) - round_magic;
   vf r = x - k * 0.693359375f + k * 2.12194440e-4f;
   vf p = vsplat(1.3981999507e-3f);
@@ -820,8 +819,6 @@ ALWAYS_INLINE vf vexp_approx(vf x) {
   return p * vbits<vf>((__builtin_convertvector(k, vi) + 127) << 23);
 }
 
-#endif
-
 // SwiGLU on bf16 with AVX512-BF16 runs 16 lanes at a time with the hardware's rounding (the generic loops round
 // in integer operations, which cost more than the arithmetic); returns where the scalar tail starts
 template <typename T>
@@ -830,7 +827,7 @@ ALWAYS_INLINE int64_t swiglu_vectors(const T* g, const T* u, T* y, int64_t begin
   if constexpr (std::is_same_v<T, bf16>) {
     for (; begin + kLanes <= end; begin += kLanes) {
       vf gv = vload_as(g + begin);
-      vstore_as(y + begin, vround_bf16(gv / (1.f + vexp_approx(-gv))) * vload_as(u + begin));
+      vstore_as(y + begin, vround_bf16(gv / (1.f + vexp(-gv))) * vload_as(u + begin));
     }
   }
 #endif
@@ -844,7 +841,7 @@ ALWAYS_INLINE int64_t swiglu_backward_vectors(const T* dy, const T* g, const T* 
   if constexpr (std::is_same_v<T, bf16>) {
     for (; begin + kLanes <= end; begin += kLanes) {
       vf gv = vload_as(g + begin), d = vload_as(dy + begin);
-      vf sig = 1.f / (1.f + vexp_approx(-gv));
+      vf sig = 1.f / (1.f + vexp(-gv));
       vstore_as(du + begin, d * vround_bf16(gv * sig));
       vstore_as(dg + begin, vround_bf16(d * vload_as(u + begin)) * sig * (1.f + gv * (1.f - sig)));
     }
@@ -1098,13 +1095,13 @@ void causal_softmax_rows_bf16(const bf16* scores, bf16* probs, int64_t begin, in
     __m512 peak = _mm512_set1_ps(_mm512_reduce_max_ps(top)), sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < visible; j += kLanes) {
       __mmask16 m = lanes_below(visible - j);
-      __m512 e = vexp_approx(_mm512_sub_ps(_mm512_mul_ps(load_bf16(in + j, m), s), peak));
+      __m512 e = vexp(_mm512_sub_ps(_mm512_mul_ps(load_bf16(in + j, m), s), peak));
       sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
     }
     __m512 inverse = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
     for (int64_t j = 0; j < length; j += kLanes) {
       __mmask16 m = lanes_below(visible - j), all = lanes_below(length - j);
-      __m512 e = j < visible ? vexp_approx(_mm512_sub_ps(_mm512_mul_ps(load_bf16(in + j, m), s), peak))
+      __m512 e = j < visible ? vexp(_mm512_sub_ps(_mm512_mul_ps(load_bf16(in + j, m), s), peak))
                              : _mm512_setzero_ps();
       store_bf16(out + j, all, _mm512_maskz_mul_ps(m, e, inverse));  // zero past the query's position
     }
@@ -1297,21 +1294,7 @@ struct AttnTask {
   }
 };
 
-// exp_approx on the lanes of a vector (the same operations, so the same values), and a lane-wise max
-typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
-ALWAYS_INLINE vf vexp(vf x) {
-  x = x < -86.6f ? vsplat(-86.6f) : (x > 88.f ? vsplat(88.f) : x);  // a NaN stays, as in the scalar form
-  const float round_magic = 12582912.f;
-  vf k = (x * 1.44269504f + round_magic) - round_magic;
-  vf r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  vf p = vsplat(1.3981999507e-3f);
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  return p * vbits<vf>((__builtin_convertvector(k, vi) + 127) << 23);
-}
+// a lane-wise max
 ALWAYS_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
 ALWAYS_INLINE vi lanes_before(int64_t n) {  // all ones in the lanes below n
   vi iota;
