@@ -769,27 +769,35 @@ def test_an_avx2_cpu_can_be_emulated(monkeypatch):
         dtype.cpu_has_bf16.cache_clear()
 
 
-@pytest.mark.parametrize("setting, flags, wanted", [
-    (None, "flags\t\t: fpu avx2 avx512f avx512_bf16", True),  # measured faster: on by default
-    (None, "flags\t\t: fpu avx2 fma", False),  # AVX2 alone: measured slower than torch, off by default
-    (None, "Features\t: fp asimd sve", False),  # ARM: unmeasured, off by default
-    ("1", "flags\t\t: fpu avx2 fma", True),  # forced on
-    ("0", "flags\t\t: fpu avx2 avx512f", False),  # forced off
-    ("Off", "flags\t\t: fpu avx2 avx512f", False),  # (utils.env_switch's words)
-    ("yes", "flags\t\t: fpu avx2 fma", True),
+@pytest.mark.parametrize("setting, flags, wanted, attention", [
+    (None, "flags\t\t: fpu avx2 avx512f avx512_bf16", True, True),  # measured faster: on by default
+    (None, "flags\t\t: fpu avx2 fma", False, True),  # AVX2 alone: the fused attention only (the rest was slower)
+    (None, "Features\t: fp asimd sve", False, False),  # ARM: unmeasured, off by default
+    ("1", "flags\t\t: fpu avx2 fma", True, True),  # forced on
+    ("0", "flags\t\t: fpu avx2 avx512f", False, False),  # forced off
+    ("Off", "flags\t\t: fpu avx2 avx512f", False, False),  # (utils.env_switch's words)
+    ("yes", "flags\t\t: fpu avx2 fma", True, True),
 ])
-def test_the_kernels_run_by_default_only_where_they_are_faster(monkeypatch, setting, flags, wanted):
+def test_the_kernels_run_by_default_only_where_they_are_faster(kernels, monkeypatch, setting, flags, wanted, attention):
+    (built,) = native._LIBRARIES  # this machine's build, loaded (the fake CPU's would be built anew)
+    monkeypatch.setattr(native, "build", lambda flags=None: built)
     monkeypatch.setattr(native, "_cpu_flags", lambda: flags)
     monkeypatch.delenv("MARTLET_CPU_ISA", raising=False)
     if setting is None:
         monkeypatch.delenv("MARTLET_NATIVE", raising=False)
     else:
         monkeypatch.setenv("MARTLET_NATIVE", setting)
-    assert native.wanted() is wanted
+    assert native.wanted() is wanted and native.attention_wanted() is attention
     monkeypatch.setattr(native, "_loaded", {})
-    if not wanted:
+    if not attention:
         assert native.ops() is None and native.kernel_path().startswith("plain torch")
         assert ("AVX-512 CPUs only" in native.kernel_path()) is (setting is None)
+    elif not wanted:  # loaded for the attention alone: every other kernel says it cannot run
+        assert native.ops() is not None and native.attention_only()
+        assert native.usable(torch.ones(4, 4)) is None
+        assert native.kernel_path().startswith("plain torch, but the attention's fused native pass (generic vectors")
+    else:
+        assert not native.attention_only() and native.usable(torch.ones(4, 4)) is native.ops()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

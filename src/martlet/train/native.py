@@ -47,16 +47,22 @@ logger = logging.getLogger("martlet")
 SOURCE = Path(__file__).with_name("csrc") / "martlet_native.cpp"
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++20", "-shared", "-fPIC"]  # no FMA: torch rounds each product
 _loaded: dict[str, Any] = {}
+_LIBRARIES: set[str] = set()  # the build this process has loaded (one at most)
 
 
 def ops() -> Any | None:
-    """`torch.ops.martlet` once the kernels are built and loaded, else None (no compiler, not Linux, disabled)."""
+    """`torch.ops.martlet` once the kernels are built and loaded, else None (no compiler, not Linux, disabled). Where
+    only the fused attention is wanted (`attention_wanted`), the other kernels stay off: `usable` says None."""
     if "ops" not in _loaded:
         _loaded["ops"] = None
-        if not wanted():
+        _loaded["all"] = wanted()
+        if not (_loaded["all"] or attention_wanted()):
             return None
         try:
-            torch.ops.load_library(str(build()))
+            library = str(build())
+            if not _LIBRARIES:  # a process registers the namespace once: another build's load would abort it
+                torch.ops.load_library(library)
+                _LIBRARIES.add(library)
             _loaded["ops"] = torch.ops.martlet
         except Exception as error:  # a missing or failing compiler costs speed, never the run
             logger.warning("native CPU kernels unavailable, plain torch runs instead (%s)", _first_lines(error))
@@ -72,6 +78,19 @@ def wanted() -> bool:
     return setting if setting is not None else "avx512f" in cpu_features()
 
 
+def attention_wanted() -> bool:
+    """Whether to run the fused attention (`Attention`, train/varlen_attention.py), the one kernel measured faster
+    than torch on x86 CPUs with AVX2 alone too (emulated: 30 SmolLM2 layers fwd+bwd on an SFT row 2.2x, fp32); the
+    others stay off there. `MARTLET_NATIVE` decides for it as for the rest."""
+    setting = env_switch("MARTLET_NATIVE")
+    return setting if setting is not None else bool({"avx512f", "avx2"} & set(cpu_features()))
+
+
+def attention_only() -> bool:
+    """Whether the kernels loaded for the fused attention alone (an AVX2 CPU)."""
+    return ops() is not None and not _loaded.get("all", True)
+
+
 def usable(*tensors: torch.Tensor) -> Any | None:
     """The kernels, if they can take these tensors: on the CPU, bf16 or fp32 alike, contiguous."""
     first = tensors[0]
@@ -81,7 +100,7 @@ def usable(*tensors: torch.Tensor) -> Any | None:
         return None
     if any(t.dtype != first.dtype or t.device != first.device or not t.is_contiguous() for t in tensors):
         return None
-    return ops()
+    return None if attention_only() else ops()
 
 
 def compile_flags() -> list[str]:
@@ -160,7 +179,10 @@ def kernel_path() -> str:
         dots = "; LoRA products on vdpbf16ps" if ops().bf16_dot() else ""  # what the build compiled
         return "native, AVX-512" + (f" with AVX512-BF16 (vcvtneps2bf16{dots})" if "avx512_bf16" in features else "")
     emulated = " (emulated: MARTLET_CPU_ISA)" if emulated_isa() else ""
-    return f"native, generic vectors ({'AVX2' if 'avx2' in features else platform.machine()}){emulated}"
+    vectors = f"generic vectors ({'AVX2' if 'avx2' in features else platform.machine()}){emulated}"
+    if attention_only():
+        return f"plain torch, but the attention's fused native pass ({vectors}; the other kernels measured slower here)"
+    return f"native, {vectors}"
 
 
 def _first_lines(error: Exception) -> str:

@@ -226,7 +226,7 @@ class _Layout(NamedTuple):
 def _bucket_max_len(query: Any) -> int:
     """The longest sample that runs in a bucket, not through sdpa: longer on bf16 with the native causal softmax."""
     native_softmax = (query.dtype == torch.bfloat16 and query.device.type == "cpu" and native.ops() is not None
-                      and not torch.compiler.is_compiling())
+                      and not native.attention_only() and not torch.compiler.is_compiling())
     return NATIVE_BF16_MAX_LEN if native_softmax else EAGER_MAX_LEN
 
 

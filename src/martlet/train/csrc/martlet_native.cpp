@@ -12,7 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 #include <cstdint>
@@ -1217,38 +1217,54 @@ at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& pro
 // (no scores rounded to bf16 on the way, unlike torch's bf16 products); tasks go to the threads from a shared
 // counter, the largest first. A shared prefix's keys get gradients from several samples: each sample's share is
 // kept apart and added after the parallel pass, in row order, so the result does not depend on the threads.
+// The products' vectors: 16 lanes with AVX-512; elsewhere 8, a register of AVX2 (16-lane vectors were kept on the
+// stack there: 14 GFLOP/s)
 #if defined(__AVX512F__)
 constexpr int kAttnRows = 6;  // 12 accumulators + 2 loaded vectors of 32 registers
+constexpr int kAttnLanes = kLanes;
+typedef vf va;
+ALWAYS_INLINE va vafma(va a, va b, va c) { return _mm512_fmadd_ps(a, b, c); }
 #else
-constexpr int kAttnRows = 2;  // 16-lane vectors are two registers each
+constexpr int kAttnRows = 4;  // 8 accumulators + 2 loaded vectors of AVX2's 16
+constexpr int kAttnLanes = 8;
+typedef float va __attribute__((vector_size(kAttnLanes * sizeof(float))));
+ALWAYS_INLINE va vafma(va a, va b, va c) {  // rounded once per lane
+#if defined(__FMA__)
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  va r;
+  for (int l = 0; l < kAttnLanes; ++l) r[l] = __builtin_fmaf(a[l], b[l], c[l]);
+  return r;
 #endif
-constexpr int64_t kAttnCols = 2 * kLanes;
+}
+#endif
+constexpr int64_t kAttnCols = 2 * kLanes;  // the scores' rows are padded to a multiple of this
 
 // C[r][0, n) = sum over p in [k0, k1) of A(r, p) * B[p][0, n) for RB rows, A(r, p) = A[r * ra + p * pa]; n a
-// multiple of kLanes, each sum in order of p; columns in blocks of V vectors
+// multiple of kAttnLanes, each sum in order of p; columns in blocks of V vectors
 template <int RB, int V>
 ALWAYS_INLINE void attn_gemm_columns(const float* A, int64_t ra, int64_t pa, const float* B, int64_t ldb, float* C,
                                      int64_t ldc, int64_t j, int64_t k0, int64_t k1) {
-  vf acc[RB][V];
+  va acc[RB][V];
   for (int r = 0; r < RB; ++r)
-    for (int c = 0; c < V; ++c) acc[r][c] = vsplat(0.f);
+    for (int c = 0; c < V; ++c) acc[r][c] = va{};
   for (int64_t p = k0; p < k1; ++p) {
-    vf b[V];
-    for (int c = 0; c < V; ++c) b[c] = vread<vf>(B + p * ldb + j + c * kLanes);
+    va b[V];
+    for (int c = 0; c < V; ++c) b[c] = vread<va>(B + p * ldb + j + c * kAttnLanes);
     for (int r = 0; r < RB; ++r) {
-      vf a = vsplat(A[r * ra + p * pa]);
-      for (int c = 0; c < V; ++c) acc[r][c] = vfma(a, b[c], acc[r][c]);
+      va a = va{} + A[r * ra + p * pa];
+      for (int c = 0; c < V; ++c) acc[r][c] = vafma(a, b[c], acc[r][c]);
     }
   }
   for (int r = 0; r < RB; ++r)
-    for (int c = 0; c < V; ++c) vwrite(C + r * ldc + j + c * kLanes, acc[r][c]);
+    for (int c = 0; c < V; ++c) vwrite(C + r * ldc + j + c * kAttnLanes, acc[r][c]);
 }
 
 template <int RB>
 ALWAYS_INLINE void attn_gemm_rows(const float* A, int64_t ra, int64_t pa, const float* B, int64_t ldb, float* C,
                                   int64_t ldc, int64_t n, int64_t k0, int64_t k1) {
   int64_t j = 0;
-  for (; j + kAttnCols <= n; j += kAttnCols) attn_gemm_columns<RB, 2>(A, ra, pa, B, ldb, C, ldc, j, k0, k1);
+  for (; j + 2 * kAttnLanes <= n; j += 2 * kAttnLanes) attn_gemm_columns<RB, 2>(A, ra, pa, B, ldb, C, ldc, j, k0, k1);
   if (j < n) attn_gemm_columns<RB, 1>(A, ra, pa, B, ldb, C, ldc, j, k0, k1);
 }
 
