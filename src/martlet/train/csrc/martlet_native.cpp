@@ -1213,8 +1213,8 @@ at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& pro
 // scores Q K^T only up to each block of rows' last visible key (causality), the softmax, out = P V, and each query
 // row's logsumexp. The backward pass computes P again from the logsumexp, as flash attention does (no heads x
 // length² probabilities kept between the passes): dP = dO V^T, dS = scale P (dP - rowsum(dO * O)), dQ = dS K,
-// dK = dS^T Q, dV = P^T dO. The products are fp32 multiply-add loops over blocks of kAttnRows rows x 32 columns
-// (no scores rounded to bf16 on the way, unlike torch's bf16 products); tasks go to the threads from a shared
+// dK = dS^T Q, dV = P^T dO. The products are fp32 multiply-add loops over blocks of kAttnRows rows x 2 vectors of
+// columns (no scores rounded to bf16 on the way, unlike torch's bf16 products); tasks go to the threads from a shared
 // counter, the largest first. A shared prefix's keys get gradients from several samples: each sample's share is
 // kept apart and added after the parallel pass, in row order, so the result does not depend on the threads.
 // The products' vectors: 16 lanes with AVX-512; elsewhere 8, a register of AVX2 (16-lane vectors were kept on the
