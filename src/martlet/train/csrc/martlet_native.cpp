@@ -100,6 +100,36 @@ template <typename To, typename From> ALWAYS_INLINE To vbits(From v) {
   return t;
 }
 
+// The register-blocked products (the LoRA adapters' dots and outer products, the attention's) run on `va`: the
+// 16-lane vf with AVX-512; elsewhere 8 lanes, one AVX2 register (blocks of 16-lane vectors were kept on the stack
+// there: the attention's products ran at 14 GFLOP/s, the adapters' 3-5x slower than torch's)
+#if defined(__AVX512F__)
+constexpr int kVecLanes = kLanes, kBlockCols = 4;
+typedef vf va;
+ALWAYS_INLINE va vafma(va a, va b, va c) { return _mm512_fmadd_ps(a, b, c); }
+#else
+constexpr int kVecLanes = 8, kBlockCols = 2;  // 4 rows x 2 factors: 8 accumulators + 4 rows of AVX2's 16 registers
+typedef float va __attribute__((vector_size(kVecLanes * sizeof(float))));
+ALWAYS_INLINE va vafma(va a, va b, va c) {  // rounded once per lane
+#if defined(__FMA__)
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  va r;
+  for (int l = 0; l < kVecLanes; ++l) r[l] = __builtin_fmaf(a[l], b[l], c[l]);
+  return r;
+#endif
+}
+#endif
+ALWAYS_INLINE float vasum(va v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(v);
+#else
+  float s = 0.f;
+  for (int l = 0; l < kVecLanes; ++l) s += v[l];
+  return s;
+#endif
+}
+
 ALWAYS_INLINE vf vsplat(float s) {
 #if defined(__AVX512F__)
   return _mm512_set1_ps(s);
@@ -112,9 +142,13 @@ ALWAYS_INLINE vf vsplat(float s) {
 ALWAYS_INLINE vf vfma(vf a, vf b, vf c) {  // a * b + c rounded once per lane (the build turns off contraction)
 #if defined(__AVX512F__)
   return _mm512_fmadd_ps(a, b, c);
-#else
+#else  // in va halves (a loop over the 16 lanes compiled to scalar calls)
   vf r;
-  for (int l = 0; l < kLanes; ++l) r[l] = __builtin_fmaf(a[l], b[l], c[l]);
+  for (int h = 0; h < kLanes; h += kVecLanes) {
+    va x = vafma(vread<va>(reinterpret_cast<const float*>(&a) + h), vread<va>(reinterpret_cast<const float*>(&b) + h),
+                 vread<va>(reinterpret_cast<const float*>(&c) + h));
+    vwrite(reinterpret_cast<float*>(&r) + h, x);
+  }
   return r;
 #endif
 }
@@ -218,23 +252,23 @@ constexpr int64_t kTile = 256;
 template <int RB, int JB>
 ALWAYS_INLINE void dots_block(const float* rows, int64_t width, const float* mat, int64_t ld, int64_t j0, int64_t r,
                               float* out) {
-  vf acc[RB][JB] = {};
-  for (int64_t c = 0; c < width; c += kLanes) {
-    vf xs[RB];
-    for (int i = 0; i < RB; ++i) xs[i] = vread<vf>(rows + i * width + c);
+  va acc[RB][JB] = {};
+  for (int64_t c = 0; c < width; c += kVecLanes) {
+    va xs[RB];
+    for (int i = 0; i < RB; ++i) xs[i] = vread<va>(rows + i * width + c);
     for (int j = 0; j < JB; ++j) {
-      vf m = vread<vf>(mat + (j0 + j) * ld + c);
-      for (int i = 0; i < RB; ++i) acc[i][j] = vfma(xs[i], m, acc[i][j]);
+      va m = vread<va>(mat + (j0 + j) * ld + c);
+      for (int i = 0; i < RB; ++i) acc[i][j] = vafma(xs[i], m, acc[i][j]);
     }
   }
   for (int i = 0; i < RB; ++i)
-    for (int j = 0; j < JB; ++j) out[i * r + j0 + j] += vsum(acc[i][j]);
+    for (int j = 0; j < JB; ++j) out[i * r + j0 + j] += vasum(acc[i][j]);
 }
 
 template <int RB>
 void dots(const float* rows, int64_t width, const float* mat, int64_t ld, int64_t r, float* out) {
   int64_t j = 0;
-  for (; j + kCols <= r; j += kCols) dots_block<RB, kCols>(rows, width, mat, ld, j, r, out);
+  for (; j + kBlockCols <= r; j += kBlockCols) dots_block<RB, kBlockCols>(rows, width, mat, ld, j, r, out);
   for (; j < r; ++j) dots_block<RB, 1>(rows, width, mat, ld, j, r, out);
 }
 
@@ -242,16 +276,16 @@ void dots(const float* rows, int64_t width, const float* mat, int64_t ld, int64_
 template <int RB, int JB>
 ALWAYS_INLINE void outer_block(const float* rows, int64_t width, const float* coef, int64_t j0, int64_t r, float* acc,
                                int64_t ld) {
-  vf cs[RB][JB];
+  va cs[RB][JB];
   for (int i = 0; i < RB; ++i)
-    for (int j = 0; j < JB; ++j) cs[i][j] = vsplat(coef[i * r + j0 + j]);
-  for (int64_t c = 0; c < width; c += kLanes) {
-    vf xs[RB];
-    for (int i = 0; i < RB; ++i) xs[i] = vread<vf>(rows + i * width + c);
+    for (int j = 0; j < JB; ++j) cs[i][j] = va{} + coef[i * r + j0 + j];
+  for (int64_t c = 0; c < width; c += kVecLanes) {
+    va xs[RB];
+    for (int i = 0; i < RB; ++i) xs[i] = vread<va>(rows + i * width + c);
     for (int j = 0; j < JB; ++j) {
       float* a = acc + (j0 + j) * ld + c;
-      vf s = vread<vf>(a);
-      for (int i = 0; i < RB; ++i) s = vfma(cs[i][j], xs[i], s);
+      va s = vread<va>(a);
+      for (int i = 0; i < RB; ++i) s = vafma(cs[i][j], xs[i], s);
       vwrite(a, s);
     }
   }
@@ -260,7 +294,7 @@ ALWAYS_INLINE void outer_block(const float* rows, int64_t width, const float* co
 template <int RB>
 void outer_add(const float* rows, int64_t width, const float* coef, int64_t r, float* acc, int64_t ld) {
   int64_t j = 0;
-  for (; j + kCols <= r; j += kCols) outer_block<RB, kCols>(rows, width, coef, j, r, acc, ld);
+  for (; j + kBlockCols <= r; j += kBlockCols) outer_block<RB, kBlockCols>(rows, width, coef, j, r, acc, ld);
   for (; j < r; ++j) outer_block<RB, 1>(rows, width, coef, j, r, acc, ld);
 }
 
@@ -269,11 +303,23 @@ void outer_add(const float* rows, int64_t width, const float* coef, int64_t r, f
 template <typename T, int RB>
 ALWAYS_INLINE void lowrank_add(T* out, int64_t n, int64_t count, const float* coef, const float* mat, int64_t ld,
                                int64_t r, const uint32_t* keep, int64_t width) {
+  constexpr int H = kLanes / kVecLanes;  // va a vf
   for (int64_t c = 0; c < count; c += kLanes) {
     vf s[RB] = {};
-    for (int64_t j = 0; j < r; ++j) {
-      vf m = vread<vf>(mat + j * ld + c);
-      for (int i = 0; i < RB; ++i) s[i] = vfma(vsplat(coef[i * r + j]), m, s[i]);
+    if constexpr (H == 1) {
+      for (int64_t j = 0; j < r; ++j) {
+        vf m = vread<vf>(mat + j * ld + c);
+        for (int i = 0; i < RB; ++i) s[i] = vfma(vsplat(coef[i * r + j]), m, s[i]);
+      }
+    } else {  // in va halves, each summed in the same order
+      va parts[RB][H] = {};
+      for (int64_t j = 0; j < r; ++j) {
+        for (int h = 0; h < H; ++h) {
+          va m = vread<va>(mat + j * ld + c + h * kVecLanes);
+          for (int i = 0; i < RB; ++i) parts[i][h] = vafma(va{} + coef[i * r + j], m, parts[i][h]);
+        }
+      }
+      for (int i = 0; i < RB; ++i) std::memcpy(&s[i], parts[i], sizeof(vf));
     }
     for (int i = 0; i < RB; ++i) {
       if (keep != nullptr) s[i] = vbits<vf>(vbits<vu>(s[i]) & vread<vu>(keep + i * width + c));
@@ -1217,31 +1263,15 @@ at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& pro
 // columns (no scores rounded to bf16 on the way, unlike torch's bf16 products); tasks go to the threads from a shared
 // counter, the largest first. A shared prefix's keys get gradients from several samples: each sample's share is
 // kept apart and added after the parallel pass, in row order, so the result does not depend on the threads.
-// The products' vectors: 16 lanes with AVX-512; elsewhere 8, a register of AVX2 (16-lane vectors were kept on the
-// stack there: 14 GFLOP/s)
 #if defined(__AVX512F__)
 constexpr int kAttnRows = 6;  // 12 accumulators + 2 loaded vectors of 32 registers
-constexpr int kAttnLanes = kLanes;
-typedef vf va;
-ALWAYS_INLINE va vafma(va a, va b, va c) { return _mm512_fmadd_ps(a, b, c); }
 #else
 constexpr int kAttnRows = 4;  // 8 accumulators + 2 loaded vectors of AVX2's 16
-constexpr int kAttnLanes = 8;
-typedef float va __attribute__((vector_size(kAttnLanes * sizeof(float))));
-ALWAYS_INLINE va vafma(va a, va b, va c) {  // rounded once per lane
-#if defined(__FMA__)
-  return _mm256_fmadd_ps(a, b, c);
-#else
-  va r;
-  for (int l = 0; l < kAttnLanes; ++l) r[l] = __builtin_fmaf(a[l], b[l], c[l]);
-  return r;
-#endif
-}
 #endif
 constexpr int64_t kAttnCols = 2 * kLanes;  // the scores' rows are padded to a multiple of this
 
 // C[r][0, n) = sum over p in [k0, k1) of A(r, p) * B[p][0, n) for RB rows, A(r, p) = A[r * ra + p * pa]; n a
-// multiple of kAttnLanes, each sum in order of p; columns in blocks of V vectors
+// multiple of kVecLanes, each sum in order of p; columns in blocks of V vectors
 template <int RB, int V>
 ALWAYS_INLINE void attn_gemm_columns(const float* A, int64_t ra, int64_t pa, const float* B, int64_t ldb, float* C,
                                      int64_t ldc, int64_t j, int64_t k0, int64_t k1) {
@@ -1250,21 +1280,21 @@ ALWAYS_INLINE void attn_gemm_columns(const float* A, int64_t ra, int64_t pa, con
     for (int c = 0; c < V; ++c) acc[r][c] = va{};
   for (int64_t p = k0; p < k1; ++p) {
     va b[V];
-    for (int c = 0; c < V; ++c) b[c] = vread<va>(B + p * ldb + j + c * kAttnLanes);
+    for (int c = 0; c < V; ++c) b[c] = vread<va>(B + p * ldb + j + c * kVecLanes);
     for (int r = 0; r < RB; ++r) {
       va a = va{} + A[r * ra + p * pa];
       for (int c = 0; c < V; ++c) acc[r][c] = vafma(a, b[c], acc[r][c]);
     }
   }
   for (int r = 0; r < RB; ++r)
-    for (int c = 0; c < V; ++c) vwrite(C + r * ldc + j + c * kAttnLanes, acc[r][c]);
+    for (int c = 0; c < V; ++c) vwrite(C + r * ldc + j + c * kVecLanes, acc[r][c]);
 }
 
 template <int RB>
 ALWAYS_INLINE void attn_gemm_rows(const float* A, int64_t ra, int64_t pa, const float* B, int64_t ldb, float* C,
                                   int64_t ldc, int64_t n, int64_t k0, int64_t k1) {
   int64_t j = 0;
-  for (; j + 2 * kAttnLanes <= n; j += 2 * kAttnLanes) attn_gemm_columns<RB, 2>(A, ra, pa, B, ldb, C, ldc, j, k0, k1);
+  for (; j + 2 * kVecLanes <= n; j += 2 * kVecLanes) attn_gemm_columns<RB, 2>(A, ra, pa, B, ldb, C, ldc, j, k0, k1);
   if (j < n) attn_gemm_columns<RB, 1>(A, ra, pa, B, ldb, C, ldc, j, k0, k1);
 }
 
