@@ -7,7 +7,10 @@ to itself alone: the short samples in buckets of similar lengths (`_partition`),
 of its bucket, through two batched matrix products and one softmax a bucket and layer (for a few hundred tokens the
 fastest on a CPU; a product pair per sample cost six products, three pads and three full-row gradient copies per
 sample and layer), longer ones (over 160 tokens; 512 on bf16 with the native softmax) through sdpa with `is_causal`
-(which skips the upper triangle). Same result as the mask, at a fraction of the work.
+(which skips the upper triangle). Same result as the mask, at a fraction of the work. Where Martlet's native
+kernels run (x86 with AVX-512, or AVX2 for this pass alone) a row goes instead through one fused native pass a sample
+and key/value head each way (`native.Attention`: no gathers, no padding, the causal triangle only), unless
+`_fused` says the buckets do better for it.
 
 Registered with transformers as the attention implementation "martlet_varlen" (the mask function is sdpa's,
 so a padded batch or generation simply runs sdpa). Anything it does not handle (a batch of several rows,
@@ -25,13 +28,13 @@ row never goes to sdpa: where this path cannot run it, it stops with an error (`
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, NamedTuple
 
 import torch
 
 from martlet.train import native
 from martlet.train.kernels import shape_multiple
+from martlet.utils import env_switch
 
 NAME = "martlet_varlen"
 EAGER_MAX_LEN = 160  # below this many tokens plain matmul + softmax beats the CPU sdpa kernel (fwd + bwd, bf16)
@@ -184,7 +187,7 @@ def _fused(query: Any, key: Any, samples: list[Sample]) -> bool:
     tokens, 0.82x at 256, 0.85x at 512; two samples of 500: 0.95x; four of 400: 1.29x; every fp32 row up to 1,024
     keys 1.5-3.9x)."""
     if not (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float32) and query.shape[3] % 16 == 0
-            and os.environ.get("MARTLET_FUSED_ATTENTION", "1") != "0" and native.ops() is not None
+            and env_switch("MARTLET_FUSED_ATTENTION") is not False and native.ops() is not None
             and not torch.compiler.is_compiling()):
         return False
     longest = max(s.size for s in samples)
