@@ -120,16 +120,6 @@ ALWAYS_INLINE va vafma(va a, va b, va c) {  // rounded once per lane
 #endif
 }
 #endif
-ALWAYS_INLINE float vasum(va v) {
-#if defined(__AVX512F__)
-  return _mm512_reduce_add_ps(v);
-#else
-  float s = 0.f;
-  for (int l = 0; l < kVecLanes; ++l) s += v[l];
-  return s;
-#endif
-}
-
 ALWAYS_INLINE vf vsplat(float s) {
 #if defined(__AVX512F__)
   return _mm512_set1_ps(s);
@@ -152,14 +142,13 @@ ALWAYS_INLINE vf vfma(vf a, vf b, vf c) {  // a * b + c rounded once per lane (t
   return r;
 #endif
 }
-ALWAYS_INLINE float vsum(vf v) {
+template <typename V> ALWAYS_INLINE float vsum(V v) {  // the lanes' sum, of a vf or a va
 #if defined(__AVX512F__)
-  return _mm512_reduce_add_ps(v);
-#else
-  float s = 0.f;
-  for (int l = 0; l < kLanes; ++l) s += v[l];
-  return s;
+  if constexpr (sizeof(V) == 64) return _mm512_reduce_add_ps(v);
 #endif
+  float s = 0.f;
+  for (size_t l = 0; l < sizeof(V) / sizeof(float); ++l) s += v[l];
+  return s;
 }
 
 // 16 elements of T as fp32, and back (bf16: rounded to nearest even, NaN kept)
@@ -262,7 +251,7 @@ ALWAYS_INLINE void dots_block(const float* rows, int64_t width, const float* mat
     }
   }
   for (int i = 0; i < RB; ++i)
-    for (int j = 0; j < JB; ++j) out[i * r + j0 + j] += vasum(acc[i][j]);
+    for (int j = 0; j < JB; ++j) out[i * r + j0 + j] += vsum(acc[i][j]);
 }
 
 template <int RB>
