@@ -101,7 +101,8 @@ def usable(*tensors: torch.Tensor) -> Any | None:
         return None
     if any(t.dtype != first.dtype or t.device != first.device or not t.is_contiguous() for t in tensors):
         return None
-    return None if attention_only() else ops()
+    found = ops()
+    return found if _loaded.get("all", True) else None  # loaded for the fused attention alone: the rest stay off
 
 
 def compile_flags() -> list[str]:

@@ -295,7 +295,7 @@ ALWAYS_INLINE void lowrank_add(T* out, int64_t n, int64_t count, const float* co
   constexpr int H = kLanes / kVecLanes;  // va a vf
   for (int64_t c = 0; c < count; c += kLanes) {
     vf s[RB] = {};
-    if constexpr (H == 1) {
+    if constexpr (H == 1) {  // AVX-512: vf itself (through va parts and a copy it ran 15-20% slower there)
       for (int64_t j = 0; j < r; ++j) {
         vf m = vread<vf>(mat + j * ld + c);
         for (int i = 0; i < RB; ++i) s[i] = vfma(vsplat(coef[i * r + j]), m, s[i]);
@@ -1447,7 +1447,7 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
     using T = typename decltype(type)::type;
     attn_tasks(samples.data_ptr<int64_t>(), samples.size(0), sh, [&](const AttnTask& t) {
       int64_t R = t.rows, W = t.width;
-      t.arena->resize(R * dim + dim * W + t.keys * dim + R * W + R * dim);
+      t.arena->resize(2 * R * dim + dim * W + t.keys * dim + R * W);  // the buffers below
       float *Q = t.arena->data(), *Kt = Q + R * dim, *V = Kt + dim * W, *S = V + t.keys * dim, *O = S + R * W;
       attn_load(ptr<T>(q), R, dim, [&](int64_t r) { return t.query_row(r, sh); }, Q);
       attn_load(ptr<T>(k), t.keys, dim, [&](int64_t j) { return t.key_token(j) * kv + t.head; }, Kt, true, W);
@@ -1507,7 +1507,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
     using T = typename decltype(type)::type;
     attn_tasks(smp, count, sh, [&](const AttnTask& t) {
       int64_t R = t.rows, W = t.width, N = t.keys;
-      t.arena->resize(2 * R * dim + 2 * dim * W + 2 * N * dim + 2 * R * W + R * dim + 2 * N * dim + R);
+      t.arena->resize(3 * R * dim + 2 * dim * W + 3 * N * dim + 2 * R * W + R);  // the buffers below
       float *Q = t.arena->data(), *dO = Q + R * dim, *Kt = dO + R * dim, *Vt = Kt + dim * W, *K = Vt + dim * W;
       float *P = K + N * dim, *dS = P + R * W, *dQ = dS + R * W, *dK = dQ + R * dim, *dV = dK + N * dim;
       float* delta = dV + N * dim;
