@@ -178,7 +178,7 @@ def kernel_path() -> str:
         return "plain torch (native kernels off: MARTLET_NATIVE=0, no compiler, or a failed build)"
     features = cpu_features()
     if "avx512f" in features:
-        dots = "; LoRA products on vdpbf16ps" if ops().bf16_dot() else ""  # what the build compiled
+        dots = "; LoRA and attention products on vdpbf16ps" if ops().bf16_dot() else ""  # what the build compiled
         return "native, AVX-512" + (f" with AVX512-BF16 (vcvtneps2bf16{dots})" if "avx512_bf16" in features else "")
     emulated = " (emulated: MARTLET_CPU_ISA)" if emulated_isa() else ""
     vectors = f"generic vectors ({'AVX2' if 'avx2' in features else platform.machine()}){emulated}"

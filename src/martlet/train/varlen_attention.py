@@ -180,21 +180,24 @@ def _in_buckets(query: Any, key: Any, value: Any, samples: list[Sample], scale: 
 
 def _fused(query: Any, key: Any, samples: list[Sample]) -> bool:
     """Whether the native fused attention takes this row: on a CPU with the kernels, bf16 or fp32, a head size
-    that is a multiple of 16, every sample at most FUSED_MAX_LEN keys (its buffers grow with the square). On bf16
-    a row of few long samples stays in the buckets and sdpa, whose bf16 products run at twice the fused pass's fp32
-    rate on the whole square: the fused pass runs a task a sample and key/value head, and with fewer than
-    FUSED_TASKS_A_THREAD a thread they idle threads (30 SmolLM2 layers, one sample: 1.36x the buckets at 128
-    tokens, 0.82x at 256, 0.85x at 512; two samples of 500: 0.95x; four of 400: 1.29x; every fp32 row up to 1,024
-    keys 1.5-3.9x)."""
+    that is a multiple of 16, every sample at most FUSED_MAX_LEN keys (its buffers grow with the square). With
+    AVX512-BF16 its bf16 products run on bf16 pairs and it takes every such row (6 SmolLM2 layers, fwd + bwd, against
+    the buckets and sdpa: one sample of 128 tokens 1.76x, 256 1.76x, 512 1.07x, 1,024 1.31x; two of 500 1.66x; one
+    of 2,048 0.54x, hence the limit). Without it, the products of bf16 rows run in fp32, at half the rate of the
+    buckets' and sdpa's bf16 products on the whole square, and a row of few long samples stays with those: the pass
+    runs a task a sample and key/value head, and with fewer than FUSED_TASKS_A_THREAD a thread they idle threads (30
+    layers, one sample: 1.36x the buckets at 128 tokens, 0.82x at 256, 0.85x at 512; two of 500: 0.95x; four of 400:
+    1.29x; every fp32 row up to 1,024 keys 1.5-3.9x)."""
+    kernels = native.ops()
     if not (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float32) and query.shape[3] % 16 == 0
-            and env_switch("MARTLET_FUSED_ATTENTION") is not False and native.ops() is not None
+            and env_switch("MARTLET_FUSED_ATTENTION") is not False and kernels is not None
             and not torch.compiler.is_compiling()):
         return False
     longest = max(s.size for s in samples)
     if longest > FUSED_MAX_LEN:
         return False
     tasks = len(samples) * key.shape[1]
-    return (query.dtype == torch.float32 or longest <= FUSED_BF16_SHORT
+    return (query.dtype == torch.float32 or kernels.bf16_dot() or longest <= FUSED_BF16_SHORT
             or tasks >= FUSED_TASKS_A_THREAD * torch.get_num_threads())
 
 

@@ -1244,14 +1244,16 @@ at::Tensor causal_softmax_backward(const at::Tensor& grad, const at::Tensor& pro
 // Each sample attends to its own tokens, after a shared prefix of its trunk's when it has one (see
 // varlen_attention.py); `samples` holds (start, length, prefix_start, prefix) a sample, in row order. One task per
 // sample and key/value head: the queries of the heads that share that key/value head (row i * groups + h: query i,
-// head h of the group), the sample's keys (prefix first) and values copied out in fp32, and then, in fp32: the
-// scores Q K^T only up to each block of rows' last visible key (causality), the softmax, out = P V, and each query
-// row's logsumexp. The backward pass computes P again from the logsumexp, as flash attention does (no heads x
-// length² probabilities kept between the passes): dP = dO V^T, dS = scale P (dP - rowsum(dO * O)), dQ = dS K,
-// dK = dS^T Q, dV = P^T dO. The products are fp32 multiply-add loops over blocks of kAttnRows rows x 2 vectors of
-// columns (no scores rounded to bf16 on the way, unlike torch's bf16 products); tasks go to the threads from a shared
-// counter, the largest first. A shared prefix's keys get gradients from several samples: each sample's share is
-// kept apart and added after the parallel pass, in row order, so the result does not depend on the threads.
+// head h of the group), the sample's keys (prefix first) and values copied out, and then: the scores Q K^T only up to
+// each block of rows' last visible key (causality), the softmax (fp32), out = P V, and each query row's logsumexp.
+// The backward pass computes P again from the logsumexp, as flash attention does (no heads x length² probabilities
+// kept between the passes): dP = dO V^T, dS = scale P (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q, dV = P^T dO.
+// The products run over blocks of kAttnRows rows x 2 vectors of columns, every sum in fp32: on fp32 rows (and bf16
+// rows without AVX512-BF16) fp32 multiply-adds; on bf16 rows with AVX512-BF16, vdpbf16ps on pairs of bf16 values
+// (the inputs as they are; P and dS rounded to bf16 where they enter a product, as flash attention's bf16 kernels
+// do): 1.4-1.8x the fp32 pass's speed. Tasks go to the threads from a shared counter, the largest first. A shared
+// prefix's keys get gradients from several samples: each sample's share is kept apart and added after the parallel
+// pass, in row order, so the result does not depend on the threads.
 #if defined(__AVX512F__)
 constexpr int kAttnRows = 6;  // 12 accumulators + 2 loaded vectors of 32 registers
 #else
@@ -1260,50 +1262,65 @@ constexpr int kAttnRows = 4;  // 8 accumulators + 2 loaded vectors of AVX2's 16
 constexpr int64_t kAttnCols = 2 * kLanes;  // the scores' rows are padded to a multiple of this
 
 // C[r][0, n) = sum over p in [k0, k1) of A(r, p) * B[p][0, n) for RB rows, A(r, p) = A[r * ra + p * pa]; n a
-// multiple of kVecLanes, each sum in order of p; columns in blocks of V vectors
-template <int RB, int V>
-ALWAYS_INLINE void attn_gemm_columns(const float* A, int64_t ra, int64_t pa, const float* B, int64_t ldb, float* C,
+// multiple of kVecLanes, each sum in order of p; columns in blocks of V vectors. E = float: fp32 multiply-adds;
+// E = uint32_t (AVX512-BF16 only): each element a pair of bf16 values along p (the low half first), one vdpbf16ps
+// per pair: twice the multiply-adds an instruction
+template <typename E, int RB, int V>
+ALWAYS_INLINE void attn_gemm_columns(const E* A, int64_t ra, int64_t pa, const E* B, int64_t ldb, float* C,
                                      int64_t ldc, int64_t j, int64_t k0, int64_t k1) {
   va acc[RB][V];
   for (int r = 0; r < RB; ++r)
     for (int c = 0; c < V; ++c) acc[r][c] = va{};
   for (int64_t p = k0; p < k1; ++p) {
-    va b[V];
-    for (int c = 0; c < V; ++c) b[c] = vread<va>(B + p * ldb + j + c * kVecLanes);
-    for (int r = 0; r < RB; ++r) {
-      va a = va{} + A[r * ra + p * pa];
-      for (int c = 0; c < V; ++c) acc[r][c] = vafma(a, b[c], acc[r][c]);
+    if constexpr (std::is_same_v<E, float>) {
+      va b[V];
+      for (int c = 0; c < V; ++c) b[c] = vread<va>(B + p * ldb + j + c * kVecLanes);
+      for (int r = 0; r < RB; ++r) {
+        va a = va{} + A[r * ra + p * pa];
+        for (int c = 0; c < V; ++c) acc[r][c] = vafma(a, b[c], acc[r][c]);
+      }
+    } else {
+#if defined(__AVX512BF16__)
+      __m512bh b[V];
+      for (int c = 0; c < V; ++c) b[c] = (__m512bh)_mm512_loadu_si512(B + p * ldb + j + c * kVecLanes);
+      for (int r = 0; r < RB; ++r) {
+        __m512bh a = (__m512bh)_mm512_set1_epi32(int(A[r * ra + p * pa]));
+        for (int c = 0; c < V; ++c) acc[r][c] = (va)_mm512_dpbf16_ps((__m512)acc[r][c], a, b[c]);
+      }
+#endif
     }
   }
   for (int r = 0; r < RB; ++r)
     for (int c = 0; c < V; ++c) vwrite(C + r * ldc + j + c * kVecLanes, acc[r][c]);
 }
 
-template <int RB>
-ALWAYS_INLINE void attn_gemm_rows(const float* A, int64_t ra, int64_t pa, const float* B, int64_t ldb, float* C,
+template <typename E, int RB>
+ALWAYS_INLINE void attn_gemm_rows(const E* A, int64_t ra, int64_t pa, const E* B, int64_t ldb, float* C,
                                   int64_t ldc, int64_t n, int64_t k0, int64_t k1) {
   int64_t j = 0;
-  for (; j + 2 * kVecLanes <= n; j += 2 * kVecLanes) attn_gemm_columns<RB, 2>(A, ra, pa, B, ldb, C, ldc, j, k0, k1);
-  if (j < n) attn_gemm_columns<RB, 1>(A, ra, pa, B, ldb, C, ldc, j, k0, k1);
+  for (; j + 2 * kVecLanes <= n; j += 2 * kVecLanes) attn_gemm_columns<E, RB, 2>(A, ra, pa, B, ldb, C, ldc, j, k0, k1);
+  if (j < n) attn_gemm_columns<E, RB, 1>(A, ra, pa, B, ldb, C, ldc, j, k0, k1);
 }
 
-template <int RB = kAttnRows>
-ALWAYS_INLINE void attn_gemm_block(int64_t rows, const float* A, int64_t ra, int64_t pa, const float* B, int64_t ldb,
+template <typename E, int RB = kAttnRows>
+ALWAYS_INLINE void attn_gemm_block(int64_t rows, const E* A, int64_t ra, int64_t pa, const E* B, int64_t ldb,
                                    float* C, int64_t ldc, int64_t n, int64_t k0, int64_t k1) {
   if constexpr (RB > 1) {
-    if (rows < RB) return attn_gemm_block<RB - 1>(rows, A, ra, pa, B, ldb, C, ldc, n, k0, k1);
+    if (rows < RB) return attn_gemm_block<E, RB - 1>(rows, A, ra, pa, B, ldb, C, ldc, n, k0, k1);
   }
-  attn_gemm_rows<RB>(A, ra, pa, B, ldb, C, ldc, n, k0, k1);
+  attn_gemm_rows<E, RB>(A, ra, pa, B, ldb, C, ldc, n, k0, k1);
 }
 
 // the rows [0, m) of C = A B in blocks of kAttnRows; range(r0, rows) gives the block's columns n and inner [k0, k1)
-template <typename Range>
-void attn_gemm(int64_t m, const float* A, int64_t ra, int64_t pa, const float* B, int64_t ldb, float* C, int64_t ldc,
+// (in values: pairs run from the pair holding k0 to the one holding k1 - 1, whose other half must add nothing)
+template <typename E, typename Range>
+void attn_gemm(int64_t m, const E* A, int64_t ra, int64_t pa, const E* B, int64_t ldb, float* C, int64_t ldc,
                Range range) {
   for (int64_t r0 = 0; r0 < m; r0 += kAttnRows) {
     int64_t rows = std::min<int64_t>(kAttnRows, m - r0);
     auto [n, k0, k1] = range(r0, rows);
-    attn_gemm_block(rows, A + r0 * ra, ra, pa, B, ldb, C + r0 * ldc, ldc, n, k0, k1);
+    if constexpr (!std::is_same_v<E, float>) k0 /= 2, k1 = (k1 + 1) / 2;
+    attn_gemm_block<E>(rows, A + r0 * ra, ra, pa, B, ldb, C + r0 * ldc, ldc, n, k0, k1);
   }
 }
 
@@ -1316,11 +1333,21 @@ struct AttnShape {
 struct AttnTask {
   int64_t index, start, length, prefix_start, prefix, head, keys, rows, width;  // keys: prefix + length, rows: groups * length
   std::vector<float>* arena;
+  std::vector<uint32_t>* pairs;  // the bf16 operands of the AVX512-BF16 products
 
-  AttnTask(int64_t index, const int64_t* sample, int64_t head, const AttnShape& s, std::vector<float>* arena)
+  AttnTask(int64_t index, const int64_t* sample, int64_t head, const AttnShape& s, std::vector<float>* arena,
+           std::vector<uint32_t>* pairs)
       : index(index), start(sample[0]), length(sample[1]), prefix_start(sample[2]), prefix(sample[3]), head(head),
         keys(sample[3] + sample[1]), rows(s.groups * sample[1]), width(round_up(sample[3] + sample[1], kAttnCols)),
-        arena(arena) {}
+        arena(arena), pairs(pairs) {}
+  // the task's buffers: n values from a 64-byte boundary (each vector of 16 in one cache line)
+  template <typename E> static E* aligned(std::vector<E>* arena, int64_t n) {
+    arena->resize(n + 64 / sizeof(E));
+    auto address = reinterpret_cast<std::uintptr_t>(arena->data());
+    return arena->data() + (-address % 64) / sizeof(E);
+  }
+  float* floats(int64_t n) const { return aligned(arena, n); }
+  uint32_t* words(int64_t n) const { return aligned(pairs, n); }
   int64_t key_token(int64_t j) const { return j < prefix ? prefix_start + j : start + j - prefix; }
   int64_t visible(int64_t r, int64_t groups) const { return prefix + r / groups + 1; }  // keys row r sees
   // the (token * heads + head) row of query row r
@@ -1366,22 +1393,29 @@ void attn_load(const T* src, int64_t count, int64_t dim, Row row, float* dst, bo
     for (int64_t d = 0; d < dim; ++d) std::fill(dst + d * ld + count, dst + (d + 1) * ld, 0.f);
 }
 
+// E per value: fp32 values, or bf16 pairs along the sum (two values an element; see attn_gemm_columns)
+template <typename E> constexpr int64_t kPer = std::is_same_v<E, float> ? 1 : 2;
+
 // scores of the task's query rows q (rows x dim) against its keys kt (dim x width), into s (rows x width)
-void attn_scores(const AttnTask& t, const AttnShape& sh, const float* q, const float* kt, float* s) {
-  attn_gemm(t.rows, q, sh.dim, 1, kt, t.width, s, t.width, [&](int64_t r0, int64_t n) {
+template <typename E>
+void attn_scores(const AttnTask& t, const AttnShape& sh, const E* q, const E* kt, float* s) {
+  attn_gemm(t.rows, q, sh.dim / kPer<E>, 1, kt, t.width, s, t.width, [&](int64_t r0, int64_t n) {
     return std::tuple<int64_t, int64_t, int64_t>{round_up(t.visible(r0 + n - 1, sh.groups), kLanes), 0, sh.dim};
   });
 }
 
 // x (rows x width) times the task's values or keys (keys x dim), each block of rows over the keys it sees
-void attn_times_keys(const AttnTask& t, const AttnShape& sh, const float* x, const float* m, float* out) {
-  attn_gemm(t.rows, x, t.width, 1, m, sh.dim, out, sh.dim, [&](int64_t r0, int64_t n) {
+template <typename E>
+void attn_times_keys(const AttnTask& t, const AttnShape& sh, const E* x, const E* m, float* out) {
+  attn_gemm(t.rows, x, t.width / kPer<E>, 1, m, sh.dim, out, sh.dim, [&](int64_t r0, int64_t n) {
     return std::tuple<int64_t, int64_t, int64_t>{sh.dim, 0, t.visible(r0 + n - 1, sh.groups)};
   });
 }
 
-// x^T (keys x rows, x being rows x width) times m (rows x dim): each key over the query rows that see it
-void attn_transposed_times(const AttnTask& t, const AttnShape& sh, const float* x, const float* m, float* out) {
+// x^T (keys x rows, x being rows x width) times m (rows x dim): each key over the query rows that see it (pairs: x
+// holds pairs of rows, each row of width elements the pairs of two rows' values)
+template <typename E>
+void attn_transposed_times(const AttnTask& t, const AttnShape& sh, const E* x, const E* m, float* out) {
   attn_gemm(t.keys, x, 1, t.width, m, sh.dim, out, sh.dim, [&](int64_t j0, int64_t) {
     return std::tuple<int64_t, int64_t, int64_t>{sh.dim, std::max<int64_t>(0, j0 - t.prefix) * sh.groups, t.rows};
   });
@@ -1400,9 +1434,10 @@ void attn_tasks(const int64_t* samples, int64_t count, const AttnShape& sh, Fn f
   int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), order.size()));
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::vector<float> arena;  // this call's (kept no longer: a long sample's would stay with the thread)
+    std::vector<uint32_t> pairs;
     for (int64_t i; (i = next.fetch_add(1)) < int64_t(order.size());) {
       int64_t task = order[i].second;
-      fn(AttnTask(task / sh.kv_heads, samples + 4 * (task / sh.kv_heads), task % sh.kv_heads, sh, &arena));
+      fn(AttnTask(task / sh.kv_heads, samples + 4 * (task / sh.kv_heads), task % sh.kv_heads, sh, &arena, &pairs));
     }
   });
 }
@@ -1434,6 +1469,125 @@ void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(end == tokens, "martlet.attention: the samples hold ", end, " tokens, the row ", tokens);
 }
 
+#if defined(__AVX512BF16__)
+// ---- the bf16 operands of the attention's products on AVX512-BF16: pairs of bf16 values along a product's sum ----
+// out[i] = (a[i], b[i]) for i < count (a multiple of 16): two bf16 rows interleaved, b zero when null
+ALWAYS_INLINE void attn_interleave(const bf16* a, const bf16* b, int64_t count, uint32_t* out) {
+  for (int64_t i = 0; i < count; i += kLanes) {
+    __m512i low = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(a + i)));
+    __m512i high = b ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(b + i))) : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + i, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+  }
+}
+// the same of two fp32 rows, each value rounded to bf16 (b zero when null)
+ALWAYS_INLINE void attn_interleave(const float* a, const float* b, int64_t count, uint32_t* out) {
+  auto bits = [](const float* p) { return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p))); };
+  for (int64_t i = 0; i < count; i += kLanes) {
+    __m512i high = b ? bits(b + i) : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + i, _mm512_or_si512(bits(a + i), _mm512_slli_epi32(high, 16)));
+  }
+}
+// an fp32 row (count a multiple of 32) rounded to bf16: count / 2 pairs along it
+ALWAYS_INLINE void attn_row_as_pairs(const float* a, int64_t count, uint32_t* out) {
+  for (int64_t i = 0; i < count; i += 2 * kLanes)
+    _mm512_storeu_si512(out + i / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(a + i + kLanes),
+                                                                  _mm512_loadu_ps(a + i)));
+}
+// rows row(0..count) of src (dim bf16 values each) as pairs along them: (count x dim / 2); with `ld`, transposed:
+// (dim / 2 x ld), zero past count
+template <typename Row>
+void attn_pairs_along(const bf16* src, int64_t count, int64_t dim, Row row, uint32_t* dst, int64_t ld = 0) {
+  for (int64_t i = 0; i < count; ++i) {
+    const bf16* from = src + row(i) * dim;
+    if (!ld) {
+      std::memcpy(dst + i * dim / 2, from, dim * sizeof(bf16));
+    } else {
+      for (int64_t p = 0; p < dim / 2; ++p) dst[p * ld + i] = uint32_t(from[2 * p]) | uint32_t(from[2 * p + 1]) << 16;
+    }
+  }
+  if (ld)
+    for (int64_t p = 0; p < dim / 2; ++p) std::fill(dst + p * ld + count, dst + (p + 1) * ld, 0u);
+}
+// rows row(0..count) of src as pairs across them: row m of dst (ceil(count / 2) x dim) pairs rows 2m and 2m + 1
+template <typename Row>
+void attn_pairs_across(const bf16* src, int64_t count, int64_t dim, Row row, uint32_t* dst) {
+  for (int64_t m = 0; 2 * m < count; ++m)
+    attn_interleave(src + row(2 * m) * dim, 2 * m + 1 < count ? src + row(2 * m + 1) * dim : nullptr, dim, dst + m * dim);
+}
+// the R rows of x (R x width fp32) as pairs across them, (ceil(R / 2) x width)
+void attn_pairs_across(const float* x, int64_t R, int64_t width, uint32_t* dst) {
+  for (int64_t m = 0; 2 * m < R; ++m)
+    attn_interleave(x + 2 * m * width, 2 * m + 1 < R ? x + (2 * m + 1) * width : nullptr, width, dst + m * width);
+}
+#endif
+
+#if defined(__AVX512BF16__)
+template <typename T> constexpr bool kPairs = std::is_same_v<T, bf16>;  // bf16 rows: products on bf16 pairs
+#else
+template <typename T> constexpr bool kPairs = false;
+#endif
+
+// the score rows S (R x width) turned into probabilities in place (0 past each row's visible keys), and each row's
+// logsumexp into lse
+void attn_softmax(const AttnTask& t, const AttnShape& sh, float* S, float* lse) {
+  for (int64_t r = 0; r < t.rows; ++r) {
+    float* s = S + r * t.width;
+    int64_t visible = t.visible(r, sh.groups);
+    vf most = vsplat(-INFINITY);
+    for (int64_t j = 0; j < visible; j += kLanes) {
+      vf x = vread<vf>(s + j);
+      most = vmax(most, j + kLanes > visible ? (lanes_before(visible - j) ? x : vsplat(-INFINITY)) : x);
+    }
+    float top = -INFINITY;
+    for (int l = 0; l < kLanes; ++l) top = std::max(top, most[l]);
+    top *= sh.scale;
+    const vf scale = vsplat(sh.scale), shift = vsplat(top);
+    float sum = attn_row_map(s, visible, t.width, [&](vf x, int64_t) { return vexp(x * scale - shift); });
+    const vf inverse = vsplat(1.f / sum);
+    for (int64_t j = 0; j < visible; j += kLanes) vwrite(s + j, vread<vf>(s + j) * inverse);
+    lse[t.query_row(r, sh)] = top + std::log(sum);
+  }
+}
+
+// the task's query rows of x (R x dim fp32) stored into to's rows
+template <typename T> void attn_store_rows(const AttnTask& t, const AttnShape& sh, const float* x, T* to) {
+  for (int64_t r = 0; r < t.rows; ++r) {
+    T* row = to + t.query_row(r, sh) * sh.dim;
+    for (int64_t d = 0; d < sh.dim; d += kLanes) vstore_as(row + d, vread<vf>(x + r * sh.dim + d));
+  }
+}
+
+// one task's forward pass: its rows of out and lse
+template <typename T>
+void attention_task(const AttnTask& t, const AttnShape& sh, const T* q, const T* k, const T* v, T* out, float* lse) {
+  int64_t R = t.rows, W = t.width, N = t.keys, dim = sh.dim;
+  auto query = [&](int64_t r) { return t.query_row(r, sh); };
+  auto key = [&](int64_t j) { return t.key_token(j) * sh.kv_heads + t.head; };
+  float *S = t.floats(R * W + R * dim + (kPairs<T> ? 0 : R * dim + dim * W + N * dim)), *O = S + R * W;
+#if defined(__AVX512BF16__)
+  if constexpr (kPairs<T>) {  // bf16 products (pairs), the softmax in fp32
+    int64_t half = (N + 1) / 2;
+    uint32_t *Q = t.words(R * dim / 2 + dim / 2 * W + half * dim + R * W / 2), *Kt = Q + R * dim / 2, *V = Kt + dim / 2 * W, *P = V + half * dim;
+    attn_pairs_along(q, R, dim, query, Q);
+    attn_pairs_along(k, N, dim, key, Kt, W);
+    attn_pairs_across(v, N, dim, key, V);
+    attn_scores(t, sh, Q, Kt, S);
+    attn_softmax(t, sh, S, lse);
+    for (int64_t r = 0; r < R; ++r) attn_row_as_pairs(S + r * W, W, P + r * W / 2);
+    attn_times_keys(t, sh, P, V, O);
+    return attn_store_rows(t, sh, O, out);
+  }
+#endif
+  float *Q = O + R * dim, *Kt = Q + R * dim, *V = Kt + dim * W;
+  attn_load(q, R, dim, query, Q);
+  attn_load(k, N, dim, key, Kt, true, W);
+  attn_load(v, N, dim, key, V);
+  attn_scores(t, sh, Q, Kt, S);
+  attn_softmax(t, sh, S, lse);
+  attn_times_keys(t, sh, S, V, O);
+  attn_store_rows(t, sh, O, out);
+}
+
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                              const at::Tensor& samples, int64_t heads, double scale) {
   check_attention(q, k, v, samples, heads);
@@ -1442,42 +1596,83 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
   const AttnShape sh{heads, kv, heads / kv, dim, float(scale)};
   auto out = at::empty_like(q);
   auto lse = at::empty({q.size(0)}, q.options().dtype(at::kFloat));
-  float* lse_ptr = lse.data_ptr<float>();
   dispatch(q, [&](auto type) {
     using T = typename decltype(type)::type;
     attn_tasks(samples.data_ptr<int64_t>(), samples.size(0), sh, [&](const AttnTask& t) {
-      int64_t R = t.rows, W = t.width;
-      t.arena->resize(2 * R * dim + dim * W + t.keys * dim + R * W);  // the buffers below
-      float *Q = t.arena->data(), *Kt = Q + R * dim, *V = Kt + dim * W, *S = V + t.keys * dim, *O = S + R * W;
-      attn_load(ptr<T>(q), R, dim, [&](int64_t r) { return t.query_row(r, sh); }, Q);
-      attn_load(ptr<T>(k), t.keys, dim, [&](int64_t j) { return t.key_token(j) * kv + t.head; }, Kt, true, W);
-      attn_load(ptr<T>(v), t.keys, dim, [&](int64_t j) { return t.key_token(j) * kv + t.head; }, V);
-      attn_scores(t, sh, Q, Kt, S);
-      for (int64_t r = 0; r < R; ++r) {
-        float* s = S + r * W;
-        int64_t visible = t.visible(r, sh.groups);
-        vf most = vsplat(-INFINITY);
-        for (int64_t j = 0; j < visible; j += kLanes) {
-          vf x = vread<vf>(s + j);
-          most = vmax(most, j + kLanes > visible ? (lanes_before(visible - j) ? x : vsplat(-INFINITY)) : x);
-        }
-        float top = -INFINITY;
-        for (int l = 0; l < kLanes; ++l) top = std::max(top, most[l]);
-        top *= sh.scale;
-        const vf scale = vsplat(sh.scale), shift = vsplat(top);
-        float sum = attn_row_map(s, visible, W, [&](vf x, int64_t) { return vexp(x * scale - shift); });
-        const vf inverse = vsplat(1.f / sum);
-        for (int64_t j = 0; j < visible; j += kLanes) vwrite(s + j, vread<vf>(s + j) * inverse);
-        lse_ptr[t.query_row(r, sh)] = top + std::log(sum);
-      }
-      attn_times_keys(t, sh, S, V, O);
-      for (int64_t r = 0; r < R; ++r) {
-        T* to = ptr<T>(out) + t.query_row(r, sh) * dim;
-        for (int64_t d = 0; d < dim; d += kLanes) vstore_as(to + d, vread<vf>(O + r * dim + d));
-      }
+      attention_task(t, sh, ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<T>(out), lse.data_ptr<float>());
     });
   });
   return {out, lse};
+}
+
+// P again from the scores in P and the logsumexp, and dS = scale P (dP - rowsum(dO * O)) from dP in dS, in place
+template <typename T>
+void attn_probs_and_grads(const AttnTask& t, const AttnShape& sh, const T* grad, const T* out, const float* lse,
+                          float* P, float* dS) {
+  for (int64_t r = 0; r < t.rows; ++r) {
+    int64_t row = t.query_row(r, sh) * sh.dim;
+    vf acc = vsplat(0.f);
+    for (int64_t d = 0; d < sh.dim; d += kLanes) acc = vfma(vload_as(grad + row + d), vload_as(out + row + d), acc);
+    float *p = P + r * t.width, *ds = dS + r * t.width;
+    const vf scale = vsplat(sh.scale), shift = vsplat(lse[t.query_row(r, sh)]), dr = vsplat(vsum(acc));
+    int64_t visible = t.visible(r, sh.groups);
+    attn_row_map(p, visible, t.width, [&](vf x, int64_t) { return vexp(x * scale - shift); });
+    attn_row_map(ds, visible, t.width, [&](vf x, int64_t j) { return scale * vread<vf>(p + j) * (x - dr); });
+  }
+}
+
+// one task's backward pass: its rows of dq; returns its keys' and values' gradients (N x dim fp32 each, in the
+// task's arena)
+template <typename T>
+std::pair<const float*, const float*> attention_backward_task(const AttnTask& t, const AttnShape& sh, const T* grad,
+                                                              const T* q, const T* k, const T* v, const T* out,
+                                                              const float* lse, T* dq) {
+  int64_t R = t.rows, W = t.width, N = t.keys, dim = sh.dim;
+  auto query = [&](int64_t r) { return t.query_row(r, sh); };
+  auto key = [&](int64_t j) { return t.key_token(j) * sh.kv_heads + t.head; };
+  // P, dS, dQ, dK, dV, and the fp32 products' copies of Q, dO, K^T, V^T, K
+  float *P = t.floats(2 * R * W + R * dim + 2 * N * dim + (kPairs<T> ? 0 : 2 * R * dim + 2 * dim * W + N * dim));
+  float *dS = P + R * W, *dQ = dS + R * W, *dK = dQ + R * dim, *dV = dK + N * dim;
+#if defined(__AVX512BF16__)
+  if constexpr (kPairs<T>) {  // bf16 products (pairs): dS and P rounded to bf16 where they enter one
+    int64_t half_n = (N + 1) / 2, half_r = (R + 1) / 2;
+    uint32_t *Q = t.words(R * dim + dim * W + half_n * dim + 2 * half_r * dim + R * W / 2 + 2 * half_r * W), *dO = Q + R * dim / 2, *Kt = dO + R * dim / 2, *Vt = Kt + dim / 2 * W;
+    uint32_t *K = Vt + dim / 2 * W, *Qr = K + half_n * dim, *dOr = Qr + half_r * dim, *dSp = dOr + half_r * dim;
+    uint32_t *dSr = dSp + R * W / 2, *Pr = dSr + half_r * W;
+    attn_pairs_along(q, R, dim, query, Q);
+    attn_pairs_along(grad, R, dim, query, dO);
+    attn_pairs_along(k, N, dim, key, Kt, W);
+    attn_pairs_along(v, N, dim, key, Vt, W);
+    attn_pairs_across(k, N, dim, key, K);
+    attn_pairs_across(q, R, dim, query, Qr);
+    attn_pairs_across(grad, R, dim, query, dOr);
+    attn_scores(t, sh, Q, Kt, P);
+    attn_scores(t, sh, dO, Vt, dS);  // dP = dO V^T, over the same keys
+    attn_probs_and_grads(t, sh, grad, out, lse, P, dS);
+    for (int64_t r = 0; r < R; ++r) attn_row_as_pairs(dS + r * W, W, dSp + r * W / 2);
+    attn_times_keys(t, sh, dSp, K, dQ);
+    attn_pairs_across(dS, R, W, dSr);
+    attn_pairs_across(P, R, W, Pr);
+    attn_transposed_times(t, sh, dSr, Qr, dK);
+    attn_transposed_times(t, sh, Pr, dOr, dV);
+    attn_store_rows(t, sh, dQ, dq);
+    return {dK, dV};
+  }
+#endif
+  float *Q = dV + N * dim, *dO = Q + R * dim, *Kt = dO + R * dim, *Vt = Kt + dim * W, *K = Vt + dim * W;
+  attn_load(q, R, dim, query, Q);
+  attn_load(grad, R, dim, query, dO);
+  attn_load(k, N, dim, key, Kt, true, W);
+  attn_load(v, N, dim, key, Vt, true, W);
+  attn_load(k, N, dim, key, K);
+  attn_scores(t, sh, Q, Kt, P);
+  attn_scores(t, sh, dO, Vt, dS);  // dP = dO V^T, over the same keys
+  attn_probs_and_grads(t, sh, grad, out, lse, P, dS);
+  attn_times_keys(t, sh, dS, K, dQ);
+  attn_transposed_times(t, sh, dS, Q, dK);
+  attn_transposed_times(t, sh, P, dO, dV);
+  attn_store_rows(t, sh, dQ, dq);
+  return {dK, dV};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad, const at::Tensor& q,
@@ -1501,48 +1696,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   std::vector<int64_t> offset(count + 1, 0);
   for (int64_t i = 0; i < count; ++i) offset[i + 1] = offset[i] + smp[4 * i + 3] * kv * dim;
   std::vector<float> shared_k(offset[count]), shared_v(offset[count]);
-  const float* lse_ptr = lse.data_ptr<float>();
   float *dk_ptr = dk32.data_ptr<float>(), *dv_ptr = dv32.data_ptr<float>();
   dispatch(q, [&](auto type) {
     using T = typename decltype(type)::type;
     attn_tasks(smp, count, sh, [&](const AttnTask& t) {
-      int64_t R = t.rows, W = t.width, N = t.keys;
-      t.arena->resize(3 * R * dim + 2 * dim * W + 3 * N * dim + 2 * R * W + R);  // the buffers below
-      float *Q = t.arena->data(), *dO = Q + R * dim, *Kt = dO + R * dim, *Vt = Kt + dim * W, *K = Vt + dim * W;
-      float *P = K + N * dim, *dS = P + R * W, *dQ = dS + R * W, *dK = dQ + R * dim, *dV = dK + N * dim;
-      float* delta = dV + N * dim;
-      auto query = [&](int64_t r) { return t.query_row(r, sh); };
-      auto key = [&](int64_t j) { return t.key_token(j) * kv + t.head; };
-      attn_load(ptr<T>(q), R, dim, query, Q);
-      attn_load(ptr<T>(grad), R, dim, query, dO);
-      attn_load(ptr<T>(k), N, dim, key, Kt, true, W);
-      attn_load(ptr<T>(v), N, dim, key, Vt, true, W);
-      attn_load(ptr<T>(k), N, dim, key, K);
-      for (int64_t r = 0; r < R; ++r) {  // rowsum(dO * O)
-        const T* o = ptr<T>(out) + query(r) * dim;
-        vf acc = vsplat(0.f);
-        for (int64_t d = 0; d < dim; d += kLanes) acc = vfma(vread<vf>(dO + r * dim + d), vload_as(o + d), acc);
-        delta[r] = vsum(acc);
-      }
-      attn_scores(t, sh, Q, Kt, P);
-      attn_scores(t, sh, dO, Vt, dS);  // dP = dO V^T, over the same keys
-      for (int64_t r = 0; r < R; ++r) {
-        float *p = P + r * W, *ds = dS + r * W;
-        const vf scale = vsplat(sh.scale), shift = vsplat(lse_ptr[query(r)]), dr = vsplat(delta[r]);
-        int64_t visible = t.visible(r, sh.groups);
-        attn_row_map(p, visible, W, [&](vf x, int64_t) { return vexp(x * scale - shift); });
-        attn_row_map(ds, visible, W, [&](vf x, int64_t j) { return scale * vread<vf>(p + j) * (x - dr); });
-      }
-      attn_times_keys(t, sh, dS, K, dQ);
-      for (int64_t r = 0; r < R; ++r) {
-        T* to = ptr<T>(dq) + query(r) * dim;
-        for (int64_t d = 0; d < dim; d += kLanes) vstore_as(to + d, vread<vf>(dQ + r * dim + d));
-      }
-      attn_transposed_times(t, sh, dS, Q, dK);
-      attn_transposed_times(t, sh, P, dO, dV);
+      auto [dK, dV] = attention_backward_task(t, sh, ptr<T>(grad), ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<T>(out),
+                                              lse.data_ptr<float>(), ptr<T>(dq));
+      int64_t N = t.keys;
       for (int64_t j = 0; j < N; ++j) {  // a sample's own keys are its alone; a prefix's are added up below
         bool own = j >= t.prefix;
-        int64_t place = own ? key(j) * dim : offset[t.index] + (j * kv + t.head) * dim;
+        int64_t place = own ? (t.key_token(j) * kv + t.head) * dim : offset[t.index] + (j * kv + t.head) * dim;
         std::memcpy((own ? dk_ptr : shared_k.data()) + place, dK + j * dim, dim * sizeof(float));
         std::memcpy((own ? dv_ptr : shared_v.data()) + place, dV + j * dim, dim * sizeof(float));
       }
