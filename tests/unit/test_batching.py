@@ -446,3 +446,30 @@ def test_varlen_attention_cuts_rows_at_position_restarts(tiny_llama, monkeypatch
     assert len(fallbacks) == model.config.num_hidden_layers
     model.config.save_pretrained(str(tmp_path))  # a checkpoint loads anywhere: the name is never saved
     assert "martlet_varlen" not in (tmp_path / "config.json").read_text()
+
+
+def test_the_layers_of_a_forward_pass_cut_their_shared_row_once(tiny_llama, monkeypatch):
+    """Every layer gets the same position ids: the row is cut at its restarts once a forward pass, again for other
+    position ids, and again when the same tensor was changed in place."""
+    from transformers import AutoModelForCausalLM
+
+    from martlet.train import varlen_attention
+
+    cuts = []
+    real = varlen_attention.row_samples
+    monkeypatch.setattr(varlen_attention, "row_samples", lambda ids: cuts.append(ids) or real(ids))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32,
+                                                 attn_implementation=varlen_attention.register(), use_cache=False)
+    assert model.config.num_hidden_layers > 1
+    batch = PaddingFreeCollator()(_samples(model.config.vocab_size))
+    whole = model(**batch).logits
+    assert len(cuts) == 1
+    batch["position_ids"] = batch["position_ids"].clone()
+    torch.testing.assert_close(model(**batch).logits, whole)
+    assert len(cuts) == 2
+    ids = batch["position_ids"]
+    assert varlen_attention._row_samples_once(ids) == tuple(real(ids)) and len(cuts) == 2
+    ids[0, 1:] = torch.arange(ids.shape[1] - 1)  # now two samples: the first token alone, then the rest
+    assert varlen_attention._row_samples_once(ids) == (varlen_attention.Sample(0, 1),
+                                                      varlen_attention.Sample(1, ids.shape[1] - 1))
+    assert len(cuts) == 3

@@ -95,6 +95,23 @@ def row_samples(position_ids: Any) -> list[Sample] | None:
     return samples
 
 
+# (position ids, their version, their samples): every layer of a step asks; one tuple, replaced whole (threads)
+_last_row: tuple[Any, int, Any] = (None, -1, None)
+
+
+def _row_samples_once(position_ids: Any) -> tuple[Sample, ...] | None:
+    """`row_samples`, computed once for the layers of a forward pass (they share one position ids tensor; the
+    same tensor changed in place is read again)."""
+    global _last_row
+    ids, version, samples = _last_row
+    if position_ids is not None and ids is position_ids and version == position_ids._version:
+        return samples
+    found = row_samples(position_ids)
+    samples = None if found is None else tuple(found)
+    _last_row = (position_ids, getattr(position_ids, "_version", -1), samples)
+    return samples
+
+
 def reads_shared_prefixes(config: Any, longest: int | None, training: bool = True) -> bool:
     """Whether a model of `config` runs every layer's attention of a row with shared prefixes through this path
     (which refuses what it cannot: attention dropout in training, soft-capping, a sliding window shorter than the
@@ -111,7 +128,7 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     """query (1, H, T, D), key/value (1, KV, T, D) -> ((1, T, H, D), None), as transformers' attention functions."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    samples = row_samples(kwargs.get("position_ids"))
+    samples = _row_samples_once(kwargs.get("position_ids"))
     window = kwargs.get("sliding_window")
     unsupported = (dropout and module.training) or not getattr(module, "is_causal", True) or any(
         kwargs.get(k) is not None for k in ("softcap", "s_aux")) or kwargs.get("output_attentions")
