@@ -5,8 +5,7 @@ side by side in one invocation, on the embedded SmolLM2 and the built-in data.
                                                          [--rounds 3]
                                                          [--lora_dropout 0.05] [--cpu_isa avx2] [--epochs 2]
                                                          [--baseline plain|martlet-torch|martlet-unpacked|
-                                                                     martlet-unshared|martlet-buckets|
-                                                                     martlet-ungrouped]
+                                                                     martlet-unshared|martlet-buckets]
 
 It first prints the CPU features found, the kernel path taken and this host's matrix-product speed in the
 training dtype; after each table, Martlet's share of the roofline (that speed over the matrix-product FLOP a
@@ -519,8 +518,7 @@ def host_report() -> float:
 # the baseline side: plain libraries, or Martlet under these environment variables
 BASELINES = {"plain": None, "martlet-torch": {"MARTLET_NATIVE": "0"},
              "martlet-unpacked": {"MARTLET_PACKED_WEIGHTS": "0"}, "martlet-unshared": {"MARTLET_BENCH_UNSHARED": "1"},
-             "martlet-buckets": {"MARTLET_FUSED_ATTENTION": "0"},
-             "martlet-ungrouped": {"MARTLET_GROUPED_PROJECTIONS": "0"}}
+             "martlet-buckets": {"MARTLET_FUSED_ATTENTION": "0"}}
 
 
 def main() -> None:
@@ -547,8 +545,7 @@ def main() -> None:
                              "martlet-unshared: Martlet with every sample and sequence whole (a system prompt, a "
                              "pair's prompt computed as often as held); martlet-buckets: Martlet's attention in "
                              "batched torch products a bucket of samples instead of its fused native pass "
-                             "(MARTLET_FUSED_ATTENTION=0); martlet-ungrouped: Martlet with q, k, v, gate and up each its "
-                             "own autograd node, not one a group (MARTLET_GROUPED_PROJECTIONS=0)")
+                             "(MARTLET_FUSED_ATTENTION=0)")
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

@@ -237,11 +237,9 @@ def test_an_adapter_added_after_fusing_runs_fused_when_active_and_plain_lora(tin
             if ".other." in name or ".dora." in name:
                 param.data = torch.randn_like(param) * 0.1
         models.append(model)
-    calls = []  # a layer each, alone or in a projection group
-    apply, group_apply = kernels.LoraLinear.apply, kernels.LoraGroupLinear.apply
+    calls = []
+    apply = kernels.LoraLinear.apply
     monkeypatch.setattr(kernels.LoraLinear, "apply", lambda *a: calls.append(1) or apply(*a))
-    monkeypatch.setattr(kernels.LoraGroupLinear, "apply",
-                        lambda x, group, *a: calls.extend([1] * len(group.members)) or group_apply(x, group, *a))
     layers = sum(1 for n, _ in models[1].named_modules() if n.endswith(".lora_A"))
     for adapter, fused_calls in (("other", layers), ("default", layers), ("dora", 0)):
         for model in models:
@@ -278,72 +276,3 @@ def test_fused_lora_dropout_trains_on_the_device(tiny_models, device):
     model.train()
     _, grads = _loss_and_grads(model, {"input_ids": ids, "labels": ids})
     assert all(torch.isfinite(g).all() for g in grads.values()) and any(g.abs().sum() > 0 for g in grads.values())
-
-
-def _counted_groups(monkeypatch):
-    from martlet.train import kernels
-
-    runs = []
-    apply = kernels.LoraGroupLinear.apply
-    monkeypatch.setattr(kernels.LoraGroupLinear, "apply", lambda x, group, *a: runs.append(group) or apply(x, group, *a))
-    return runs
-
-
-@pytest.mark.parametrize("arch,dtype,dropout", [("llama", torch.float32, 0.0), ("qwen2", torch.float32, 0.1),
-                                                ("llama", torch.bfloat16, 0.0), ("llama", torch.bfloat16, 0.1)])
-def test_projection_groups_give_each_layer_s_values_and_gradients(tiny_models, monkeypatch, arch, dtype, dropout):
-    """q, k, v (qwen2: with biases) and gate, up computed as one node a group give the loss and every adapter
-    gradient the layers give one by one (the same dropout masks: drawn in the same order), with the input's
-    gradient through them; without gradients (evaluation, a reference) each layer runs alone."""
-    from martlet.train.kernels import fuse_lora
-
-    runs = _counted_groups(monkeypatch)
-    ids = torch.randint(5, 200, (2, 12))
-    batch = {"input_ids": ids, "labels": ids}
-    results = []
-    for grouped in ("1", "0"):
-        monkeypatch.setenv("MARTLET_GROUPED_PROJECTIONS", grouped)
-        model = _lora_model(tiny_models[arch], dtype=dtype, dropout=dropout)
-        fuse_lora(model)
-        model.get_input_embeddings().weight.requires_grad_(True)  # the first layer's input needs its gradient too
-        torch.manual_seed(5)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            results.append(_loss_and_grads(model, batch))
-    layers = model.config.num_hidden_layers
-    assert len(runs) == 2 * layers and {len(g.members) for g in runs} == {2, 3}
-    (got_loss, got), (want_loss, want) = results
-    assert got.keys() == want.keys() and any("embed_tokens" in name for name in got)
-    if dtype == torch.float32:  # the input gradient's sums in another order
-        torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
-        for name, grad in want.items():
-            torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=name)
-    else:  # and rounded to bf16 at other places: the same values, to bf16's precision on the whole
-        torch.testing.assert_close(got_loss, want_loss, rtol=1e-2, atol=1e-2)
-        for name, grad in want.items():
-            assert (got[name] - grad).float().norm() <= 1e-2 * grad.float().norm(), name
-    runs.clear()
-    monkeypatch.setenv("MARTLET_GROUPED_PROJECTIONS", "1")
-    with torch.no_grad():
-        model(input_ids=ids)
-    assert runs == []
-
-
-def test_a_group_whose_layers_take_other_inputs_switches_off(tiny_models, monkeypatch):
-    """A module that calls its q, k and v projections on different inputs (cross-attention) gets each layer's own
-    output: the group, whose outputs for the first input went unused, stops running."""
-    from martlet.train.kernels import fuse_lora
-
-    runs = _counted_groups(monkeypatch)
-    model = _lora_model(tiny_models["llama"])
-    fuse_lora(model)
-    attention = model.base_model.model.model.layers[0].self_attn
-    group = attention.q_proj._martlet_group
-    assert [attention.q_proj, attention.k_proj, attention.v_proj] == list(group.members)
-    x, memory = torch.randn(2, 5, model.config.hidden_size), torch.randn(2, 7, model.config.hidden_size)
-    q, k, v = attention.q_proj(x), attention.k_proj(memory), attention.v_proj(memory)
-    assert len(runs) == 1 and group.off
-    monkeypatch.setenv("MARTLET_GROUPED_PROJECTIONS", "0")
-    for layer, inputs, got in ((attention.q_proj, x, q), (attention.k_proj, memory, k), (attention.v_proj, memory, v)):
-        torch.testing.assert_close(got, layer(inputs))
-    q.sum().backward()  # the group's node still gives the first layer's gradients
-    assert attention.q_proj.lora_A["default"].weight.grad is not None

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 
 from martlet import patches
 from martlet.train import native, packed
-from martlet.utils import env_switch
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -269,7 +267,6 @@ def fuse_lora(model: torch.nn.Module) -> int:
                 and len(module.lora_A) == 1 and not module.fan_in_fan_out
                 and _plain_lora(module, next(iter(module.lora_A)))):
             count += patches.patch_forward("fused_lora", module, _fused_forward)
-    _group_projections(model)
     return count
 
 
@@ -326,11 +323,6 @@ def fused_disable_adapter(model: torch.nn.Module) -> bool:
 
 
 def _fused_forward(self, x, *args, **kwargs):
-    group = self.__dict__.get("_martlet_group")
-    if group is not None and not (args or kwargs):
-        out = group.output(self, x)
-        if out is not None:
-            return out
     base = self.base_layer
     if _ADAPTERS_OFF.get() and not self.merged:
         out = None if args or kwargs else packed.frozen_product(base, x)  # (while packed: train/packed.py)
@@ -344,158 +336,3 @@ def _fused_forward(self, x, *args, **kwargs):
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
     return LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                             self.scaling[name], p)
-
-
-# ---- projections of one input as one node ---------------------------------------------------------------------
-# sibling layers a module runs on the same input, one after the other (llama-like attention and MLP)
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-class ProjectionGroup:
-    """Fused LoRA layers of one module that it calls on one input in turn (llama's attention: q, k and v of the same
-    hidden states; its MLP: gate and up). The first member called computes every member's output as one autograd
-    node (`LoraGroupLinear`) and keeps the others' for their calls with that same input (this thread's, until
-    taken). Backward, the input's gradient is one product on the members' weights stacked (`packed` below, while the
-    frozen weights are packed) instead of one a member and their sums, and without dropout the adapters'
-    down-projections are one pass over the input each way (their A factors stacked).
-
-    A member called with another input, or while another member's output waits for another input, switches the
-    group off for good (the module does not call them on one input: cross-attention); so does
-    `MARTLET_GROUPED_PROJECTIONS=0` (each call asks). Where the group does not run (no native kernels, no gradient,
-    adapters off, anything `_fused_forward` hands to peft) each member runs alone."""
-
-    def __init__(self, members: Sequence[torch.nn.Module]):
-        self.members = tuple(members)
-        self.off = False
-        self.packed: torch.Tensor | None = None  # the stacked weights' input-gradient product, oneDNN's layout
-        self._local = threading.local()
-
-    def output(self, member: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """member(x) as the group computes it, or None: the member runs alone."""
-        index = self.members.index(member)
-        key = (x._version, torch.is_grad_enabled(), _ADAPTERS_OFF.get())
-        waiting = getattr(self._local, "waiting", None)
-        if waiting is not None:
-            self._local.waiting = None
-            if waiting[0] is x and waiting[1] == key and index in waiting[2]:
-                out = waiting[2].pop(index)
-                if waiting[2]:
-                    self._local.waiting = waiting
-                return out
-            self.off = True  # outputs computed for nothing: the module calls its members on different inputs
-            return None
-        if self.off or env_switch("MARTLET_GROUPED_PROJECTIONS") is False or not self._runs(x):
-            return None
-        outs = LoraGroupLinear.apply(x, self, *self._arguments())
-        self._local.waiting = (x, key, {i: out for i, out in enumerate(outs) if i != index})
-        return outs[index]
-
-    def _runs(self, x: torch.Tensor) -> bool:
-        """Whether every member takes `LoraLinear`'s native path for this call, under one adapter name."""
-        if _ADAPTERS_OFF.get() or not torch.is_grad_enabled() or native.usable(x) is None:
-            return False
-        names = set()
-        for layer in self.members:
-            active = layer.active_adapters
-            name = active[0] if len(active) == 1 else None
-            if (layer.merged or layer.disable_adapters or not _plain_lora(layer, name)
-                    or not packed.computes_in(x, layer.base_layer.weight.dtype)):
-                return False
-            names.add(name)
-        return len(names) == 1
-
-    def _arguments(self) -> list:
-        """scalings, dropout probabilities, then weight, bias, A, B of each member (`LoraGroupLinear`'s)."""
-        name = self.members[0].active_adapters[0]
-        scalings = tuple(layer.scaling[name] for layer in self.members)
-        dropouts = tuple(_dropout_p(layer, name) for layer in self.members)
-        tensors = []
-        for layer in self.members:
-            tensors += [layer.base_layer.weight, layer.base_layer.bias, layer.lora_A[name].weight,
-                        layer.lora_B[name].weight]
-        return [scalings, dropouts, *tensors]
-
-    def input_grad(self, dys: list[torch.Tensor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
-        """sum_i dy_i W_i: one product on the stacked packed weights while they fit the members', else one a member."""
-        if self.packed is not None and all(packed.packed_copy_of(w) for w in weights):
-            return packed.on_packed(torch.cat(dys, 1), self.packed)
-        grad = packed.input_grad(dys[0], weights[0])
-        for dy, weight in zip(dys[1:], weights[1:]):
-            grad += packed.input_grad(dy, weight)
-        return grad
-
-
-def _dropout_p(layer: torch.nn.Module, name: str) -> float:
-    dropout = layer.lora_dropout[name]
-    return dropout.p if isinstance(dropout, torch.nn.Dropout) and layer.training else 0.0
-
-
-def _group_projections(model: torch.nn.Module) -> int:
-    """Give each set of `GROUPS` siblings that are fused LoRA layers on one input size and weight dtype a
-    `ProjectionGroup` (attribute `_martlet_group`). Returns how many groups."""
-    count = 0
-    for module in model.modules():
-        for names in GROUPS:
-            layers = [getattr(module, name, None) for name in names]
-            if not all(getattr(type(layer), "_martlet_patch", None) == "fused_lora" for layer in layers):
-                continue
-            weights = [layer.base_layer.weight for layer in layers]
-            if len({(w.shape[1], w.dtype, w.device) for w in weights}) == 1:
-                group = ProjectionGroup(layers)
-                for layer in layers:
-                    layer._martlet_group = group
-                count += 1
-    return count
-
-
-class LoraGroupLinear(torch.autograd.Function):
-    """`LoraLinear` of several layers on one input x, as one node with one output a layer (native kernels only):
-    forward, each base product on its packed copy and each adapter (without dropout: every A in one pass over x);
-    backward, x's gradient as one product on the stacked weights (`ProjectionGroup.input_grad`) plus every adapter's
-    share, and each adapter's A and B gradients in fp32."""
-
-    @staticmethod
-    def forward(ctx, x, group, scalings, dropouts, *tensors):
-        kernels = native.ops()
-        shape, count = x.shape, len(scalings)
-        x2 = x.reshape(-1, shape[-1])
-        weights, biases, a_s, b_s = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
-        seeds = [native_dropout(p) for p in dropouts]
-        ranks = [a.shape[0] for a in a_s]
-        stacked = all(threshold == 0 for _, threshold in seeds)  # no dropout: one mask-free pass for every A
-        if stacked:
-            xas = [t.contiguous() for t in kernels.lora_down(x2, torch.cat(a_s), 1.0, 0, 0).split(ranks, 1)]
-        else:
-            xas = [kernels.lora_down(x2, a, 1 / (1 - t / 65536), seed, t) for a, (seed, t) in zip(a_s, seeds)]
-        outs = []
-        for weight, bias, xa, b, scaling in zip(weights, biases, xas, b_s, scalings):
-            out = packed.linear(x2, weight, bias)
-            kernels.lora_up_(out, xa, b, scaling)
-            outs.append(out.view(*shape[:-1], out.shape[-1]))
-        ctx.save_for_backward(x2, *xas, *weights, *a_s, *b_s)
-        ctx.group, ctx.scalings, ctx.seeds, ctx.ranks, ctx.shape = group, scalings, seeds, ranks, shape
-        ctx.stacked, ctx.count = stacked, count
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        x2, *rest = ctx.saved_tensors
-        n = ctx.count
-        xas, weights, a_s, b_s = rest[:n], rest[n:2 * n], rest[2 * n:3 * n], rest[3 * n:]
-        kernels = native.ops()
-        dys = [g.reshape(-1, g.shape[-1]).to(weights[0].dtype).contiguous() for g in grads]
-        grad_x = ctx.group.input_grad(dys, weights) if ctx.needs_input_grad[0] else None
-        dybs, grad_bs = zip(*(kernels.lora_up_backward(dy, xa, b, scaling)
-                              for dy, xa, b, scaling in zip(dys, xas, b_s, ctx.scalings)))
-        if ctx.stacked:
-            grad_as = kernels.lora_down_backward(x2, torch.cat(a_s), torch.cat(dybs, 1), 1.0, 0, 0,
-                                                 grad_x).split(ctx.ranks, 0)
-        else:
-            grad_as = [kernels.lora_down_backward(x2, a, dyb, 1 / (1 - t / 65536), seed, t, grad_x)
-                       for a, dyb, (seed, t) in zip(a_s, dybs, ctx.seeds)]
-        if grad_x is not None:
-            grad_x = grad_x.view(ctx.shape)
-        per_layer = []
-        for grad_a, grad_b in zip(grad_as, grad_bs):
-            per_layer += [None, None, grad_a, grad_b]
-        return grad_x, None, None, None, *per_layer

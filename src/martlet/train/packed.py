@@ -71,12 +71,7 @@ def packed_copy_of(weight: torch.Tensor) -> bool:
 
 
 def _on_copy(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    return on_packed(x, packed.forward, bias)
-
-
-def on_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T + b for 2-D x and a weight in oneDNN's layout (`torch.ops.mkldnn._reorder_linear_weight`)."""
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.forward, bias, "none", [], "")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,7 +84,7 @@ def input_grad(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """dy W, the input's gradient of x W^T, for 2-D dy: on the weight's packed copy when it has one that fits."""
     packed = _packed_copy(weight)
     if packed is not None and packed.backward is not None:
-        return on_packed(dy, packed.backward)
+        return torch.ops.mkldnn._linear_pointwise(dy.contiguous(), packed.backward, None, "none", [], "")
     return dy @ weight
 
 
@@ -175,12 +170,6 @@ def _output_layer(model: torch.nn.Module) -> torch.nn.Linear | None:
     return head if _plain_linear(head) else None
 
 
-def _projection_groups(model: torch.nn.Module) -> list:
-    """The model's `kernels.ProjectionGroup`s (its members' `_martlet_group`), each once."""
-    found = {id(g): g for m in model.modules() if (g := m.__dict__.get("_martlet_group")) is not None}
-    return list(found.values())
-
-
 def _plain_linear(module: object) -> bool:
     return type(module) is torch.nn.Linear or getattr(type(module), "_martlet_patch", None) == "packed_linear"
 
@@ -195,14 +184,8 @@ def packed_frozen_weights(model: torch.nn.Module) -> Iterator[int]:
     if not weights or not wanted(2 * nbytes) or not all(usable(d) for d in {w.dtype for w in weights}):
         yield 0
         return
-    packing = {id(w) for w in weights}
-    groups = [g for g in _projection_groups(model) if all(id(m.base_layer.weight) in packing for m in g.members)]
-    grouped = {id(m.base_layer.weight) for g in groups for m in g.members}
-    for w in weights:  # a group's members: their input gradient is the group's, on their weights stacked
-        w._martlet_packed = PackedWeight.of(w, backward=id(w) not in grouped)
-    for g in groups:
-        stacked = torch.cat([m.base_layer.weight.detach() for m in g.members])
-        g.packed = torch.ops.mkldnn._reorder_linear_weight(stacked.t().contiguous(), 256)
+    for w in weights:
+        w._martlet_packed = PackedWeight.of(w)
     head = _output_layer(model)
     if head is not None and packed_copy_of(head.weight):
         patches.patch_forward("packed_linear", head, linear_forward, guarded=(head.weight.dtype, probe))
@@ -212,8 +195,6 @@ def packed_frozen_weights(model: torch.nn.Module) -> Iterator[int]:
     finally:
         for w in weights:
             w.__dict__.pop("_martlet_packed", None)
-        for g in groups:
-            g.packed = None
 
 
 def pack_for_inference(model: torch.nn.Module) -> int:
