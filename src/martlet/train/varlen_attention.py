@@ -43,7 +43,7 @@ EAGER_MAX_LEN = 160  # below this many tokens plain matmul + softmax beats the C
 # in fp32 sdpa is as fast from 176 tokens on). Kept at 512: a bucket keeps its probabilities for the backward pass
 # (heads x length² values a layer), sdpa none
 NATIVE_BF16_MAX_LEN = 512
-FUSED_MAX_LEN = 1024  # the fused native pass (below); 0.48x (bf16) and 0.67x (fp32) sdpa at 2,048
+FUSED_MAX_LEN = 1024  # the fused native pass (below); 0.54x (bf16, AVX512-BF16 pairs) and 0.67x (fp32) sdpa at 2,048
 FUSED_BF16_SHORT = 192  # on bf16, rows whose samples are all this short take the fused pass whatever their count
 FUSED_TASKS_A_THREAD = 4  # else they need this many (sample, key/value head) tasks a thread
 
@@ -145,12 +145,12 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     scale = scaling if scaling is not None else dim ** -0.5
     if _fused(query, key, samples):  # one native pass a sample and key/value head each way
         q_rows, k_rows, v_rows = (t[0].transpose(0, 1).reshape(-1, dim) for t in (query, key, value))
-        out = native.Attention.apply(q_rows, k_rows, v_rows, _sample_table(tuple(samples)), heads, scale)
+        out = native.Attention.apply(q_rows, k_rows, v_rows, _sample_table(samples), heads, scale)
         return out.view(1, query.shape[2], heads, dim), None
     return _in_buckets(query, key, value, samples, scale), None
 
 
-def _in_buckets(query: Any, key: Any, value: Any, samples: list[Sample], scale: float) -> Any:
+def _in_buckets(query: Any, key: Any, value: Any, samples: tuple[Sample, ...], scale: float) -> Any:
     """The short samples in buckets of batched products, the long ones through sdpa: (1, T, H, D)."""
     import torch.nn.functional as F
 
@@ -195,7 +195,7 @@ def _in_buckets(query: Any, key: Any, value: Any, samples: list[Sample], scale: 
     return Gather.apply(out, layout.output_index, layout.output_inverse, None).view(1, rows, heads, dim)
 
 
-def _fused(query: Any, key: Any, samples: list[Sample]) -> bool:
+def _fused(query: Any, key: Any, samples: tuple[Sample, ...]) -> bool:
     """Whether the native fused attention takes this row: on a CPU with the kernels, bf16 or fp32, a head size
     that is a multiple of 16, every sample at most FUSED_MAX_LEN keys (its buffers grow with the square). With
     AVX512-BF16 its bf16 products run on bf16 pairs and it takes every such row (6 SmolLM2 layers, fwd + bwd, against

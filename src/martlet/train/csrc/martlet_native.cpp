@@ -1519,9 +1519,6 @@ void attn_pairs_across(const float* x, int64_t R, int64_t width, uint32_t* dst) 
   for (int64_t m = 0; 2 * m < R; ++m)
     attn_interleave(x + 2 * m * width, 2 * m + 1 < R ? x + (2 * m + 1) * width : nullptr, width, dst + m * width);
 }
-#endif
-
-#if defined(__AVX512BF16__)
 template <typename T> constexpr bool kPairs = std::is_same_v<T, bf16>;  // bf16 rows: products on bf16 pairs
 #else
 template <typename T> constexpr bool kPairs = false;
@@ -1567,7 +1564,8 @@ void attention_task(const AttnTask& t, const AttnShape& sh, const T* q, const T*
 #if defined(__AVX512BF16__)
   if constexpr (kPairs<T>) {  // bf16 products (pairs), the softmax in fp32
     int64_t half = (N + 1) / 2;
-    uint32_t *Q = t.words(R * dim / 2 + dim / 2 * W + half * dim + R * W / 2), *Kt = Q + R * dim / 2, *V = Kt + dim / 2 * W, *P = V + half * dim;
+    uint32_t *Q = t.words(R * dim / 2 + dim / 2 * W + half * dim + R * W / 2);
+    uint32_t *Kt = Q + R * dim / 2, *V = Kt + dim / 2 * W, *P = V + half * dim;
     attn_pairs_along(q, R, dim, query, Q);
     attn_pairs_along(k, N, dim, key, Kt, W);
     attn_pairs_across(v, N, dim, key, V);
@@ -1610,11 +1608,11 @@ template <typename T>
 void attn_probs_and_grads(const AttnTask& t, const AttnShape& sh, const T* grad, const T* out, const float* lse,
                           float* P, float* dS) {
   for (int64_t r = 0; r < t.rows; ++r) {
-    int64_t row = t.query_row(r, sh) * sh.dim;
+    int64_t query = t.query_row(r, sh), row = query * sh.dim;
     vf acc = vsplat(0.f);
     for (int64_t d = 0; d < sh.dim; d += kLanes) acc = vfma(vload_as(grad + row + d), vload_as(out + row + d), acc);
     float *p = P + r * t.width, *ds = dS + r * t.width;
-    const vf scale = vsplat(sh.scale), shift = vsplat(lse[t.query_row(r, sh)]), dr = vsplat(vsum(acc));
+    const vf scale = vsplat(sh.scale), shift = vsplat(lse[query]), dr = vsplat(vsum(acc));
     int64_t visible = t.visible(r, sh.groups);
     attn_row_map(p, visible, t.width, [&](vf x, int64_t) { return vexp(x * scale - shift); });
     attn_row_map(ds, visible, t.width, [&](vf x, int64_t j) { return scale * vread<vf>(p + j) * (x - dr); });
@@ -1636,7 +1634,8 @@ std::pair<const float*, const float*> attention_backward_task(const AttnTask& t,
 #if defined(__AVX512BF16__)
   if constexpr (kPairs<T>) {  // bf16 products (pairs): dS and P rounded to bf16 where they enter one
     int64_t half_n = (N + 1) / 2, half_r = (R + 1) / 2;
-    uint32_t *Q = t.words(R * dim + dim * W + half_n * dim + 2 * half_r * dim + R * W / 2 + 2 * half_r * W), *dO = Q + R * dim / 2, *Kt = dO + R * dim / 2, *Vt = Kt + dim / 2 * W;
+    uint32_t *Q = t.words(R * dim + dim * W + half_n * dim + 2 * half_r * dim + R * W / 2 + 2 * half_r * W);
+    uint32_t *dO = Q + R * dim / 2, *Kt = dO + R * dim / 2, *Vt = Kt + dim / 2 * W;
     uint32_t *K = Vt + dim / 2 * W, *Qr = K + half_n * dim, *dOr = Qr + half_r * dim, *dSp = dOr + half_r * dim;
     uint32_t *dSr = dSp + R * W / 2, *Pr = dSr + half_r * W;
     attn_pairs_along(q, R, dim, query, Q);
