@@ -117,9 +117,11 @@ def test_packing_is_used_by_the_products(tiny_models, monkeypatch):
     monkeypatch.setattr(packed, "_packed_copy", lambda weight: found.append(plain(weight)) or found[-1])
     ids = torch.randint(5, 200, (1, 8))
     with packed.packed_frozen_weights(model) as count, torch.autocast("cpu", dtype=torch.bfloat16):
+        found.clear()  # (entering looked at every weight)
         _lean_loss_and_grads(model, {"input_ids": ids, "labels": ids})
     assert count == layers + 1 and all(p is not None for p in found)
-    assert count < len(found) <= 2 * count  # each forward product, and the input's gradient where it is asked for
+    # each forward product, and the input's gradient where it is asked for; the loss asks whether its head is packed
+    assert count < len(found) <= 2 * count + 1
 
 
 def test_token_scores_on_a_packed_head_are_the_same(tiny_models):
@@ -349,3 +351,84 @@ def test_adapters_attached_after_packing_take_their_layers_back(tiny_models, mon
     assert packed.pack_for_inference(model) == first - layers
     assert "_martlet_packed" not in q.weight.__dict__
     assert model.get_output_embeddings().weight._martlet_packed is copy  # kept, not packed again
+
+
+def _native_factors(monkeypatch, on: bool):
+    """The native LoRA kernels taken as running the adapters' factors (`on`) or not, whatever this CPU has."""
+    from martlet.train import native
+
+    monkeypatch.setattr(native, "ops", (lambda: object()) if on else (lambda: None))
+    monkeypatch.setattr(native, "attention_only", lambda: False)
+
+
+@pytest.mark.parametrize("case", ["all packed", "factors on torch", "trainable head", "layers left plain"])
+def test_rows_go_unrounded_only_while_every_product_runs_packed(tiny_models, monkeypatch, case):
+    """Inside `packed_frozen_weights` a bf16 LoRA model whose every product runs on a packed copy (base layers, LM
+    head) or in the native LoRA kernels (the factors) takes padding-free rows as they are (`row_multiple` 1, asked of
+    the peft model or the model inside); outside, with the factors on torch's products, a trainable head or layers
+    no adapter fused, new row lengths would build new oneDNN kernels: rows go to multiples of 64."""
+    from martlet.train.kernels import fuse_lora, row_multiple
+    from martlet.train.loss import unwrap_causal_lm
+
+    model = _lora_model(tiny_models["llama"], dtype=torch.bfloat16)
+    if case == "layers left plain":  # (as if no adapter wrapped the MLPs: their layers run torch's products)
+        for layer in model.base_model.model.model.layers:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                setattr(layer.mlp, name, getattr(layer.mlp, name).base_layer)
+    fuse_lora(model)
+    if case == "trainable head":
+        model.get_output_embeddings().weight.requires_grad_(True)
+    _native_factors(monkeypatch, case != "factors on torch")
+    views = (model, unwrap_causal_lm(model))
+    assert [row_multiple(m, "cpu", torch.bfloat16) for m in views] == [64, 64]
+    with packed.packed_frozen_weights(model) as count:
+        assert count > 0
+        want = 1 if case == "all packed" else 64
+        assert [row_multiple(m, "cpu", torch.bfloat16) for m in views] == [want, want]
+        assert row_multiple(model, "cpu", torch.float32) == 1
+    assert [row_multiple(m, "cpu", torch.bfloat16) for m in views] == [64, 64]
+
+
+def test_the_sft_collator_s_rows_go_unrounded_while_training_on_packed_weights(tiny_models, monkeypatch):
+    """`weights_packed_for`: the padding-free collator's rows stay as long as their tokens while every product runs
+    packed, and are rounded again after."""
+    from types import SimpleNamespace
+
+    from martlet.train.batching import PaddingFreeCollator
+    from martlet.train.kernels import fuse_lora
+    from martlet.train.pipeline import weights_packed_for
+
+    model = _lora_model(tiny_models["llama"], dtype=torch.bfloat16)
+    fuse_lora(model)
+    _native_factors(monkeypatch, True)
+    collator = PaddingFreeCollator(64)
+    trainer = SimpleNamespace(model=model, args=SimpleNamespace(torch_compile=False), data_collator=collator)
+    features = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]
+    assert collator(features)["input_ids"].shape == (1, 64)
+    with weights_packed_for(trainer):
+        assert collator(features)["input_ids"].shape == (1, 5)
+    assert collator(features)["input_ids"].shape == (1, 64)
+
+
+def test_the_loss_s_chunks_are_not_rounded_on_a_packed_head(monkeypatch):
+    """The lean loss's chunks go to 64 rows for torch's bf16 product (a repeating shape) but not on a packed head,
+    with the same loss and gradient."""
+    from martlet.train.kernels import LinearCrossEntropy
+
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(70, 32, generator=g).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(300, 32, generator=g).to(torch.bfloat16)
+    target = torch.randint(0, 300, (70,), generator=g)
+    rows = []
+    plain = packed.linear
+    monkeypatch.setattr(packed, "linear", lambda x, w, b=None: rows.append(x.shape[0]) or plain(x, w, b))
+
+    def loss():
+        value = LinearCrossEntropy.apply(hidden, weight, None, target, 1024)
+        return value, torch.autograd.grad(value, hidden)[0]
+
+    want = loss()
+    weight._martlet_packed = packed.PackedWeight.of(weight)
+    got = loss()
+    assert rows == [128, 70]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

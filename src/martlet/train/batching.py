@@ -56,6 +56,7 @@ class PaddingFreeCollator:
     the gradients are those of the row without it. On a CPU the bf16 matrix products (oneDNN) build a kernel for
     each new matrix shape (`kernels.shape_multiple`); rows of every length meant 33-41 new kernels, 73-135 ms, at
     every step (measured); rows in steps of 64 tokens reuse a handful of shapes for a few percent more arithmetic.
+    While every product runs on packed weights the trainer sets it to 1 (`pipeline.weights_packed_for`).
 
     `share_prefixes` (only where the attention is `martlet_varlen`, which reads such rows): samples that begin
     alike (a chat template's default system prompt) hold their shared beginning once (`prefix_trees`), as far as it

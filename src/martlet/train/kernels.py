@@ -35,7 +35,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         w, b = cast_head(weight, bias, hidden.dtype)  # once, not per chunk
-        for start, h, y, rows in _chunks(hidden, target, chunk):  # padding rows: their loss and gradient dropped
+        for start, h, y, rows in _chunks(hidden, target, chunk, w):  # padding rows: their loss and gradient dropped
             logits = packed.linear(h, w, b)
             kernels = native.usable(logits)
             if kernels is not None:  # one native pass: the losses, and the logits turned into their gradient
@@ -87,7 +87,7 @@ class TokenScores(torch.autograd.Function):
         top1 = torch.empty(rows, dtype=torch.bool, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         w, _ = cast_head(weight, None, hidden.dtype)
-        for start, h, y, n in _chunks(hidden, target, chunk):
+        for start, h, y, n in _chunks(hidden, target, chunk, w):
             logits = packed.linear(h, w)
             kernels = native.usable(logits)
             if kernels is not None:
@@ -121,7 +121,7 @@ class TokenScores(torch.autograd.Function):
         grad_hidden = torch.zeros_like(grad_h) if grad_logp is None else grad_h * (-grad_logp).to(grad_h.dtype)[:, None]
         if grad_entropy is not None and bool(grad_entropy.any()):
             w, _ = cast_head(weight, None, hidden.dtype)
-            for start, h, _, n in _chunks(hidden, target, ctx.chunk):
+            for start, h, _, n in _chunks(hidden, target, ctx.chunk, w):
                 logp_all = torch.log_softmax(_tempered(torch.nn.functional.linear(h[:n], w), ctx.temperature), -1)
                 probs = logp_all.exp()
                 entropy = -(probs * logp_all).sum(-1, keepdim=True)
@@ -137,9 +137,10 @@ def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return z / temperature if temperature != 1.0 else z
 
 
-def _chunks(hidden: torch.Tensor, target: torch.Tensor, chunk: int):
-    """(start, rows, targets, real rows) of each chunk, rounded up with zero rows (target 0) to a repeating shape."""
-    multiple = shape_multiple(hidden.device.type, hidden.dtype)
+def _chunks(hidden: torch.Tensor, target: torch.Tensor, chunk: int, weight: torch.Tensor):
+    """(start, rows, targets, real rows) of each chunk, rounded up with zero rows (target 0) to a repeating shape
+    unless the products run on the head's packed copy (`weight`'s: `row_multiple`)."""
+    multiple = 1 if packed.packed_copy_of(weight) else shape_multiple(hidden.device.type, hidden.dtype)
     for start in range(0, hidden.shape[0], chunk):
         h, y = hidden[start:start + chunk], target[start:start + chunk]
         n = h.shape[0]
@@ -154,6 +155,13 @@ def shape_multiple(device_type: str, dtype: torch.dtype, rows: int = 64) -> int:
     new shape, 3 ms for a layer's product and up to 30 ms for the output projection's gradient (measured with
     ONEDNN_VERBOSE=profile_create), which every step paid again when its number of tokens changed. Elsewhere 1."""
     return rows if device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 1
+
+
+def row_multiple(model: torch.nn.Module, device_type: str, dtype: torch.dtype) -> int:
+    """What to round a padding-free row of `model` up to: 1 while all its products run on packed weights
+    (`packed.products_packed`: in the benchmark's SFT steps rows of any length ran 1.055-1.06x the speed of rows
+    rounded to 64 tokens, new lengths' first products included), else `shape_multiple`."""
+    return 1 if packed.products_packed(model) else shape_multiple(device_type, dtype)
 
 
 def cast_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -27,7 +28,8 @@ from martlet.templates import Template, get_template
 from martlet.train.callbacks import training_callbacks
 from martlet.train.model_setup import load_for_training
 from martlet.train.outputs import RunFiles, RunInfo, plot_history
-from martlet.train.packed import packed_frozen_weights
+from martlet.train.batching import PaddingFreeCollator
+from martlet.train.packed import packed_frozen_weights, products_packed
 from martlet.train.run import check_output_dir, check_run_folder, open_run_dir, pick_checkpoint, resume_checkpoint
 from martlet.train.trainer import StopOnSignal
 from martlet.train.training_args import training_kwargs
@@ -149,10 +151,24 @@ def prepare_run(args: SftArguments, *, cut_in_template: bool = True) -> RunSetup
     return RunSetup(args=args, device=device, dtype=dtype, spec=spec, tokenizer=tokenizer, template=template)
 
 
-def weights_packed_for(trainer: Trainer) -> contextlib.AbstractContextManager[int]:
+@contextlib.contextmanager
+def weights_packed_for(trainer: Trainer) -> Iterator[int]:
     """The trainer's frozen weights packed for a CPU's products while it trains (`train/packed.py`), unless it runs
-    under torch.compile, whose graphs run their own products."""
-    return packed_frozen_weights(trainer.model) if not trainer.args.torch_compile else contextlib.nullcontext(0)
+    under torch.compile, whose graphs run their own products; while every product runs on them, the padding-free
+    collator's rows are not rounded up (`kernels.row_multiple`)."""
+    if trainer.args.torch_compile:
+        yield 0
+        return
+    collator = getattr(trainer, "data_collator", None)
+    rounding = getattr(collator, "pad_to_multiple_of", None)
+    with packed_frozen_weights(trainer.model) as count:
+        if isinstance(collator, PaddingFreeCollator) and products_packed(trainer.model):
+            collator.pad_to_multiple_of = 1
+        try:
+            yield count
+        finally:
+            if isinstance(collator, PaddingFreeCollator):
+                collator.pad_to_multiple_of = rounding
 
 
 def train_and_report(trainer: Trainer, run: TrainingRun) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from martlet import patches
 from martlet.args.rlhf import RLHFArguments
 from martlet.train import batching, rlhf_losses, varlen_attention
 from martlet.train.batching import prefix_trees, rounded_row
-from martlet.train.kernels import TokenScores, fused_disable_adapter, shape_multiple
+from martlet.train.kernels import TokenScores, fused_disable_adapter, row_multiple
 from martlet.train.loss import CHUNK, is_wrapped, lean_loss_supported, summed_cross_entropy, unwrap_causal_lm
 from martlet.train.outputs import RunFiles
 from martlet.train.trainer import AtomicCheckpointMixin
@@ -234,9 +234,9 @@ def _sequences_row(input_ids: torch.Tensor, attention_mask: torch.Tensor, share:
 
 
 def _row_multiple(model: Any, device_type: str) -> int:
-    """What to round a padding-free row's length up to (`kernels.shape_multiple`, for the activations' dtype)."""
+    """What to round a padding-free row's length up to (`kernels.row_multiple`, for the activations' dtype)."""
     autocast = torch.is_autocast_enabled(device_type)
-    return shape_multiple(device_type, torch.get_autocast_dtype(device_type) if autocast else model.dtype)
+    return row_multiple(model, device_type, torch.get_autocast_dtype(device_type) if autocast else model.dtype)
 
 
 # True while Martlet's padding-free forward runs trl's fused head: score only the labelled positions

@@ -75,7 +75,7 @@ def build_sft_trainer(run: TrainingRun, model: Any, data: EncodedData) -> Martle
     if args.group_by_length and not args.packing:
         kwargs["train_sampling_strategy"] = "group_by_length"
     training_args = TrainingArguments(**kwargs)
-    if args.effective_padding_free():  # bf16 on a CPU: rows in steps of 64 tokens (see PaddingFreeCollator)
+    if args.effective_padding_free():  # bf16 on a CPU: rows in steps of 64 tokens, unless packed (PaddingFreeCollator)
         share = batching.SHARE_PREFIXES and reads_shared_prefixes(unwrap_causal_lm(model).config, args.max_length)
         collator = PaddingFreeCollator(shape_multiple(run.device, torch_dtype(run.dtype)),
                                        run.tokenizer.pad_token_id or 0, share_prefixes=share)
