@@ -189,17 +189,16 @@ def packed_frozen_weights(model: torch.nn.Module) -> Iterator[int]:
     head = _output_layer(model)
     if head is not None and packed_copy_of(head.weight):
         patches.patch_forward("packed_linear", head, linear_forward, guarded=(head.weight.dtype, probe))
-    every = _every_product_packed(model)
-    for m in _views(model):
-        m._martlet_products_packed = every
+    if head is not None and _every_product_packed(model):  # (marked on the head: a wrapper and its model share it)
+        head.weight._martlet_products_packed = True
     logger.debug("frozen weights packed for oneDNN: %d, %.0f MB", len(weights), 2 * nbytes / 2**20)
     try:
         yield len(weights)
     finally:
         for w in weights:
             w.__dict__.pop("_martlet_packed", None)
-        for m in _views(model):
-            m.__dict__.pop("_martlet_products_packed", None)
+        if head is not None:
+            head.weight.__dict__.pop("_martlet_products_packed", None)
 
 
 def products_packed(model: torch.nn.Module) -> bool:
@@ -208,14 +207,8 @@ def products_packed(model: torch.nn.Module) -> bool:
     kernels. A packed product's first call at a new row count costs ~0.5 ms more, a whole SmolLM2 LoRA step ~6 ms
     (measured), where rounding rows up to 64 tokens (`kernels.shape_multiple`) cost 5-6% of every step: such a
     model's rows need no rounding (`kernels.row_multiple`)."""
-    return model.__dict__.get("_martlet_products_packed", False)
-
-
-def _views(model: torch.nn.Module) -> set[torch.nn.Module]:
-    """The model and the transformers model inside its wrappers (peft's): where a trainer's code may ask."""
-    from martlet.train.loss import unwrap_causal_lm
-
-    return {model, unwrap_causal_lm(model)}
+    head = _output_layer(model)
+    return head is not None and head.weight.__dict__.get("_martlet_products_packed", False)
 
 
 def _every_product_packed(model: torch.nn.Module) -> bool:
