@@ -3,14 +3,15 @@ side by side in one invocation, on the embedded SmolLM2 and the built-in data.
 
     HF_HUB_OFFLINE=1 python benchmarks/sft_throughput.py [--steps 16] [--what sft,dpo,kto,orpo,simpo,cpo|both|all]
                                                          [--rounds 3]
-                                                         [--lora_dropout 0.05] [--cpu_isa avx2] [--epochs 2]
+                                                         [--lora_dropout 0.05] [--cpu_isa avx2|avx512] [--epochs 2]
                                                          [--baseline plain|martlet-torch|martlet-unpacked|
                                                                      martlet-unshared|martlet-buckets]
 
 It first prints the CPU features found, the kernel path taken and this host's matrix-product speed in the
 training dtype; after each table, Martlet's share of the roofline (that speed over the matrix-product FLOP a
-token costs: `flop_per_token`). `--cpu_isa avx2` runs both sides as on an AVX2 laptop; `--baseline
-martlet-torch` compares Martlet with its native kernels off (the baseline side) and on.
+token costs: `flop_per_token`). `--cpu_isa avx2` runs both sides as on an AVX2 laptop, `--cpu_isa avx512` as on an
+AVX-512 Xeon without BF16; `--baseline martlet-torch` compares Martlet with its native kernels off (the baseline
+side) and on.
 
 Settings shared by both sides: LoRA r8 / alpha 32 on all linear layers, LoRA dropout 0 (--lora_dropout: 0.05 is
 the default of ms-swift and Martlet), 4 samples a step (no gradient accumulation), max length 512, learning
@@ -53,7 +54,9 @@ from typing import Any
 
 # --cpu_isa avx2 acts before torch loads (here and in the sides' processes, which inherit the environment)
 EMULATE = {"avx2": {"MARTLET_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
-                    "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+                    "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+           "avx512": {"MARTLET_CPU_ISA": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "ATEN_CPU_CAPABILITY": "avx512",
+                      "MKL_ENABLE_INSTRUCTIONS": "AVX512"}}
 if "--cpu_isa" in sys.argv[:-1]:
     os.environ.update(EMULATE.get(sys.argv[sys.argv.index("--cpu_isa") + 1], {}))
 
@@ -537,7 +540,8 @@ def main() -> None:
     parser.add_argument("--cpu_isa", choices=["native", *EMULATE],
                         help="avx2: both sides run as on a CPU with AVX2 and no AVX-512/AMX (torch's kernels limited "
                              "by ONEDNN_MAX_CPU_ISA and ATEN_CPU_CAPABILITY, Martlet's built for x86-64-v3, dtype "
-                             "AUTO fp32)")
+                             "AUTO fp32); avx512: as on AVX-512 without BF16 or AMX (a Skylake-SP to Ice Lake Xeon: "
+                             "x86-64-v4, fp32)")
     parser.add_argument("--baseline", choices=tuple(BASELINES), default="plain",
                         help="plain: transformers Trainer / trl + peft; martlet-torch: Martlet with its native "
                              "kernels off (MARTLET_NATIVE=0), to see what the kernels themselves give on this CPU; "

@@ -752,9 +752,10 @@ def test_the_kernel_path_says_which_code_runs(monkeypatch):
     assert native.kernel_path().startswith("plain torch")
 
 
-def test_an_avx2_cpu_can_be_emulated(monkeypatch):
+def test_an_avx2_or_avx512_cpu_can_be_emulated(monkeypatch):
     """MARTLET_CPU_ISA=avx2 (benchmarks/sft_throughput.py --cpu_isa avx2): built for x86-64-v3, reported without
-    AVX-512 or AMX, and `--dtype AUTO` trains in fp32 as on such a laptop."""
+    AVX-512 or AMX, and `--dtype AUTO` trains in fp32 as on such a laptop; avx512 the same for x86-64-v4 (AVX-512
+    without AVX512-BF16 or AMX)."""
     from martlet.models import dtype
 
     monkeypatch.setattr(native, "_cpu_flags", lambda: "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16")
@@ -767,8 +768,13 @@ def test_an_avx2_cpu_can_be_emulated(monkeypatch):
         assert not dtype.cpu_has_bf16() and dtype.resolve_dtype("AUTO", "cpu") == "fp32"
         monkeypatch.setattr(native, "ops", lambda: object())
         assert native.kernel_path() == "native, generic vectors (AVX2) (emulated: MARTLET_CPU_ISA)"
+        monkeypatch.setenv("MARTLET_CPU_ISA", "avx512")  # AVX-512 without BF16 or AMX (a Skylake-SP Xeon)
+        assert native.cpu_features() == ["avx2", "avx512f"]
+        assert "-march=x86-64-v4" in native.compile_flags() and "-march=native" not in native.compile_flags()
+        assert not dtype.cpu_has_bf16() and dtype.resolve_dtype("AUTO", "cpu") == "fp32"
+        assert native.kernel_path() == "native, AVX-512 (emulated: MARTLET_CPU_ISA)"
         monkeypatch.setenv("MARTLET_CPU_ISA", "avx1")
-        with pytest.raises(ValueError, match="avx2"):
+        with pytest.raises(ValueError, match="avx2, avx512"):
             native.compile_flags()
         monkeypatch.setenv("MARTLET_CPU_ISA", "native")
         assert native.compile_flags() == native.FLAGS and "avx512f" in native.cpu_features()

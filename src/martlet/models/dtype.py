@@ -10,16 +10,23 @@ from martlet.errors import MartletError
 DTYPES = ("AUTO", "bf16", "fp16", "fp32")
 
 
+# CPUs Martlet can behave as on this one (MARTLET_CPU_ISA): the x86-64 level its kernels build for, the features it reports
+EMULATED_ISAS = {
+    "avx2": ("x86-64-v3", ("avx2",)),  # a laptop or desktop without AVX-512
+    "avx512": ("x86-64-v4", ("avx2", "avx512f")),  # AVX-512 without BF16 or AMX: Skylake-SP to Ice Lake Xeons
+}
+
+
 def emulated_isa() -> str | None:
-    """`MARTLET_CPU_ISA=avx2`: behave as on a CPU with AVX2 and no AVX-512 (the native kernels built for x86-64-v3,
-    the features reported without AVX-512 and AMX, `--dtype AUTO` fp32), to measure what such a laptop runs.
-    torch's own kernels follow with ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2 and
-    MKL_ENABLE_INSTRUCTIONS=AVX2, set before torch loads (benchmarks/sft_throughput.py --cpu_isa avx2 sets them)."""
+    """`MARTLET_CPU_ISA=avx2` or `avx512`: behave as on a CPU with AVX2 and no AVX-512, or AVX-512 without AVX512-BF16
+    and AMX (the native kernels built for that x86-64 level, the features reported without the rest, `--dtype AUTO`
+    fp32), to measure what such a CPU runs. torch's own kernels follow with ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY
+    and MKL_ENABLE_INSTRUCTIONS, set before torch loads (benchmarks/sft_throughput.py --cpu_isa sets them)."""
     value = os.environ.get("MARTLET_CPU_ISA", "").strip().lower()
     if value in ("", "native"):
         return None
-    if value != "avx2":
-        raise ValueError(f"MARTLET_CPU_ISA={value!r}: the one emulated ISA is avx2 (or native)")
+    if value not in EMULATED_ISAS:
+        raise ValueError(f"MARTLET_CPU_ISA={value!r}: the emulated ISAs are {', '.join(EMULATED_ISAS)} (or native)")
     return value
 
 
@@ -29,7 +36,7 @@ def cpu_has_bf16() -> bool:
     override = os.environ.get("MARTLET_CPU_BF16")
     if override is not None:
         return override.lower() in ("1", "true", "yes")
-    if emulated_isa():  # an AVX2 laptop, emulated
+    if emulated_isa():  # an AVX2 laptop or an AVX-512 Xeon without BF16, emulated
         return False
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:

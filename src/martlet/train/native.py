@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from martlet import patches
-from martlet.models.dtype import emulated_isa
+from martlet.models.dtype import EMULATED_ISAS, emulated_isa
 from martlet.utils import env_switch
 
 logger = logging.getLogger("martlet")
@@ -107,7 +107,8 @@ def usable(*tensors: torch.Tensor) -> Any | None:
 
 def compile_flags() -> list[str]:
     """FLAGS, for the emulated ISA when there is one."""
-    return [f if f != "-march=native" else "-march=x86-64-v3" for f in FLAGS] if emulated_isa() else FLAGS
+    isa = emulated_isa()
+    return [f if f != "-march=native" else f"-march={EMULATED_ISAS[isa][0]}" for f in FLAGS] if isa else FLAGS
 
 
 def build(flags: list[str] | None = None) -> Path:
@@ -166,7 +167,8 @@ def cpu_features() -> list[str]:
     """The CPU features the kernels' code paths depend on, as /proc/cpuinfo names them (x86: avx2, avx512f,
     avx512_bf16, amx_bf16; ARM: asimd, sve)."""
     flags = set(_cpu_flags().split(":", 1)[-1].split())
-    names = ("avx2",) if emulated_isa() else ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve")
+    isa = emulated_isa()
+    names = EMULATED_ISAS[isa][1] if isa else ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve")
     return [name for name in names if name in flags]
 
 
@@ -177,10 +179,12 @@ def kernel_path() -> str:
             return "plain torch (the native kernels run on AVX-512 CPUs only: measured slower than torch here)"
         return "plain torch (native kernels off: MARTLET_NATIVE=0, no compiler, or a failed build)"
     features = cpu_features()
-    if "avx512f" in features:
-        dots = "; LoRA and attention products on vdpbf16ps" if ops().bf16_dot() else ""  # what the build compiled
-        return "native, AVX-512" + (f" with AVX512-BF16 (vcvtneps2bf16{dots})" if "avx512_bf16" in features else "")
     emulated = " (emulated: MARTLET_CPU_ISA)" if emulated_isa() else ""
+    if "avx512f" in features and "avx512_bf16" in features:
+        dots = "; LoRA and attention products on vdpbf16ps" if ops().bf16_dot() else ""  # what the build compiled
+        return f"native, AVX-512 with AVX512-BF16 (vcvtneps2bf16{dots})"
+    if "avx512f" in features:
+        return f"native, AVX-512{emulated}"
     vectors = f"generic vectors ({'AVX2' if 'avx2' in features else platform.machine()}){emulated}"
     if attention_only():
         return f"plain torch, but the attention's fused native pass ({vectors}; the other kernels measured slower here)"
