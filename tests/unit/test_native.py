@@ -825,3 +825,36 @@ def test_gather_rows_is_a_gather_with_zero_rows_past_the_end(kernels, dtype):
     assert torch.equal(kernels.gather_rows(src, index), want)
     with pytest.raises(RuntimeError, match="outside"):
         kernels.gather_rows(src, torch.tensor([38]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_the_lora_layer_s_cpp_node_gives_its_python_node_s_bits(kernels, monkeypatch, dtype, bias, dropout):
+    """On a packed base weight a fused LoRA layer runs as one C++ op with its autograd node in C++
+    (`martlet::lora_linear`): the output and the gradients of x, A and B are `LoraLinear`'s to the bit, the dropout
+    drawn from the same seed; with x needing no gradient (a first layer) too."""
+    from martlet.train import packed
+    from martlet.train.kernels import LoraLinear, _lora_linear
+
+    monkeypatch.setattr(native, "usable", lambda *tensors: kernels)  # (whatever this CPU's default: both native)
+    base = torch.nn.Linear(64, 96, bias=bias).to(dtype).requires_grad_(False)
+    base.weight._martlet_packed = packed.PackedWeight.of(base.weight)
+    a = (_seeded(1, 8, 64) * 0.1).requires_grad_()
+    b = (_seeded(2, 96, 8) * 0.1).requires_grad_()
+    grad = _seeded(3, 2, 37, 96, dtype=dtype)
+    for needs_x in (True, False):
+        def run(layer):
+            a.grad = b.grad = None
+            x = _seeded(4, 2, 37, 64, dtype=dtype).requires_grad_(needs_x)
+            torch.manual_seed(5)
+            y = layer(x)
+            y.backward(grad)
+            return y, x.grad, a.grad, b.grad
+
+        want = run(lambda x: LoraLinear.apply(x, base.weight, base.bias, a, b, 4.0, dropout))
+        got = run(lambda x: _lora_linear(x, base, a, b, 4.0, dropout))
+        assert "LoraLinearNode" in got[0].grad_fn.name() and "LoraLinear" in want[0].grad_fn.name()
+        assert got[0].shape == (2, 37, 96) and (got[1] is None) == (not needs_x)
+        for g, w in zip(got, want):
+            assert (g is None and w is None) or torch.equal(g, w)

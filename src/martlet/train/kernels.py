@@ -342,5 +342,18 @@ def _fused_forward(self, x, *args, **kwargs):
         return self._plain_forward(x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
-    return LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                            self.scaling[name], p)
+    return _lora_linear(x, base, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p)
+
+
+def _lora_linear(x: torch.Tensor, base: torch.nn.Linear, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                 p: float) -> torch.Tensor:
+    """`LoraLinear`, or where its base weight is packed (train/packed.py) and the native kernels run, the same
+    computation as one C++ op with its autograd node in C++ (`martlet::lora_linear`): the same kernels in the same
+    order, so the same bits (tested), without the Python of either pass (~45 us a layer; a SmolLM2 LoRA step 1.04x)."""
+    copy = packed._packed_copy(base.weight)
+    kernels = native.usable(x) if copy is not None and copy.backward is not None else None
+    if kernels is None:
+        return LoraLinear.apply(x, base.weight, base.bias, a, b, scaling, p)
+    seed, threshold = native_dropout(p)
+    return kernels.lora_linear(x, copy.forward, copy.backward, base.bias, a, b, scaling, 65536 / (65536 - threshold),
+                               seed, threshold)

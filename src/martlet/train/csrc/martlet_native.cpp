@@ -7,6 +7,8 @@
 // except where a sum is accumulated in a different order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -1757,7 +1759,66 @@ bool bf16_dot() {
 
 }  // namespace
 
+// ---- a fused LoRA layer on packed weights, its autograd node in C++ ----------------------------------------
+// y = x W^T + bias + scaling * drop(x) (keep_scale a)^T b^T, W packed for oneDNN (`w` for x W^T, `w_t` for dy W,
+// train/packed.py): what kernels.LoraLinear runs on the native kernels, without its Python in either pass.
+namespace {
+
+at::Tensor packed_product(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x.contiguous(), w, bias, std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                          std::optional<std::string>("")};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+struct LoraLinearNode : public torch::autograd::Function<LoraLinearNode> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const at::Tensor& w_t, const std::optional<at::Tensor>& bias, const at::Tensor& a,
+                            const at::Tensor& b, double scaling, double keep_scale, int64_t seed, int64_t threshold) {
+    at::Tensor x2 = x.reshape({-1, x.size(-1)});
+    at::Tensor out = packed_product(x2, w, bias);
+    at::Tensor xa = lora_down(x2, a, keep_scale, seed, threshold);
+    lora_up_(out, xa, b, scaling);
+    ctx->save_for_backward({x2, xa, w_t, a, b});
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["keep_scale"] = keep_scale;
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["threshold"] = threshold;
+    ctx->saved_data["shape"] = x.sizes().vec();
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = out.size(-1);
+    return out.view(shape);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &xa = saved[1], &w_t = saved[2], &a = saved[3], &b = saved[4];
+    at::Tensor dy = grads[0].reshape({-1, grads[0].size(-1)}).to(x.scalar_type()).contiguous();
+    std::optional<at::Tensor> grad_x;
+    if (ctx->needs_input_grad(0)) grad_x = packed_product(dy, w_t, std::nullopt);
+    auto [dyb, grad_b] = lora_up_backward(dy, xa, b, ctx->saved_data["scaling"].toDouble());
+    at::Tensor grad_a = lora_down_backward(x, a, dyb, ctx->saved_data["keep_scale"].toDouble(),
+                                           ctx->saved_data["seed"].toInt(), ctx->saved_data["threshold"].toInt(),
+                                           grad_x);
+    at::Tensor gx = grad_x ? grad_x->view(ctx->saved_data["shape"].toIntVector()) : at::Tensor();
+    return {gx, at::Tensor(), at::Tensor(), at::Tensor(), grad_a, grad_b, at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_t,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b, double scaling,
+                       double keep_scale, int64_t seed, int64_t threshold) {
+  return LoraLinearNode::apply(x, w, w_t, bias, a, b, scaling, keep_scale, seed, threshold);
+}
+
+}  // namespace
+
 TORCH_LIBRARY(martlet, m) {
+  m.def("lora_linear(Tensor x, Tensor w, Tensor w_t, Tensor? bias, Tensor a, Tensor b, float scaling, "
+        "float keep_scale, int seed, int threshold) -> Tensor", &lora_linear);
   m.def("bf16_dot() -> bool", &bf16_dot);
   m.def("gather_rows(Tensor src, Tensor index) -> Tensor", &gather_rows);
   m.def("dropout_mask(int rows, int k, int seed, int threshold) -> Tensor", &dropout_mask);
