@@ -139,7 +139,7 @@ def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def _chunks(hidden: torch.Tensor, target: torch.Tensor, chunk: int, weight: torch.Tensor):
     """(start, rows, targets, real rows) of each chunk, rounded up with zero rows (target 0) to a repeating shape
-    unless the products run on the head's packed copy (`weight`'s: `row_multiple`)."""
+    unless its products run on `weight`'s packed copy, which builds no kernel worth it per shape (`row_multiple`)."""
     multiple = 1 if packed.packed_copy_of(weight) else shape_multiple(hidden.device.type, hidden.dtype)
     for start in range(0, hidden.shape[0], chunk):
         h, y = hidden[start:start + chunk], target[start:start + chunk]
@@ -191,7 +191,7 @@ class LoraLinear(torch.autograd.Function):
         ctx.scaling, ctx.shape, ctx.native = scaling, shape, kernels is not None
         if kernels is not None:
             seed, threshold = native_dropout(dropout)
-            kept = 1 - threshold / 65536  # 1 / kept goes on the small factors
+            kept = native_kept(threshold)  # 1 / kept goes on the small factors
             xa = kernels.lora_down(x2, lora_a, 1 / kept, seed, threshold)
             kernels.lora_up_(out, xa, lora_b, scaling)
             ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
@@ -233,6 +233,11 @@ def native_dropout(p: float) -> tuple[int, int]:
     if p <= 0:
         return 0, 0
     return int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)), round(p * 65536)
+
+
+def native_kept(threshold: int) -> float:
+    """The share of elements the native dropout keeps at `threshold` (of `native_dropout`)."""
+    return 1 - threshold / 65536
 
 
 def keep_factor(shape: torch.Size, p: float, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -355,5 +360,5 @@ def _lora_linear(x: torch.Tensor, base: torch.nn.Linear, a: torch.Tensor, b: tor
     if kernels is None:
         return LoraLinear.apply(x, base.weight, base.bias, a, b, scaling, p)
     seed, threshold = native_dropout(p)
-    return kernels.lora_linear(x, copy.forward, copy.backward, base.bias, a, b, scaling, 65536 / (65536 - threshold),
+    return kernels.lora_linear(x, copy.forward, copy.backward, base.bias, a, b, scaling, 1 / native_kept(threshold),
                                seed, threshold)

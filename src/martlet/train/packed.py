@@ -215,9 +215,10 @@ def _every_product_packed(model: torch.nn.Module) -> bool:
     """Every module's own weight matrices packed (embeddings aside: a lookup, no product), the fused LoRA layers'
     factors aside while the native kernels run them. Anything else (a trainable head, a convolution, a factor on
     torch's products) runs a plain product."""
-    native_factors = native.ops() is not None and not native.attention_only()
-    factors = {id(p) for m in model.modules() if native_factors and getattr(type(m), "_martlet_patch", None) ==
-               "fused_lora" for p in [*m.lora_A.parameters(), *m.lora_B.parameters()]}
+    factors = set()
+    if native.ops() is not None and not native.attention_only():
+        fused = [m for m in model.modules() if getattr(type(m), "_martlet_patch", None) == "fused_lora"]
+        factors = {id(p) for m in fused for p in [*m.lora_A.parameters(), *m.lora_B.parameters()]}
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
             continue

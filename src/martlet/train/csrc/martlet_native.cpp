@@ -1785,7 +1785,6 @@ struct LoraLinearNode : public torch::autograd::Function<LoraLinearNode> {
     ctx->saved_data["keep_scale"] = keep_scale;
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["threshold"] = threshold;
-    ctx->saved_data["shape"] = x.sizes().vec();
     std::vector<int64_t> shape = x.sizes().vec();
     shape.back() = out.size(-1);
     return out.view(shape);
@@ -1802,7 +1801,9 @@ struct LoraLinearNode : public torch::autograd::Function<LoraLinearNode> {
     at::Tensor grad_a = lora_down_backward(x, a, dyb, ctx->saved_data["keep_scale"].toDouble(),
                                            ctx->saved_data["seed"].toInt(), ctx->saved_data["threshold"].toInt(),
                                            grad_x);
-    at::Tensor gx = grad_x ? grad_x->view(ctx->saved_data["shape"].toIntVector()) : at::Tensor();
+    std::vector<int64_t> shape = grads[0].sizes().vec();  // x's: the output's, k columns
+    shape.back() = x.size(-1);
+    at::Tensor gx = grad_x ? grad_x->view(shape) : at::Tensor();
     return {gx, at::Tensor(), at::Tensor(), at::Tensor(), grad_a, grad_b, at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor()};
   }
