@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python benchmarks/step_ab.py --compare rounding [--rounds 6] [--batches 12] [--lora_dropout 0.05]
     HF_HUB_OFFLINE=1 python benchmarks/step_ab.py --compare node
+    HF_HUB_OFFLINE=1 python benchmarks/step_ab.py --compare layer
 
 The embedded SmolLM2-135M-Instruct with LoRA r8 / alpha 32 on every linear layer, fused and on packed weights as
 `martlet sft` trains it (bf16 where the CPU computes it), the benchmark's SFT data (`sft_throughput.SFT_DATA`)
@@ -12,7 +13,9 @@ process because the host's speed drifts by 10-20% over minutes.
 
 --compare rounding: rows rounded up to 64 tokens (what runs where a product is not packed) against rows as long
 as their tokens (`kernels.row_multiple` on packed weights). --compare node: the fused LoRA layer's autograd node in
-Python (`kernels.LoraLinear`) against its C++ node (`martlet::lora_linear`), the same bits.
+Python (`kernels.LoraLinear`) against its C++ node (`martlet::lora_linear`), the same bits. --compare layer: each
+decoder layer through its own forward (its modules' nodes, `MARTLET_FUSED_LAYER=0`) against one node a layer
+(`fused_layer.DecoderLayer`), the same bits.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def lora_model(dropout: float):
 
     from martlet.models.dtype import resolve_dtype
     from martlet.models.embedded import embedded_model_dir
-    from martlet.train import kernels, native, varlen_attention
+    from martlet.train import fused_layer, kernels, native, varlen_attention
 
     dtype = torch.bfloat16 if resolve_dtype("AUTO", "cpu") == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=dtype, use_cache=False,
@@ -61,6 +64,7 @@ def lora_model(dropout: float):
             param.data = param.data.float()
     kernels.fuse_lora(model)
     native.fuse_native(model)
+    fused_layer.fuse_decoder_layers(model)
     return model.train(), dtype
 
 
@@ -75,16 +79,20 @@ def variants(compare: str, features: list[list[dict]]):
     if compare == "rounding":
         return {"rows rounded to 64": (rows(64), lambda: None), "rows as they are": (rows(1), lambda: None)}
     unrounded = rows(1)
+    if compare == "layer":
+        return {"layers' own forward": (unrounded, lambda: os.environ.__setitem__("MARTLET_FUSED_LAYER", "0")),
+                "one node a layer": (unrounded, lambda: os.environ.pop("MARTLET_FUSED_LAYER", None))}
     python_node = lambda x, base, a, b, scaling, p: kernels.LoraLinear.apply(  # noqa: E731
         x, base.weight, base.bias, a, b, scaling, p)
     c_node = kernels._lora_linear
+    os.environ["MARTLET_FUSED_LAYER"] = "0"  # (the LoRA nodes run inside the layers' own forward)
     return {"LoRA node in Python": (unrounded, lambda: setattr(kernels, "_lora_linear", python_node)),
             "LoRA node in C++": (unrounded, lambda: setattr(kernels, "_lora_linear", c_node))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--compare", choices=("rounding", "node"), required=True)
+    parser.add_argument("--compare", choices=("rounding", "node", "layer"), required=True)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--lora_dropout", type=float, default=0.0)

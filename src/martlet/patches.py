@@ -129,6 +129,53 @@ def guard_rotary(library: Any) -> None:
     expect_close(got[1], rotate(k), "apply_rotary_pos_emb")
 
 
+def guard_decoder_layer(module: Any) -> None:
+    """A llama decoder layer: x2 = x + o(causal attention of rotary q(n1), rotary k(n1), v(n1)), n1 = norm1(x), the
+    query heads grouped on the key/value heads; y = x2 + mlp(norm2(x2)). Its parts' own forwards are used (each has
+    its own guard), so this checks how the layer puts them together."""
+    import torch
+
+    parts = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
+    expect(all(hasattr(module, name) for name in parts), f"{type(module).__name__} has no {' / '.join(parts)}")
+    attention = module.self_attn
+    needed = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "config")
+    expect(all(hasattr(attention, name) for name in needed), f"its attention has no {' / '.join(needed)}")
+    config = attention.config
+    with _probing(module) as tiny:
+        x = tiny(1, 5, config.hidden_size)
+        angles = tiny(1, 5, attention.head_dim // 2).float()
+        cos, sin = (torch.cat((f(angles), f(angles)), -1).to(x.dtype) for f in (torch.cos, torch.sin))
+        positions = torch.arange(5, device=x.device)[None]
+        try:
+            got = module(x, attention_mask=None, position_ids=positions, position_embeddings=(cos, sin))
+        except Exception as error:  # noqa: BLE001 - any failure means the call changed
+            raise Mismatch(f"{type(module).__name__}(x, position_ids=, position_embeddings=) raised "
+                           f"{type(error).__name__}") from None
+        expect_close(got, _llama_layer(module, x, cos, sin), f"{type(module).__name__}.forward", _tolerance(module))
+
+
+def _llama_layer(module: Any, x: Any, cos: Any, sin: Any) -> Any:
+    import torch
+
+    attention, config = module.self_attn, module.self_attn.config
+    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, attention.head_dim
+    length = x.shape[1]
+
+    def rotate(t):
+        return t * cos[:, None] + torch.cat((-t[..., dim // 2:], t[..., :dim // 2]), -1) * sin[:, None]
+
+    n1 = module.input_layernorm(x)
+    q, k, v = (p(n1).view(1, length, -1, dim).transpose(1, 2) for p in (attention.q_proj, attention.k_proj,
+                                                                          attention.v_proj))
+    q, k = rotate(q), rotate(k).repeat_interleave(heads // kv_heads, 1)
+    scores = (q @ k.transpose(-1, -2)).float() * attention.scaling
+    future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+    probs = scores.masked_fill(future, float("-inf")).softmax(-1).to(v.dtype)
+    attended = probs @ v.repeat_interleave(heads // kv_heads, 1)
+    x2 = x + attention.o_proj(attended.transpose(1, 2).reshape(1, length, heads * dim))
+    return x2 + module.mlp(module.post_attention_layernorm(x2))
+
+
 LORA_ATTRIBUTES = ("base_layer", "lora_A", "lora_B", "scaling", "lora_dropout", "merged", "disable_adapters",
                    "active_adapters", "use_dora", "fan_in_fan_out")
 
@@ -294,6 +341,14 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
           "(bit-identical to llama's) only inside the forward of an attention module fused by `fuse_native`, and "
           "hands every other call to the original (transformers 5.25's hub-kernel `Func` included). Guard: the "
           "original equals the rotate-half formula on a tiny input.", guard_rotary),
+    Patch("native_decoder_layer", "transformers", ("5.25.0",),
+          "While LoRA trains on a CPU with the native kernels, a llama-style decoder layer whose parts all run on "
+          "them (norms, rotary attention, SwiGLU MLP, seven fused LoRA projections on packed weights, a padding-free "
+          "row) runs as one autograd node (`fused_layer.DecoderLayer`): the same kernels in the same order, the "
+          "same bits, without ~20 module calls and autograd nodes a layer (a SmolLM2 LoRA step 1.04-1.055x). Any "
+          "other call runs the layer's own forward. Guard: the layer's forward equals norm, rotary causal "
+          "attention with grouped heads, residual, norm, MLP, residual over its own parts on a tiny input.",
+          guard_decoder_layer),
     Patch("fused_lora", "peft", ("0.21.2",),
           "peft's `lora.Linear` runs base layer + adapter as one autograd node (`kernels.LoraLinear`, native "
           "kernels on a CPU): the LoRA kernels' 0.83-0.88x step time, part of SFT's 3.1-3.7x (performance.md). "

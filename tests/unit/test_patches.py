@@ -69,6 +69,7 @@ def test_the_guards_pass_on_the_locked_libraries(tiny_llama):
     layer = lora.base_model.model.model.layers[0].self_attn.q_proj
     layers = lora.base_model.model.model.layers[0]
     for name, target in (("native_rms_norm", layers.input_layernorm), ("native_mlp", layers.mlp),
+                         ("native_decoder_layer", layers),
                          ("native_rotary", modeling_llama), ("fused_lora", layer), ("peft_input_cast_off", layer),
                          ("trl_compact_scoring", trl_utils), ("trl_pretokenized_rows", trl.DPOTrainer),
                          ("trl_pretokenized_rows", trl.KTOTrainer), ("trl_padding_free_precompute", trl.DPOTrainer),

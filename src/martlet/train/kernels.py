@@ -316,6 +316,11 @@ def adapters_off() -> Iterator[None]:
         _ADAPTERS_OFF.reset(token)
 
 
+def adapters_are_off() -> bool:
+    """Whether this thread runs inside `adapters_off`."""
+    return _ADAPTERS_OFF.get()
+
+
 def fused_disable_adapter(model: torch.nn.Module) -> bool:
     """Patch `peft_fused_disable_adapter` on a peft model: its `disable_adapter()` context (how trl runs the
     reference of a LoRA policy in DPO and KTO: once a step; GRPO keeps a 'ref' adapter of its own) is
@@ -337,17 +342,28 @@ def fused_disable_adapter(model: torch.nn.Module) -> bool:
 
 def _fused_forward(self, x, *args, **kwargs):
     base = self.base_layer
-    if _ADAPTERS_OFF.get() and not self.merged:
+    if adapters_are_off() and not self.merged:
         out = None if args or kwargs else packed.frozen_product(base, x)  # (while packed: train/packed.py)
         return out if out is not None else base(x, *args, **kwargs)
-    active = self.active_adapters  # one, whichever it is (trl's GRPO switches to a 'ref' copy for its reference)
-    name = active[0] if len(active) == 1 else None
-    if (args or kwargs or self.merged or self.disable_adapters or not _plain_lora(self, name)
-            or not packed.computes_in(x, base.weight.dtype)):
+    adapter = None if args or kwargs else fused_adapter(self, x)
+    if adapter is None:
         return self._plain_forward(x, *args, **kwargs)
-    dropout = self.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
+    name, p = adapter
     return _lora_linear(x, base, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p)
+
+
+def fused_adapter(layer: torch.nn.Module, x: torch.Tensor) -> tuple[str, float] | None:
+    """(name, dropout p) of the adapter `LoraLinear` computes for a call of fused LoRA layer `layer` on `x`, or None
+    where peft's own forward runs: merged or disabled adapters, several active ones, an adapter that is not plain
+    LoRA, a compute dtype other than the base weight's. The active one, whichever it is (trl's GRPO switches to a
+    'ref' copy for its reference); p is 0 outside training."""
+    active = layer.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if (layer.merged or layer.disable_adapters or not _plain_lora(layer, name)
+            or not packed.computes_in(x, layer.base_layer.weight.dtype)):
+        return None
+    dropout = layer.lora_dropout[name]
+    return name, dropout.p if isinstance(dropout, torch.nn.Dropout) and layer.training else 0.0
 
 
 def _lora_linear(x: torch.Tensor, base: torch.nn.Linear, a: torch.Tensor, b: torch.Tensor, scaling: float,

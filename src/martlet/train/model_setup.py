@@ -18,6 +18,7 @@ from martlet.models.attention import check_flash_attn
 from martlet.models.loader import ModelSpec, load_model
 from martlet.models.quant import bnb_config
 from martlet.train import varlen_attention
+from martlet.train.fused_layer import fuse_decoder_layers
 from martlet.train.kernels import fuse_lora
 from martlet.train.lora_setup import apply_lora, count_parameters
 from martlet.train.native import fuse_native
@@ -44,6 +45,8 @@ def load_for_training(args: SftArguments, spec: ModelSpec, dtype: str, device: s
         model = _with_lora(model, args, spec, checkpointing, cpu_bf16=lora_half and device == "cpu")
     if device == "cpu" and quant is None:  # RMSNorm and SwiGLU in one native pass each (train/native.py)
         logger.debug("modules on native kernels: %d", fuse_native(model))
+        if args.sft_type == "lora":  # and, where every part of a decoder layer does, the layer as one node
+            logger.debug("decoder layers fused: %d", fuse_decoder_layers(model))
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model

@@ -143,7 +143,7 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
                                       **kwargs)
     heads, dim = query.shape[1], query.shape[3]
     scale = scaling if scaling is not None else dim ** -0.5
-    if _fused(query, key, samples):  # one native pass a sample and key/value head each way
+    if _fused(query.device, query.dtype, dim, key.shape[1], samples):  # one native pass a sample and kv head each way
         q_rows, k_rows, v_rows = (t[0].transpose(0, 1).reshape(-1, dim) for t in (query, key, value))
         out = native.Attention.apply(q_rows, k_rows, v_rows, _sample_table(samples), heads, scale)
         return out.view(1, query.shape[2], heads, dim), None
@@ -195,7 +195,17 @@ def _in_buckets(query: Any, key: Any, value: Any, samples: tuple[Sample, ...], s
     return Gather.apply(out, layout.output_index, layout.output_inverse, None).view(1, rows, heads, dim)
 
 
-def _fused(query: Any, key: Any, samples: tuple[Sample, ...]) -> bool:
+def fused_row(position_ids: Any, length: int, dtype: torch.dtype, head_dim: int, kv_heads: int) -> Any | None:
+    """The sample table (`native.Attention`'s `samples`) of a padding-free row of `length` tokens whose attention
+    `varlen_attention` runs in the native fused pass (CPU rows, as `_fused` decides), else None. The caller checks
+    what `reads_shared_prefixes` checks of the model."""
+    samples = _row_samples_once(position_ids)
+    if samples is None or sum(s.length for s in samples) != length:
+        return None
+    return _sample_table(samples) if _fused(torch.device("cpu"), dtype, head_dim, kv_heads, samples) else None
+
+
+def _fused(device: torch.device, dtype: torch.dtype, head_dim: int, kv_heads: int, samples: tuple[Sample, ...]) -> bool:
     """Whether the native fused attention takes this row: on a CPU with the kernels, bf16 or fp32, a head size
     that is a multiple of 16, every sample at most FUSED_MAX_LEN keys (its buffers grow with the square). With
     AVX512-BF16 its bf16 products run on bf16 pairs and it takes every such row (6 SmolLM2 layers, fwd + bwd, against
@@ -206,15 +216,15 @@ def _fused(query: Any, key: Any, samples: tuple[Sample, ...]) -> bool:
     layers, one sample: 1.36x the buckets at 128 tokens, 0.82x at 256, 0.85x at 512; two of 500: 0.95x; four of 400:
     1.29x; every fp32 row up to 1,024 keys 1.5-3.9x)."""
     kernels = native.ops()
-    if not (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float32) and query.shape[3] % 16 == 0
+    if not (device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and head_dim % 16 == 0
             and env_switch("MARTLET_FUSED_ATTENTION") is not False and kernels is not None
             and not torch.compiler.is_compiling()):
         return False
     longest = max(s.size for s in samples)
     if longest > FUSED_MAX_LEN:
         return False
-    tasks = len(samples) * key.shape[1]
-    return (query.dtype == torch.float32 or kernels.bf16_dot() or longest <= FUSED_BF16_SHORT
+    tasks = len(samples) * kv_heads
+    return (dtype == torch.float32 or kernels.bf16_dot() or longest <= FUSED_BF16_SHORT
             or tasks >= FUSED_TASKS_A_THREAD * torch.get_num_threads())
 
 
