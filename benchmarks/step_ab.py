@@ -15,7 +15,7 @@ process because the host's speed drifts by 10-20% over minutes.
 as their tokens (`kernels.row_multiple` on packed weights). --compare node: the fused LoRA layer's autograd node in
 Python (`kernels.LoraLinear`) against its C++ node (`martlet::lora_linear`), the same bits. --compare layer: each
 decoder layer through its own forward (its modules' nodes, `MARTLET_FUSED_LAYER=0`) against one node a layer
-(`fused_layer.DecoderLayer`), the same bits.
+(`martlet::decoder_layer`, train/fused_layer.py), the same bits.
 """
 
 from __future__ import annotations

@@ -343,10 +343,10 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
           "original equals the rotate-half formula on a tiny input.", guard_rotary),
     Patch("native_decoder_layer", "transformers", ("5.25.0",),
           "While LoRA trains on a CPU with the native kernels, a llama-style decoder layer whose parts all run on "
-          "them (norms, rotary attention, SwiGLU MLP, seven fused LoRA projections on packed weights, a padding-free "
-          "row) runs as one autograd node (`fused_layer.DecoderLayer`): the same kernels in the same order, the "
-          "same bits, without ~20 module calls and autograd nodes a layer (a SmolLM2 LoRA step 1.04-1.055x). Any "
-          "other call runs the layer's own forward. Guard: the layer's forward equals norm, rotary causal "
+          "them (norms, rotary attention, SwiGLU MLP, seven fused LoRA projections on packed weights, a "
+          "padding-free row) runs as one C++ op with its autograd node (`martlet::decoder_layer`): the same kernels "
+          "in the same order, the same bits, without ~20 module calls and autograd nodes a layer (a SmolLM2 LoRA "
+          "step 1.038x). Any other call runs the layer's own forward. Guard: the layer's forward equals norm, rotary causal "
           "attention with grouped heads, residual, norm, MLP, residual over its own parts on a tiny input.",
           guard_decoder_layer),
     Patch("fused_lora", "peft", ("0.21.2",),

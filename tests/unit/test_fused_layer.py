@@ -22,10 +22,10 @@ def built():
 
 @pytest.fixture
 def applied(monkeypatch):
-    """How many times `DecoderLayer` ran, counted from here."""
+    """How many times a layer ran as one node, counted from here."""
     calls = []
-    apply = fused_layer.DecoderLayer.apply
-    monkeypatch.setattr(fused_layer.DecoderLayer, "apply", lambda *args: calls.append(1) or apply(*args))
+    run = fused_layer._run
+    monkeypatch.setattr(fused_layer, "_run", lambda *args: calls.append(1) or run(*args))
     return calls
 
 
@@ -37,14 +37,14 @@ def _native_everywhere(*tensors):
     return native.ops() if first.dtype in (torch.bfloat16, torch.float32) else None
 
 
-def _lora_model(path, dtype, dropout):
+def _lora_model(path, dtype, dropout, targets="all-linear"):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_cache=False,
                                                  attn_implementation=varlen_attention.register())
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout,
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=dropout,
                                              task_type="CAUSAL_LM"))
     for name, param in model.named_parameters():
         if "lora_" in name:
@@ -71,15 +71,21 @@ def _loss_and_grads(model, row, dtype):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("arch,dtype,dropout", [
-    ("llama", torch.bfloat16, 0.0), ("llama", torch.bfloat16, 0.1), ("llama", torch.float32, 0.1),
-    ("qwen2", torch.bfloat16, 0.1), ("mistral", torch.float32, 0.0)])
-def test_a_fused_layer_gives_the_unfused_layer_s_bits(built, applied, monkeypatch, tiny_models, arch, dtype, dropout):
-    """LoRA on every projection, the frozen weights packed, a padding-free row whose samples share prefixes: the
-    loss and every adapter's gradient are those of the layer's own forward (each module on its native kernel and
-    the LoRA layers' C++ node) to the bit, dropout drawn from the same seeds. qwen2's q/k/v carry biases."""
+QKV = ["q_proj", "k_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("arch,dtype,dropout,targets", [
+    ("llama", torch.bfloat16, 0.0, "all-linear"), ("llama", torch.bfloat16, 0.1, "all-linear"),
+    ("llama", torch.float32, 0.1, "all-linear"), ("qwen2", torch.bfloat16, 0.1, "all-linear"),
+    ("mistral", torch.float32, 0.0, "all-linear"), ("llama", torch.bfloat16, 0.1, QKV), ("qwen2", torch.float32, 0.0, QKV)])
+def test_a_fused_layer_gives_the_unfused_layer_s_bits(built, applied, monkeypatch, tiny_models, arch, dtype, dropout,
+                                                       targets):
+    """LoRA on every projection or on q/k/v alone (llama's default: the others frozen, packed), the frozen weights
+    packed, a padding-free row whose samples share prefixes: the loss and every adapter's gradient are those of the
+    layer's own forward (each module on its native kernel, the LoRA layers' C++ node, the frozen layers'
+    `FrozenProduct`) to the bit, dropout drawn from the same seeds. qwen2's q/k/v carry biases."""
     monkeypatch.setattr(native, "usable", _native_everywhere)
-    model = _lora_model(tiny_models[arch], dtype, dropout)
+    model = _lora_model(tiny_models[arch], dtype, dropout, targets)
     assert fused_layer.fuse_decoder_layers(model) == 2 and fused_layer.fuse_decoder_layers(model) == 2
     row = _row(model.config.vocab_size)
     with packed.packed_frozen_weights(model):
@@ -89,7 +95,8 @@ def test_a_fused_layer_gives_the_unfused_layer_s_bits(built, applied, monkeypatc
         monkeypatch.delenv("MARTLET_FUSED_LAYER")
         got_loss, got = _loss_and_grads(model, row, dtype)
         assert len(applied) == 2
-    assert torch.equal(got_loss, want_loss) and got.keys() == want.keys() and len(want) == 2 * 7 * 2
+    adapted = 7 if targets == "all-linear" else 3
+    assert torch.equal(got_loss, want_loss) and got.keys() == want.keys() and len(want) == 2 * adapted * 2
     for name, grad in want.items():
         assert torch.equal(got[name], grad), name
 
@@ -114,6 +121,7 @@ def test_a_checkpointed_layer_recomputes_the_same_bits(built, applied, monkeypat
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 layer = body.layers[1]
                 y = checkpoint(layer, x, use_reentrant=False, **kwargs) if checkpointed else layer(x, **kwargs)
+            assert checkpointed or "DecoderLayerNode" in y.grad_fn.next_functions[0][0].name()  # the C++ node
             y.float().pow(2).sum().backward()
             results.append([x.grad] + [p.grad for p in model.parameters() if p.grad is not None])
     assert len(applied) == 3 and len(results[0]) == 1 + 14

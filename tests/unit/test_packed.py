@@ -105,6 +105,45 @@ def test_training_on_packed_weights_gives_the_same_loss_gradients_and_reference(
         torch.testing.assert_close(got[1][name], grad, **exact, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_frozen_layers_beside_lora_s_train_on_packed_copies(tiny_models, monkeypatch, dtype):
+    """LoRA on q/k/v only (the llama default): the other projections' frozen weights are packed too, and run their
+    forward and their input's gradient on the copies (`FrozenProduct`): the loss and the adapters' gradients are
+    those of torch's products (bf16 to the bit)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from martlet.train.kernels import fuse_lora
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=dtype, use_cache=False)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"],
+                                             task_type="CAUSAL_LM")).train()
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = torch.randn_like(param, dtype=torch.float32) * 0.1
+    fuse_lora(model)
+    ids = torch.randint(5, 200, (1, 12), generator=torch.Generator().manual_seed(1))
+
+    def run():
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            return _lean_loss_and_grads(model, {"input_ids": ids, "labels": ids})
+
+    want = run()
+    applied = []
+    plain = packed.FrozenProduct.apply
+    monkeypatch.setattr(packed.FrozenProduct, "apply", lambda *args: applied.append(1) or plain(*args))
+    with packed.packed_frozen_weights(model) as count:
+        assert count == 2 * 7 + 1  # (two layers' seven projections, the head)
+        got = run()
+    assert len(applied) == 2 * 4  # o, gate, up, down of each layer
+    exact = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(got[0], want[0], **exact)
+    assert got[1].keys() == want[1].keys() and len(got[1]) == 2 * 3 * 2
+    for name, grad in want[1].items():
+        torch.testing.assert_close(got[1][name], grad, **exact, msg=name)
+
+
 def test_packing_is_used_by_the_products(tiny_models, monkeypatch):
     """Inside the context the base products and the loss's head run on the packed weights (not just held)."""
     from martlet.train.kernels import fuse_lora
@@ -361,20 +400,24 @@ def _native_factors(monkeypatch, on: bool):
     monkeypatch.setattr(native, "attention_only", lambda: False)
 
 
-@pytest.mark.parametrize("case", ["all packed", "factors on torch", "trainable head", "layers left plain"])
+@pytest.mark.parametrize("case", ["all packed", "factors on torch", "trainable head", "layers left plain",
+                                  "a plain layer trains"])
 def test_rows_go_unrounded_only_while_every_product_runs_packed(tiny_models, monkeypatch, case):
     """Inside `packed_frozen_weights` a bf16 LoRA model whose every product runs on a packed copy (base layers, LM
-    head) or in the native LoRA kernels (the factors) takes padding-free rows as they are (`row_multiple` 1, asked of
-    the peft model or the model inside); outside, with the factors on torch's products, a trainable head or layers
-    no adapter fused, new row lengths would build new oneDNN kernels: rows go to multiples of 64."""
+    head, frozen layers no adapter wraps) or in the native LoRA kernels (the factors) takes padding-free rows as they
+    are (`row_multiple` 1, asked of the peft model or the model inside); outside, with the factors on torch's
+    products, a trainable head or plain layer, new row lengths would build new oneDNN kernels: rows go to multiples
+    of 64."""
     from martlet.train.kernels import fuse_lora, row_multiple
     from martlet.train.loss import unwrap_causal_lm
 
     model = _lora_model(tiny_models["llama"], dtype=torch.bfloat16)
-    if case == "layers left plain":  # (as if no adapter wrapped the MLPs: their layers run torch's products)
+    if case in ("layers left plain", "a plain layer trains"):  # (as if no adapter wrapped the MLPs)
         for layer in model.base_model.model.model.layers:
             for name in ("gate_proj", "up_proj", "down_proj"):
                 setattr(layer.mlp, name, getattr(layer.mlp, name).base_layer)
+        if case == "a plain layer trains":  # (as --modules_to_save would: torch's product and its weight's gradient)
+            model.base_model.model.model.layers[0].mlp.up_proj.weight.requires_grad_(True)
     fuse_lora(model)
     if case == "trainable head":
         model.get_output_embeddings().weight.requires_grad_(True)
@@ -383,7 +426,7 @@ def test_rows_go_unrounded_only_while_every_product_runs_packed(tiny_models, mon
     assert [row_multiple(m, "cpu", torch.bfloat16) for m in views] == [64, 64]
     with packed.packed_frozen_weights(model) as count:
         assert count > 0
-        want = 1 if case == "all packed" else 64
+        want = 1 if case in ("all packed", "layers left plain") else 64
         assert [row_multiple(m, "cpu", torch.bfloat16) for m in views] == [want, want]
         assert row_multiple(model, "cpu", torch.float32) == 1
     assert [row_multiple(m, "cpu", torch.bfloat16) for m in views] == [64, 64]

@@ -95,15 +95,36 @@ def computes_in(x: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def frozen_product(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
-    """`layer(x)` on its weight's packed copy, or None where that does not apply: no copy (or a stale one), a
-    gradient asked for (the private op has none), or another compute dtype."""
-    if (x.requires_grad and torch.is_grad_enabled()) or not computes_in(x, layer.weight.dtype):
+    """`layer(x)` on its weight's packed copy, or None where that does not apply: no copy (or a stale one), another
+    compute dtype, or x's gradient asked for where the copy has no W^T or the layer's weight or bias trains."""
+    if not computes_in(x, layer.weight.dtype):
         return None
     packed = _packed_copy(layer.weight)
     if packed is None:
         return None
-    out = _on_copy(x.reshape(-1, x.shape[-1]), packed, layer.bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x.requires_grad and torch.is_grad_enabled():
+        bias = layer.bias
+        if packed.backward is None or layer.weight.requires_grad or (bias is not None and bias.requires_grad):
+            return None
+        out = FrozenProduct.apply(x2, layer.weight, bias)
+    else:
+        out = _on_copy(x2, packed, layer.bias)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class FrozenProduct(torch.autograd.Function):
+    """x W^T + b for 2-D x on a frozen weight's packed copy, x's gradient dy W on its W^T copy (a frozen layer
+    beside LoRA's adapted ones, in training): the values of torch's product and its input gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.weight = weight  # (a frozen parameter: alive anyway, no copy kept)
+        return _on_copy(x, _packed_copy(weight), bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return input_grad(dy.reshape(-1, dy.shape[-1]).to(ctx.weight.dtype), ctx.weight), None, None
 
 
 def linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -151,13 +172,23 @@ def _measured_cpu() -> bool:
 
 
 def frozen_cpu_weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The weights worth packing for training: the frozen base weights of the fused LoRA layers
-    (`kernels.fuse_lora`) and the frozen LM head's, on a CPU in a packable dtype."""
-    weights = [m.base_layer.weight for m in model.modules() if getattr(type(m), "_martlet_patch", None) == "fused_lora"]
-    head = _output_layer(model)
-    if weights and head is not None and all(head.weight is not w for w in weights):
-        weights.append(head.weight)
-    return [w for w in weights if _packable(w) and not w.requires_grad]
+    """The weights worth packing for training LoRA: the frozen base weights of the fused LoRA layers
+    (`kernels.fuse_lora`), and the frozen plain linear layers' (the LM head, the projections LoRA does not adapt),
+    on a CPU in a packable dtype. None without fused LoRA layers."""
+    fused = [m for m in model.modules() if getattr(type(m), "_martlet_patch", None) == "fused_lora"]
+    if not fused:
+        return []
+    weights = [m.base_layer.weight for m in fused] + [m.weight for m in _frozen_linears(model)]
+    unique = list({id(w): w for w in weights}.values())  # (a tied head shares the embeddings' weight)
+    return [w for w in unique if _packable(w) and not w.requires_grad]
+
+
+def _frozen_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The plain linear layers of `model` outside peft's adapter layers (whose base layers the fused LoRA layers
+    run), with frozen weights and biases."""
+    adapted = {id(sub) for m in model.modules() if hasattr(m, "lora_A") for sub in m.modules()}
+    return [m for m in model.modules() if _plain_linear(m) and id(m) not in adapted and not m.weight.requires_grad
+            and (m.bias is None or not m.bias.requires_grad)]
 
 
 def _packable(weight: torch.Tensor) -> bool:
@@ -176,9 +207,10 @@ def _plain_linear(module: object) -> bool:
 
 @contextlib.contextmanager
 def packed_frozen_weights(model: torch.nn.Module) -> Iterator[int]:
-    """Inside, the fused LoRA layers of `model` on a CPU run their base products, and the LM head its products
-    (Martlet's loss, token scores, and generation without gradients: GRPO's), on packed copies of their frozen
-    weights (each weight's `_martlet_packed`, dropped at the end); yields how many weights have them."""
+    """Inside, the fused LoRA layers of `model` on a CPU run their base products, and its frozen plain linear layers
+    theirs (the LM head: Martlet's loss, token scores, generation without gradients (GRPO's); the projections LoRA
+    does not adapt, forward and input gradient: `FrozenProduct`), on packed copies of their frozen weights (each
+    weight's `_martlet_packed`, dropped at the end); yields how many weights have them."""
     weights = frozen_cpu_weights(model)
     nbytes = sum(w.nbytes for w in weights)
     if not weights or not wanted(2 * nbytes) or not all(usable(d) for d in {w.dtype for w in weights}):
@@ -186,9 +218,10 @@ def packed_frozen_weights(model: torch.nn.Module) -> Iterator[int]:
         return
     for w in weights:
         w._martlet_packed = PackedWeight.of(w)
+    for layer in _frozen_linears(model):  # the LM head, and the projections LoRA does not adapt
+        if packed_copy_of(layer.weight):
+            patches.patch_forward("packed_linear", layer, linear_forward, guarded=(layer.weight.dtype, probe))
     head = _output_layer(model)
-    if head is not None and packed_copy_of(head.weight):
-        patches.patch_forward("packed_linear", head, linear_forward, guarded=(head.weight.dtype, probe))
     if head is not None and _every_product_packed(model):  # (marked on the head: a wrapper and its model share it)
         head.weight._martlet_products_packed = True
     logger.debug("frozen weights packed for oneDNN: %d, %.0f MB", len(weights), 2 * nbytes / 2**20)

@@ -1815,11 +1815,132 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return LoraLinearNode::apply(x, w, w_t, bias, a, b, scaling, keep_scale, seed, threshold);
 }
 
+// ---- a llama decoder layer of a LoRA model as one autograd node (train/fused_layer.py) ----------------------
+// y = x2 + down(swiglu(gate(n2), up(n2))), n2 = norm2(x2), x2 = x + o(attention(rotary(q(n1)), rotary(k(n1)),
+// v(n1))), n1 = norm1(x), for a padding-free row x (tokens, hidden). Each projection as `martlet::lora_linear`
+// computes it, the gradients summed in the order autograd sums them: the bits of the layer's own modules.
+struct LayerArgs {
+  at::Tensor cos, sin, samples, norm1, norm2;
+  double eps1, eps2, scale;
+  std::vector<at::Tensor> weights, weights_t;
+  std::vector<std::optional<at::Tensor>> biases;
+  std::vector<double> scalings, keep_scales;
+  std::vector<int64_t> seeds, thresholds;
+  int64_t heads, kv_heads;
+};
+
+struct DecoderLayerNode : public torch::autograd::Function<DecoderLayerNode> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, at::TensorList factors,
+                            const LayerArgs* layer) {
+    const LayerArgs& l = *layer;
+    const int64_t tokens = x.size(0), dim = l.cos.size(-1);
+    auto project = [&](int i, const at::Tensor& in) {  // (empty factors: a frozen projection without an adapter)
+      at::Tensor out = packed_product(in, l.weights[i], l.biases[i]);
+      if (factors[2 * i].numel() == 0) return std::make_pair(out, factors[2 * i]);
+      at::Tensor xa = lora_down(in, factors[2 * i], l.keep_scales[i], l.seeds[i], l.thresholds[i]);
+      lora_up_(out, xa, factors[2 * i + 1], l.scalings[i]);
+      return std::make_pair(out, xa);
+    };
+    auto [n1, rstd1] = rms_norm(x, l.norm1, l.eps1);
+    auto [q0, xq] = project(0, n1);
+    auto [k0, xk] = project(1, n1);
+    auto [v0, xv] = project(2, n1);
+    at::Tensor q = rotary(q0.view({1, tokens, l.heads, dim}), l.cos, l.sin, false).view({-1, dim});
+    at::Tensor k = rotary(k0.view({1, tokens, l.kv_heads, dim}), l.cos, l.sin, false).view({-1, dim});
+    at::Tensor v = v0.view({-1, dim});
+    auto [attended, lse] = attention(q, k, v, l.samples, l.heads, l.scale);
+    attended = attended.view({tokens, l.heads * dim});
+    auto [o, xo] = project(3, attended);
+    at::Tensor x2 = x + o;
+    auto [n2, rstd2] = rms_norm(x2, l.norm2, l.eps2);
+    auto [gate, xg] = project(4, n2);
+    auto [up, xu] = project(5, n2);
+    at::Tensor act = swiglu(gate, up);
+    auto [down, xd] = project(6, act);
+    std::vector<at::Tensor> saved{x, rstd1, n1, q, k, v, attended, lse, x2, rstd2, n2, gate, up, act,
+                                  xq, xk, xv, xo, xg, xu, xd};
+    saved.insert(saved.end(), factors.begin(), factors.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["inputs"] = std::vector<at::Tensor>{l.cos, l.sin, l.samples, l.norm1, l.norm2};
+    ctx->saved_data["weights_t"] = l.weights_t;
+    ctx->saved_data["scalings"] = l.scalings;
+    ctx->saved_data["keep_scales"] = l.keep_scales;
+    ctx->saved_data["seeds"] = l.seeds;
+    ctx->saved_data["thresholds"] = l.thresholds;
+    ctx->saved_data["shape"] = std::vector<int64_t>{l.heads, l.kv_heads};
+    ctx->saved_data["scale"] = l.scale;
+    return x2 + down;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    const at::Tensor &x = s[0], &rstd1 = s[1], &n1 = s[2], &q = s[3], &k = s[4], &v = s[5], &attended = s[6];
+    const at::Tensor &lse = s[7], &x2 = s[8], &rstd2 = s[9], &n2 = s[10], &gate = s[11], &up = s[12], &act = s[13];
+    const at::Tensor* downs = &s[14];  // x A^T of q, k, v, o, gate, up, down
+    const at::Tensor* factors = &s[21];
+    auto inputs = ctx->saved_data["inputs"].toTensorVector();
+    const at::Tensor &cos = inputs[0], &sin = inputs[1], &samples = inputs[2];
+    auto weights_t = ctx->saved_data["weights_t"].toTensorVector();
+    auto scalings = ctx->saved_data["scalings"].toDoubleVector();
+    auto keep_scales = ctx->saved_data["keep_scales"].toDoubleVector();
+    auto seeds = ctx->saved_data["seeds"].toIntVector(), thresholds = ctx->saved_data["thresholds"].toIntVector();
+    auto shape = ctx->saved_data["shape"].toIntVector();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const int64_t tokens = x.size(0), heads = shape[0], kv_heads = shape[1], dim = cos.size(-1);
+    torch::autograd::variable_list out(1 + 14 + 1);  // x, the factors, the layer's other arguments (none)
+    auto back = [&](int i, const at::Tensor& dy, const at::Tensor& in, bool input_grad) {
+      std::optional<at::Tensor> grad_x;
+      if (input_grad) grad_x = packed_product(dy, weights_t[i], std::nullopt);
+      if (factors[2 * i].numel() == 0) return grad_x ? *grad_x : at::Tensor();
+      auto [dyb, grad_b] = lora_up_backward(dy, downs[i], factors[2 * i + 1], scalings[i]);
+      out[1 + 2 * i] = lora_down_backward(in, factors[2 * i], dyb, keep_scales[i], seeds[i], thresholds[i], grad_x);
+      out[2 + 2 * i] = grad_b;
+      return grad_x ? *grad_x : at::Tensor();
+    };
+    at::Tensor dy = grads[0].to(x.scalar_type()).contiguous();
+    auto [d_gate, d_up] = swiglu_backward(back(6, dy, act, true), gate, up);
+    at::Tensor dn2 = back(5, d_up, n2, true);  // autograd's order: a later node's gradient first, the next added
+    dn2 = dn2 + back(4, d_gate, n2, true);
+    at::Tensor dx2 = dy + rms_norm_backward(dn2, x2, inputs[4], rstd2);
+    auto [dq, dk, dv] = attention_backward(back(3, dx2, attended, true).view({-1, dim}), q, k, v, samples,
+                                           attended.view({-1, dim}), lse, heads, scale);
+    dq = rotary(dq.view({1, tokens, heads, dim}), cos, sin, true).view({tokens, -1});
+    dk = rotary(dk.view({1, tokens, kv_heads, dim}), cos, sin, true).view({tokens, -1});
+    const bool need = ctx->needs_input_grad(0);  // the first layer's input (frozen embeddings) needs none
+    at::Tensor dn1 = back(2, dv.view({tokens, -1}), n1, need);
+    at::Tensor more = back(1, dk, n1, need);
+    if (need) dn1 = dn1 + more;
+    more = back(0, dq, n1, need);
+    if (need) out[0] = dx2 + rms_norm_backward(dn1 + more, x, inputs[3], rstd1);
+    return out;
+  }
+};
+
+at::Tensor decoder_layer(const at::Tensor& x, at::TensorList factors, const at::Tensor& cos, const at::Tensor& sin,
+                         const at::Tensor& samples, const at::Tensor& norm1, const at::Tensor& norm2, double eps1,
+                         double eps2, at::TensorList weights, at::TensorList weights_t,
+                         const c10::List<std::optional<at::Tensor>>& biases, at::ArrayRef<double> scalings,
+                         at::ArrayRef<double> keep_scales, at::IntArrayRef seeds, at::IntArrayRef thresholds,
+                         int64_t heads, int64_t kv_heads, double scale) {
+  TORCH_CHECK(factors.size() == 14 && weights.size() == 7 && weights_t.size() == 7 && biases.size() == 7 &&
+                  scalings.size() == 7 && keep_scales.size() == 7 && seeds.size() == 7 && thresholds.size() == 7,
+              "decoder_layer: seven projections (q, k, v, o, gate, up, down)");
+  LayerArgs layer{cos, sin, samples, norm1, norm2, eps1, eps2, scale, weights.vec(), weights_t.vec(), {},
+                  scalings.vec(), keep_scales.vec(), seeds.vec(), thresholds.vec(), heads, kv_heads};
+  for (const auto& bias : biases) layer.biases.push_back(bias);
+  return DecoderLayerNode::apply(x, factors, &layer);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(martlet, m) {
   m.def("lora_linear(Tensor x, Tensor w, Tensor w_t, Tensor? bias, Tensor a, Tensor b, float scaling, "
         "float keep_scale, int seed, int threshold) -> Tensor", &lora_linear);
+  m.def("decoder_layer(Tensor x, Tensor[] factors, Tensor cos, Tensor sin, Tensor samples, Tensor norm1, "
+        "Tensor norm2, float eps1, float eps2, Tensor[] weights, Tensor[] weights_t, Tensor?[] biases, "
+        "float[] scalings, float[] keep_scales, int[] seeds, int[] thresholds, int heads, int kv_heads, "
+        "float scale) -> Tensor", &decoder_layer);
   m.def("bf16_dot() -> bool", &bf16_dot);
   m.def("gather_rows(Tensor src, Tensor index) -> Tensor", &gather_rows);
   m.def("dropout_mask(int rows, int k, int seed, int threshold) -> Tensor", &dropout_mask);
