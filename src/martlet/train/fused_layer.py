@@ -12,9 +12,10 @@ in one process against the layers' own forward; a first version of the node in P
 one; docs/en/performance.md). This module decides, per call, where it runs.
 
 It runs where every piece of the layer would run on the native kernels anyway: a padding-free row (batch 1) on
-the CPU, in bf16 or fp32, gradients on, the norms, MLP and attention fused by `native.fuse_native`, the seven
-projections fused LoRA layers (`kernels.fuse_lora`) with one plain adapter each on packed frozen weights
-(train/packed.py), the attention `martlet_varlen`'s fused pass, no hooks on the modules it skips. Every other call
+the CPU, in bf16 or fp32, gradients on, the norms, MLP and attention fused by `native.fuse_native`, each of the
+seven projections a fused LoRA layer (`kernels.fuse_lora`) with one plain adapter or a frozen layer LoRA does not
+adapt, on packed frozen weights (train/packed.py), the attention `martlet_varlen`'s fused pass, no hooks on the
+modules it skips. Every other call
 (inference, a DPO reference's forward, a cache, other models) runs the layer's own forward. `MARTLET_FUSED_LAYER=0`
 turns it off.
 """
@@ -36,7 +37,8 @@ LLAMA_DECODER_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2Decode
 
 @dataclass(frozen=True)
 class Projection:
-    """One fused LoRA projection of the layer: its frozen weight's packed copies, bias, LoRA scaling and dropout."""
+    """One projection of the layer: its frozen weight's packed copies, bias, LoRA scaling and dropout (0 and 0 for a
+    frozen layer without an adapter)."""
 
     copy: packed.PackedWeight
     bias: torch.Tensor | None
