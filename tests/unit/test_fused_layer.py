@@ -188,3 +188,24 @@ def test_the_guard_passes_on_each_architecture_it_names(tiny_models):
         layer = model.model.layers[0]
         assert type(layer).__name__ in fused_layer.LLAMA_DECODER_LAYERS
         patches.PATCHES["native_decoder_layer"].guard(layer)
+
+
+def test_martlet_sft_trains_its_layers_as_one_node_each(built, applied, monkeypatch, tiny_llama, tmp_path):
+    """`martlet sft` (train/model_setup.py, train/pipeline.py) on its defaults (LoRA on llama's q/k/v, the other
+    projections frozen and packed): every training step runs each decoder layer as one node."""
+    from transformers import Trainer
+
+    from martlet.llm import sft_main
+
+    monkeypatch.setattr(native, "usable", _native_everywhere)
+    steps = []
+    original = Trainer.training_step
+    monkeypatch.setattr(Trainer, "training_step", lambda self, *args, **kwargs: steps.append(len(applied))
+                        or original(self, *args, **kwargs))
+    result = sft_main(["--model_id_or_path", tiny_llama, "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+                       "--batch_size", "2", "--dataset", "self-cognition#8", "--model_name", "M",
+                       "--model_author", "B", "--eval_steps", "100", "--logging_steps", "1"])
+    assert result["global_step"] == 2 and len(steps) >= 2
+    assert len(applied) - steps[0] >= 2 * len(steps)  # (each micro-batch's two layers, at least)
+    losses = [h["loss"] for h in result["log_history"] if "loss" in h]
+    assert losses and all(0 < float(loss) < 20 for loss in losses)
