@@ -115,18 +115,22 @@ def guard_rotary(library: Any) -> None:
     generator = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 2, 3, 4, generator=generator), torch.randn(1, 1, 3, 4, generator=generator)
     cos, sin = torch.randn(1, 3, 4, generator=generator), torch.randn(1, 3, 4, generator=generator)
-
-    def rotate(x):
-        half = x.shape[-1] // 2
-        return x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), -1) * sin[:, None]
-
     try:
         got = function(q, k, cos, sin)
     except Exception as error:  # noqa: BLE001 - any failure means the shape changed
         raise Mismatch(f"apply_rotary_pos_emb(q, k, cos, sin) raised {type(error).__name__}") from None
     expect(isinstance(got, tuple) and len(got) == 2, "apply_rotary_pos_emb does not return (q, k)")
-    expect_close(got[0], rotate(q), "apply_rotary_pos_emb")
-    expect_close(got[1], rotate(k), "apply_rotary_pos_emb")
+    expect_close(got[0], _rotated(q, cos, sin), "apply_rotary_pos_emb")
+    expect_close(got[1], _rotated(k, cos, sin), "apply_rotary_pos_emb")
+
+
+def _rotated(x: Any, cos: Any, sin: Any) -> Any:
+    """llama's rotary embedding of x (batch, heads, length, dim): x * cos + rotate_half(x) * sin, cos and sin
+    (batch, length, dim) unsqueezed at dim 1."""
+    import torch
+
+    half = x.shape[-1] // 2
+    return x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), -1) * sin[:, None]
 
 
 def guard_decoder_layer(module: Any) -> None:
@@ -160,14 +164,10 @@ def _llama_layer(module: Any, x: Any, cos: Any, sin: Any) -> Any:
     attention, config = module.self_attn, module.self_attn.config
     heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, attention.head_dim
     length = x.shape[1]
-
-    def rotate(t):
-        return t * cos[:, None] + torch.cat((-t[..., dim // 2:], t[..., :dim // 2]), -1) * sin[:, None]
-
     n1 = module.input_layernorm(x)
     q, k, v = (p(n1).view(1, length, -1, dim).transpose(1, 2) for p in (attention.q_proj, attention.k_proj,
                                                                           attention.v_proj))
-    q, k = rotate(q), rotate(k).repeat_interleave(heads // kv_heads, 1)
+    q, k = _rotated(q, cos, sin), _rotated(k, cos, sin).repeat_interleave(heads // kv_heads, 1)
     scores = (q @ k.transpose(-1, -2)).float() * attention.scaling
     future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
     probs = scores.masked_fill(future, float("-inf")).softmax(-1).to(v.dtype)
@@ -346,8 +346,9 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
           "them (norms, rotary attention, SwiGLU MLP, seven fused LoRA projections on packed weights, a "
           "padding-free row) runs as one C++ op with its autograd node (`martlet::decoder_layer`): the same kernels "
           "in the same order, the same bits, without ~20 module calls and autograd nodes a layer (a SmolLM2 LoRA "
-          "step 1.038x). Any other call runs the layer's own forward. Guard: the layer's forward equals norm, rotary causal "
-          "attention with grouped heads, residual, norm, MLP, residual over its own parts on a tiny input.",
+          "step 1.038x). Any other call runs the layer's own forward. Guard: the layer's forward equals norm, "
+          "rotary causal attention with grouped heads, residual, norm, MLP, residual over its own parts on a tiny "
+          "input.",
           guard_decoder_layer),
     Patch("fused_lora", "peft", ("0.21.2",),
           "peft's `lora.Linear` runs base layer + adapter as one autograd node (`kernels.LoraLinear`, native "

@@ -15,10 +15,9 @@ It runs where every piece of the layer would run on the native kernels anyway: a
 the CPU, in bf16 or fp32, gradients on, the norms, MLP and attention fused by `native.fuse_native`, each of the
 seven projections a fused LoRA layer (`kernels.fuse_lora`) with one plain adapter or a frozen layer LoRA does not
 adapt, on packed frozen weights (train/packed.py), the attention `martlet_varlen`'s fused pass, no hooks on the
-modules it skips. Every other call
-(inference, a DPO reference's forward, a cache, other models) runs the layer's own forward: without gradients the
-node was measured no faster (a reference's forward through it, adapters off: 0.994x, the same bits). `MARTLET_FUSED_LAYER=0`
-turns it off.
+modules it skips. Every other call (inference, a DPO reference's forward, a cache, other models) runs the layer's
+own forward: without gradients the node was measured no faster (a reference's forward through it, adapters off:
+0.994x, the same bits). `MARTLET_FUSED_LAYER=0` turns it off.
 """
 
 from __future__ import annotations
@@ -164,11 +163,8 @@ def _projection(module: Any, x: torch.Tensor) -> tuple[Projection, torch.Tensor,
         base, scaling, p, a, b = module, 0.0, 0.0, _NO_FACTOR, _NO_FACTOR
     else:
         return None
-    copy = packed._packed_copy(base.weight)
-    if (copy is None or copy.backward is None or base.weight.requires_grad
-            or (base.bias is not None and base.bias.requires_grad)):
-        return None
-    return Projection(copy, base.bias, scaling, p), a, b
+    copy = packed.frozen_copy(base)
+    return None if copy is None else (Projection(copy, base.bias, scaling, p), a, b)
 
 
 _NO_FACTOR = torch.empty(0)  # a projection without an adapter

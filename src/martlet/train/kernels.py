@@ -371,8 +371,8 @@ def _lora_linear(x: torch.Tensor, base: torch.nn.Linear, a: torch.Tensor, b: tor
     """`LoraLinear`, or where its base weight is packed (train/packed.py) and the native kernels run, the same
     computation as one C++ op with its autograd node in C++ (`martlet::lora_linear`): the same kernels in the same
     order, so the same bits (tested), without the Python of either pass (~60 us a layer; a SmolLM2 LoRA step 1.04x)."""
-    copy = packed._packed_copy(base.weight)
-    kernels = native.usable(x) if copy is not None and copy.backward is not None else None
+    copy = packed.frozen_copy(base)
+    kernels = native.usable(x) if copy is not None else None
     if kernels is None:
         return LoraLinear.apply(x, base.weight, base.bias, a, b, scaling, p)
     seed, threshold = native_dropout(p)

@@ -99,18 +99,28 @@ def frozen_product(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor | No
     compute dtype, or x's gradient asked for where the copy has no W^T or the layer's weight or bias trains."""
     if not computes_in(x, layer.weight.dtype):
         return None
-    packed = _packed_copy(layer.weight)
-    if packed is None:
-        return None
     x2 = x.reshape(-1, x.shape[-1])
     if x.requires_grad and torch.is_grad_enabled():
-        bias = layer.bias
-        if packed.backward is None or layer.weight.requires_grad or (bias is not None and bias.requires_grad):
+        if frozen_copy(layer) is None:
             return None
-        out = FrozenProduct.apply(x2, layer.weight, bias)
+        out = FrozenProduct.apply(x2, layer.weight, layer.bias)
     else:
+        packed = _packed_copy(layer.weight)
+        if packed is None:
+            return None
         out = _on_copy(x2, packed, layer.bias)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def frozen_copy(layer: torch.nn.Linear) -> PackedWeight | None:
+    """The packed copy that `layer`'s product and its input's gradient both run on (W and W^T), or None: no copy (or
+    a stale one), one without W^T (inference's), or the layer's weight or bias training."""
+    packed = _packed_copy(layer.weight)
+    bias = layer.bias
+    if (packed is None or packed.backward is None or layer.weight.requires_grad
+            or (bias is not None and bias.requires_grad)):
+        return None
+    return packed
 
 
 class FrozenProduct(torch.autograd.Function):

@@ -1772,14 +1772,34 @@ at::Tensor packed_product(const at::Tensor& x, const at::Tensor& w, const std::o
   return stack[0].toTensor();
 }
 
+// x W^T + bias + s * dropout(x) A^T B^T for 2-D x on a packed W: (out, x A^T). Both LoRA nodes below run it.
+std::pair<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& w,
+                                               const std::optional<at::Tensor>& bias, const at::Tensor& a,
+                                               const at::Tensor& b, double scaling, double keep_scale, int64_t seed,
+                                               int64_t threshold) {
+  at::Tensor out = packed_product(x, w, bias);
+  at::Tensor xa = lora_down(x, a, keep_scale, seed, threshold);
+  lora_up_(out, xa, b, scaling);
+  return {out, xa};
+}
+
+// Its backward from the output's gradient dy: (x's gradient when asked, A's, B's), x's on the packed W^T.
+std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor> lora_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& xa, const at::Tensor& w_t, const at::Tensor& a,
+    const at::Tensor& b, double scaling, double keep_scale, int64_t seed, int64_t threshold, bool input_grad) {
+  std::optional<at::Tensor> grad_x;
+  if (input_grad) grad_x = packed_product(dy, w_t, std::nullopt);
+  auto [dyb, grad_b] = lora_up_backward(dy, xa, b, scaling);
+  at::Tensor grad_a = lora_down_backward(x, a, dyb, keep_scale, seed, threshold, grad_x);
+  return {grad_x, grad_a, grad_b};
+}
+
 struct LoraLinearNode : public torch::autograd::Function<LoraLinearNode> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             const at::Tensor& w_t, const std::optional<at::Tensor>& bias, const at::Tensor& a,
                             const at::Tensor& b, double scaling, double keep_scale, int64_t seed, int64_t threshold) {
     at::Tensor x2 = x.reshape({-1, x.size(-1)});
-    at::Tensor out = packed_product(x2, w, bias);
-    at::Tensor xa = lora_down(x2, a, keep_scale, seed, threshold);
-    lora_up_(out, xa, b, scaling);
+    auto [out, xa] = lora_forward(x2, w, bias, a, b, scaling, keep_scale, seed, threshold);
     ctx->save_for_backward({x2, xa, w_t, a, b});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["keep_scale"] = keep_scale;
@@ -1795,12 +1815,9 @@ struct LoraLinearNode : public torch::autograd::Function<LoraLinearNode> {
     auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &xa = saved[1], &w_t = saved[2], &a = saved[3], &b = saved[4];
     at::Tensor dy = grads[0].reshape({-1, grads[0].size(-1)}).to(x.scalar_type()).contiguous();
-    std::optional<at::Tensor> grad_x;
-    if (ctx->needs_input_grad(0)) grad_x = packed_product(dy, w_t, std::nullopt);
-    auto [dyb, grad_b] = lora_up_backward(dy, xa, b, ctx->saved_data["scaling"].toDouble());
-    at::Tensor grad_a = lora_down_backward(x, a, dyb, ctx->saved_data["keep_scale"].toDouble(),
-                                           ctx->saved_data["seed"].toInt(), ctx->saved_data["threshold"].toInt(),
-                                           grad_x);
+    auto [grad_x, grad_a, grad_b] = lora_backward(
+        dy, x, xa, w_t, a, b, ctx->saved_data["scaling"].toDouble(), ctx->saved_data["keep_scale"].toDouble(),
+        ctx->saved_data["seed"].toInt(), ctx->saved_data["threshold"].toInt(), ctx->needs_input_grad(0));
     std::vector<int64_t> shape = grads[0].sizes().vec();  // x's: the output's, k columns
     shape.back() = x.size(-1);
     at::Tensor gx = grad_x ? grad_x->view(shape) : at::Tensor();
@@ -1835,11 +1852,11 @@ struct DecoderLayerNode : public torch::autograd::Function<DecoderLayerNode> {
     const LayerArgs& l = *layer;
     const int64_t tokens = x.size(0), dim = l.cos.size(-1);
     auto project = [&](int i, const at::Tensor& in) {  // (empty factors: a frozen projection without an adapter)
-      at::Tensor out = packed_product(in, l.weights[i], l.biases[i]);
-      if (factors[2 * i].numel() == 0) return std::make_pair(out, factors[2 * i]);
-      at::Tensor xa = lora_down(in, factors[2 * i], l.keep_scales[i], l.seeds[i], l.thresholds[i]);
-      lora_up_(out, xa, factors[2 * i + 1], l.scalings[i]);
-      return std::make_pair(out, xa);
+      if (factors[2 * i].numel() == 0) {
+        return std::make_pair(packed_product(in, l.weights[i], l.biases[i]), factors[2 * i]);
+      }
+      return lora_forward(in, l.weights[i], l.biases[i], factors[2 * i], factors[2 * i + 1], l.scalings[i],
+                          l.keep_scales[i], l.seeds[i], l.thresholds[i]);
     };
     auto [n1, rstd1] = rms_norm(x, l.norm1, l.eps1);
     auto [q0, xq] = project(0, n1);
@@ -1890,11 +1907,13 @@ struct DecoderLayerNode : public torch::autograd::Function<DecoderLayerNode> {
     const int64_t tokens = x.size(0), heads = shape[0], kv_heads = shape[1], dim = cos.size(-1);
     torch::autograd::variable_list out(1 + 14 + 1);  // x, the factors, the layer's other arguments (none)
     auto back = [&](int i, const at::Tensor& dy, const at::Tensor& in, bool input_grad) {
-      std::optional<at::Tensor> grad_x;
-      if (input_grad) grad_x = packed_product(dy, weights_t[i], std::nullopt);
-      if (factors[2 * i].numel() == 0) return grad_x ? *grad_x : at::Tensor();
-      auto [dyb, grad_b] = lora_up_backward(dy, downs[i], factors[2 * i + 1], scalings[i]);
-      out[1 + 2 * i] = lora_down_backward(in, factors[2 * i], dyb, keep_scales[i], seeds[i], thresholds[i], grad_x);
+      if (factors[2 * i].numel() == 0) {
+        return input_grad ? packed_product(dy, weights_t[i], std::nullopt) : at::Tensor();
+      }
+      auto [grad_x, grad_a, grad_b] = lora_backward(dy, in, downs[i], weights_t[i], factors[2 * i],
+                                                    factors[2 * i + 1], scalings[i], keep_scales[i], seeds[i],
+                                                    thresholds[i], input_grad);
+      out[1 + 2 * i] = grad_a;
       out[2 + 2 * i] = grad_b;
       return grad_x ? *grad_x : at::Tensor();
     };
