@@ -3,6 +3,7 @@
     HF_HUB_OFFLINE=1 python benchmarks/step_ab.py --compare rounding [--rounds 6] [--batches 12] [--lora_dropout 0.05]
     HF_HUB_OFFLINE=1 python benchmarks/step_ab.py --compare node
     HF_HUB_OFFLINE=1 python benchmarks/step_ab.py --compare layer
+    HF_HUB_OFFLINE=1 python benchmarks/step_ab.py --compare native --against HEAD~1
 
 The embedded SmolLM2-135M-Instruct with LoRA r8 / alpha 32 on every linear layer, fused and on packed weights as
 `martlet sft` trains it (bf16 where the CPU computes it), the benchmark's SFT data (`sft_throughput.SFT_DATA`)
@@ -15,7 +16,9 @@ process because the host's speed drifts by 10-20% over minutes.
 as their tokens (`kernels.row_multiple` on packed weights). --compare node: the fused LoRA layer's autograd node in
 Python (`kernels.LoraLinear`) against its C++ node (`martlet::lora_linear`), the same bits. --compare layer: each
 decoder layer through its own forward (its modules' nodes, `MARTLET_FUSED_LAYER=0`) against one node a layer
-(`martlet::decoder_layer`, train/fused_layer.py), the same bits.
+(`martlet::decoder_layer`, train/fused_layer.py), the same bits. --compare native --against REV: the native kernels
+of git revision REV (its `martlet_native.cpp`, built beside this tree's under another op namespace and loaded in the
+same process) against this tree's, the Python the same: what a change to the kernels alone buys.
 """
 
 from __future__ import annotations
@@ -68,9 +71,31 @@ def lora_model(dropout: float):
     return model.train(), dtype
 
 
-def variants(compare: str, features: list[list[dict]]):
+def native_ops(revision: str):
+    """(this tree's `torch.ops.martlet`, revision's kernels built and loaded as `torch.ops.martlet_against`)."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from martlet.train import native
+
+    ours = native.ops()
+    assert ours is not None, "the native kernels are off on this machine (native.wanted())"
+    root = Path(native.SOURCE).resolve().parents[4]
+    text = subprocess.run(["git", "-C", str(root), "show", f"{revision}:src/martlet/train/csrc/martlet_native.cpp"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "TORCH_LIBRARY(martlet," in text, f"{revision}: no TORCH_LIBRARY(martlet, ...) in its source"
+    source = Path(tempfile.mkdtemp()) / "martlet_native_against.cpp"
+    source.write_text(text.replace("TORCH_LIBRARY(martlet,", "TORCH_LIBRARY(martlet_against,"))
+    torch.ops.load_library(str(native.build(source=source)))
+    return ours, torch.ops.martlet_against
+
+
+def variants(compare: str, features: list[list[dict]], against: str | None = None):
     """{name: (rows, switch)}: each variant's padding-free rows and a function that puts the code in its state."""
-    from martlet.train import kernels
+    from martlet.train import kernels, native
     from martlet.train.batching import PaddingFreeCollator
 
     def rows(multiple: int) -> list[dict]:
@@ -79,6 +104,10 @@ def variants(compare: str, features: list[list[dict]]):
     if compare == "rounding":
         return {"rows rounded to 64": (rows(64), lambda: None), "rows as they are": (rows(1), lambda: None)}
     unrounded = rows(1)
+    if compare == "native":
+        ours, theirs = native_ops(against)
+        return {f"native kernels of {against}": (unrounded, lambda: native._loaded.__setitem__("ops", theirs)),
+                "this tree's native kernels": (unrounded, lambda: native._loaded.__setitem__("ops", ours))}
     if compare == "layer":
         return {"layers' own forward": (unrounded, lambda: os.environ.__setitem__("MARTLET_FUSED_LAYER", "0")),
                 "one node a layer": (unrounded, lambda: os.environ.pop("MARTLET_FUSED_LAYER", None))}
@@ -92,7 +121,8 @@ def variants(compare: str, features: list[list[dict]]):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--compare", choices=("rounding", "node", "layer"), required=True)
+    parser.add_argument("--compare", choices=("rounding", "node", "layer", "native"), required=True)
+    parser.add_argument("--against", default="HEAD", help="--compare native: the git revision to compare with")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--lora_dropout", type=float, default=0.0)
@@ -105,7 +135,7 @@ def main() -> None:
     from martlet.train.loss import causal_lm_loss
 
     model, dtype = lora_model(args.lora_dropout)
-    sides = variants(args.compare, batches(load_tokenizer(embedded_model_dir()), args.batches))
+    sides = variants(args.compare, batches(load_tokenizer(embedded_model_dir()), args.batches), args.against)
     times: dict[str, list[float]] = {name: [] for name in sides}
     losses: dict[str, float] = {}
 

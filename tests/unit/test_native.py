@@ -735,6 +735,26 @@ def test_the_library_is_built_once_and_named_by_what_it_was_built_from(kernels):
     assert not [p for p in library.parent.iterdir() if p.name.endswith(".partial")]
 
 
+def test_another_source_builds_its_own_library_from_that_source(monkeypatch, tmp_path):
+    """`build(source=...)` (benchmarks/step_ab.py --compare native builds an earlier revision's kernels beside this
+    tree's): that file compiled, under a name of its own, once."""
+    compiler = tmp_path / "fake-cxx"
+    log = tmp_path / "calls"
+    compiler.write_text(f'#!/bin/sh\necho "$@" >> {log}\nwhile [ "$1" != "-o" ]; do shift; done\necho built > "$2"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("MARTLET_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "other.cpp"
+    other.write_text("// another revision's kernels\n")
+    ours, theirs = native.build(), native.build(source=other)
+    assert ours != theirs and ours.exists() and theirs.exists()
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and str(native.SOURCE) in calls[0] and str(other) in calls[1]
+    assert native.build(source=other) == theirs and len(log.read_text().splitlines()) == 2  # cached: no compile
+    other.write_text("// changed\n")
+    assert native.build(source=other) != theirs  # named by its text
+
+
 def test_the_kernel_path_says_which_code_runs(monkeypatch):
     """What benchmarks/sft_throughput.py prints: the CPU features the kernels depend on and the path taken."""
     monkeypatch.setattr(native, "_cpu_flags", lambda: "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile")

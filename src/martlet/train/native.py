@@ -111,9 +111,10 @@ def compile_flags() -> list[str]:
     return [f if f != "-march=native" else f"-march={EMULATED_ISAS[isa][0]}" for f in FLAGS] if isa else FLAGS
 
 
-def build(flags: list[str] | None = None) -> Path:
+def build(flags: list[str] | None = None, source: Path = SOURCE) -> Path:
     """The compiled library for this machine (`compile_flags()`), building it if the cache has none. (Other
-    `flags`: tests build the generic code a machine without AVX-512 compiles.)"""
+    `flags`: tests build the generic code a machine without AVX-512 compiles; another `source`: benchmarks/step_ab.py
+    builds an earlier revision's beside this one.)"""
     from torch.utils import cpp_extension
 
     from martlet.models.embedded import cache_dir
@@ -126,7 +127,7 @@ def build(flags: list[str] | None = None) -> Path:
     for path in cpp_extension.library_paths():
         libraries += [f"-L{path}", f"-Wl,-rpath,{path}"]
     libraries += ["-lc10", "-ltorch_cpu", "-ltorch"]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, sys.platform, *command, *libraries,
+    key = hashlib.sha256("\n".join([source.read_text(), torch.__version__, sys.platform, *command, *libraries,
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     target = Path(cache_dir()) / "native" / f"martlet_native-{key}.so"
     if target.exists():
@@ -135,7 +136,7 @@ def build(flags: list[str] | None = None) -> Path:
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     logger.info("compiling Martlet's native CPU kernels for this machine (once, ~20 s)")
     try:
-        done = subprocess.run([*command, str(SOURCE), "-o", str(partial), *libraries], capture_output=True, text=True,
+        done = subprocess.run([*command, str(source), "-o", str(partial), *libraries], capture_output=True, text=True,
                               timeout=900)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
