@@ -83,13 +83,15 @@ def native_ops(revision: str):
 
     ours = native.ops()
     assert ours is not None, "the native kernels are off on this machine (native.wanted())"
-    root = Path(native.SOURCE).resolve().parents[4]
-    text = subprocess.run(["git", "-C", str(root), "show", f"{revision}:src/martlet/train/csrc/martlet_native.cpp"],
+    here = Path(native.SOURCE).resolve()  # (git reads `REV:./name` relative to the folder it runs in)
+    text = subprocess.run(["git", "-C", str(here.parent), "show", f"{revision}:./{here.name}"],
                           capture_output=True, text=True, check=True).stdout
     assert "TORCH_LIBRARY(martlet," in text, f"{revision}: no TORCH_LIBRARY(martlet, ...) in its source"
-    source = Path(tempfile.mkdtemp()) / "martlet_native_against.cpp"
-    source.write_text(text.replace("TORCH_LIBRARY(martlet,", "TORCH_LIBRARY(martlet_against,"))
-    torch.ops.load_library(str(native.build(source=source)))
+    with tempfile.TemporaryDirectory() as folder:  # (the build goes to Martlet's cache, named by this text)
+        source = Path(folder) / "martlet_native_against.cpp"
+        source.write_text(text.replace("TORCH_LIBRARY(martlet,", "TORCH_LIBRARY(martlet_against,"))
+        library = native.build(source=source)
+    torch.ops.load_library(str(library))
     return ours, torch.ops.martlet_against
 
 
