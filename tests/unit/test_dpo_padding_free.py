@@ -108,8 +108,8 @@ def test_padding_free_fused_forward_matches_the_padded_batch(models, left, pairs
 
     want_grads, got_grads = grads(padded, want), grads(flat, got)
     assert want_grads.keys() == got_grads.keys()
-    for name, g in want_grads.items():
-        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+    for name, g in want_grads.items():  # fp32 sums in another order (rows of other lengths): the error grows with |g|
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5 * max(1.0, g.abs().max().item()), msg=name)
 
 
 def test_other_calls_go_to_the_fused_forward_unchanged(models):
@@ -152,8 +152,8 @@ def test_padding_free_sequence_logps_match_the_padded_ones(models, left, pairs, 
     assert calls == [(1, -(-real // multiple) * multiple)]
     assert got_counts.tolist() == want_counts.tolist() == [5, 10, 3, 8]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-    for name, g in want_grads.items():
-        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+    for name, g in want_grads.items():  # fp32 sums in another order (rows of other lengths): the error grows with |g|
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5 * max(1.0, g.abs().max().item()), msg=name)
 
 
 def test_rows_are_rounded_up_where_new_matrix_shapes_cost_kernel_builds(tiny_llama):

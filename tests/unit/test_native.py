@@ -757,6 +757,7 @@ def test_another_source_builds_its_own_library_from_that_source(monkeypatch, tmp
 
 def test_the_kernel_path_says_which_code_runs(monkeypatch):
     """What benchmarks/sft_throughput.py prints: the CPU features the kernels depend on and the path taken."""
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")  # (the lines below are an x86 CPU's, wherever this runs)
     monkeypatch.setattr(native, "_cpu_flags", lambda: "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile")
     assert native.cpu_features() == ["avx2", "avx512f", "avx512_bf16", "amx_tile"]
     built = types.SimpleNamespace(bf16_dot=lambda: True)
@@ -767,7 +768,9 @@ def test_the_kernel_path_says_which_code_runs(monkeypatch):
     monkeypatch.setattr(native, "_cpu_flags", lambda: "flags\t\t: fpu sse2 avx2")
     assert native.kernel_path() == "native, generic vectors (AVX2)"
     monkeypatch.setattr(native, "_cpu_flags", lambda: "Features\t: fp asimd sve")
-    assert native.cpu_features() == ["asimd", "sve"] and native.kernel_path().startswith("native, generic vectors")
+    assert native.cpu_features() == []  # an ARM line read by an x86 process: not this CPU's
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert native.cpu_features() == ["asimd", "sve"] and native.kernel_path() == "native, generic vectors (aarch64)"
     monkeypatch.setattr(native, "ops", lambda: None)
     assert native.kernel_path().startswith("plain torch")
 
@@ -778,6 +781,7 @@ def test_an_avx2_or_avx512_cpu_can_be_emulated(monkeypatch):
     without AVX512-BF16 or AMX)."""
     from martlet.models import dtype
 
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(native, "_cpu_flags", lambda: "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16")
     monkeypatch.delenv("MARTLET_CPU_BF16", raising=False)
     monkeypatch.setenv("MARTLET_CPU_ISA", "avx2")
@@ -802,6 +806,30 @@ def test_an_avx2_or_avx512_cpu_can_be_emulated(monkeypatch):
         dtype.cpu_has_bf16.cache_clear()
 
 
+def test_an_arm_process_on_an_x86_host_is_not_taken_for_an_x86_cpu(monkeypatch):
+    """An aarch64 process emulated on an x86 host (qemu-user, a multi-arch container) reads the host's /proc/cpuinfo,
+    whose `flags` line lists AVX-512: its kernels would be built for ARM and must not be taken for the AVX-512 path,
+    nor its `--dtype AUTO` for bf16."""
+    from martlet.models import dtype
+
+    host = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16"
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native, "_cpu_flags", lambda: host)
+    monkeypatch.setattr(dtype, "cpuinfo_features", lambda: host)
+    monkeypatch.delenv("MARTLET_CPU_BF16", raising=False)
+    monkeypatch.delenv("MARTLET_CPU_ISA", raising=False)
+    monkeypatch.delenv("MARTLET_NATIVE", raising=False)
+    dtype.cpu_has_bf16.cache_clear()
+    try:
+        assert native.cpu_features() == ["avx2", "avx512f", "avx512_bf16", "amx_bf16"] and dtype.cpu_has_bf16()
+        monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+        dtype.cpu_has_bf16.cache_clear()
+        assert native.cpu_features() == [] and not native.wanted() and not native.attention_wanted()
+        assert not dtype.cpu_has_bf16() and dtype.resolve_dtype("AUTO", "cpu") == "fp32"
+    finally:
+        dtype.cpu_has_bf16.cache_clear()
+
+
 @pytest.mark.parametrize("setting, flags, wanted, attention", [
     (None, "flags\t\t: fpu avx2 avx512f avx512_bf16", True, True),  # measured faster: on by default
     (None, "flags\t\t: fpu avx2 fma", False, True),  # AVX2 alone: the fused attention only (the rest was slower)
@@ -815,6 +843,7 @@ def test_the_kernels_run_by_default_only_where_they_are_faster(kernels, monkeypa
     (built,) = native._LIBRARIES  # this machine's build, loaded (the fake CPU's would be built anew)
     monkeypatch.setattr(native, "build", lambda flags=None: built)
     monkeypatch.setattr(native, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64" if flags.startswith("Features") else "x86_64")
     monkeypatch.delenv("MARTLET_CPU_ISA", raising=False)
     if setting is None:
         monkeypatch.delenv("MARTLET_NATIVE", raising=False)
@@ -824,7 +853,8 @@ def test_the_kernels_run_by_default_only_where_they_are_faster(kernels, monkeypa
     monkeypatch.setattr(native, "_loaded", {})
     if not attention:
         assert native.ops() is None and native.kernel_path().startswith("plain torch")
-        assert ("AVX-512 CPUs only" in native.kernel_path()) is (setting is None)
+        default = "unmeasured on ARM" if flags.startswith("Features") else "AVX-512 CPUs only"
+        assert (default in native.kernel_path()) is (setting is None)
     elif not wanted:  # loaded for the attention alone: every other kernel says it cannot run
         assert native.ops() is not None and native.attention_only()
         assert native.usable(torch.ones(4, 4)) is None

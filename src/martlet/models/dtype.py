@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 
 from martlet.errors import MartletError
 
@@ -30,6 +31,27 @@ def emulated_isa() -> str | None:
     return value
 
 
+_FEATURES_LINE = {"x86_64": "flags", "amd64": "flags", "i386": "flags", "i686": "flags", "aarch64": "Features",
+                  "arm64": "Features"}  # machine -> the cpuinfo line that lists its features
+
+
+def cpuinfo_features() -> str:
+    """/proc/cpuinfo's first line of CPU features: x86's `flags`, ARM's `Features` ('' where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            return next((line for line in fh if line.split(":", 1)[0].strip() in ("flags", "Features")), "")
+    except OSError:
+        return ""
+
+
+def features_of(line: str) -> frozenset[str]:
+    """The feature names of a `cpuinfo_features()` line, where it describes the architecture this process runs: an
+    aarch64 process emulated on an x86 host (qemu-user, a multi-arch container) reads the host's x86 line, and must
+    not take itself for an AVX-512 CPU."""
+    label, _, names = line.partition(":")
+    return frozenset(names.split()) if label.strip() == _FEATURES_LINE.get(platform.machine().lower()) else frozenset()
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
@@ -38,15 +60,7 @@ def cpu_has_bf16() -> bool:
         return override.lower() in ("1", "true", "yes")
     if emulated_isa():  # an AVX2 laptop or an AVX-512 Xeon without BF16, emulated
         return False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    return bool(features_of(cpuinfo_features()) & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_dtype(name: str, device: str | None = None) -> str:

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from martlet import patches
-from martlet.models.dtype import EMULATED_ISAS, emulated_isa
+from martlet.models.dtype import EMULATED_ISAS, cpuinfo_features, emulated_isa, features_of
 from martlet.utils import env_switch
 
 logger = logging.getLogger("martlet")
@@ -157,17 +157,13 @@ def _forget_old_builds(folder: Path, keep: int) -> None:
 
 def _cpu_flags() -> str:
     """What -march=native compiles for: a library built on one CPU is not loaded on another."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((line for line in info if line.startswith(("flags", "Features"))), platform.processor())
-    except OSError:
-        return platform.processor()
+    return cpuinfo_features() or platform.processor()
 
 
 def cpu_features() -> list[str]:
     """The CPU features the kernels' code paths depend on, as /proc/cpuinfo names them (x86: avx2, avx512f,
-    avx512_bf16, amx_bf16; ARM: asimd, sve)."""
-    flags = set(_cpu_flags().split(":", 1)[-1].split())
+    avx512_bf16, amx_bf16; ARM: asimd, sve), for the architecture this process runs (`dtype.features_of`)."""
+    flags = features_of(_cpu_flags())
     isa = emulated_isa()
     names = EMULATED_ISAS[isa][1] if isa else ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve")
     return [name for name in names if name in flags]
@@ -177,6 +173,8 @@ def kernel_path() -> str:
     """Which code the native kernels run here: the path -march=native compiles for this CPU, or plain torch."""
     if ops() is None:
         if not wanted() and os.environ.get("MARTLET_NATIVE") is None:
+            if platform.machine().lower() in ("aarch64", "arm64"):
+                return "plain torch (the native kernels are unmeasured on ARM: MARTLET_NATIVE=1 runs them)"
             return "plain torch (the native kernels run on AVX-512 CPUs only: measured slower than torch here)"
         return "plain torch (native kernels off: MARTLET_NATIVE=0, no compiler, or a failed build)"
     features = cpu_features()
