@@ -31,8 +31,12 @@ def emulated_isa() -> str | None:
     return value
 
 
-_FEATURES_LINE = {"x86_64": "flags", "amd64": "flags", "i386": "flags", "i686": "flags", "aarch64": "Features",
-                  "arm64": "Features"}  # machine -> the cpuinfo line that lists its features
+_ARCHITECTURES = {"x86_64": "x86", "amd64": "x86", "i386": "x86", "i686": "x86", "aarch64": "arm", "arm64": "arm"}
+
+
+def cpu_architecture() -> str | None:
+    """'x86' or 'arm': the architecture this process runs (under an emulator, the emulated one), else None."""
+    return _ARCHITECTURES.get(platform.machine().lower())
 
 
 def cpuinfo_features() -> str:
@@ -49,7 +53,8 @@ def features_of(line: str) -> frozenset[str]:
     aarch64 process emulated on an x86 host (qemu-user, a multi-arch container) reads the host's x86 line, and must
     not take itself for an AVX-512 CPU."""
     label, _, names = line.partition(":")
-    return frozenset(names.split()) if label.strip() == _FEATURES_LINE.get(platform.machine().lower()) else frozenset()
+    ours = {"x86": "flags", "arm": "Features"}.get(cpu_architecture())
+    return frozenset(names.split()) if label.strip() == ours else frozenset()
 
 
 @functools.lru_cache(maxsize=1)

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from martlet import patches
-from martlet.models.dtype import EMULATED_ISAS, cpuinfo_features, emulated_isa, features_of
+from martlet.models.dtype import EMULATED_ISAS, cpu_architecture, cpuinfo_features, emulated_isa, features_of
 from martlet.utils import env_switch
 
 logger = logging.getLogger("martlet")
@@ -173,7 +173,7 @@ def kernel_path() -> str:
     """Which code the native kernels run here: the path -march=native compiles for this CPU, or plain torch."""
     if ops() is None:
         if not wanted() and os.environ.get("MARTLET_NATIVE") is None:
-            if platform.machine().lower() in ("aarch64", "arm64"):
+            if cpu_architecture() == "arm":
                 return "plain torch (the native kernels are unmeasured on ARM: MARTLET_NATIVE=1 runs them)"
             return "plain torch (the native kernels run on AVX-512 CPUs only: measured slower than torch here)"
         return "plain torch (native kernels off: MARTLET_NATIVE=0, no compiler, or a failed build)"
