@@ -5,13 +5,15 @@ side by side in one invocation, on the embedded SmolLM2 and the built-in data.
                                                          [--rounds 3]
                                                          [--lora_dropout 0.05] [--cpu_isa avx2|avx512] [--epochs 2]
                                                          [--baseline plain|martlet-torch|martlet-unpacked|
-                                                                     martlet-unshared|martlet-buckets]
+                                                                     martlet-unshared|martlet-buckets|
+                                                                     martlet-glibc]
 
 It first prints the CPU features found, the kernel path taken and this host's matrix-product speed in the
 training dtype; after each table, Martlet's share of the roofline (that speed over the matrix-product FLOP a
 token costs: `flop_per_token`). `--cpu_isa avx2` runs both sides as on an AVX2 laptop, `--cpu_isa avx512` as on an
 AVX-512 Xeon without BF16; `--baseline martlet-torch` compares Martlet with its native kernels off (the baseline
-side) and on.
+side) and on, `--baseline martlet-glibc` with glibc's malloc against the allocator `martlet sft` preloads (tcmalloc,
+where the system has it; Martlet's sides run with it as the CLI would).
 
 Settings shared by both sides: LoRA r8 / alpha 32 on all linear layers, LoRA dropout 0 (--lora_dropout: 0.05 is
 the default of ms-swift and Martlet), 4 samples a step (no gradient accumulation), max length 512, learning
@@ -339,6 +341,19 @@ SIDES = {"baseline-sft": baseline_sft, "martlet-sft": martlet_sft, "baseline-dpo
 
 
 # --------------------------------------------------------------------------------------------------------
+def side_environment(side: str, env: dict[str, str] | None) -> dict[str, str]:
+    """A side's environment: Martlet's sides with the memory allocator `martlet <command>` preloads (none where
+    the system has none, or under MARTLET_MALLOC=system: --baseline martlet-glibc)."""
+    from martlet.launch import allocator_library
+
+    merged = {**os.environ, **(env or {})}
+    library = allocator_library("sft", merged) if side.startswith("martlet-") else None
+    if library:
+        merged["LD_PRELOAD"] = ":".join(filter(None, (library, merged.get("LD_PRELOAD"))))
+        merged.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
+    return merged
+
+
 def run_side(side: str, steps: int, env: dict[str, str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result_file = os.path.join(tmp, "result.json")
@@ -346,7 +361,7 @@ def run_side(side: str, steps: int, env: dict[str, str] | None = None) -> dict:
                "--out", os.path.join(tmp, "out"), "--lora_dropout", str(DROPOUT[0]), "--epochs", str(EPOCHS[0])]
         print(f"running {side} ...", flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if not os.environ.get("BENCH_VERBOSE") else None,
-                       env={**os.environ, **(env or {})})
+                       env=side_environment(side, env))
         with open(result_file, encoding="utf-8") as fh:
             return json.load(fh)
 
@@ -507,6 +522,8 @@ def host_report() -> float:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
     print(f"CPU features: {', '.join(native.cpu_features()) or 'none of avx2/avx512/amx/asimd/sve'}")
     print(f"kernel path: {native.kernel_path()}")
+    library = side_environment("martlet-sft", None).get("LD_PRELOAD") or "the C library's malloc"
+    print(f"memory allocator (Martlet's side, as `martlet sft` runs): {library}")
     from martlet.models.dtype import resolve_dtype
 
     dtype = resolve_dtype("AUTO", "cpu")  # what --dtype AUTO trains in here: bf16 with AVX512-BF16 or AMX, else fp32
@@ -521,7 +538,7 @@ def host_report() -> float:
 # the baseline side: plain libraries, or Martlet under these environment variables
 BASELINES = {"plain": None, "martlet-torch": {"MARTLET_NATIVE": "0"},
              "martlet-unpacked": {"MARTLET_PACKED_WEIGHTS": "0"}, "martlet-unshared": {"MARTLET_BENCH_UNSHARED": "1"},
-             "martlet-buckets": {"MARTLET_FUSED_ATTENTION": "0"}}
+             "martlet-buckets": {"MARTLET_FUSED_ATTENTION": "0"}, "martlet-glibc": {"MARTLET_MALLOC": "system"}}
 
 
 def main() -> None:

@@ -76,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
+    whole_process = argv is None  # the `martlet` program itself, not a call from other Python code
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_library_lines()
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -99,11 +100,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         from martlet.dryrun import dry_run, wants_dry_run
-        from martlet.launch import close_process_group, launch, wants_launch
+        from martlet.launch import close_process_group, launch, preload_allocator, wants_launch
 
         if args_cls and wants_dry_run(rest):  # check a command (a script for other hardware) without running it
             return dry_run(command, _load(args_cls), rest)
         check_extra(command)
+        if whole_process:  # (run again with it in place, or returns: none to preload, or in place already)
+            preload_allocator(command, rest)
         if wants_launch(command):  # NPROC_PER_NODE / NNODES: the same command under torchrun
             return launch(command, rest)
         with collector_paused():  # the command's libraries import without the collector's full passes ...

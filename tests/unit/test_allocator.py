@@ -1,0 +1,113 @@
+"""The memory allocator a training command runs with (`martlet.launch.allocator_library`, `preload_allocator`):
+which library is chosen, and the command run again in the same process with it preloaded."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from martlet.errors import MartletError
+from martlet.launch import allocator_in_use, allocator_library
+
+TCMALLOC = {"tcmalloc_minimal": "libtcmalloc_minimal.so.4", "tcmalloc": "libtcmalloc.so.4"}
+
+
+def choose(command: str = "sft", found: dict[str, str] | None = None, **environ: str) -> str | None:
+    return allocator_library(command, environ, find=(TCMALLOC if found is None else found).get)
+
+
+def test_training_commands_take_tcmalloc_where_the_system_has_it():
+    for command in ("sft", "pt", "rlhf", "dpo", "orpo", "grpo"):
+        assert choose(command) == "libtcmalloc_minimal.so.4"
+    assert choose(found={"tcmalloc": "libtcmalloc.so.4"}) == "libtcmalloc.so.4"  # the full one, without the minimal
+    assert choose(found={}) is None  # none installed: glibc's malloc, nothing run again
+
+
+def test_other_commands_and_the_users_choices_are_left_alone():
+    for command in ("infer", "deploy", "export", "eval", "web-ui"):
+        assert choose(command) is None
+    assert choose(MARTLET_MALLOC="system") is None
+    assert choose(LD_PRELOAD="/usr/lib/libjemalloc.so.2") is None  # the user preloads an allocator of their own
+    assert choose(LD_PRELOAD="libtcmalloc_minimal.so.4") is None  # in place already: no second run
+    assert choose(LD_PRELOAD="/opt/libfoo.so") == "libtcmalloc_minimal.so.4"  # another library: kept beside it
+
+
+def test_a_library_named_by_its_path(tmp_path):
+    library = tmp_path / "libmymalloc.so"
+    library.write_bytes(b"")
+    assert choose(MARTLET_MALLOC=str(library)) == str(library)
+    assert choose(MARTLET_MALLOC=str(library), LD_PRELOAD=str(library)) is None
+    with pytest.raises(MartletError) as error:
+        choose(MARTLET_MALLOC=str(tmp_path / "missing.so"))
+    assert "MARTLET_MALLOC" in str(error.value) and "missing.so" in str(error.value)
+
+
+def _library(tmp_path, name: str) -> str:
+    """A shared library whose constructor writes its process id to $MARTLET_TEST_MARKER when loaded."""
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C compiler to build a library to preload (the choice itself: the tests above)")
+    source = tmp_path / "marker.c"
+    source.write_text(textwrap.dedent("""
+        #include <stdio.h>
+        #include <stdlib.h>
+        #include <unistd.h>
+        __attribute__((constructor)) static void loaded(void) {
+          const char* path = getenv("MARTLET_TEST_MARKER");
+          FILE* f = path ? fopen(path, "a") : NULL;
+          if (f) { fprintf(f, "%d\\n", (int)getpid()); fclose(f); }
+        }
+    """))
+    library = tmp_path / name
+    subprocess.run([compiler, "-shared", "-fPIC", "-x", "c", str(source), "-o", str(library)], check=True)
+    return str(library)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux's")
+def test_the_command_runs_again_in_the_same_process_with_the_library_preloaded(tmp_path):
+    library = _library(tmp_path, "libmarker.so")
+    marker = tmp_path / "marker.txt"
+    env = {**os.environ, "MARTLET_TEST_MARKER": str(marker), "MARTLET_MALLOC": library}
+    env.pop("LD_PRELOAD", None)
+    command = [sys.executable, "-m", "martlet.cli", "sft", "--no_such_argument", "1"]
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 2 and "no_such_argument" in out + err  # the same command, the same arguments
+    assert marker.read_text().split() == [str(child.pid)]  # loaded once, in the very process started
+    marker.unlink()
+    off = subprocess.run(command, env={**env, "MARTLET_MALLOC": "system"}, capture_output=True, text=True, timeout=300)
+    assert off.returncode == 2 and not marker.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps is Linux's")
+def test_the_allocator_in_use_is_read_from_the_process(tmp_path):
+    if not os.environ.get("LD_PRELOAD"):  # (this test process, as pytest runs it)
+        assert allocator_in_use() == "the C library's malloc"
+    library = _library(tmp_path, "libjemalloc_stand_in.so")
+    probe = "from martlet.launch import allocator_in_use; print(allocator_in_use())"
+    env = {k: v for k, v in os.environ.items() if k != "MARTLET_TEST_MARKER"}
+    shown = subprocess.run([sys.executable, "-c", probe], env={**env, "LD_PRELOAD": library},
+                           capture_output=True, text=True, timeout=120, check=True)
+    assert shown.stdout.strip() == "libjemalloc_stand_in.so"
+
+
+def test_a_call_from_python_code_never_replaces_its_process(tmp_path, monkeypatch):
+    from martlet import cli
+
+    library = tmp_path / "libmymalloc.so"
+    library.write_bytes(b"")
+    monkeypatch.setenv("MARTLET_MALLOC", str(library))
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda *args: calls.append(args))
+    assert cli.main(["sft", "--no_such_argument", "1"]) == 2  # `martlet.cli.main([...])` inside a notebook, a test
+    assert calls == []
+    monkeypatch.setattr(sys, "argv", ["martlet", "sft", "--no_such_argument", "1"])
+    cli.main()  # the program itself: run again (execve stands in here, so it goes on to the argument error)
+    assert calls and calls[0][2]["LD_PRELOAD"] == str(library)
+    assert calls[0][:2] == (sys.executable, [sys.executable, "-m", "martlet.cli", "sft", "--no_such_argument", "1"])
