@@ -16,6 +16,7 @@ import sys
 from typing import Sequence
 
 from martlet.errors import MartletError
+from martlet.models.dtype import cpu_architecture
 
 TRAINING_COMMANDS = ("sft", "pt", "rlhf", "dpo", "orpo")
 # The memory allocator a training process runs with: a CPU training step allocates ~90,000 blocks (autograd's
@@ -46,10 +47,12 @@ def wants_launch(command: str) -> bool:
     return _int_env("NPROC_PER_NODE", 1) > 1 or _int_env("NNODES", 1) > 1
 
 
-def allocator_library(command: str, environ=os.environ, find=ctypes.util.find_library) -> str | None:
+def allocator_library(command: str, environ=os.environ, find=ctypes.util.find_library,
+                      architecture: str | None = None) -> str | None:
     """The malloc library to preload for `martlet <command>` (LD_PRELOAD), or None: training commands on Linux,
     unless LD_PRELOAD names an allocator already or MARTLET_MALLOC says otherwise (`system`: glibc's malloc;
-    a library's path: that one; `auto`, the default: tcmalloc where the system has it)."""
+    a library's path: that one; `auto`, the default: tcmalloc where the system has it, on x86, where it was
+    measured; ARM unmeasured)."""
     choice = environ.get("MARTLET_MALLOC", "auto").strip() or "auto"
     preloaded = environ.get("LD_PRELOAD", "")
     if command not in (*TRAINING_COMMANDS, "grpo") or not sys.platform.startswith("linux") or choice == "system":
@@ -61,6 +64,8 @@ def allocator_library(command: str, environ=os.environ, find=ctypes.util.find_li
             raise MartletError(f"no such file: {choice}.", field="MARTLET_MALLOC",
                                hint="Give a malloc library's path, 'auto' (tcmalloc where installed) or 'system'.")
         return choice
+    if (architecture or cpu_architecture()) != "x86":
+        return None
     return next((found for found in map(find, ALLOCATORS) if found), None)
 
 

@@ -18,7 +18,7 @@ TCMALLOC = {"tcmalloc_minimal": "libtcmalloc_minimal.so.4", "tcmalloc": "libtcma
 
 
 def choose(command: str = "sft", found: dict[str, str] | None = None, **environ: str) -> str | None:
-    return allocator_library(command, environ, find=(TCMALLOC if found is None else found).get)
+    return allocator_library(command, environ, find=(TCMALLOC if found is None else found).get, architecture="x86")
 
 
 def test_training_commands_take_tcmalloc_where_the_system_has_it():
@@ -26,6 +26,7 @@ def test_training_commands_take_tcmalloc_where_the_system_has_it():
         assert choose(command) == "libtcmalloc_minimal.so.4"
     assert choose(found={"tcmalloc": "libtcmalloc.so.4"}) == "libtcmalloc.so.4"  # the full one, without the minimal
     assert choose(found={}) is None  # none installed: glibc's malloc, nothing run again
+    assert allocator_library("sft", {}, find=TCMALLOC.get, architecture="arm") is None  # unmeasured there
 
 
 def test_other_commands_and_the_users_choices_are_left_alone():
@@ -41,6 +42,7 @@ def test_a_library_named_by_its_path(tmp_path):
     library = tmp_path / "libmymalloc.so"
     library.write_bytes(b"")
     assert choose(MARTLET_MALLOC=str(library)) == str(library)
+    assert allocator_library("sft", {"MARTLET_MALLOC": str(library)}, architecture="arm") == str(library)
     assert choose(MARTLET_MALLOC=str(library), LD_PRELOAD=str(library)) is None
     with pytest.raises(MartletError) as error:
         choose(MARTLET_MALLOC=str(tmp_path / "missing.so"))
