@@ -344,14 +344,10 @@ SIDES = {"baseline-sft": baseline_sft, "martlet-sft": martlet_sft, "baseline-dpo
 def side_environment(side: str, env: dict[str, str] | None) -> dict[str, str]:
     """A side's environment: Martlet's sides with the memory allocator `martlet <command>` preloads (none where
     the system has none, or under MARTLET_MALLOC=system: --baseline martlet-glibc)."""
-    from martlet.launch import allocator_library
+    from martlet.launch import allocator_environment
 
     merged = {**os.environ, **(env or {})}
-    library = allocator_library("sft", merged) if side.startswith("martlet-") else None
-    if library:
-        merged["LD_PRELOAD"] = ":".join(filter(None, (library, merged.get("LD_PRELOAD"))))
-        merged.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
-    return merged
+    return (side.startswith("martlet-") and allocator_environment("sft", merged)) or merged
 
 
 def run_side(side: str, steps: int, env: dict[str, str] | None = None) -> dict:

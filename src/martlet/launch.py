@@ -69,15 +69,23 @@ def allocator_library(command: str, environ=os.environ, find=ctypes.util.find_li
     return next((found for found in map(find, ALLOCATORS) if found), None)
 
 
+def allocator_environment(command: str, environ: dict[str, str]) -> dict[str, str] | None:
+    """`environ` with `allocator_library(command, environ)` preloaded, or None when there is none to preload."""
+    library = allocator_library(command, environ)
+    if library is None:
+        return None
+    env = {**environ, "LD_PRELOAD": ":".join(filter(None, (library, environ.get("LD_PRELOAD"))))}
+    env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))  # no line for each large model tensor
+    return env
+
+
 def preload_allocator(command: str, argv: Sequence[str]) -> None:
     """Run this command again with `allocator_library` preloaded, if there is one to preload: os.execve, so the
     same process (its id, its parent's view of it, its streams) goes on with the allocator in place of glibc's
     malloc, which cannot be swapped once a process runs."""
-    library = allocator_library(command)
-    if library is None:
+    env = allocator_environment(command, dict(os.environ))
+    if env is None:
         return
-    env = {**os.environ, "LD_PRELOAD": ":".join(filter(None, (library, os.environ.get("LD_PRELOAD"))))}
-    env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))  # no line for each large model tensor
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "martlet.cli", command, *argv], env)
