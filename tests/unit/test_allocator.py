@@ -4,6 +4,7 @@ which library is chosen, and the command run again in the same process with it p
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import textwrap
 import pytest
 
 from martlet.errors import MartletError
-from martlet.launch import allocator_in_use, allocator_library
+from martlet.launch import SYSTEM_MALLOC, allocator_in_use, allocator_library, allocator_report
 
 TCMALLOC = {"tcmalloc_minimal": "libtcmalloc_minimal.so.4", "tcmalloc": "libtcmalloc.so.4"}
 
@@ -89,7 +90,7 @@ def test_the_command_runs_again_in_the_same_process_with_the_library_preloaded(t
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps is Linux's")
 def test_the_allocator_in_use_is_read_from_the_process(tmp_path):
     if not os.environ.get("LD_PRELOAD"):  # (this test process, as pytest runs it)
-        assert allocator_in_use() == "the C library's malloc"
+        assert allocator_in_use() == SYSTEM_MALLOC
     library = _library(tmp_path, "libjemalloc_stand_in.so")
     probe = "from martlet.launch import allocator_in_use; print(allocator_in_use())"
     env = {k: v for k, v in os.environ.items() if k != "MARTLET_TEST_MARKER"}
@@ -113,3 +114,16 @@ def test_a_call_from_python_code_never_replaces_its_process(tmp_path, monkeypatc
     cli.main()  # the program itself: run again (execve stands in here, so it goes on to the argument error)
     assert calls and calls[0][2]["LD_PRELOAD"] == str(library)
     assert calls[0][:2] == (sys.executable, [sys.executable, "-m", "martlet.cli", "sft", "--no_such_argument", "1"])
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")),
+                    reason="the allocator's hint is for x86 Linux, where `auto` preloads tcmalloc")
+def test_the_log_says_which_allocator_runs_and_how_to_have_tcmalloc():
+    assert allocator_report(used="libtcmalloc_minimal.so.4.5.10") == "memory allocator: libtcmalloc_minimal.so.4.5.10"
+    missing = allocator_report(used=SYSTEM_MALLOC, environ={}, find=lambda name: None)
+    assert missing.startswith(f"memory allocator: {SYSTEM_MALLOC} (") and "apt install libtcmalloc-minimal4" in missing
+    installed = allocator_report(used=SYSTEM_MALLOC, environ={}, find=TCMALLOC.get)  # sft_main from Python code
+    assert "tcmalloc is installed" in installed and "LD_PRELOAD=" in installed
+    chosen = allocator_report(used=SYSTEM_MALLOC, environ={"MARTLET_MALLOC": "system"}, find=TCMALLOC.get)
+    assert chosen == f"memory allocator: {SYSTEM_MALLOC} (MARTLET_MALLOC)"
+    assert allocator_report("infer", used=SYSTEM_MALLOC, find=TCMALLOC.get) == f"memory allocator: {SYSTEM_MALLOC}"

@@ -21,7 +21,7 @@ from transformers import Trainer, TrainerState
 
 from martlet.args import SftArguments
 from martlet.custom import apply_custom_registrations
-from martlet.launch import allocator_in_use, main_process_first
+from martlet.launch import allocator_report, main_process_first
 from martlet.models.dtype import resolve_dtype
 from martlet.models.loader import ModelSpec, load_tokenizer, resolve_model
 from martlet.templates import Template, get_template
@@ -136,7 +136,7 @@ def prepare_run(args: SftArguments, *, cut_in_template: bool = True) -> RunSetup
     apply_custom_registrations(args)  # before any model, template or dataset name is resolved
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype(args.dtype, device)
-    logger.info("memory allocator: %s (MARTLET_MALLOC=system|auto|PATH)", allocator_in_use())
+    logger.info(allocator_report())
     spec = resolve_model(args.model_type, args.model_id_or_path, check_model_is_latest=args.check_model_is_latest,
                          revision=args.model_revision, hub_token=args.hub_token)
     check_output_dir(args, spec.model_dir)  # writable, with room for a checkpoint
