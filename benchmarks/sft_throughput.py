@@ -518,7 +518,9 @@ def host_report() -> float:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
     print(f"CPU features: {', '.join(native.cpu_features()) or 'none of avx2/avx512/amx/asimd/sve'}")
     print(f"kernel path: {native.kernel_path()}")
-    library = side_environment("martlet-sft", None).get("LD_PRELOAD") or "the C library's malloc"
+    from martlet.launch import SYSTEM_MALLOC
+
+    library = side_environment("martlet-sft", None).get("LD_PRELOAD") or SYSTEM_MALLOC
     print(f"memory allocator (Martlet's side, as `martlet sft` runs): {library}")
     from martlet.models.dtype import resolve_dtype
 

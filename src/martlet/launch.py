@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes.util
+import functools
 import os
 import subprocess
 import sys
@@ -47,15 +48,38 @@ def wants_launch(command: str) -> bool:
     return _int_env("NPROC_PER_NODE", 1) > 1 or _int_env("NNODES", 1) > 1
 
 
-def allocator_library(command: str, environ=os.environ, find=ctypes.util.find_library,
-                      architecture: str | None = None) -> str | None:
+def _malloc_choice(environ) -> str:
+    """MARTLET_MALLOC: `auto` (the default), `system`, or a library's path."""
+    return environ.get("MARTLET_MALLOC", "auto").strip() or "auto"
+
+
+def _preloads(command: str) -> bool:
+    """Whether an allocator is preloaded for this command at all: training commands, on Linux."""
+    return command in (*TRAINING_COMMANDS, "grpo") and sys.platform.startswith("linux")
+
+
+def _auto_applies(command: str, architecture: str | None = None) -> bool:
+    """Whether `auto` preloads tcmalloc for this command here: on x86, where it was measured (ARM unmeasured)."""
+    return _preloads(command) and (architecture or cpu_architecture()) == "x86"
+
+
+@functools.cache
+def _system_tcmalloc() -> str | None:
+    """tcmalloc's library in the linker's cache, searched once a process (~8 ms a name it lacks)."""
+    return _first_tcmalloc(ctypes.util.find_library)
+
+
+def _first_tcmalloc(find) -> str | None:
+    return next((found for found in map(find, ALLOCATORS) if found), None)
+
+
+def allocator_library(command: str, environ=os.environ, find=None, architecture: str | None = None) -> str | None:
     """The malloc library to preload for `martlet <command>` (LD_PRELOAD), or None: training commands on Linux,
     unless LD_PRELOAD names an allocator already or MARTLET_MALLOC says otherwise (`system`: glibc's malloc;
-    a library's path: that one; `auto`, the default: tcmalloc where the system has it, on x86, where it was
-    measured; ARM unmeasured)."""
-    choice = environ.get("MARTLET_MALLOC", "auto").strip() or "auto"
-    preloaded = environ.get("LD_PRELOAD", "")
-    if command not in (*TRAINING_COMMANDS, "grpo") or not sys.platform.startswith("linux") or choice == "system":
+    a library's path: that one; `auto`, the default: tcmalloc where the system has it, on x86 (`_auto_applies`)).
+    `find` stands in for the linker cache's search (tests)."""
+    choice, preloaded = _malloc_choice(environ), environ.get("LD_PRELOAD", "")
+    if not _preloads(command) or choice == "system":
         return None
     if choice in preloaded.split(":") or any(name in preloaded for name in ALLOCATOR_NAMES):
         return None
@@ -64,9 +88,9 @@ def allocator_library(command: str, environ=os.environ, find=ctypes.util.find_li
             raise MartletError(f"no such file: {choice}.", field="MARTLET_MALLOC",
                                hint="Give a malloc library's path, 'auto' (tcmalloc where installed) or 'system'.")
         return choice
-    if (architecture or cpu_architecture()) != "x86":
+    if not _auto_applies(command, architecture):
         return None
-    return next((found for found in map(find, ALLOCATORS) if found), None)
+    return _system_tcmalloc() if find is None else _first_tcmalloc(find)
 
 
 def allocator_environment(command: str, environ: dict[str, str]) -> dict[str, str] | None:
@@ -105,17 +129,17 @@ def allocator_in_use() -> str:
     return found[0] if found else SYSTEM_MALLOC
 
 
-def allocator_report(command: str = "sft", used: str | None = None, environ=os.environ,
-                     find=ctypes.util.find_library) -> str:
+def allocator_report(command: str = "sft", used: str | None = None, environ=os.environ, find=None,
+                     architecture: str | None = None) -> str:
     """The run log's line on the allocator: the one in use and, where glibc's runs though `auto` would have taken
     tcmalloc (x86 Linux), how to have it."""
     used = used or allocator_in_use()
     line = f"memory allocator: {used}"
-    if used != SYSTEM_MALLOC or allocator_library(command, {"MARTLET_MALLOC": "auto"}, find=lambda name: name) is None:
-        return line  # (another allocator runs, or `auto` takes none on this system or for this command)
-    if environ.get("MARTLET_MALLOC", "auto").strip() not in ("", "auto"):
+    if used != SYSTEM_MALLOC or not _auto_applies(command, architecture):
+        return line
+    if _malloc_choice(environ) != "auto":
         return line + " (MARTLET_MALLOC)"
-    if any(map(find, ALLOCATORS)):
+    if (_system_tcmalloc() if find is None else _first_tcmalloc(find)):
         return line + (" (tcmalloc is installed: the `martlet` commands preload it; a Python process started with "
                        "LD_PRELOAD=libtcmalloc_minimal.so.4 runs it too)")
     return line + (" (with tcmalloc installed, `apt install libtcmalloc-minimal4` or your system's package, the "
