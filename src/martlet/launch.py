@@ -112,7 +112,18 @@ def preload_allocator(command: str, argv: Sequence[str]) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "martlet.cli", command, *argv], env)
+    os.execve(sys.executable, command_line(command, argv), env)
+
+
+def command_line(command: str, argv: Sequence[str]) -> list[str]:
+    """The command line that runs `martlet command argv` again: this process's own where it was started so
+    (`sys.orig_argv`: the `martlet` script or `python -X ... -W ... -m martlet.cli`, the interpreter's options kept),
+    else `python -m martlet.cli command argv` (a wrapper that set sys.argv itself, a program read from stdin)."""
+    original, tail = list(getattr(sys, "orig_argv", ())), [command, *argv]
+    start = len(original) - len(tail)
+    if start > 1 and original[start:] == tail and original[start - 1] != "-":
+        return [sys.executable, *original[1:]]
+    return [sys.executable, "-m", "martlet.cli", *tail]
 
 
 SYSTEM_MALLOC = "the C library's malloc"

@@ -62,7 +62,12 @@ def _library(tmp_path, name: str) -> str:
         __attribute__((constructor)) static void loaded(void) {
           const char* path = getenv("MARTLET_TEST_MARKER");
           FILE* f = path ? fopen(path, "a") : NULL;
-          if (f) { fprintf(f, "%d\\n", (int)getpid()); fclose(f); }
+          FILE* cmdline = fopen("/proc/self/cmdline", "rb");
+          char line[4096] = {0};
+          size_t n = cmdline ? fread(line, 1, sizeof line - 1, cmdline) : 0;
+          if (cmdline) fclose(cmdline);
+          for (size_t i = 0; i < n; i++) if (line[i] == 0) line[i] = ' ';
+          if (f) { fprintf(f, "%d %s\\n", (int)getpid(), line); fclose(f); }
         }
     """))
     library = tmp_path / name
@@ -76,11 +81,13 @@ def test_the_command_runs_again_in_the_same_process_with_the_library_preloaded(t
     marker = tmp_path / "marker.txt"
     env = {**os.environ, "MARTLET_TEST_MARKER": str(marker), "MARTLET_MALLOC": library}
     env.pop("LD_PRELOAD", None)
-    command = [sys.executable, "-m", "martlet.cli", "sft", "--no_such_argument", "1"]
+    command = [sys.executable, "-X", "utf8", "-m", "martlet.cli", "sft", "--no_such_argument", "1"]
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = child.communicate(timeout=300)
     assert child.returncode == 2 and "no_such_argument" in out + err  # the same command, the same arguments
-    assert marker.read_text().split() == [str(child.pid)]  # loaded once, in the very process started
+    lines = marker.read_text().splitlines()
+    assert len(lines) == 1 and lines[0].split()[0] == str(child.pid)  # loaded once, in the very process started
+    assert lines[0].split()[1:] == command  # the interpreter's options too
     marker.unlink()
     off = subprocess.run(command, env={**env, "MARTLET_MALLOC": "system"}, capture_output=True, text=True, timeout=300)
     assert off.returncode == 2 and not marker.exists()
@@ -113,6 +120,21 @@ def test_a_call_from_python_code_never_replaces_its_process(tmp_path, monkeypatc
     cli.main()  # the program itself: run again (execve stands in here, so it goes on to the argument error)
     assert calls and calls[0][2]["LD_PRELOAD"] == str(library)
     assert calls[0][:2] == (sys.executable, [sys.executable, "-m", "martlet.cli", "sft", "--no_such_argument", "1"])
+
+
+@pytest.mark.parametrize("started, again", [
+    (["/venv/bin/python", "/venv/bin/martlet", "sft", "--x", "1"], ["/venv/bin/martlet", "sft", "--x", "1"]),
+    (["python3", "-X", "dev", "-W", "error", "-m", "martlet.cli", "sft"], ["-X", "dev", "-W", "error", "-m",
+                                                                          "martlet.cli", "sft"]),
+    (["python3", "-", "sft"], ["-m", "martlet.cli", "sft"]),  # read from stdin: not again
+    (["python3", "wrapper.py", "--config", "a.yaml"], ["-m", "martlet.cli", "sft"]),  # sys.argv set by the wrapper
+])
+def test_the_command_runs_again_as_it_was_started(monkeypatch, started, again):
+    from martlet.launch import command_line
+
+    monkeypatch.setattr(sys, "orig_argv", started)
+    tail = ["sft", "--x", "1"] if "--x" in started else ["sft"]
+    assert command_line(tail[0], tail[1:]) == [sys.executable, *again]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator's hint is for Linux, where `auto` "
