@@ -46,3 +46,14 @@ def test_sft_infer_and_export_print_no_library_warning(tmp_path, tiny_llama):
         assert noise(proc.stderr) == [], (name, proc.stderr[-3000:])
     merged = [line for line in export.stdout.splitlines() + export.stderr.splitlines() if "-merged" in line]
     assert len(merged) == 1, merged  # the result path, once
+
+
+def test_the_python_api_imports_without_library_noise():
+    """The spec's Python API (scripts/demo.py, a notebook) imports peft, which imports bitsandbytes, which tries to
+    fetch a CPU kernel from a hub at import and logs two lines when it cannot (offline here)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("PYTHONWARNINGS", None)
+    code = "from martlet.llm import SftArguments, sft_main; import peft, bitsandbytes; print('imported')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "imported", proc.stderr[-2000:]
+    assert noise(proc.stderr) == [], proc.stderr[-3000:]
