@@ -28,12 +28,19 @@ class _QuietLines(logging.Filter):
         return not str(record.msg).startswith(self.start)
 
 
+# transformers 5's deprecated gradient-checkpointing methods, which peft 0.21 (wrapping a model) and trl 1.16 (around
+# DPO's and KTO's reference forward, GRPO's generation) call on the user's behalf: FutureWarnings a user would see and
+# cannot act on
+LIBRARY_DEPRECATIONS = ("is_gradient_checkpointing", "gradient_checkpointing_enable", "gradient_checkpointing_disable")
+
+
 @contextlib.contextmanager
-def peft_quietly() -> Iterator[None]:
-    """Around peft's model wrapping: peft 0.21 asks transformers 5 a deprecated question
-    (`is_gradient_checkpointing`, a FutureWarning every user would see), which is not the user's to answer."""
+def libraries_quietly() -> Iterator[None]:
+    """Around library code that calls `LIBRARY_DEPRECATIONS` (peft's model wrapping, trl's reference forward and
+    generation): those FutureWarnings dropped, every other warning as it was."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        for name in LIBRARY_DEPRECATIONS:
+            warnings.filterwarnings("ignore", message=f".*`{name}` is deprecated", category=FutureWarning)
         yield
 
 

@@ -1,7 +1,8 @@
-"""A normal run prints no library warning: sft, infer and export on the tiny model, as a user runs them, with
-stderr captured. Any line that looks like a warning fails the test unless it is on the allow-list below, each
-entry with the reason it may appear (today it is empty: Martlet drops bitsandbytes' and kernels' offline-kernel
-lines, utils.QUIET_LIBRARY_LINES, and peft's deprecated question to transformers, utils.peft_quietly)."""
+"""A normal run prints no library warning: sft, infer, export, DPO and GRPO on the tiny model, and the Python API's
+imports, as a user runs them, with stderr captured. Any line that looks like a warning fails the test unless it is on
+the allow-list below, each entry with the reason it may appear (today it is empty: Martlet drops bitsandbytes' and
+kernels' offline-kernel lines, utils.QUIET_LIBRARY_LINES, and the deprecated questions peft and trl ask transformers,
+utils.libraries_quietly)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,22 @@ def test_the_python_api_imports_without_library_noise():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "imported", proc.stderr[-2000:]
     assert noise(proc.stderr) == [], proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_preference_training_and_grpo_print_no_library_warning(tmp_path, tiny_llama):
+    """trl's reference forward (DPO, KTO) and its generation (GRPO) call transformers' deprecated gradient-checkpointing
+    methods on the user's behalf: three FutureWarnings a run, none the user's to act on."""
+    pairs = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                           {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}],
+              "rejected_response": f"{a} plus {b} is {a + b + 1}."} for a in range(1, 4) for b in range(1, 4)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    common = ("--model_id_or_path", tiny_llama, "--max_steps", "2", "--batch_size", "2", "--report_to", "none")
+    dpo = run("rlhf", "--rlhf_type", "dpo", "--dataset", data, "--eval_steps", "1", "--output_dir", "dpo", *common,
+              cwd=str(tmp_path))
+    grpo = run("grpo", "--dataset", "math-word-problems-small-en#8", "--reward_funcs", "accuracy",
+               "--num_generations", "2", "--max_completion_length", "4", "--output_dir", "grpo", *common,
+               cwd=str(tmp_path))
+    for name, proc in (("dpo", dpo), ("grpo", grpo)):
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+        assert noise(proc.stderr) == [], (name, proc.stderr[-3000:])

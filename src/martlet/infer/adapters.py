@@ -17,7 +17,7 @@ import threading
 from typing import Any, Iterator, Optional, Sequence
 
 from martlet.errors import MartletError
-from martlet.utils import peft_quietly
+from martlet.utils import libraries_quietly
 
 AS_LOADED = "<as loaded>"  # not an adapter name: the model as it was loaded (its active adapter, if any)
 
@@ -35,7 +35,7 @@ def attach_adapters(model: Any, modules: Sequence[tuple[str, str]]) -> Any:
             raise MartletError("this folder holds no LoRA adapter (adapter_config.json).", file=folder,
                                field="lora_modules")
         try:
-            with peft_quietly():
+            with libraries_quietly():
                 if is_peft(model):
                     model.load_adapter(folder, adapter_name=name, is_trainable=False)
                 else:

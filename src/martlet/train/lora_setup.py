@@ -8,7 +8,7 @@ from typing import Any
 
 from martlet.args.lora import TunerArguments
 from martlet.errors import MartletError
-from martlet.utils import peft_quietly
+from martlet.utils import libraries_quietly
 
 
 def lora_targets(requested: list[str], default: tuple[str, ...] | None) -> str | list[str]:
@@ -39,7 +39,7 @@ def apply_lora(model: Any, args: TunerArguments, default_targets: tuple[str, ...
                         lora_dropout=args.lora_dropout, target_modules=targets,
                         modules_to_save=args.lora_modules_to_save or None, use_rslora=args.use_rslora,
                         use_dora=args.use_dora)
-    with peft_quietly():
+    with libraries_quietly():
         model = get_peft_model(model, config)
     for param in model.parameters():
         if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):

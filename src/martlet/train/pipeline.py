@@ -33,7 +33,7 @@ from martlet.train.packed import packed_frozen_weights, products_packed
 from martlet.train.run import check_output_dir, check_run_folder, open_run_dir, pick_checkpoint, resume_checkpoint
 from martlet.train.trainer import StopOnSignal
 from martlet.train.training_args import training_kwargs
-from martlet.utils import frozen_heap
+from martlet.utils import frozen_heap, libraries_quietly
 
 logger = logging.getLogger("martlet")
 
@@ -186,7 +186,8 @@ def train_and_report(trainer: Trainer, run: TrainingRun) -> dict[str, Any]:
         logger.info("%s is already at step %d: nothing left to train (raise --max_steps or "
                     "--num_train_epochs to train on).", checkpoint, finished.global_step)
     else:
-        with stopper.installed(), weights_packed_for(trainer):
+        # (libraries_quietly: trl's reference forward and generation ask transformers deprecated questions)
+        with stopper.installed(), weights_packed_for(trainer), libraries_quietly():
             trainer.train(resume_from_checkpoint=checkpoint)
     state, run_dir = trainer.state, run.run_dir
     last = os.path.join(run_dir, f"checkpoint-{state.global_step}")

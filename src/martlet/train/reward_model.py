@@ -24,7 +24,7 @@ from martlet.models.quant import bnb_config
 from martlet.train.lora_setup import count_parameters, lora_targets
 from martlet.train.pipeline import EncodedData, Reference, RunSetup, TrainingRun
 from martlet.train.trainer import AtomicCheckpointMixin
-from martlet.utils import peft_quietly
+from martlet.utils import libraries_quietly
 
 logger = logging.getLogger("martlet")
 
@@ -45,7 +45,7 @@ def load_reward_model_for_training(args: RLHFArguments, spec: ModelSpec, dtype: 
         config = LoraConfig(task_type="SEQ_CLS", r=args.lora_rank, lora_alpha=args.lora_alpha,
                             lora_dropout=args.lora_dropout, target_modules=targets,
                             modules_to_save=["score", *(args.lora_modules_to_save or [])])
-        with peft_quietly():
+        with libraries_quietly():
             model = get_peft_model(model, config)
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -111,7 +111,7 @@ class RewardModel:
             with open(adapter, encoding="utf-8") as fh:
                 base = json.load(fh)["base_model_name_or_path"]
             model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch_dtype(dtype))
-            with peft_quietly():
+            with libraries_quietly():
                 model = PeftModel.from_pretrained(model, path).merge_and_unload()
         else:
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype(dtype))

@@ -31,6 +31,7 @@ from martlet.train.kernels import TokenScores, fused_disable_adapter, row_multip
 from martlet.train.loss import CHUNK, is_wrapped, lean_loss_supported, summed_cross_entropy, unwrap_causal_lm
 from martlet.train.outputs import RunFiles
 from martlet.train.trainer import AtomicCheckpointMixin
+from martlet.utils import libraries_quietly
 
 logger = logging.getLogger("martlet")
 
@@ -76,7 +77,9 @@ class PaddingFreeReference:
         if self._martlet_padding_free and patches.usable("trl_padding_free_precompute", self.trl_class,
                                                           key=self.trl_class):
             _padding_free(self.model, self.ref_model)
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        # (in trl's __init__, before training: its reference forward asks transformers deprecated questions)
+        with libraries_quietly():
+            return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         try:

@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from martlet.errors import MartletError
-from martlet.utils import peft_quietly
+from martlet.utils import libraries_quietly
 
 
 class Swift:
@@ -26,7 +26,7 @@ class Swift:
             raise MartletError("this folder holds no LoRA adapter (adapter_config.json).", file=folder,
                                hint="A full or -merged checkpoint is a whole model: load it with "
                                     "get_model_tokenizer(model_type, model_id_or_path=folder) instead.")
-        with peft_quietly():
+        with libraries_quietly():
             model = PeftModel.from_pretrained(model, folder if os.path.isdir(folder) else model_id,
                                               adapter_name=adapter_name, is_trainable=not inference_mode,
                                               revision=revision, **kwargs)
