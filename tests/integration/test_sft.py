@@ -60,10 +60,13 @@ def test_lora_sft_writes_the_run_layout(tmp_path, tiny_models, arch):
     assert result["best_model_checkpoint"] == os.path.join(run, f"checkpoint-{best_step}")
 
 
-def test_full_sft_changes_the_weights(tmp_path, tiny_llama):
+@pytest.mark.parametrize("dtype", ["AUTO", "bf16"])
+def test_full_sft_changes_the_weights(tmp_path, tiny_llama, dtype):
+    """bf16 on a CPU: fp32 weights under bf16 autocast, where the rotary angles (fp32) make q and k fp32 and v stays
+    bf16: the attention takes them (it raised on the mixed dtypes, `martlet sft --sft_type full` on any bf16 CPU)."""
     data = write_jsonl(tmp_path / "data.jsonl", ROWS)
     result = sft_main(small_args(tiny_llama, data, tmp_path / "out", sft_type="full", max_steps=2,
-                                 learning_rate=1e-3, dataset_test_ratio=0.0))
+                                 learning_rate=1e-3, dataset_test_ratio=0.0, dtype=dtype))
     last = result["last_model_checkpoint"]
     assert result["best_model_checkpoint"] == last  # no validation set: the last one is the best
     after = load_file(os.path.join(last, "model.safetensors"))

@@ -544,6 +544,38 @@ def test_varlen_attention_runs_the_fused_pass_where_it_can_and_the_buckets_elsew
     assert not calls
 
 
+def test_varlen_attention_under_autocast_takes_q_k_and_v_of_different_dtypes(kernels, monkeypatch):
+    """Full training under bf16 autocast (`martlet sft --sft_type full` on a CPU with bf16): fp32 weights make bf16
+    q, k and v, and the fp32 rotary angles make q and k fp32 again. The fused pass runs them in autocast's dtype, as
+    the buckets' products (autocast casts their inputs) and sdpa do: it raised on the mixed dtypes."""
+    from martlet.train import varlen_attention
+
+    position_ids, sequences = shared_prefix_row([(6, [20, 9]), (0, [33])])
+    module = types.SimpleNamespace(training=True, is_causal=True)
+    q, k = (_seeded(90 + i, 1, position_ids.shape[1], h, 16).transpose(1, 2) for i, h in enumerate((4, 2)))
+    v = _seeded(92, 1, position_ids.shape[1], 2, 16).to(torch.bfloat16).transpose(1, 2)
+    calls = []
+    real = native.Attention.apply
+    monkeypatch.setattr(native.Attention, "apply", lambda *a: calls.append(a[0].dtype) or real(*a))
+    results = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("MARTLET_FUSED_ATTENTION", fused)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = varlen_attention.varlen_attention(module, *leaves, None, position_ids=position_ids)
+        out.float().square().sum().backward()
+        results[fused] = out, [t.grad for t in leaves]
+    assert calls == [torch.bfloat16]  # the fused pass ran, once, in autocast's dtype
+    (got, got_grads), (want, want_grads) = results["1"], results["0"]
+    assert got.dtype == want.dtype == torch.bfloat16
+    reference = _each_sequence_alone(*(t[0].transpose(0, 1).double() for t in (q, k, v)), sequences, 16 ** -0.5)
+    for out in (got, want):  # each within bf16's rounding of the whole sequences' attention
+        torch.testing.assert_close(out[0].double(), reference, rtol=2e-2, atol=2e-2)
+    for name, a, b in zip("qkv", got_grads, want_grads):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a.double(), b.double(), rtol=5e-2, atol=5e-2, msg=f"grad {name}")
+
+
 # ---- models -------------------------------------------------------------------------------------------------
 def _loss_and_grads(model, batch):
     model.zero_grad()

@@ -141,6 +141,28 @@ def test_trl_token_scores_stands_in_for_trl_s_head_only_where_it_gives_the_same_
     assert not rlhf_trainers._scores_itself(other, {"temperature": 0.7})  # GRPO's call: trl's head
 
 
+def test_trl_s_head_scores_a_reference_whose_product_autocast_would_cast(tiny_llama, caplog, monkeypatch):
+    """Full DPO or KTO on a CPU with bf16: the reference copy keeps fp32 weights and runs under bf16 autocast, where
+    trl's head computes its product in bf16 and `TokenScores` would in fp32. Not the same values: trl's head scores
+    it, and the guard neither runs nor warns (it used to, once a run); in the weights' own dtype Martlet scores."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from martlet.train import rlhf_trainers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).train()
+    model.get_output_embeddings().weight.requires_grad_(False)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    rlhf_trainers.padding_free_fused_forward(model)
+    guarded = []
+    real = rlhf_trainers.head_fields_side_by_side
+    monkeypatch.setattr(rlhf_trainers, "head_fields_side_by_side", lambda lm: guarded.append(lm) or real(lm))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not rlhf_trainers._scores_itself(model, {})
+    assert guarded == [] and _warnings(caplog, "trl_token_scores") == []
+    assert rlhf_trainers._scores_itself(model, {}) and guarded == [model]  # fp32 weights, no autocast
+
+
 def test_a_changed_norm_keeps_the_library_code_and_warns_once(tiny_llama, caplog):
     from transformers import AutoModelForCausalLM
 

@@ -367,7 +367,8 @@ def _scores_itself(lm: Any, kwargs: dict[str, Any]) -> bool:
         return False
     if lm.device.type != "cpu":
         return False
-    if not _frozen_plain_head(lm.get_output_embeddings()):
+    head = lm.get_output_embeddings()
+    if not _frozen_plain_head(head) or not _head_computes_in_its_dtype(head):
         return False
     temperature = getattr(lm, "_martlet_score_temperature", 1.0)
     verdict = getattr(lm, "_martlet_token_scores", None)  # (temperature, usable): the guard runs once a model
@@ -375,6 +376,14 @@ def _scores_itself(lm: Any, kwargs: dict[str, Any]) -> bool:
         verdict = temperature, patches.usable("trl_token_scores", (lm, head_fields_side_by_side), remember=False)
         lm._martlet_token_scores = verdict
     return verdict[1]
+
+
+def _head_computes_in_its_dtype(head: Any) -> bool:
+    """Whether the head's product runs in its weight's dtype: not under an autocast to another (full training's fp32
+    reference copy under bf16 autocast, whose product trl's head runs in bf16 where `TokenScores` would run it in
+    fp32: not the same values, so the guard would refuse it; trl's head scores it, without the guard's warning)."""
+    device = head.weight.device.type
+    return not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) == head.weight.dtype
 
 
 def _frozen_plain_head(head: Any) -> bool:

@@ -143,11 +143,22 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
                                       **kwargs)
     heads, dim = query.shape[1], query.shape[3]
     scale = scaling if scaling is not None else dim ** -0.5
-    if _fused(query.device, query.dtype, dim, key.shape[1], samples):  # one native pass a sample and kv head each way
-        q_rows, k_rows, v_rows = (t[0].transpose(0, 1).reshape(-1, dim) for t in (query, key, value))
+    dtype = _products_dtype(query, key, value)
+    if _fused(query.device, dtype, dim, key.shape[1], samples):  # one native pass a sample and kv head each way
+        q_rows, k_rows, v_rows = (t[0].transpose(0, 1).reshape(-1, dim).to(dtype) for t in (query, key, value))
         out = native.Attention.apply(q_rows, k_rows, v_rows, _sample_table(samples), heads, scale)
         return out.view(1, query.shape[2], heads, dim), None
     return _in_buckets(query, key, value, samples, scale), None
+
+
+def _products_dtype(query: Any, key: Any, value: Any) -> Any:
+    """The dtype the attention's products run in: autocast's where it is on (as its matrix products cast their
+    inputs), else q's, k's and v's promoted to one. (Full training under bf16 autocast: fp32 weights make bf16 q, k
+    and v, and the fp32 rotary angles make q and k fp32 again.)"""
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
 
 
 def _in_buckets(query: Any, key: Any, value: Any, samples: tuple[Sample, ...], scale: float) -> Any:
