@@ -61,9 +61,10 @@ def test_the_python_api_imports_without_library_noise():
 
 
 @pytest.mark.slow
-def test_preference_training_and_grpo_print_no_library_warning(tmp_path, tiny_llama):
-    """trl's reference forward (DPO, KTO) and its generation (GRPO) call transformers' deprecated gradient-checkpointing
-    methods on the user's behalf: three FutureWarnings a run, none the user's to act on."""
+def test_preference_training_grpo_and_qlora_print_no_library_warning(tmp_path, tiny_llama):
+    """trl's reference forward (DPO, KTO) and its generation (GRPO), and peft's preparation of a 4-bit model (QLoRA),
+    call transformers' deprecated gradient-checkpointing methods on the user's behalf: FutureWarnings, none the
+    user's to act on."""
     pairs = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
                            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}],
               "rejected_response": f"{a} plus {b} is {a + b + 1}."} for a in range(1, 4) for b in range(1, 4)]
@@ -74,6 +75,8 @@ def test_preference_training_and_grpo_print_no_library_warning(tmp_path, tiny_ll
     grpo = run("grpo", "--dataset", "math-word-problems-small-en#8", "--reward_funcs", "accuracy",
                "--num_generations", "2", "--max_completion_length", "4", "--output_dir", "grpo", *common,
                cwd=str(tmp_path))
-    for name, proc in (("dpo", dpo), ("grpo", grpo)):
+    qlora = run("sft", "--quantization_bit", "4", "--gradient_checkpointing", "true", "--dataset", data, "--output_dir",
+                "qlora", *common, cwd=str(tmp_path))
+    for name, proc in (("dpo", dpo), ("grpo", grpo), ("qlora", qlora)):
         assert proc.returncode == 0, (name, proc.stderr[-2000:])
         assert noise(proc.stderr) == [], (name, proc.stderr[-3000:])

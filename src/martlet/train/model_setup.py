@@ -22,6 +22,7 @@ from martlet.train.fused_layer import fuse_decoder_layers
 from martlet.train.kernels import fuse_lora
 from martlet.train.lora_setup import apply_lora, count_parameters
 from martlet.train.native import fuse_native
+from martlet.utils import libraries_quietly
 
 logger = logging.getLogger("martlet")
 
@@ -40,7 +41,8 @@ def load_for_training(args: SftArguments, spec: ModelSpec, dtype: str, device: s
     model.config.use_cache = False
     checkpointing = uses_gradient_checkpointing(args, device, model.config)
     if quant is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        with libraries_quietly():  # (peft asks transformers deprecated questions)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     if args.sft_type == "lora":
         model = _with_lora(model, args, spec, checkpointing, cpu_bf16=lora_half and device == "cpu")
     if device == "cpu" and quant is None:  # RMSNorm and SwiGLU in one native pass each (train/native.py)
