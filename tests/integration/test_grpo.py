@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from helpers import register_length_reward, run_dirs, write_jsonl
 from martlet.llm import RewardModel, RLHFArguments, rlhf_main
 
@@ -85,6 +87,18 @@ def test_a_reward_model_trains_scores_and_serves_as_a_grpo_reward(tiny_llama, tm
     (logged,) = [h for h in grpo["log_history"] if "reward" in h]
     name = os.path.basename(checkpoint)
     assert f"rewards/{name}/mean" in logged and logged["reward_std"] > 0  # the model's scores differ per completion
+
+
+def test_a_set_too_small_for_one_generation_batch_is_refused_before_training(tiny_llama, tmp_path):
+    """7 prompts, a generation batch of 8 (2 a batch x 8 accumulation steps = 16 completions, 2 a prompt): trl's
+    sampler yields whole batches only, so the run ended at step 0 as if it had trained."""
+    from martlet.errors import MartletError
+
+    with pytest.raises(MartletError, match="7 rows make no batch: one takes 8 different prompts") as caught:
+        rlhf_main(RLHFArguments(rlhf_type="grpo", model_id_or_path=tiny_llama, dataset=["math-word-problems-small-en#8"],
+                                reward_funcs=["accuracy"], num_generations=2, batch_size=2, gradient_accumulation_steps=8,
+                                max_steps=2, max_completion_length=4, report_to=["none"], output_dir=str(tmp_path / "o")))
+    assert caught.value.field == "dataset"
 
 
 def test_full_parameter_grpo_with_a_kl_term_moves_every_weight_it_trains(tiny_llama, tmp_path):

@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerState
 
 from martlet.args import SftArguments
 from martlet.custom import apply_custom_registrations
+from martlet.errors import MartletError
 from martlet.launch import allocator_report, main_process_first
 from martlet.models.dtype import resolve_dtype
 from martlet.models.loader import ModelSpec, load_tokenizer, resolve_model
@@ -172,6 +173,25 @@ def weights_packed_for(trainer: Trainer) -> Iterator[int]:
                 collator.pad_to_multiple_of = rounding
 
 
+def check_a_batch(trainer: Trainer) -> None:
+    """A training set too small for one batch makes no step, and the Trainer ends at step 0 as if it had trained (GRPO:
+    a generation batch takes --batch_size x --gradient_accumulation_steps completions of different prompts, whole
+    batches only): say so before training."""
+    try:
+        batches = len(trainer.get_train_dataloader())
+    except TypeError:  # an iterable dataset: no length to know
+        return
+    if batches:
+        return
+    args, rows = trainer.args, len(trainer.train_dataset)
+    generations, completions = getattr(args, "num_generations", None), getattr(args, "generation_batch_size", None)
+    need = (f"{completions // generations} different prompts a generation batch ({completions} completions, "
+            f"{generations} a prompt)" if generations and completions else f"{args.per_device_train_batch_size} rows")
+    raise MartletError(f"the training set's {rows} rows make no batch: one takes {need}, so no step would run.",
+                       field="dataset",
+                       hint="Use more rows, or a smaller --batch_size or --gradient_accumulation_steps.")
+
+
 def train_and_report(trainer: Trainer, run: TrainingRun) -> dict[str, Any]:
     """Train (a signal saves and stops), plot the curves and return the result dict."""
     args, checkpoint = run.args, run.checkpoint
@@ -186,6 +206,7 @@ def train_and_report(trainer: Trainer, run: TrainingRun) -> dict[str, Any]:
         logger.info("%s is already at step %d: nothing left to train (raise --max_steps or "
                     "--num_train_epochs to train on).", checkpoint, finished.global_step)
     else:
+        check_a_batch(trainer)
         # (libraries_quietly: trl's reference forward and generation ask transformers deprecated questions)
         with stopper.installed(), weights_packed_for(trainer), libraries_quietly():
             trainer.train(resume_from_checkpoint=checkpoint)
