@@ -73,8 +73,8 @@ def test_preference_training_grpo_and_qlora_print_no_library_warning(tmp_path, t
     dpo = run("rlhf", "--rlhf_type", "dpo", "--dataset", data, "--eval_steps", "1", "--output_dir", "dpo", *common,
               cwd=str(tmp_path))
     grpo = run("grpo", "--dataset", "math-word-problems-small-en#8", "--reward_funcs", "accuracy",
-               "--num_generations", "2", "--max_completion_length", "4", "--output_dir", "grpo", *common,
-               cwd=str(tmp_path))
+               "--num_generations", "2", "--max_completion_length", "4", "--gradient_accumulation_steps", "1",
+               "--output_dir", "grpo", *common, cwd=str(tmp_path))
     qlora = run("sft", "--quantization_bit", "4", "--gradient_checkpointing", "true", "--dataset", data, "--output_dir",
                 "qlora", *common, cwd=str(tmp_path))
     for name, proc in (("dpo", dpo), ("grpo", grpo), ("qlora", qlora)):
