@@ -88,10 +88,15 @@ def input_grad(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return dy @ weight
 
 
+def compute_dtype(device_type: str, otherwise: torch.dtype) -> torch.dtype:
+    """The dtype a product on `device_type` runs in: autocast's while it is on (it casts the operands), else
+    `otherwise`."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else otherwise
+
+
 def computes_in(x: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether a layer with `dtype` weights computes on `x` in `dtype` (x's own, and autocast's if it is on)."""
-    device = x.device.type
-    return x.dtype == dtype and (not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) == dtype)
+    return x.dtype == dtype and compute_dtype(x.device.type, dtype) == dtype
 
 
 def frozen_product(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor | None:

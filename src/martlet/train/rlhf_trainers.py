@@ -30,6 +30,7 @@ from martlet.train.batching import prefix_trees, rounded_row
 from martlet.train.kernels import TokenScores, fused_disable_adapter, row_multiple
 from martlet.train.loss import CHUNK, is_wrapped, lean_loss_supported, summed_cross_entropy, unwrap_causal_lm
 from martlet.train.outputs import RunFiles
+from martlet.train.packed import compute_dtype, computes_in
 from martlet.train.trainer import AtomicCheckpointMixin
 from martlet.utils import libraries_quietly
 
@@ -238,8 +239,7 @@ def _sequences_row(input_ids: torch.Tensor, attention_mask: torch.Tensor, share:
 
 def _row_multiple(model: Any, device_type: str) -> int:
     """What to round a padding-free row's length up to (`kernels.row_multiple`, for the activations' dtype)."""
-    autocast = torch.is_autocast_enabled(device_type)
-    return row_multiple(model, device_type, torch.get_autocast_dtype(device_type) if autocast else model.dtype)
+    return row_multiple(model, device_type, compute_dtype(device_type, model.dtype))
 
 
 # True while Martlet's padding-free forward runs trl's fused head: score only the labelled positions
@@ -368,7 +368,9 @@ def _scores_itself(lm: Any, kwargs: dict[str, Any]) -> bool:
     if lm.device.type != "cpu":
         return False
     head = lm.get_output_embeddings()
-    if not _frozen_plain_head(head) or not _head_computes_in_its_dtype(head):
+    # (and the head's product in its weight's dtype: full training's fp32 reference copy under bf16 autocast runs it in
+    # bf16 in trl's head, in fp32 in `TokenScores`: not the same values, so trl's head scores it, without the guard)
+    if not _frozen_plain_head(head) or not computes_in(head.weight, head.weight.dtype):
         return False
     temperature = getattr(lm, "_martlet_score_temperature", 1.0)
     verdict = getattr(lm, "_martlet_token_scores", None)  # (temperature, usable): the guard runs once a model
@@ -376,14 +378,6 @@ def _scores_itself(lm: Any, kwargs: dict[str, Any]) -> bool:
         verdict = temperature, patches.usable("trl_token_scores", (lm, head_fields_side_by_side), remember=False)
         lm._martlet_token_scores = verdict
     return verdict[1]
-
-
-def _head_computes_in_its_dtype(head: Any) -> bool:
-    """Whether the head's product runs in its weight's dtype: not under an autocast to another (full training's fp32
-    reference copy under bf16 autocast, whose product trl's head runs in bf16 where `TokenScores` would run it in
-    fp32: not the same values, so the guard would refuse it; trl's head scores it, without the guard's warning)."""
-    device = head.weight.device.type
-    return not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) == head.weight.dtype
 
 
 def _frozen_plain_head(head: Any) -> bool:

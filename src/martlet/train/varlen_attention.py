@@ -34,6 +34,7 @@ import torch
 
 from martlet.train import native
 from martlet.train.kernels import shape_multiple
+from martlet.train.packed import compute_dtype
 from martlet.utils import env_switch
 
 NAME = "martlet_varlen"
@@ -155,10 +156,8 @@ def _products_dtype(query: Any, key: Any, value: Any) -> Any:
     """The dtype the attention's products run in: autocast's where it is on (as its matrix products cast their
     inputs), else q's, k's and v's promoted to one. (Full training under bf16 autocast: fp32 weights make bf16 q, k
     and v, and the fp32 rotary angles make q and k fp32 again.)"""
-    device = query.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    promoted = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    return compute_dtype(query.device.type, promoted)
 
 
 def _in_buckets(query: Any, key: Any, value: Any, samples: tuple[Sample, ...], scale: float) -> Any:
