@@ -9,7 +9,7 @@ import sys
 from typing import Sequence
 
 from martlet.errors import MartletError, did_you_mean
-from martlet.utils import collector_paused, frozen_heap, quiet_library_lines
+from martlet.utils import collector_paused, frozen_heap
 
 # command -> (entry point, arguments class for --help, one-line description, the extra it needs or None)
 COMMANDS: dict[str, tuple[str, str | None, str, str | None]] = {
@@ -78,7 +78,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(argv: Sequence[str] | None = None) -> int:
     whole_process = argv is None  # the `martlet` program itself, not a call from other Python code
     argv = list(sys.argv[1:] if argv is None else argv)
-    quiet_library_lines()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0

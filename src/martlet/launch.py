@@ -73,6 +73,11 @@ def _first_tcmalloc(find) -> str | None:
     return next((found for found in map(find, ALLOCATORS) if found), None)
 
 
+def _tcmalloc(find=None) -> str | None:
+    """tcmalloc's library: in the linker's cache, or as `find` (tests' stand-in for the search) finds it."""
+    return _system_tcmalloc() if find is None else _first_tcmalloc(find)
+
+
 def allocator_library(command: str, environ=os.environ, find=None, architecture: str | None = None) -> str | None:
     """The malloc library to preload for `martlet <command>` (LD_PRELOAD), or None: training commands on Linux,
     unless LD_PRELOAD names an allocator already or MARTLET_MALLOC says otherwise (`system`: glibc's malloc;
@@ -90,7 +95,7 @@ def allocator_library(command: str, environ=os.environ, find=None, architecture:
         return choice
     if not _auto_applies(command, architecture):
         return None
-    return _system_tcmalloc() if find is None else _first_tcmalloc(find)
+    return _tcmalloc(find)
 
 
 def allocator_environment(command: str, environ: dict[str, str]) -> dict[str, str] | None:
@@ -150,7 +155,7 @@ def allocator_report(command: str = "sft", used: str | None = None, environ=os.e
         return line
     if _malloc_choice(environ) != "auto":
         return line + " (MARTLET_MALLOC)"
-    if (_system_tcmalloc() if find is None else _first_tcmalloc(find)):
+    if _tcmalloc(find):
         return line + (" (tcmalloc is installed: the `martlet` commands preload it; a Python process started with "
                        "LD_PRELOAD=libtcmalloc_minimal.so.4 runs it too)")
     return line + (" (with tcmalloc installed, `apt install libtcmalloc-minimal4` or your system's package, the "

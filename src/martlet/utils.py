@@ -69,9 +69,8 @@ class _StdoutHandler(logging.StreamHandler):
 
 
 def setup_logging(level: int = logging.INFO) -> logging.Logger:
-    """Martlet's log lines on stdout, once; the libraries' own chatter kept at warnings, and the lines of
-    `QUIET_LIBRARY_LINES` dropped."""
-    quiet_library_lines()
+    """Martlet's log lines on stdout, once; the libraries' own chatter kept at warnings (the lines of
+    `QUIET_LIBRARY_LINES` are dropped from `import martlet` on)."""
     logger = logging.getLogger("martlet")
     if not logger.handlers:
         handler = _StdoutHandler()
